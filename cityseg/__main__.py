@@ -1,0 +1,5 @@
+"""`python -m cityseg ...` is `cityseg-fast ...` (torchrun launches it this way)."""
+
+from cityseg.cli import app
+
+app(prog_name="cityseg-fast")

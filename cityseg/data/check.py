@@ -1,0 +1,96 @@
+"""`cityseg-fast check-data DIR`: validate every pair of a dataset and summarise it."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from cityseg.data.pairs import SPLITS, PairError, PairInfo, list_split, read_pair, validate_files
+from cityseg.palette import IGNORE_INDEX, cityscapes_palette, map_colors_lut
+
+
+@dataclass
+class SplitReport:
+    name: str
+    files: int = 0
+    sizes: Counter = field(default_factory=Counter)
+    near_share: float | None = None  # share of sampled mask pixels within max_dist of a palette colour
+    top_classes: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class DatasetReport:
+    root: Path
+    max_dist: float
+    splits: list[SplitReport]
+    bad: list[PairError]
+
+    def table(self) -> Table:
+        t = Table(title=f"{self.root}")
+        for col in ("split", "files", "sizes (WxH)", f"mask px within {self.max_dist:g} of a colour",
+                    "most common classes"):
+            t.add_column(col)
+        for s in self.splits:
+            sizes = ", ".join(f"{w}x{h}: {n}" for (w, h), n in s.sizes.most_common(3))
+            near = "n/a" if s.near_share is None else f"{s.near_share:.1%}"
+            top = ", ".join(f"{name} {share:.0%}" for name, share in s.top_classes)
+            t.add_row(s.name, str(s.files), sizes, near, top)
+        t.caption = f"{len(self.bad)} bad file(s)"
+        return t
+
+
+def mask_stats(infos: list[PairInfo], sample: int, max_dist: float) -> tuple[float | None, list]:
+    """Share of mask pixels near a palette colour and the top classes, over evenly spaced files."""
+    if not infos or sample <= 0:
+        return None, []
+    picked = infos[:: max(1, len(infos) // sample)][:sample]
+    strict = cityscapes_palette(max_dist)
+    counts = torch.zeros(256, dtype=torch.int64)
+    for info in picked:
+        _, mask = read_pair(info.path)
+        ids = map_colors_lut(torch.from_numpy(mask.copy()), strict)
+        counts += torch.bincount(ids.flatten(), minlength=256)
+    total = int(counts.sum())
+    # Void colours are palette colours too: only pixels beyond max_dist of every colour are "far".
+    far = _far_pixels(picked, max_dist)
+    names = strict.names
+    top = [(names[c], counts[c].item() / total) for c in counts[:len(names)].argsort(descending=True)[:3].tolist()
+           if counts[c] > 0]
+    return 1.0 - far / total, top
+
+
+def _far_pixels(picked: list[PairInfo], max_dist: float) -> int:
+    from cityseg.palette import Palette
+
+    base = cityscapes_palette(max_dist)
+    # Map every centre to class 0 and "too far" to IGNORE_INDEX: counts far pixels in one lookup.
+    probe = Palette(base.centers, torch.zeros_like(base.classes), ("near",), base.colors[:1], max_dist)
+    far = 0
+    for info in picked:
+        _, mask = read_pair(info.path)
+        far += int((map_colors_lut(torch.from_numpy(mask.copy()), probe) == IGNORE_INDEX).sum())
+    return far
+
+
+def check_dataset(root: str | Path, workers: int = 4, sample: int = 50, max_dist: float = 30.0) -> DatasetReport:
+    """Validate train/ and val/. Raises PairError only when the folder itself is unusable."""
+    root = Path(root)
+    if not root.is_dir():
+        raise PairError(root, "dataset folder not found")
+    splits, bad = [], []
+    for name in SPLITS:
+        try:
+            files = list_split(root, name)
+        except PairError as e:
+            bad.append(e)
+            continue
+        good, errors = validate_files(files, workers=workers)
+        bad += errors
+        report = SplitReport(name, files=len(files), sizes=Counter((i.width, i.height) for i in good))
+        report.near_share, report.top_classes = mask_stats(good, sample, max_dist)
+        splits.append(report)
+    return DatasetReport(root, max_dist, splits, bad)

@@ -1,0 +1,125 @@
+"""From a DataConfig to train/val loaders: the dataset folder (or the cached synthetic set), the
+validated file lists, the palette, and the loader kind (plain torch or DALI)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cityseg.config import NO_AUGMENT, DataConfig
+from cityseg.data.pairs import PairError, list_split, validate_files
+from cityseg.palette import Palette, cityscapes_palette
+
+
+class DatasetError(PairError):
+    """Several bad files: the message names the first and counts the rest."""
+
+    def __init__(self, errors: list[PairError], root: Path) -> None:
+        first = errors[0]
+        more = len(errors) - 1
+        problem = first.problem
+        if more:
+            problem += f" (and {more} more bad file{'s' if more > 1 else ''}: run `cityseg-fast check-data {root}`)"
+        super().__init__(first.path, problem)
+        self.errors = errors
+
+
+def resolve_data_dir(cfg: DataConfig) -> Path:
+    """The user's dataset folder, or the cached synthetic set (generated on first use)."""
+    if cfg.data_dir is not None:
+        return Path(cfg.data_dir)
+    from cityseg.data.synth import default_dataset
+
+    return default_dataset(n_train=cfg.synth_train, n_val=cfg.synth_val, seed=cfg.synth_seed)
+
+
+def split_files(root: Path, split: str, *, validate: bool, workers: int = 4) -> list[Path]:
+    """List a split and (by default) validate every file up front, so a bad file is reported by name
+    before training starts instead of failing mid-epoch inside a decoder."""
+    files = list_split(root, split)
+    if validate:
+        _, bad = validate_files(files, workers=workers)
+        if bad:
+            raise DatasetError(bad, root)
+    return files
+
+
+def resolve_palette(cfg: DataConfig, train_files: list[Path]) -> Palette:
+    """`cityscapes` (default) or `kmeans:K`, learned from a sample of the train masks."""
+    if cfg.palette == "cityscapes":
+        return cityscapes_palette(cfg.max_color_dist)
+    from cityseg.palette_kmeans import parse_palette_spec
+
+    return parse_palette_spec(cfg.palette, train_files, max_dist=cfg.max_color_dist)
+
+
+def resolve_loader_kind(kind: str, device: torch.device) -> str:
+    """auto -> DALI on a GPU machine (if importable), the plain loader otherwise."""
+    if kind not in ("auto", "torch", "dali"):
+        raise ValueError(f"unknown loader {kind!r}: expected auto, torch or dali")
+    if kind != "auto":
+        return kind
+    if device.type == "cuda" and dali_available():
+        return "dali"
+    return "torch"
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass
+class Shard:
+    """Which part of each split this process reads (DDP rank / world size)."""
+
+    shard_id: int = 0
+    num_shards: int = 1
+
+
+def build_loader(
+    kind: str,
+    files: list[Path],
+    palette: Palette,
+    cfg: DataConfig,
+    *,
+    train: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int,
+    shard: Shard | None = None,
+):
+    """A loader yielding (image (B,3,S,S) float channels-last normalised, target (B,S,S) int64) on
+    `device`; train loaders shuffle, augment and drop the last partial batch."""
+    shard = shard or Shard()
+    augment = cfg.augment if train else None
+    if augment == NO_AUGMENT:
+        augment = None
+    common = dict(
+        image_size=cfg.image_size,
+        batch_size=cfg.batch_size,
+        augment=augment,
+        shuffle=train,
+        drop_last=train,
+        device=device,
+        dtype=dtype,
+        workers=cfg.workers,
+        prefetch=cfg.prefetch,
+        seed=seed,
+        shard_id=shard.shard_id,
+        num_shards=shard.num_shards,
+    )
+    if kind == "torch":
+        from cityseg.data.torch_loader import TorchPairLoader
+
+        return TorchPairLoader(files, palette, **common)
+    if kind == "dali":
+        from cityseg.data.dali_loader import DaliPairLoader
+
+        return DaliPairLoader(files, palette, hw_decoder_load=cfg.hw_decoder_load, **common)
+    raise ValueError(f"unknown loader {kind!r}")

@@ -1,0 +1,162 @@
+"""The Kaggle "cityscapes-image-pairs" format: DIR/{train,val}/N.jpg, each W x H = 2H x H with the
+photo in the left half and its colour-coded mask in the right half.
+
+Every problem with the input becomes a `PairError` whose message is one line, `PATH: problem`, so
+the CLI can print it as is instead of a traceback from deep inside a decoder.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+SPLITS = ("train", "val")
+MAX_PIXELS = 64_000_000  # far above any real pair; stops a forged header from allocating gigabytes
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode as grey
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+class PairError(ValueError):
+    """A bad input file or folder. str(error) is the one-line message `PATH: problem`."""
+
+    def __init__(self, path: str | os.PathLike, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+def _natural_key(path: Path) -> tuple[int, int | str]:
+    # Kaggle names are 1.jpg .. 2975.jpg: sort them as numbers, anything else after by name.
+    return (0, int(path.stem)) if path.stem.isdigit() else (1, path.name)
+
+
+def list_split(root: str | os.PathLike, split: str) -> list[Path]:
+    """The image files of `root/split`, in natural order. Raises PairError for a missing/empty split."""
+    folder = Path(root) / split
+    if not Path(root).is_dir():
+        raise PairError(root, "dataset folder not found")
+    if not folder.is_dir():
+        raise PairError(folder, f"missing split folder (expected {split}/ with the image pairs)")
+    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise PairError(folder, "empty split: no .jpg/.jpeg/.png files")
+    return sorted(files, key=_natural_key)
+
+
+def _check_readable(path: Path) -> None:
+    if path.is_symlink() and not path.exists():
+        raise PairError(path, "broken symbolic link")
+    if path.is_dir():
+        raise PairError(path, "is a directory, not an image")
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise PairError(path, f"cannot read: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise PairError(path, "not a regular file")
+    if st.st_size == 0:
+        raise PairError(path, "empty file (0 bytes)")
+    if not os.access(path, os.R_OK):
+        raise PairError(path, "cannot read: permission denied")
+
+
+_MODE_PROBLEMS = {
+    "L": "grayscale image, expected 8-bit RGB",
+    "LA": "grayscale image with alpha, expected 8-bit RGB",
+    "1": "1-bit image, expected 8-bit RGB",
+    "CMYK": "CMYK image, expected 8-bit RGB",
+    "I;16": "16-bit image, expected 8-bit RGB",
+    "I;16B": "16-bit image, expected 8-bit RGB",
+    "I": "32-bit integer image, expected 8-bit RGB",
+    "F": "floating-point image, expected 8-bit RGB",
+    "P": "palette (indexed-colour) image, expected 8-bit RGB",
+    "RGBA": "RGBA image with alpha, expected 8-bit RGB",
+    "YCbCr": "YCbCr image, expected 8-bit RGB",
+}
+
+
+@dataclass(frozen=True)
+class PairInfo:
+    path: Path
+    width: int
+    height: int
+
+
+def check_header(path: Path, image: Image.Image) -> PairInfo:
+    """Format, mode and shape checks that need only the header."""
+    if image.format not in ("JPEG", "PNG"):
+        raise PairError(path, f"unsupported format {image.format}, expected JPEG or PNG")
+    if image.mode != "RGB":
+        raise PairError(path, _MODE_PROBLEMS.get(image.mode, f"mode {image.mode}, expected 8-bit RGB"))
+    w, h = image.size
+    if w != 2 * h:
+        raise PairError(
+            path, f"wrong shape {w}x{h}: expected width = 2 x height (photo left, mask right), e.g. 512x256"
+        )
+    return PairInfo(path, w, h)
+
+
+def open_pair_image(path: str | os.PathLike) -> tuple[PairInfo, Image.Image]:
+    """Open and fully decode one pair file, validating it. Raises PairError with a one-line message."""
+    path = Path(path)
+    _check_readable(path)
+    try:
+        image = Image.open(path)
+    except UnidentifiedImageError:
+        raise PairError(path, "not an image (unrecognised or corrupt header)") from None
+    except Image.DecompressionBombError:
+        raise PairError(path, f"image too large (over {MAX_PIXELS:,} pixels)") from None
+    except OSError as e:
+        raise PairError(path, f"cannot read: {e}") from None
+    info = check_header(path, image)
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise PairError(path, f"corrupt or truncated image data ({e})") from None
+    return info, image
+
+
+def validate_pair(path: str | os.PathLike) -> PairInfo:
+    """Validate one pair file completely (header and full decode)."""
+    info, image = open_pair_image(path)
+    image.close()
+    return info
+
+
+def read_pair(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Decode one pair file -> (photo, mask), each H x H x 3 uint8 (views into one array)."""
+    info, image = open_pair_image(path)
+    pixels = np.asarray(image)
+    return split_pair(pixels)
+
+
+def split_pair(pixels: np.ndarray | torch.Tensor) -> tuple:
+    """H x 2H x 3 -> (photo, mask) halves, as views (no copy)."""
+    w = pixels.shape[1]
+    return pixels[:, : w // 2], pixels[:, w // 2 :]
+
+
+def validate_files(files: Sequence[Path], workers: int = 4) -> tuple[list[PairInfo], list[PairError]]:
+    """Validate many files in a thread pool (Pillow decodes outside the GIL)."""
+
+    def check(path: Path) -> PairInfo | PairError:
+        try:
+            return validate_pair(path)
+        except PairError as e:
+            return e
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        results = list(pool.map(check, files))
+    good = [r for r in results if isinstance(r, PairInfo)]
+    bad = [r for r in results if isinstance(r, PairError)]
+    return good, bad

@@ -1,0 +1,484 @@
+"""Training and evaluation loops: AMP, channels-last, torch.compile, warm-up + cosine LR, atomic
+checkpoints, exact resume, Ctrl-C/SIGTERM handling, early stopping and the run folder.
+
+    cityseg-fast train --epochs 10          # the CLI fills a Config and calls `train(cfg)`
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from cityseg.checkpoint import CheckpointError, config_mismatch, load_checkpoint, save_checkpoint
+from cityseg.config import Config, TrainConfig
+from cityseg.data.loaders import (
+    build_loader,
+    resolve_data_dir,
+    resolve_loader_kind,
+    resolve_palette,
+    split_files,
+)
+from cityseg.metrics import ConfusionMatrix, SegMetrics, iou_table
+from cityseg.model import build_model, describe
+from cityseg.palette import IGNORE_INDEX, Palette
+from cityseg.report import (
+    RunFolder,
+    append_jsonl,
+    device_name,
+    plot_curves,
+    plot_samples,
+    time_to_thresholds,
+    versions,
+    write_json,
+)
+from cityseg.telemetry import EpochMeter, GpuSampler, fmt
+
+EXIT_INTERRUPTED = 130
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message is one line for the user."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C / SIGTERM: the step finished, last.pt is saved."""
+
+    def __init__(self, run_dir: Path, signum: int) -> None:
+        self.run_dir, self.signum = run_dir, signum
+        super().__init__(f"interrupted; resume with: cityseg-fast train --resume {run_dir}")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    amp: bool  # bf16 autocast
+    compile: bool
+
+
+def resolve_runtime(cfg: TrainConfig) -> Runtime:
+    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        raise TrainingError(f"--device {cfg.device}: expected auto, cpu or cuda")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"--device {cfg.device}: no CUDA GPU is visible to PyTorch")
+    name = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
+    device = torch.device("cpu" if name == "auto" else name)
+    on_gpu = device.type == "cuda"
+    # bf16 pays off on CPUs with native bf16 (AVX512-BF16/AMX); elsewhere it is emulated and slower.
+    amp = cfg.amp if cfg.amp is not None else (on_gpu or torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    compile_ = cfg.compile if cfg.compile is not None else on_gpu
+    return Runtime(device, amp, compile_)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up over `warmup` steps, then cosine decay to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    # No weight decay on BatchNorm and biases (1-d params): decaying them only hurts.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
+
+
+def autocast(runtime: Runtime):
+    return torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.amp)
+
+
+@contextmanager
+def graceful_interrupts() -> Iterator[dict[str, int | None]]:
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step, so the step in flight
+    finishes and last.pt is saved instead of dying mid-update."""
+    flag: dict[str, int | None] = {"signum": None}
+
+    def handler(signum, frame):  # noqa: ARG001
+        if flag["signum"] is not None:  # a second Ctrl-C means now
+            raise KeyboardInterrupt
+        flag["signum"] = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, runtime: Runtime, num_classes: int) -> tuple[SegMetrics, float]:
+    """Confusion matrix over the loader, read from the device once. Returns (metrics, mean loss)."""
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX, device=runtime.device)
+    loss_sum = torch.zeros((), device=runtime.device)
+    batches = 0
+    for image, target in loader:
+        with autocast(runtime):
+            logits = model(image)
+        loss_sum += nn.functional.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX)
+        cm.update(logits.argmax(1), target)
+        batches += 1
+    cm.all_reduce()
+    model.train(was_training)
+    return cm.compute(), (loss_sum / max(1, batches)).item()
+
+
+class Trainer:
+    """Holds one run's state; `fit()` runs it. Built by `train(cfg)`."""
+
+    def __init__(self, cfg: Config, console: Console, run: RunFolder, resume_state: dict | None) -> None:
+        self.cfg, self.console, self.run = cfg, console, run
+        self.rt = resolve_runtime(cfg.train)
+        torch.manual_seed(cfg.train.seed)
+        self.data_root = resolve_data_dir(cfg.data)
+        validate = not cfg.data.skip_validate
+        self.train_files = split_files(self.data_root, "train", validate=validate, workers=cfg.data.workers)
+        self.val_files = split_files(self.data_root, "val", validate=validate, workers=cfg.data.workers)
+        self.palette = (
+            palette_from_state(resume_state["palette"]) if resume_state else
+            resolve_palette(cfg.data, self.train_files)
+        )
+        self.loader_kind = resolve_loader_kind(cfg.data.loader, self.rt.device)
+        dtype = torch.bfloat16 if self.rt.amp and self.rt.device.type == "cuda" else torch.float32
+        make = lambda files, train: build_loader(  # noqa: E731
+            self.loader_kind, files, self.palette, cfg.data, train=train,
+            device=self.rt.device, dtype=dtype, seed=cfg.train.seed,
+        )
+        self.train_loader = make(self.train_files, True)
+        self.val_loader = make(self.val_files, False)
+        if len(self.train_loader) == 0:
+            raise TrainingError(
+                f"{self.data_root}/train: {len(self.train_files)} pairs make no full batch of "
+                f"{cfg.data.batch_size}: lower --batch-size"
+            )
+
+        # The palette decides the class count (19 for Cityscapes, K for kmeans:K).
+        self.cfg = cfg = replace(cfg, model=replace(cfg.model, num_classes=self.palette.num_classes))
+        self.model = build_model(cfg.model).to(self.rt.device, memory_format=torch.channels_last)
+        self.step_model = torch.compile(self.model) if self.rt.compile else self.model
+        self.optimizer = build_optimizer(self.model, cfg.train, self.rt.device)
+        self.total_steps = cfg.train.epochs * len(self.train_loader)
+        if cfg.train.max_steps:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        t = cfg.train
+        warmup = min(t.warmup_steps, max(1, self.total_steps // 5))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: warmup_cosine(s, warmup, self.total_steps, t.min_lr_ratio)
+        )
+        weights = class_weights(cfg.train.class_weights, self.train_loader, self.palette.num_classes)
+        self.loss_fn = nn.CrossEntropyLoss(
+            weight=None if weights is None else weights.to(self.rt.device), ignore_index=IGNORE_INDEX
+        )
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.best_miou, self.epochs_since_best = -1.0, 0
+        self.history: list[dict[str, Any]] = []
+        self.elapsed_before = 0.0  # run time of earlier sessions of a resumed run
+        self.partial = {"loss_sum": 0.0, "steps": 0}
+        if resume_state:
+            self.load_state(resume_state)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state(self, elapsed: float) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "best_miou": self.best_miou,
+            "epochs_since_best": self.epochs_since_best,
+            "history": self.history,
+            "elapsed_s": elapsed,
+            "partial": self.partial,
+            "rng": {"torch": torch.get_rng_state()},
+            "config": self.cfg.to_dict(),
+            "palette": palette_to_state(self.palette),
+            "versions": versions(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step = state["global_step"]
+        self.best_miou, self.epochs_since_best = state["best_miou"], state["epochs_since_best"]
+        self.history = list(state["history"])
+        self.elapsed_before = state["elapsed_s"]
+        self.partial = dict(state["partial"])
+        torch.set_rng_state(state["rng"]["torch"])
+
+    # -- loops -------------------------------------------------------------------------------------
+    def fit(self, interrupt: dict[str, int | None]) -> dict[str, Any]:
+        cfg, console = self.cfg, self.console
+        self.gpu = GpuSampler(self.rt.device).start()
+        self.t0 = time.perf_counter()
+        try:
+            while self.epoch < cfg.train.epochs and not self.out_of_steps():
+                record = self.train_epoch(interrupt)
+                if record is None:  # interrupted mid-epoch: last.pt holds the position
+                    raise Interrupted(self.run.root, interrupt["signum"] or signal.SIGINT)
+                metrics, val_loss = evaluate(self.model, self.val_loader, self.rt, self.palette.num_classes)
+                record.update(metrics.to_dict(), val_loss=val_loss, elapsed_s=self.elapsed())
+                record.pop("confusion", None)
+                self.end_epoch(record, metrics)
+                if interrupt["signum"] is not None:  # arrived during the last step or validation
+                    raise Interrupted(self.run.root, interrupt["signum"])
+                if cfg.train.patience and self.epochs_since_best >= cfg.train.patience:
+                    console.print(f"early stop: no better val mIoU for {cfg.train.patience} epochs")
+                    break
+        finally:
+            self.gpu.stop()
+        return self.finish()
+
+    def out_of_steps(self) -> bool:
+        return bool(self.cfg.train.max_steps) and self.global_step >= self.cfg.train.max_steps
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t0
+
+    def train_epoch(self, interrupt: dict[str, int | None]) -> dict[str, Any] | None:
+        cfg, rt = self.cfg.train, self.rt
+        self.model.train()
+        self.train_loader.set_epoch(self.epoch, self.step_in_epoch)
+        meter = EpochMeter(rt.device)
+        gpu_mark = self.gpu.mark()
+        loss_sum = torch.zeros((), device=rt.device)
+        nonfinite = torch.zeros((), dtype=torch.bool, device=rt.device)
+        n_batches = len(self.train_loader)
+        with self.progress() as bar:
+            task = bar.add_task(
+                f"epoch {self.epoch + 1}/{cfg.epochs}", total=n_batches, completed=self.step_in_epoch,
+                ips="", loss="",
+            )
+            batches = iter(self.train_loader)
+            batch = self.next_batch(batches, meter)
+            while batch is not None:
+                image, target = batch
+                with autocast(rt):
+                    logits = self.step_model(image)
+                    loss = self.loss_fn(logits, target)
+                batch = self.next_batch(batches, meter)  # fetch while the forward runs on the GPU
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                loss = loss.detach()
+                loss_sum += loss
+                nonfinite |= ~torch.isfinite(loss)
+                self.step_in_epoch += 1
+                self.global_step += 1
+                meter.step_done(image.shape[0])
+                log_now = self.global_step % cfg.log_every == 0 or batch is None
+                if log_now:
+                    self.check_finite(nonfinite)
+                    bar.update(task, loss=f"loss {loss.item():.3f}")
+                bar.update(task, advance=1, ips=self.live_line(meter))
+                if interrupt["signum"] is not None or self.out_of_steps():
+                    break
+        self.check_finite(nonfinite)
+        done = self.step_in_epoch
+        self.partial["loss_sum"] += loss_sum.item()
+        self.partial["steps"] = done
+        if interrupt["signum"] is not None and done < n_batches:
+            self.save(self.run.last)
+            return None
+        stats = meter.summary()
+        record = {
+            "epoch": self.epoch + 1,
+            "step": self.global_step,
+            "loss": self.partial["loss_sum"] / max(1, done),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_s": stats["images_per_s"],
+            "data_wait_share": stats["data_wait_share"],
+            "seconds": stats["seconds"],
+            "timed_images": stats["timed_images"],
+            "timed_seconds": stats["timed_seconds"],
+            **self.gpu.summary(since=gpu_mark),
+        }
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.partial = {"loss_sum": 0.0, "steps": 0}
+        return record
+
+    def next_batch(self, batches: Iterator, meter: EpochMeter):
+        t = time.perf_counter()
+        batch = next(batches, None)
+        meter.waited(time.perf_counter() - t)
+        return batch
+
+    def check_finite(self, nonfinite: torch.Tensor) -> None:
+        if nonfinite.item():
+            raise TrainingError(
+                f"loss became NaN/inf at epoch {self.epoch + 1}, step {self.global_step}; "
+                f"the last good checkpoint is {self.run.last} (try a lower --lr or --no-amp)"
+            )
+
+    def live_line(self, meter: EpochMeter) -> str:
+        seconds = time.perf_counter() - meter.start
+        ips = meter.images / seconds if seconds > 0 else 0.0
+        wait = meter.data_wait / seconds if seconds > 0 else 0.0
+        return f"{ips:.1f} img/s  wait {wait:.0%}  gpu {fmt(self.gpu.latest_util(), '.0f', '%')}"
+
+    def progress(self) -> Progress:
+        return Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[ips]}"),
+            TextColumn("{task.fields[loss]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+
+    def end_epoch(self, record: dict[str, Any], metrics: SegMetrics) -> None:
+        self.history.append(record)
+        append_jsonl(self.run.metrics, record)
+        self.console.print(iou_table(metrics, self.palette.names, title=f"val after epoch {record['epoch']}"))
+        self.console.print(
+            f"epoch {record['epoch']}: loss {record['loss']:.4f}  val pixel acc {record['pixel_acc']:.4f}  "
+            f"mIoU {fmt(record['miou'], '.4f')}  {record['images_per_s']:.1f} img/s  "
+            f"data wait {record['data_wait_share']:.0%}"
+        )
+        improved = record["miou"] is not None and record["miou"] > self.best_miou
+        if improved:
+            self.best_miou, self.epochs_since_best = record["miou"], 0
+        else:
+            self.epochs_since_best += 1
+        self.save(self.run.last)
+        if improved:
+            self.save(self.run.best)
+
+    def save(self, path: Path) -> None:
+        save_checkpoint(self.state(self.elapsed()), path)
+
+    def finish(self) -> dict[str, Any]:
+        run, history = self.run, self.history
+        if not history:
+            raise TrainingError("no epoch finished: nothing to report")
+        timed_images = sum(r["timed_images"] for r in history)
+        timed_seconds = sum(r["timed_seconds"] for r in history)
+        best = max(history, key=lambda r: r["miou"] if r["miou"] is not None else -1.0)
+        summary = {
+            "final": history[-1],
+            "best": best,
+            "time_to_pixel_acc_s": time_to_thresholds(history),
+            "images_per_s": timed_images / timed_seconds if timed_seconds > 0 else None,
+            "epochs": len(history),
+            "steps": self.global_step,
+            "elapsed_s": self.elapsed(),
+            "device": device_name(self.rt.device),
+            "amp": self.rt.amp,
+            "compile": self.rt.compile,
+            "loader": self.loader_kind,
+            "data": str(self.data_root),
+            "run_dir": str(self.run.root),
+            "versions": versions(),
+        }
+        write_json(run.summary, summary)
+        plot_curves(history, run.curves)
+        self.write_samples()
+        return summary
+
+    @torch.no_grad()
+    def write_samples(self, n: int = 4) -> None:
+        self.model.eval()
+        image, target = next(iter(self.val_loader))
+        image, target = image[:n], target[:n]
+        with autocast(self.rt):
+            pred = self.model(image).argmax(1)
+        plot_samples(denormalize(image), target.cpu(), pred.cpu(), self.palette, self.run.samples)
+
+
+def denormalize(image: torch.Tensor) -> torch.Tensor:
+    """Normalised (N, 3, H, W) -> (N, H, W, 3) uint8 for display."""
+    from cityseg.data.torch_loader import IMAGENET_MEAN, IMAGENET_STD
+
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    x = image.float().cpu() * std + mean
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def class_weights(kind: str, loader, num_classes: int, max_batches: int = 20) -> torch.Tensor | None:
+    """`inverse-sqrt-freq`: weight_c = 1/sqrt(freq_c) from a sample of train batches, mean 1."""
+    if kind == "none":
+        return None
+    if kind != "inverse-sqrt-freq":
+        raise TrainingError(f"--class-weights {kind}: expected none or inverse-sqrt-freq")
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for i, (_, target) in enumerate(loader):
+        t = target[target != IGNORE_INDEX].cpu()
+        counts += torch.bincount(t, minlength=num_classes)[:num_classes].double()
+        if i + 1 >= max_batches:
+            break
+    freq = counts / counts.sum().clamp(min=1)
+    w = torch.where(freq > 0, 1 / freq.clamp(min=1e-6).sqrt(), torch.zeros_like(freq))
+    return (w / w[w > 0].mean()).float()
+
+
+def palette_to_state(p: Palette) -> dict[str, Any]:
+    return {"centers": p.centers, "classes": p.classes, "names": list(p.names), "colors": p.colors,
+            "max_dist": p.max_dist}
+
+
+def palette_from_state(s: dict[str, Any]) -> Palette:
+    return Palette(s["centers"], s["classes"], tuple(s["names"]), s["colors"], s["max_dist"])
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def train(cfg: Config, console: Console | None = None) -> dict[str, Any]:
+    """Run (or resume) training as configured; returns summary.json's content.
+
+    Raises TrainingError / PairError / CheckpointError with one-line messages, and Interrupted
+    after saving last.pt on Ctrl-C/SIGTERM.
+    """
+    console = console or Console()
+    resume_state = None
+    if cfg.train.resume:
+        run = RunFolder(cfg.train.resume)
+        resume_state = load_checkpoint(run.last)
+        saved = resume_state["config"]["model"]
+        diffs = config_mismatch(saved, {**saved, **cfg.to_dict()["model"]})
+        if diffs:
+            raise CheckpointError(f"{run.last}: model config differs from this run's: {'; '.join(diffs)}")
+        console.print(f"resuming {run.root} at epoch {resume_state['epoch'] + 1}, "
+                      f"step {resume_state['step_in_epoch']} of that epoch")
+    else:
+        run = RunFolder(cfg.train.out or default_run_dir())
+        if run.last.exists():
+            raise TrainingError(f"{run.root}: already holds a run; use --resume {run.root} or another --out")
+    trainer = Trainer(cfg, console, run, resume_state)
+    run.create()
+    write_json(run.config, trainer.cfg.to_dict())
+    console.print(describe(trainer.model))
+    console.print(
+        f"device {device_name(trainer.rt.device)}  amp(bf16) {trainer.rt.amp}  compile {trainer.rt.compile}  "
+        f"loader {trainer.loader_kind}  data {trainer.data_root} "
+        f"({len(trainer.train_files)} train / {len(trainer.val_files)} val)"
+    )
+    with graceful_interrupts() as interrupt:
+        return trainer.fit(interrupt)

@@ -1,0 +1,129 @@
+"""The run folder: config.json, metrics.jsonl, summary.json, curves.png, samples.png."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: CI and servers have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from cityseg.palette import Palette, colorize  # noqa: E402
+
+ACC_THRESHOLDS = (0.80, 0.85, 0.90, 0.94)
+
+
+def json_safe(value: Any) -> Any:
+    """NaN/inf -> None and tensors -> lists, so the JSON is strict and loads anywhere."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return json_safe(value.tolist())
+    return value
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(json_safe(data), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(json_safe(record)) + "\n")
+        f.flush()
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__}
+    for name, module in (("torchvision", "torchvision"), ("dali", "nvidia.dali"), ("triton", "triton")):
+        try:
+            found[name] = __import__(module, fromlist=["__version__"]).__version__
+        except ImportError:
+            found[name] = None
+    return found
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def time_to_thresholds(history: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Seconds of run time until val pixel accuracy first reached each threshold (None = never)."""
+    reached: dict[str, float | None] = {f"{t:.2f}": None for t in ACC_THRESHOLDS}
+    for record in history:
+        for t in ACC_THRESHOLDS:
+            key = f"{t:.2f}"
+            if reached[key] is None and (record.get("pixel_acc") or 0.0) >= t:
+                reached[key] = record["elapsed_s"]
+    return reached
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    epochs = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(epochs, [r["loss"] for r in history], marker="o", label="train loss")
+    if any(r.get("val_loss") is not None for r in history):
+        axes[0].plot(epochs, [r.get("val_loss") for r in history], marker="o", label="val loss")
+    axes[0].set_title("loss")
+    axes[0].legend()
+    axes[1].plot(epochs, [r["pixel_acc"] for r in history], marker="o", color="tab:green")
+    axes[1].set_title("val pixel accuracy")
+    axes[2].plot(epochs, [r["miou"] for r in history], marker="o", color="tab:red")
+    axes[2].set_title("val mIoU")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_samples(
+    photos: torch.Tensor, truths: torch.Tensor, preds: torch.Tensor, palette: Palette, path: Path
+) -> None:
+    """Rows of photo | truth | prediction. photos: (N, H, W, 3) uint8; truths/preds: (N, H, W) ids."""
+    n = photos.shape[0]
+    fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n), squeeze=False)
+    for i in range(n):
+        panels = (photos[i], colorize(truths[i], palette), colorize(preds[i], palette))
+        for ax, img, title in zip(axes[i], panels, ("photo", "truth", "prediction"), strict=True):
+            ax.imshow(img.numpy())
+            ax.set_axis_off()
+            if i == 0:
+                ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class RunFolder:
+    """Paths and writers of one run; only the writing rank creates it."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.checkpoints = self.root / "checkpoints"
+        self.config = self.root / "config.json"
+        self.metrics = self.root / "metrics.jsonl"
+        self.summary = self.root / "summary.json"
+        self.curves = self.root / "curves.png"
+        self.samples = self.root / "samples.png"
+        self.last = self.checkpoints / "last.pt"
+        self.best = self.checkpoints / "best.pt"
+
+    def create(self) -> RunFolder:
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        return self

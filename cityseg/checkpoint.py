@@ -46,7 +46,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).splitlines()[0] if str(e) else "unsupported pickled object"
+        # torch's message names the offending global on a line starting "WeightsUnpickler error".
+        lines = [ln.strip() for ln in str(e).splitlines() if "Unpickler error" in ln or "GLOBAL" in ln]
+        reason = lines[0] if lines else "unsupported pickled object"
         raise CheckpointError(
             f"{path}: refused to load: it holds pickled objects beyond plain weights, which could run "
             f"code ({reason[:160]})"

@@ -106,6 +106,8 @@ def train(
                                                 "checkpoints/last.pt, with its saved config.")] = None,
     smoke: Annotated[bool, typer.Option(help="A few steps end to end on a tiny synthetic set: checks the "
                                         "install and writes a complete run folder.")] = False,
+    max_steps: Annotated[int, typer.Option(help="Stop after this many steps in total, saving a resumable "
+                                           "last.pt (0 = all epochs).")] = 0,
     log_every: Annotated[int, typer.Option(help="Steps between loss readouts (each syncs the GPU).")] = 20,
 ) -> None:
     """Train a U-Net and write a run folder (config, metrics, checkpoints, curves, samples)."""
@@ -136,7 +138,7 @@ def train(
                 epochs=pick(epochs, "epochs", preset), lr=pick(lr, "lr", preset), weight_decay=weight_decay,
                 warmup_steps=warmup_steps, grad_clip=grad_clip, class_weights=class_weights, device=device,
                 amp=amp, compile=compile, seed=seed, patience=patience, log_every=log_every,
-                max_steps=6 if smoke else 0, out=None if out is None else str(out),
+                max_steps=max_steps or (6 if smoke else 0), out=None if out is None else str(out),
             ),
         )
     print_config(cfg)
@@ -168,7 +170,7 @@ def resumed_config(run_dir: Path, epochs: int | None) -> Config:
     except CheckpointError as e:
         fail(str(e))
     cfg = Config.from_dict(state["config"])
-    train_cfg = replace(cfg.train, resume=str(run_dir), epochs=epochs or cfg.train.epochs)
+    train_cfg = replace(cfg.train, resume=str(run_dir), epochs=epochs or cfg.train.epochs, max_steps=0)
     return replace(cfg, train=train_cfg)
 
 

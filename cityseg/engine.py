@@ -173,9 +173,8 @@ class Trainer:
         self.model = build_model(cfg.model).to(self.rt.device, memory_format=torch.channels_last)
         self.step_model = torch.compile(self.model) if self.rt.compile else self.model
         self.optimizer = build_optimizer(self.model, cfg.train, self.rt.device)
+        # Planned over all epochs (not max_steps), so stopping early and resuming changes nothing.
         self.total_steps = cfg.train.epochs * len(self.train_loader)
-        if cfg.train.max_steps:
-            self.total_steps = min(self.total_steps, cfg.train.max_steps)
         t = cfg.train
         warmup = min(t.warmup_steps, max(1, self.total_steps // 5))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -296,17 +295,18 @@ class Trainer:
                 if interrupt["signum"] is not None or self.out_of_steps():
                     break
         self.check_finite(nonfinite)
-        done = self.step_in_epoch
         self.partial["loss_sum"] += loss_sum.item()
-        self.partial["steps"] = done
-        if interrupt["signum"] is not None and done < n_batches:
+        self.partial["steps"] = self.step_in_epoch
+        finished = self.step_in_epoch == n_batches
+        if interrupt["signum"] is not None and not finished:
             self.save(self.run.last)
             return None
         stats = meter.summary()
         record = {
             "epoch": self.epoch + 1,
+            "partial": not finished,  # stopped by --max-steps: last.pt resumes inside this epoch
             "step": self.global_step,
-            "loss": self.partial["loss_sum"] / max(1, done),
+            "loss": self.partial["loss_sum"] / max(1, self.partial["steps"]),
             "lr": self.optimizer.param_groups[0]["lr"],
             "images_per_s": stats["images_per_s"],
             "data_wait_share": stats["data_wait_share"],
@@ -315,9 +315,10 @@ class Trainer:
             "timed_seconds": stats["timed_seconds"],
             **self.gpu.summary(since=gpu_mark),
         }
-        self.epoch += 1
-        self.step_in_epoch = 0
-        self.partial = {"loss_sum": 0.0, "steps": 0}
+        if finished:
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self.partial = {"loss_sum": 0.0, "steps": 0}
         return record
 
     def next_batch(self, batches: Iterator, meter: EpochMeter):

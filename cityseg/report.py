@@ -46,10 +46,11 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 def versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__}
+    # str(): torch.__version__ is a TorchVersion, which weights-only checkpoint loading rejects.
+    found: dict[str, str | None] = {"python": platform.python_version(), "torch": str(torch.__version__)}
     for name, module in (("torchvision", "torchvision"), ("dali", "nvidia.dali"), ("triton", "triton")):
         try:
-            found[name] = __import__(module, fromlist=["__version__"]).__version__
+            found[name] = str(__import__(module, fromlist=["__version__"]).__version__)
         except ImportError:
             found[name] = None
     return found

@@ -23,7 +23,7 @@ SPLITS = ("train", "val")
 MAX_PIXELS = 64_000_000  # far above any real pair; stops a forged header from allocating gigabytes
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode as grey
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow errors past 2x this, and we check 1x ourselves
 
 
 class PairError(ValueError):
@@ -98,7 +98,12 @@ def check_header(path: Path, image: Image.Image) -> PairInfo:
         raise PairError(path, f"unsupported format {image.format}, expected JPEG or PNG")
     if image.mode != "RGB":
         raise PairError(path, _MODE_PROBLEMS.get(image.mode, f"mode {image.mode}, expected 8-bit RGB"))
+    suffix = path.suffix.lower()
+    if (image.format == "PNG") != (suffix == ".png"):
+        raise PairError(path, f"file holds {image.format} data but is named {suffix}: rename it to match")
     w, h = image.size
+    if w * h > MAX_PIXELS:
+        raise PairError(path, f"image too large ({w}x{h} pixels, limit {MAX_PIXELS:,})")
     if w != 2 * h:
         raise PairError(
             path, f"wrong shape {w}x{h}: expected width = 2 x height (photo left, mask right), e.g. 512x256"
@@ -116,8 +121,8 @@ def open_pair_image(path: str | os.PathLike) -> tuple[PairInfo, Image.Image]:
         raise PairError(path, "not an image (unrecognised or corrupt header)") from None
     except Image.DecompressionBombError:
         raise PairError(path, f"image too large (over {MAX_PIXELS:,} pixels)") from None
-    except OSError as e:
-        raise PairError(path, f"cannot read: {e}") from None
+    except OSError as e:  # Pillow reports a cut-off header as OSError("Truncated File Read")
+        raise PairError(path, f"corrupt or truncated image header ({e})") from None
     info = check_header(path, image)
     try:
         image.load()

@@ -1,0 +1,385 @@
+"""The DALI loader: `fn.readers.file` -> JPEG decode ("mixed" on a GPU, CPU otherwise) -> photo and
+mask halves -> paired augmentation -> `crop_mirror_normalize` for the photo, the Triton kernel (or
+the CPU lookup table) for the mask.
+
+    loader = DaliPairLoader(files, palette, image_size=256, batch_size=32, augment=AugmentConfig(),
+                            shuffle=True, drop_last=True, device="cuda")
+    for image, target in loader: ...
+
+Same contract and epoch as `TorchPairLoader`: the reader gets the plain loader's shards (each padded
+to ceil(n / num_shards) like its sampler), so the number of batches, the last partial batch and the
+samples of an unshuffled split match it exactly. Training order is a global permutation per epoch,
+the same on every rank (`shuffle_after_epoch`), so DDP shards partition each epoch like the sampler's.
+
+Augmentation draws one affine per sample (flip, rotation, zoom, shift; the distribution of
+torchvision's `RandomHorizontalFlip` + `RandomAffine` in the plain loader) and warps photo and mask
+with the same matrix; the mask is resampled nearest and filled with a colour that maps to 255.
+Colour jitter (`fn.color_twist`, applied at once rather than in torchvision's random order, contrast
+around mid-grey rather than the image mean) touches the photo only.
+
+DALI cannot seek: `set_epoch(e, start_batch)` (mid-epoch resume) decodes the epoch from its start
+and skips `start_batch` batches, and an epoch abandoned half-way (a `break`) rebuilds the pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.pipeline import DataNode
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+from PIL import Image
+
+from cityseg.config import AugmentConfig
+from cityseg.data.pairs import PairError, validate_files, validate_pair
+from cityseg.data.torch_loader import IMAGENET_MEAN, IMAGENET_STD, EpochSampler
+from cityseg.palette import IGNORE_INDEX, Palette
+from kernels.mask_to_class import mask_to_class
+
+READER = "pairs"
+OUTPUTS = ["image", "mask", "index"]
+
+
+# ---------------------------------------------------------------- reading and decoding
+
+
+def shard_order(n: int, num_shards: int) -> list[int]:
+    """The plain loader's unshuffled shards (interleaved, each padded to ceil(n / num_shards)),
+    concatenated: DALI's contiguous equal shards of this list are exactly those shards."""
+    return [
+        i
+        for s in range(num_shards)
+        for i in EpochSampler(n, 1, shuffle=False, augment=False, shard_id=s, num_shards=num_shards).shard_indices()
+    ]
+
+
+def read_pairs(
+    files: Sequence[str], order: Sequence[int], *, shuffle: bool, seed: int, shard_id: int, num_shards: int
+) -> tuple[DataNode, DataNode]:
+    """Encoded files and their index in `files` (names the file in errors and tests)."""
+    # Training: a full permutation per epoch, equal on every rank (same seed), like the sampler's;
+    # random_shuffle would only shuffle within a buffer and within each rank's shard.
+    shuffling = {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": seed % 2**31} if shuffle else {}
+    return fn.readers.file(
+        files=[files[i] for i in order],
+        labels=list(order),
+        name=READER,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        stick_to_shard=not shuffle,  # validation: rank s always reads the sampler's shard s
+        pad_last_batch=True,  # each epoch starts on a batch boundary; the iterator trims the padding
+        **shuffling,
+    )
+
+
+def decode_halves(jpegs: DataNode, *, gpu: bool, hw_decoder_load: float, max_height: int) -> tuple[DataNode, DataNode]:
+    """Decode (H, 2H, 3) pairs and split them into photo (left) and mask (right), HWC uint8."""
+    if gpu:
+        pairs = fn.decoders.image(
+            jpegs,
+            device="mixed",
+            output_type=types.RGB,
+            hw_decoder_load=hw_decoder_load,
+            jpeg_fancy_upsampling=True,  # libjpeg-turbo's chroma upsampling: the CPU loaders' colours
+            preallocate_height_hint=max_height,
+            preallocate_width_hint=2 * max_height,
+        )
+    else:
+        pairs = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+    photo = fn.slice(pairs, rel_start=(0.0, 0.0), rel_shape=(1.0, 0.5), axis_names="HW")
+    mask = fn.slice(pairs, rel_start=(0.0, 0.5), rel_shape=(1.0, 0.5), axis_names="HW")
+    return photo, mask
+
+
+def resize_pair(photo: DataNode, mask: DataNode, size: int, max_height: int) -> tuple[DataNode, DataNode]:
+    """Photo: antialiased linear; mask: nearest. DALI's nearest picks the same source pixels as
+    torchvision's NEAREST_EXACT except on exact ties, which float error in its vertical pass rounds
+    down; a shift of a quarter output pixel's worth of the source, far below the 1/(2 * size) gap to
+    any non-tie, settles them the same way (tested bit-exact for many size pairs)."""
+    eps = 0.25 / (size * max_height)
+    photo = fn.resize(photo, size=(size, size), antialias=True)
+    mask = fn.resize(
+        mask,
+        size=(size, size),
+        interp_type=types.INTERP_NN,
+        roi_start=(eps, eps),
+        roi_end=(1.0 + eps, 1.0 + eps),
+        roi_relative=True,
+    )
+    return photo, mask
+
+
+# ---------------------------------------------------------------- pair augmentation
+
+
+def random_affine(aug: AugmentConfig, size: int) -> DataNode:
+    """One source->destination matrix per sample: flip, zoom s, rotation about the centre, shift.
+
+    Same distribution as the plain loader: flip with p = hflip, angle U(-deg, deg), s U(lo, hi),
+    shift U(-t, t) * size with t = (hi - 1) / 2, the room a zoom leaves to slide the crop."""
+    center = [size / 2.0, size / 2.0]  # warp_affine's (0, 0) is the corner of the first pixel
+    mt = None
+    if aug.hflip > 0 or aug.scale != (1.0, 1.0):
+        s = fn.random.uniform(range=aug.scale) if aug.scale != (1.0, 1.0) else 1.0
+        sx = s * (1.0 - 2.0 * fn.random.coin_flip(probability=aug.hflip)) if aug.hflip > 0 else s
+        mt = fn.transforms.scale(scale=fn.stack(sx, s), center=center)
+    if aug.rotate_deg > 0:
+        angle = fn.random.uniform(range=(-aug.rotate_deg, aug.rotate_deg))
+        mt = _then(fn.transforms.rotation, mt, angle=angle, center=center)
+    shift = max(0.0, (aug.scale[1] - 1.0) / 2.0) * size
+    if shift > 0:
+        offset = fn.random.uniform(range=(-shift, shift), shape=2)
+        mt = _then(fn.transforms.translation, mt, offset=offset)
+    return mt
+
+
+def _then(op, mt: DataNode | None, **kwargs) -> DataNode:
+    """Apply transform `op` after `mt` (or alone)."""
+    return op(**kwargs) if mt is None else op(mt, **kwargs)
+
+
+def augment_geometry(
+    photo: DataNode, mask: DataNode, aug: AugmentConfig, size: int, fill_is_void: bool
+) -> tuple[DataNode, DataNode, DataNode | int]:
+    """Shared geometric draw. Returns (photo, mask, mirror): a flip-only config leaves the photo's
+    flip to `crop_mirror_normalize` (free) instead of paying for a warp."""
+    if aug.rotate_deg <= 0 and aug.scale == (1.0, 1.0):
+        if aug.hflip <= 0:
+            return photo, mask, 0
+        flip = fn.random.coin_flip(probability=aug.hflip)
+        return photo, fn.flip(mask, horizontal=flip), flip
+    mt = random_affine(aug, size)
+    if not fill_is_void:
+        # No colour is void in this palette: carry a 4th channel, 255 inside the image and 0 where
+        # the warp fills, and set those pixels to 255 after the mapping.
+        mask = fn.pad(mask, axis_names="C", shape=(4,), fill_value=255)
+    warp = dict(matrix=mt, size=(size, size), inverse_map=False, fill_value=0)
+    photo = fn.warp_affine(photo, interp_type=types.INTERP_LINEAR, **warp)
+    mask = fn.warp_affine(mask, interp_type=types.INTERP_NN, **warp)
+    return photo, mask, 0
+
+
+def color_jitter(photo: DataNode, aug: AugmentConfig) -> DataNode:
+    """Brightness, contrast, saturation factors U(max(0, 1 - v), 1 + v), hue U(-h, h) turns."""
+    params = {}
+    for name in ("brightness", "contrast", "saturation"):
+        v = getattr(aug, name)
+        if v > 0:
+            params[name] = fn.random.uniform(range=(max(0.0, 1.0 - v), 1.0 + v))
+    if aug.hue > 0:
+        params["hue"] = fn.random.uniform(range=(-aug.hue * 360.0, aug.hue * 360.0))  # degrees
+    return fn.color_twist(photo, **params)
+
+
+@pipeline_def
+def pair_pipeline(
+    files: Sequence[str],
+    order: Sequence[int],
+    *,
+    size: int,
+    max_height: int,
+    resize: bool,
+    augment: AugmentConfig | None,
+    fill_is_void: bool,
+    shuffle: bool,
+    reader_seed: int,
+    shard_id: int,
+    num_shards: int,
+    gpu: bool,
+    hw_decoder_load: float,
+    half: bool,
+):
+    """(photo float (S, S, 3) normalised, mask uint8 (S, S, 3 or 4), file index (1,)) per sample."""
+    jpegs, index = read_pairs(files, order, shuffle=shuffle, seed=reader_seed, shard_id=shard_id, num_shards=num_shards)
+    photo, mask = decode_halves(jpegs, gpu=gpu, hw_decoder_load=hw_decoder_load, max_height=max_height)
+    if resize:
+        photo, mask = resize_pair(photo, mask, size, max_height)
+    mirror: DataNode | int = 0
+    if augment is not None and augment.geometric:
+        photo, mask, mirror = augment_geometry(photo, mask, augment, size, fill_is_void)
+    if augment is not None and augment.color:
+        photo = color_jitter(photo, augment)
+    photo = fn.crop_mirror_normalize(
+        photo,
+        dtype=types.FLOAT16 if half else types.FLOAT,
+        output_layout="HWC",  # NHWC memory = NCHW with channels-last strides, after a permute
+        mean=[m * 255 for m in IMAGENET_MEAN],
+        std=[s * 255 for s in IMAGENET_STD],
+        mirror=mirror,
+    )
+    return photo, mask, index
+
+
+# ---------------------------------------------------------------- the loader
+
+
+def source_heights(files: Sequence[Path]) -> set[int]:
+    """Pair heights from the file headers (~0.1 ms each): decides whether the graph needs a resize."""
+    heights = set()
+    for path in files:
+        with Image.open(path) as image:
+            heights.add(image.size[1])
+    return heights
+
+
+def fill_colour_is_void(palette: Palette) -> bool:
+    """Whether black, the warp's fill, maps to 255 (it does in Cityscapes: 'unlabeled')."""
+    black = torch.zeros(1, 1, 1, 3, dtype=torch.uint8)
+    ids = mask_to_class(black, palette.centers, palette.classes, palette.max_dist, backend="reference")
+    return int(ids) == IGNORE_INDEX
+
+
+class DaliPairLoader:
+    """Yields the loader contract: (image (B, 3, S, S) normalised, channels-last strides, `dtype`;
+    target int64 (B, S, S), 255 = ignore), both on `device`. A CUDA device decodes with nvJPEG
+    ("mixed", `hw_decoder_load` on the A100/H100 hardware decoder) and maps masks with the Triton
+    kernel; a CPU device runs the same graph on CPU operators (`device_id=None`)."""
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        palette: Palette,
+        *,
+        hw_decoder_load: float = 0.65,
+        image_size: int,
+        batch_size: int,
+        augment: AugmentConfig | None,
+        shuffle: bool,
+        drop_last: bool,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        workers: int = 2,
+        prefetch: int = 2,
+        seed: int = 0,
+        shard_id: int = 0,
+        num_shards: int = 1,
+    ) -> None:
+        if not files:
+            raise ValueError("DaliPairLoader needs at least one file")
+        self.files = [Path(f) for f in files]
+        self.palette = palette
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.shard_id, self.num_shards = shard_id, num_shards
+        self.per_shard = math.ceil(len(self.files) / num_shards)
+        heights = source_heights(self.files)
+        gpu = self.device.type == "cuda"
+        self._pipeline_kwargs = dict(
+            files=[str(f) for f in self.files],
+            order=shard_order(len(self.files), num_shards),
+            size=image_size,
+            max_height=max(heights),
+            resize=heights != {image_size},
+            augment=augment,
+            fill_is_void=augment is None or fill_colour_is_void(palette),
+            shuffle=shuffle,
+            reader_seed=seed,
+            shard_id=shard_id,
+            num_shards=num_shards,
+            gpu=gpu,
+            hw_decoder_load=hw_decoder_load,
+            half=dtype in (torch.float16, torch.bfloat16),  # CMN writes fp16; bf16 converts on device
+            # A batch bigger than a non-dropping shard would be all padding: one batch of the shard.
+            batch_size=batch_size if drop_last else min(batch_size, self.per_shard),
+            num_threads=max(1, workers),
+            prefetch_queue_depth=max(1, prefetch),
+            device_id=(self.device.index if self.device.index is not None else torch.cuda.current_device())
+            if gpu
+            else None,
+            # Different augmentation draws on every rank; the reader's shuffle seed stays shared.
+            seed=(seed * 1_000_003 + shard_id) % 2**31,
+        )
+        self._iterator = self._build()
+        self._in_epoch = False  # an epoch was started and not finished (the consumer broke off)
+        self._start_batch = 0
+
+    def _build(self) -> DALIGenericIterator:
+        return DALIGenericIterator(
+            pair_pipeline(**self._pipeline_kwargs),
+            OUTPUTS,
+            reader_name=READER,
+            last_batch_policy=LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL,
+            auto_reset=True,
+        )
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """DALI draws its own per-epoch order; `start_batch` batches are decoded and skipped."""
+        self._start_batch = start_batch
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.per_shard // self.batch_size
+        return math.ceil(self.per_shard / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for image, target, _ in self.batches():
+            yield image, target
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(image, target, index into `files` (B,) int64 on CPU) for the rest of this epoch."""
+        if self._in_epoch:
+            # DALI iterators cannot reset mid-epoch: a fresh pipeline restarts it.
+            self._iterator = self._build()
+        skip, self._start_batch = self._start_batch, 0
+        if len(self) == 0:
+            return
+        self._in_epoch = True
+        for step in range(len(self)):
+            out = self._next()
+            if out is None:
+                raise RuntimeError(f"DALI ended the epoch after {step} of {len(self)} batches")
+            if step >= skip:
+                yield self._to_contract(out)
+        # The iterator stops (and resets itself) one call after its last batch; DROP also reads and
+        # drops the partial batch there.
+        if self._next() is not None:
+            raise RuntimeError(f"DALI yielded more than the {len(self)} batches of the epoch")
+        self._in_epoch = False
+
+    def _next(self) -> dict[str, torch.Tensor] | None:
+        """The next DALI batch, None at the end of the epoch; a decode failure -> PairError."""
+        try:
+            return next(self._iterator)[0]
+        except StopIteration:
+            return None
+        except RuntimeError as error:
+            self._iterator = self._build()  # the pipeline is unusable after an error
+            self._in_epoch = False
+            raise self._data_error(error) from None
+
+    def _to_contract(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image = out["image"].permute(0, 3, 1, 2)  # (B, 3, S, S) view of NHWC memory: channels-last
+        if image.dtype != self.dtype:
+            image = image.to(self.dtype)  # preserve_format keeps the channels-last strides
+        mask = out["mask"]  # (B, S, S, 3 or 4) uint8
+        p = self.palette
+        target = mask_to_class(mask[..., :3], p.centers, p.classes, p.max_dist, out_dtype=torch.int64)
+        if mask.shape[-1] == 4:
+            target.masked_fill_(mask[..., 3] == 0, IGNORE_INDEX)
+        if target.device != self.device:  # CPU pipeline feeding a CUDA model (not built that way here)
+            image, target = image.to(self.device), target.to(self.device)
+        return image, target, out["index"].reshape(-1).to(torch.int64).cpu()
+
+    def _data_error(self, error: RuntimeError) -> Exception:
+        """A one-line `PairError` naming the file DALI failed on; DALI's own error when no file is bad."""
+        message = str(error)
+        known = {str(f): f for f in self.files}
+        named = re.search(r"Failed to decode sample #\d+ : (.+)", message)
+        if named and named.group(1).strip() in known:
+            suspects = [known[named.group(1).strip()]]
+        else:
+            suspects = [f for name, f in known.items() if name in message]
+        for path in suspects:
+            try:
+                validate_pair(path)  # Pillow's diagnosis is the more precise one when it has one
+            except PairError as bad:
+                return bad
+            return PairError(path, "corrupt or truncated image data (DALI decoder)")
+        _, bad = validate_files(self.files)
+        return bad[0] if bad else error

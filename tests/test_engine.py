@@ -1,0 +1,187 @@
+"""Training core: exact resume, atomic checkpoints, safe loading, NaN stop, overfitting, run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from cityseg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cityseg.config import NO_AUGMENT, AugmentConfig, Config, DataConfig, ModelConfig, TrainConfig
+from cityseg.data.pairs import list_split, read_pair
+from cityseg.engine import TrainingError, train, warmup_cosine
+from cityseg.model import UNet
+from cityseg.palette import cityscapes_palette, map_colors_lut
+from tests.conftest import ROOT
+
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "samples.png",
+             "checkpoints/best.pt", "checkpoints/last.pt")
+
+
+def tiny_config(data: Path, out: Path, **train_kw) -> Config:
+    return Config(
+        data=DataConfig(data_dir=str(data), image_size=32, batch_size=2, workers=0,
+                        augment=AugmentConfig(hflip=0.5, rotate_deg=5)),
+        model=ModelConfig(width=4, depth=2),
+        train=TrainConfig(**{"epochs": 2, "lr": 1e-2, "warmup_steps": 2, "device": "cpu", "amp": False,
+                             "compile": False, "log_every": 1, "out": str(out), **train_kw}),
+    )
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_continues_exactly(pair_dataset: Path, tmp_path: Path) -> None:
+    """2 epochs straight == 1 epoch, stop, resume, 1 more; also when stopping mid-epoch."""
+    straight = tmp_path / "straight"
+    train(tiny_config(pair_dataset, straight))
+    for stop_at in (4, 5):  # end of epoch 1 (4 steps per epoch), and one step into epoch 2
+        split = tmp_path / f"split{stop_at}"
+        train(tiny_config(pair_dataset, split, max_steps=stop_at))
+        assert load_checkpoint(split / "checkpoints" / "last.pt")["global_step"] == stop_at
+        train(tiny_config(pair_dataset, split, resume=str(split)))
+        assert_same_weights(final_weights(straight), final_weights(split))
+
+
+def test_run_folder_is_complete(pair_dataset: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    summary = train(tiny_config(pair_dataset, run, epochs=1))
+    for name in RUN_FILES:
+        assert (run / name).is_file(), name
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    record = json.loads(lines[0])
+    for key in ("loss", "pixel_acc", "miou", "per_class_iou", "images_per_s", "data_wait_share", "lr", "seconds"):
+        assert key in record
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["final"]["pixel_acc"] == pytest.approx(summary["final"]["pixel_acc"])
+    assert set(saved["time_to_pixel_acc_s"]) == {"0.80", "0.85", "0.90", "0.94"}
+    assert Config.from_dict(json.loads((run / "config.json").read_text())).model.width == 4
+
+
+def test_existing_run_folder_is_not_overwritten(pair_dataset: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(tiny_config(pair_dataset, run, max_steps=1))
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train(tiny_config(pair_dataset, run, max_steps=1))
+
+
+def test_nan_loss_stops_with_clear_message(pair_dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="NaN/inf"):
+        train(tiny_config(pair_dataset, tmp_path / "run", lr=1e30, grad_clip=0.0))
+
+
+def test_warmup_cosine_schedule() -> None:
+    assert warmup_cosine(0, 10, 100, 0.01) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 100, 0.01) == pytest.approx(1.0)
+    assert warmup_cosine(100, 10, 100, 0.01) == pytest.approx(0.01)
+    values = [warmup_cosine(s, 10, 100, 0.01) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(3)}, "config": {}}, path)
+
+    def dies_midway(obj, f, *a, **kw):
+        f.write(b"partial garbage")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(OSError):
+        save_checkpoint({"model": {"w": torch.zeros(3)}, "config": {}}, path)
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_checkpoint_survives_sigkill_mid_write(tmp_path: Path) -> None:
+    """A process killed while rewriting a checkpoint over and over never leaves a broken file."""
+    path = tmp_path / "best.pt"
+    save_checkpoint({"model": {"w": torch.zeros(1)}, "config": {}}, path)
+    code = (
+        "import torch, sys; from cityseg.checkpoint import save_checkpoint\n"
+        "for i in range(10**6):\n"
+        "    save_checkpoint({'model': {'w': torch.full((200_000,), float(i))}, 'config': {}}, sys.argv[1])\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=ROOT)
+    try:
+        for _ in range(20):
+            try:
+                proc.wait(timeout=0.15)
+            except subprocess.TimeoutExpired:
+                pass
+            state = load_checkpoint(path)  # must load at any moment
+            assert state["model"]["w"].numel() in (1, 200_000)
+    finally:
+        proc.kill()
+        proc.wait()
+    state = load_checkpoint(path)
+    assert state["model"]["w"].unique().numel() == 1
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/cityseg-pwned",))
+
+
+def test_crafted_pickle_checkpoint_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {}, "config": {}, "x": Exploit()}, f)
+    torch.save({"model": {}, "config": {}, "x": Exploit()}, path)
+    with pytest.raises(CheckpointError, match="refused to load"):
+        load_checkpoint(path)
+    assert not Path("/tmp/cityseg-pwned").exists()
+
+
+def test_resume_with_other_model_config_names_fields(pair_dataset: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(tiny_config(pair_dataset, run, max_steps=1))
+    cfg = tiny_config(pair_dataset, run, resume=str(run))
+    with pytest.raises(CheckpointError, match="width: 4 in checkpoint vs 8"):
+        train(replace(cfg, model=replace(cfg.model, width=8)))
+
+
+def test_tiny_unet_overfits_four_real_pairs(real_sample: Path) -> None:
+    """>= 95 % train pixel accuracy on 4 real pairs within 300 steps (64 x 64, width 16)."""
+    torch.manual_seed(0)
+    p = cityscapes_palette()
+    photos, targets = [], []
+    for f in list_split(real_sample, "train")[:4]:
+        photo, mask = read_pair(f)
+        photos.append(torch.from_numpy(photo.copy()).permute(2, 0, 1).float() / 255)
+        targets.append(map_colors_lut(torch.from_numpy(mask.copy()), p))
+    x = torch.nn.functional.interpolate(torch.stack(photos), size=64, mode="bilinear", antialias=True)
+    y = torch.nn.functional.interpolate(torch.stack(targets)[:, None].float(), size=64, mode="nearest")[:, 0].long()
+    model = UNet(num_classes=19, width=16, depth=3)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    for step in range(300):
+        loss = torch.nn.functional.cross_entropy(model(x), y, ignore_index=255)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 25 == 24:
+            with torch.no_grad():
+                model.eval()
+                acc = (model(x).argmax(1) == y)[y != 255].float().mean().item()
+                model.train()
+            if acc >= 0.95:
+                break
+    assert acc >= 0.95, acc
+
+
+def test_no_augment_constant_is_all_off() -> None:
+    assert not NO_AUGMENT.geometric and not NO_AUGMENT.color

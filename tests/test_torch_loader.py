@@ -1,0 +1,132 @@
+"""The plain loader: the loader contract, paired augmentation, determinism, shards and resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cityseg.config import AugmentConfig
+from cityseg.data.pairs import list_split, read_pair
+from cityseg.data.torch_loader import EpochSampler, TorchPairLoader
+from cityseg.engine import denormalize
+from cityseg.palette import IGNORE_INDEX, cityscapes_palette, map_colors_reference
+from tests.conftest import make_pair_dataset
+
+
+def make_loader(root: Path, augment: AugmentConfig | None, **kw) -> TorchPairLoader:
+    args = dict(image_size=32, batch_size=4, augment=augment, shuffle=False, drop_last=False, workers=0, seed=0)
+    args.update(kw)
+    return TorchPairLoader(list_split(root, "train"), cityscapes_palette(), **args)
+
+
+def test_contract_shapes_dtypes_layout(pair_dataset: Path) -> None:
+    image, target = next(iter(make_loader(pair_dataset, None)))
+    assert image.shape == (4, 3, 32, 32) and image.dtype == torch.float32
+    assert image.is_contiguous(memory_format=torch.channels_last)
+    assert target.shape == (4, 32, 32) and target.dtype == torch.int64
+    assert set(target.unique().tolist()) <= set(range(19)) | {IGNORE_INDEX}
+    assert -3 < image.mean().item() < 3  # normalised, not 0..255
+
+
+def test_unaugmented_batch_equals_direct_decode(pair_dataset: Path) -> None:
+    """The loader's target is the palette mapping of the file's right half, its photo the left half."""
+    image, target = next(iter(make_loader(pair_dataset, None)))
+    photo, mask = read_pair(list_split(pair_dataset, "train")[0])
+    p = cityscapes_palette()
+    assert torch.equal(target[0], map_colors_reference(torch.from_numpy(mask.copy()), p.centers, p.classes))
+    assert torch.equal(denormalize(image[:1])[0], torch.from_numpy(photo.copy()))
+
+
+def photo_classes(image: torch.Tensor) -> torch.Tensor:
+    p = cityscapes_palette()
+    return map_colors_reference(denormalize(image), p.centers, p.classes)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_geometric_augmentation_moves_photo_and_mask_together(tmp_path: Path, seed: int) -> None:
+    """Pairs whose photo *is* its mask colours: after flip + rotation + scale-crop the photo still
+    maps to the mask's classes, except at fill (255) and bilinear-blended class boundaries."""
+    root = make_pair_dataset(tmp_path, n_train=4, n_val=1, size=64, photo_is_mask=True)
+    aug = AugmentConfig(hflip=0.5, rotate_deg=20, scale=(0.8, 1.3))
+    image, target = next(iter(make_loader(root, aug, image_size=64, seed=seed)))
+    plain_image, plain_target = next(iter(make_loader(root, None, image_size=64)))
+    assert not torch.equal(target, plain_target)  # augmentation did something
+    valid = interior(target)
+    agree = (photo_classes(image) == target)[valid].float().mean().item()
+    assert valid.float().mean() > 0.25
+    assert agree >= 0.99, agree
+
+
+def interior(target: torch.Tensor) -> torch.Tensor:
+    """Pixels whose 5x5 neighbourhood holds one class and no fill: away from blended edges."""
+    t = target.float().unsqueeze(1)
+    lo = -torch.nn.functional.max_pool2d(-t, 5, stride=1, padding=2)
+    hi = torch.nn.functional.max_pool2d(t, 5, stride=1, padding=2)
+    return ((lo == hi) & (t != IGNORE_INDEX)).squeeze(1)
+
+
+def test_colour_jitter_changes_photo_only(tmp_path: Path) -> None:
+    root = make_pair_dataset(tmp_path, n_train=4, n_val=1, size=32)
+    aug = AugmentConfig(hflip=0.0, brightness=0.5, contrast=0.5, saturation=0.5, hue=0.1)
+    image, target = next(iter(make_loader(root, aug)))
+    plain_image, plain_target = next(iter(make_loader(root, None)))
+    assert torch.equal(target, plain_target)
+    assert (image - plain_image).abs().mean() > 0.05
+
+
+def test_same_batches_with_any_worker_count(pair_dataset: Path) -> None:
+    aug = AugmentConfig(hflip=0.5, rotate_deg=10, brightness=0.2)
+    batches = {}
+    for workers in (0, 2):
+        loader = make_loader(pair_dataset, aug, shuffle=True, workers=workers, seed=3)
+        loader.set_epoch(1)
+        batches[workers] = list(loader)
+    for (a_img, a_tgt), (b_img, b_tgt) in zip(batches[0], batches[2], strict=True):
+        assert torch.equal(a_img, b_img) and torch.equal(a_tgt, b_tgt)
+
+
+def test_epochs_differ_and_repeat(pair_dataset: Path) -> None:
+    loader = make_loader(pair_dataset, AugmentConfig(hflip=0.5), shuffle=True, seed=1)
+    runs = []
+    for epoch in (0, 1, 0):
+        loader.set_epoch(epoch)
+        runs.append(torch.cat([t for _, t in loader]))
+    assert torch.equal(runs[0], runs[2]) and not torch.equal(runs[0], runs[1])
+
+
+def test_mid_epoch_start_continues_the_same_epoch(pair_dataset: Path) -> None:
+    loader = make_loader(pair_dataset, AugmentConfig(hflip=0.5), shuffle=True, batch_size=2, seed=1)
+    loader.set_epoch(2)
+    full = list(loader)
+    loader.set_epoch(2, start_batch=1)
+    tail = list(loader)
+    assert len(tail) == len(full) - 1
+    for (a, b), (c, d) in zip(full[1:], tail, strict=True):
+        assert torch.equal(a, c) and torch.equal(b, d)
+
+
+@pytest.mark.parametrize("n,batch,drop_last", [(10, 4, True), (10, 4, False), (8, 4, False), (9, 2, True)])
+def test_shards_are_disjoint_cover_and_match_len(n: int, batch: int, drop_last: bool) -> None:
+    seen = []
+    for shard_id in range(2):
+        s = EpochSampler(n, batch, shuffle=True, augment=False, seed=0, drop_last=drop_last,
+                         shard_id=shard_id, num_shards=2)
+        keys = [k for k, _ in s]
+        assert len(keys) == len(s)
+        assert len(keys) == s.num_batches() * batch if drop_last else len(keys) == -(-n // 2)
+        seen.append(keys)
+    if not drop_last:
+        assert set(seen[0]) | set(seen[1]) == set(range(n))
+        assert len(set(seen[0]) & set(seen[1])) == (2 * -(-n // 2) - n)  # only the padding repeats
+
+
+def test_resize_to_image_size_uses_nearest_for_mask(tmp_path: Path) -> None:
+    root = make_pair_dataset(tmp_path, n_train=2, n_val=1, size=64)
+    image, target = next(iter(make_loader(root, None, image_size=32, batch_size=2)))
+    assert image.shape[-2:] == (32, 32) and target.shape[-2:] == (32, 32)
+    p = cityscapes_palette()
+    full = map_colors_reference(torch.from_numpy(read_pair(list_split(root, "train")[0])[1].copy()),
+                                p.centers, p.classes)
+    assert set(target[0].unique().tolist()) <= set(full.unique().tolist())  # no blended class ids

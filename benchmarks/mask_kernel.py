@@ -133,24 +133,39 @@ def bench_gpu(args: argparse.Namespace, palettes: dict) -> list:
                 pairs = torch.cat([torch.zeros_like(masks), masks], dim=2)
                 expected = mask_to_class_reference(masks, c, k)
                 cases = {
-                    "triton": (lambda m=masks: mask_to_class(m, c, k), 8),
-                    "triton-uint8": (lambda m=masks: mask_to_class(m, c, k, out_dtype=torch.uint8), 1),
-                    "triton-pair-view": (lambda p=pairs: mask_to_class(p[:, :, SIZE:], c, k), 8),
-                    "torch-reference": (lambda m=masks: mask_to_class_reference(m, c, k), 8),
+                    "triton": (lambda m=masks, c=c, k=k: mask_to_class(m, c, k), 8),
+                    "triton-uint8": (lambda m=masks, c=c, k=k: mask_to_class(m, c, k, out_dtype=torch.uint8), 1),
+                    "triton-pair-view": (lambda p=pairs, c=c, k=k: mask_to_class(p[:, :, SIZE:], c, k), 8),
+                    "torch-reference": (lambda m=masks, c=c, k=k: mask_to_class_reference(m, c, k), 8),
                 }
                 for block in (256, 1024, 4096):
-                    cases[f"triton-block{block}"] = (lambda m=masks, b=block: mask_to_class(m, c, k, block_size=b), 8)
+                    fixed = lambda m=masks, c=c, k=k, b=block: mask_to_class(m, c, k, block_size=b)  # noqa: E731
+                    cases[f"triton-block{block}"] = (fixed, 8)
                 for impl, (fn, out_bytes) in cases.items():
                     if impl.startswith("triton"):
                         assert torch.equal(fn(), expected.to(fn().dtype)), f"{impl} disagrees with the reference"
                     ms, lo, hi = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
                     gbps = batch * SIZE * SIZE * (3 + out_bytes) / (ms * 1e-3) / 1e9
                     pct = None if peak is None else 100 * gbps / peak
-                    rows.append({"palette": pal_name, "batch": batch, "masks": kind, "impl": impl, "ms": ms,
-                                 "ms_p20": lo, "ms_p80": hi, "gbps": gbps, "pct_peak": pct})
+                    rows.append(
+                        {
+                            "palette": pal_name,
+                            "batch": batch,
+                            "masks": kind,
+                            "impl": impl,
+                            "ms": ms,
+                            "ms_p20": lo,
+                            "ms_p80": hi,
+                            "gbps": gbps,
+                            "pct_peak": pct,
+                        }
+                    )
                     pct_s = "n/a" if pct is None else f"{pct:5.1f}%"
-                    print(f"{pal_name:10s} batch {batch:4d} {kind:9s} {impl:18s} {ms * 1e3:9.1f} us "
-                          f"{gbps:8.1f} GB/s {pct_s} of peak", flush=True)
+                    print(
+                        f"{pal_name:10s} batch {batch:4d} {kind:9s} {impl:18s} {ms * 1e3:9.1f} us "
+                        f"{gbps:8.1f} GB/s {pct_s} of peak",
+                        flush=True,
+                    )
     return rows
 
 

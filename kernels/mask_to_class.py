@@ -8,12 +8,13 @@ One entry point for every device:
   `TRITON_INTERPRET=1` is set, which runs the same Triton kernel in Triton's interpreter (tests).
 - `backend=` forces one: "triton" (on CPU: the interpreter), "lut" (CPU only), "reference".
 
-Exactness: every path computes the squared distance per centre as `dr*dr + dg*dg + db*db` in float32,
-compares it with `float32(max_dist**2)` and keeps the first minimum (lowest centre index on ties).
-With integer-valued centres every intermediate is an integer below 2^24, exact in float32 whatever
-the rounding or FMA contraction, so all backends agree bit for bit. With non-integer centres the
-GPU compiler may contract `dr*dr + dg*dg` into an FMA and differ from torch in the last bit on a
-near-tie; that is why k-means centres are rounded to integer RGB (`cityseg/palette_kmeans.py`).
+Exactness: the reference computes squared distances `dr*dr + dg*dg + db*db` in float32, compares
+them with `float32(max_dist**2)` and keeps the first minimum (lowest centre index on ties). With
+integer-valued centres (the Cityscapes palette, k-means palettes after rounding) every quantity is an
+integer below 2^24, exact in float32, and the kernel packs distance and centre index into one exact
+float key per centre (see the kernel), so every backend agrees bit for bit. Non-integer centres take
+the kernel's direct loop, the reference's own arithmetic; on a GPU the compiler may contract it into
+FMAs, so a near-tie can then differ from torch in the last bit (the interpreter matches exactly).
 
 Check it: `TRITON_INTERPRET=1 pytest tests/test_mask_kernel.py`; time it: `python benchmarks/mask_kernel.py`.
 """
@@ -42,7 +43,7 @@ _INTERPRETER_BLOCK = 16384
 
 def _mask_to_class_kernel(
     mask_ptr,  # uint8 RGB, any strides
-    centers_ptr,  # (K, 3) float32, contiguous
+    table_ptr,  # (K, 4) float32, contiguous: see `_kernel_table`
     classes_ptr,  # (K,) int32
     out_ptr,  # (num_pixels,) int64 or uint8, contiguous
     num_pixels,
@@ -54,41 +55,67 @@ def _mask_to_class_kernel(
     stride_c,
     limit,  # float32(max_dist**2); used only when HAS_LIMIT
     K: tl.constexpr,
+    PACKED: tl.constexpr,  # integer centres in 0..255: the packed-key loop below
     HAS_LIMIT: tl.constexpr,
+    IGNORE: tl.constexpr,  # Triton kernels read globals only as constexpr: passed in instead
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < num_pixels
-    w = offs % W
-    nh = offs // W
-    h = nh % H
-    n = nh // H
+    row = offs // W
+    w = offs - row * W
+    n = row // H
+    h = row - n * H
     # Byte offsets in int64: strided views of big batches (the right half of decoded pairs) pass 2^31.
     base = n.to(tl.int64) * stride_n + h.to(tl.int64) * stride_h + w.to(tl.int64) * stride_w
-    r = tl.load(mask_ptr + base, mask=valid, other=0).to(tl.float32)
-    g = tl.load(mask_ptr + base + stride_c, mask=valid, other=0).to(tl.float32)
-    b = tl.load(mask_ptr + base + 2 * stride_c, mask=valid, other=0).to(tl.float32)
+    ri = tl.load(mask_ptr + base, mask=valid, other=0).to(tl.int32)
+    gi = tl.load(mask_ptr + base + stride_c, mask=valid, other=0).to(tl.int32)
+    bi = tl.load(mask_ptr + base + 2 * stride_c, mask=valid, other=0).to(tl.int32)
+    r = ri.to(tl.float32)
+    g = gi.to(tl.float32)
+    b = bi.to(tl.float32)
 
     best = tl.full([BLOCK], float("inf"), tl.float32)
-    best_cls = tl.full([BLOCK], 0, tl.int32)
-    # K is small and constexpr: unrolled, the centres are uniform scalar loads served from cache.
-    for k in tl.static_range(K):
-        dr = r - tl.load(centers_ptr + 3 * k)
-        dg = g - tl.load(centers_ptr + 3 * k + 1)
-        db = b - tl.load(centers_ptr + 3 * k + 2)
-        d = dr * dr + dg * dg + db * db  # same association as the torch reference
-        closer = d < best  # strict: the lowest centre index wins ties
-        best = tl.where(closer, d, best)
-        best_cls = tl.where(closer, tl.load(classes_ptr + k), best_cls)
+    if PACKED:
+        # key_k = 64 * (|c_k|^2 - 2 x.c_k) + k = 64 * (d_k - |x|^2) + k: three FMAs and a min per
+        # centre. Every partial sum is an integer of magnitude < 2^24, exact in float32 with or
+        # without FMA contraction, so the min key holds the least distance and, among equal ones,
+        # the lowest centre index (k < 64 sits below the distance bits) -- the reference's argmin.
+        for k in tl.static_range(K):  # unrolled; the table entries are uniform loads served by cache
+            key = tl.load(table_ptr + 4 * k) + r * tl.load(table_ptr + 4 * k + 1)
+            key = key + g * tl.load(table_ptr + 4 * k + 2)
+            key = key + b * tl.load(table_ptr + 4 * k + 3)
+            best = tl.minimum(best, key)
+        packed = best.to(tl.int32)
+        idx = packed & 63
+        d = ((packed >> 6) + ri * ri + gi * gi + bi * bi).to(tl.float32)  # >> floors: exact d_k
+    else:
+        # Any float centres: the reference's arithmetic, (dr*dr + dg*dg) + db*db, strict < so the
+        # lowest index wins ties. The compiler may contract into FMAs: last-bit differences from
+        # torch are possible on near-ties here (never with integer centres, which take PACKED).
+        idx = tl.full([BLOCK], 0, tl.int32)
+        for k in tl.static_range(K):
+            dr = r - tl.load(table_ptr + 4 * k)
+            dg = g - tl.load(table_ptr + 4 * k + 1)
+            db = b - tl.load(table_ptr + 4 * k + 2)
+            dk = dr * dr + dg * dg + db * db
+            closer = dk < best
+            best = tl.where(closer, dk, best)
+            idx = tl.where(closer, k, idx)
+        d = best
+    cls = tl.load(classes_ptr + idx, mask=valid, other=0)  # K <= 64 ids: an L1-resident gather
     if HAS_LIMIT:
-        best_cls = tl.where(best > limit, IGNORE_INDEX, best_cls)
-    tl.store(out_ptr + offs, best_cls.to(out_ptr.dtype.element_ty), mask=valid)
+        cls = tl.where(d > limit, IGNORE, cls)
+    tl.store(out_ptr + offs, cls.to(out_ptr.dtype.element_ty), mask=valid)
 
 
-# Memory-bound with K unrolled compare-selects per pixel: a few block/warp shapes are enough to find
-# the bandwidth plateau; short benchmark windows keep the first call under a second.
+# Per pixel the packed loop costs 4 instructions per centre (3 FFMA + FMNMX) plus ~60 for indexing
+# and I/O, so with K = 34 an H100 runs out of issue slots before DRAM bandwidth (by its SASS count,
+# ~45% of peak with int64 output); blocks of 4-16 pixels per thread amortise the per-thread centre
+# loads. Short benchmark windows keep autotuning (first call per K) well under a second.
 _AUTOTUNE_CONFIGS = [
-    triton.Config({"BLOCK": block}, num_warps=warps) for block in (256, 512, 1024, 2048) for warps in (4, 8)
+    triton.Config({"BLOCK": block}, num_warps=warps)
+    for block, warps in ((512, 4), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8))
 ]
 _kernels: dict[str, object] = {}
 
@@ -111,7 +138,7 @@ def _kernel(device: torch.device, tuned: bool):
         _kernels["jit"] = jit
         _kernels["tuned"] = triton.autotune(
             configs=_AUTOTUNE_CONFIGS,
-            key=["K", "HAS_LIMIT"],
+            key=["K", "PACKED", "HAS_LIMIT"],
             do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles),
         )(jit)
     return _kernels["tuned"] if tuned else _kernels["jit"]
@@ -141,7 +168,8 @@ def _check_table(centers: torch.Tensor, classes: torch.Tensor) -> None:
     if centers.dim() != 2 or centers.shape[1] != 3 or not 1 <= centers.shape[0] <= MAX_CENTERS:
         raise ValueError(f"centers must be (K, 3) with 1 <= K <= {MAX_CENTERS}, got {tuple(centers.shape)}")
     if classes.shape != (centers.shape[0],) or classes.is_floating_point():
-        raise ValueError(f"classes must be integer (K,) = ({centers.shape[0]},), got {classes.dtype} {tuple(classes.shape)}")
+        k = centers.shape[0]
+        raise ValueError(f"classes must be integer with shape ({k},), got {classes.dtype} {tuple(classes.shape)}")
 
 
 def _limit(max_dist: float | None) -> float:
@@ -167,17 +195,19 @@ def mask_to_class_reference(
     """
     _check_table(centers, classes)
     x = _as_nhwc(mask, layout)
-    c = centers.to(device=x.device, dtype=torch.float32)
+    c = centers.to(device=x.device, dtype=torch.float32).t().contiguous()  # (3, K)
     cls = classes.to(device=x.device, dtype=torch.int64)
     flat = x.reshape(-1, 3)  # copies only when the view is not flattenable
     out = torch.empty(flat.shape[0], dtype=torch.int64, device=x.device)
-    chunk = max(1, (1 << 24) // c.shape[0])  # bounds each (pixels, K) float32 matrix to 64 MiB
+    # Distances as (K, pixels): contiguous rows reduce fastest. CPU chunks stay in cache; GPU chunks
+    # are large enough to fill the device, bounded to 64 MiB per (K, pixels) matrix.
+    chunk = 1 << 14 if x.device.type == "cpu" else max(1, (1 << 24) // c.shape[1])
     for start in range(0, flat.shape[0], chunk):
-        p = flat[start : start + chunk].to(torch.float32)
-        dr = p[:, 0:1] - c[:, 0]
-        dg = p[:, 1:2] - c[:, 1]
-        db = p[:, 2:3] - c[:, 2]
-        best, idx = (dr * dr + dg * dg + db * db).min(dim=1)  # first minimal index on ties
+        p = flat[start : start + chunk].to(torch.float32).t()  # (3, P)
+        dr = c[0, :, None] - p[0]  # (K, P); the sign flip leaves every square unchanged
+        dg = c[1, :, None] - p[1]
+        db = c[2, :, None] - p[2]
+        best, idx = (dr * dr + dg * dg + db * db).min(dim=0)  # first minimal index on ties
         ids = cls[idx]
         if max_dist is not None:
             ids = torch.where(best > _limit(max_dist), IGNORE_INDEX, ids)
@@ -186,20 +216,36 @@ def mask_to_class_reference(
     return out if mask.dim() == 4 else out[0]
 
 
-_device_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_kernel_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor, bool]] = {}
 
 
-def _device_table(centers: torch.Tensor, classes: torch.Tensor, device: torch.device):
-    """Centres (float32) and classes (int32) on `device`; CPU tables are copied once and cached, so
-    a loader passing `palette.centers` does not pay (and sync on) a host-to-device copy per batch."""
-    if centers.device == device and classes.device == device:
-        return centers.to(torch.float32).contiguous(), classes.to(torch.int32).contiguous()
-    c = centers.detach().to("cpu", torch.float32).contiguous()
-    k = classes.detach().to("cpu", torch.int32).contiguous()
-    key = (c.numpy().tobytes(), k.numpy().tobytes(), str(device))
-    if key not in _device_tables:
-        _device_tables[key] = (c.to(device), k.to(device))
-    return _device_tables[key]
+def _kernel_table(
+    centers: torch.Tensor, classes: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The kernel's (K, 4) float32 centre table, (K,) int32 classes, and whether the packed loop applies.
+
+    Packed (integer centres in 0..255): row k = (64 |c_k|^2 + k, -128 c_k), all exact in float32.
+    Otherwise row k = (c_k, 0). Tables given on the CPU (e.g. `palette.centers`) are prepared and
+    copied once, then cached: no host-to-device copy (and no sync) per batch. Tables already on the
+    device cost one sync per call, to read whether the centres are integers.
+    """
+    on_host = centers.device.type == "cpu" and classes.device.type == "cpu"
+    if on_host:
+        key = (centers.numpy().tobytes(), str(centers.dtype), classes.numpy().tobytes(), str(device))
+        if key in _kernel_tables:
+            return _kernel_tables[key]
+    c = centers.detach().to(device, torch.float64)
+    k = centers.shape[0]
+    packed = bool(((c == c.round()) & (c >= 0) & (c <= 255)).all())
+    if packed:
+        first = 64 * (c * c).sum(dim=1) + torch.arange(k, device=device, dtype=torch.float64)
+        table = torch.cat([first[:, None], -128 * c], dim=1)
+    else:
+        table = torch.cat([c, torch.zeros(k, 1, device=device, dtype=torch.float64)], dim=1)
+    result = (table.to(torch.float32).contiguous(), classes.detach().to(device, torch.int32).contiguous(), packed)
+    if on_host:
+        _kernel_tables[key] = result
+    return result
 
 
 def mask_to_class_triton(
@@ -216,9 +262,9 @@ def mask_to_class_triton(
     _check_table(centers, classes)
     x = _as_nhwc(mask, layout)
     N, H, W, _ = x.shape
-    c, k = _device_table(centers, classes, x.device)
-    if out_dtype == torch.uint8 and (k.min() < 0 or k.max() > 255):
-        raise ValueError("out_dtype=uint8 needs class ids in 0..255")
+    if out_dtype == torch.uint8 and classes.device.type == "cpu" and (classes.min() < 0 or classes.max() > 255):
+        raise ValueError("out_dtype=uint8 needs class ids in 0..255")  # not checked on device: a sync
+    table, cls, packed = _kernel_table(centers, classes, x.device)
     out = torch.empty((N, H, W), dtype=out_dtype, device=x.device)
     if out.numel() == 0:
         return out if mask.dim() == 4 else out[0]
@@ -226,7 +272,7 @@ def mask_to_class_triton(
     # The interpreter pays per operation, not per element: big blocks keep it fast.
     block = block_size or (_INTERPRETER_BLOCK if interp else None)
     kernel = _kernel(x.device, tuned=block is None)
-    meta = {"K": c.shape[0], "HAS_LIMIT": max_dist is not None}
+    meta = {"K": table.shape[0], "PACKED": packed, "HAS_LIMIT": max_dist is not None, "IGNORE": IGNORE_INDEX}
     if block is not None:
         meta["BLOCK"] = block
     rows = max(1, _MAX_PIXELS_PER_LAUNCH // (H * W))
@@ -237,7 +283,7 @@ def mask_to_class_triton(
             xs, os_ = x[n0 : n0 + rows], out[n0 : n0 + rows]
             num_pixels = xs.shape[0] * H * W
             grid = lambda m, p=num_pixels: (triton.cdiv(p, m["BLOCK"]),)  # noqa: E731
-            kernel[grid](xs, c, k, os_, num_pixels, H, W, *xs.stride(), _limit(max_dist), **meta)
+            kernel[grid](xs, table, cls, os_, num_pixels, H, W, *xs.stride(), _limit(max_dist), **meta)
     return out if mask.dim() == 4 else out[0]
 
 
@@ -260,32 +306,31 @@ def mask_to_class_lut(
     return out if mask.dim() == 4 else out[0]
 
 
-_bgr_luts: dict[tuple, torch.Tensor] = {}
+_luts: dict[tuple, torch.Tensor] = {}
 
 
 def _lookup_table(centers: torch.Tensor, classes: torch.Tensor, max_dist: float | None) -> torch.Tensor:
-    """The palette's 2^24-entry uint8 table, indexed by r | g << 8 | b << 16 (see `_rgb_codes`)."""
+    """`cityseg.palette.lookup_table` for these centres: (2^24,) uint8 indexed by r << 16 | g << 8 | b."""
     c = centers.detach().to("cpu", torch.float32).contiguous()
     k = classes.detach().to("cpu", torch.int64).contiguous()
     key = (c.numpy().tobytes(), k.numpy().tobytes(), max_dist)
-    if key not in _bgr_luts:
+    if key not in _luts:
         from cityseg.palette import Palette, lookup_table  # imports cityscapesscripts: only this path needs it
 
         # Names and colours enter neither the table nor its cache key: placeholders do.
         num = int(k[k != IGNORE_INDEX].max()) + 1 if bool((k != IGNORE_INDEX).any()) else 0
         names = tuple(f"class {i}" for i in range(num))
-        lut = lookup_table(Palette(c, k, names, torch.zeros(num, 3, dtype=torch.uint8), max_dist))
-        _bgr_luts[key] = lut.view(256, 256, 256).permute(2, 1, 0).contiguous().view(-1)
-    return _bgr_luts[key]
+        _luts[key] = lookup_table(Palette(c, k, names, torch.zeros(num, 3, dtype=torch.uint8), max_dist))
+    return _luts[key]
 
 
 def _rgb_codes(x: torch.Tensor) -> torch.Tensor:
-    """(N, H, W, 3) uint8 on CPU -> (N, H, W) int32 colour codes r | g << 8 | b << 16.
+    """(N, H, W, 3) uint8 on CPU -> (N, H, W) int32 colour codes r << 16 | g << 8 | b.
 
-    When channels are adjacent bytes, each pixel's code is one unaligned little-endian 4-byte read
-    (numpy, zero-copy over the tensor's storage) and a mask: ~5x faster than widening three channel
+    When channels are adjacent bytes, each pixel's code is one unaligned big-endian 4-byte read
+    (numpy, zero-copy over the tensor's storage) and a shift: ~5x faster than widening three channel
     planes to int32 and shifting them. The read takes one byte past the pixel; when that byte lies
-    outside the storage, read from one byte before (and shift) or do the last pixel apart.
+    outside the storage, read from one byte before (and mask) or do the last pixel apart.
     """
     n, h, w, _ = x.shape
     sn, sh, sw, sc = x.stride()
@@ -293,24 +338,24 @@ def _rgb_codes(x: torch.Tensor) -> torch.Tensor:
         storage = torch.empty(0, dtype=torch.uint8).set_(x.untyped_storage()).numpy()
         base = x.storage_offset()
         last = base + (n - 1) * sn + (h - 1) * sh + (w - 1) * sw
-        if last + 4 <= storage.size:
-            u = np.ndarray((n, h, w), dtype="<u4", buffer=storage, offset=base, strides=(sn, sh, sw))
-            return torch.from_numpy(np.bitwise_and(u, 0xFFFFFF).view(np.int32))
-        if base >= 1:
-            u = np.ndarray((n, h, w), dtype="<u4", buffer=storage, offset=base - 1, strides=(sn, sh, sw))
+        if last + 4 <= storage.size:  # bytes r, g, b, next
+            u = np.ndarray((n, h, w), dtype=">u4", buffer=storage, offset=base, strides=(sn, sh, sw))
             return torch.from_numpy(np.right_shift(u, 8).view(np.int32))
+        if base >= 1:  # bytes prev, r, g, b: e.g. the mask half of decoded pairs
+            u = np.ndarray((n, h, w), dtype=">u4", buffer=storage, offset=base - 1, strides=(sn, sh, sw))
+            return torch.from_numpy(np.bitwise_and(u, 0xFFFFFF).view(np.int32))
         if x.is_contiguous() and n * h * w > 1:  # a standalone batch: its last pixel ends the storage
             codes = np.empty(n * h * w, dtype=np.uint32)
-            u = np.ndarray((n * h * w - 1,), dtype="<u4", buffer=storage, offset=base, strides=(3,))
-            np.bitwise_and(u, 0xFFFFFF, out=codes[:-1])
+            u = np.ndarray((n * h * w - 1,), dtype=">u4", buffer=storage, offset=base, strides=(3,))
+            np.right_shift(u, 8, out=codes[:-1])
             codes[-1:] = _rgb_codes_torch(x.reshape(-1, 1, 1, 3)[-1:]).numpy().reshape(-1)
             return torch.from_numpy(codes.view(np.int32).reshape(n, h, w))
     return _rgb_codes_torch(x)
 
 
 def _rgb_codes_torch(x: torch.Tensor) -> torch.Tensor:
-    """`_rgb_codes` for any strides (e.g. channels-first), three widened planes."""
-    return x[..., 0].to(torch.int32) | (x[..., 1].to(torch.int32) << 8) | (x[..., 2].to(torch.int32) << 16)
+    """`_rgb_codes` for any strides (e.g. channels-first): three widened planes."""
+    return (x[..., 0].to(torch.int32) << 16) | (x[..., 1].to(torch.int32) << 8) | x[..., 2].to(torch.int32)
 
 
 def _gather_lut(x: torch.Tensor, lut: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

@@ -19,29 +19,37 @@ around mid-grey rather than the image mean) touches the photo only.
 
 DALI cannot seek: `set_epoch(e, start_batch)` (mid-epoch resume) decodes the epoch from its start
 and skips `start_batch` batches, and an epoch abandoned half-way (a `break`) rebuilds the pipeline.
+The order and the augmentation draws follow DALI's own epoch counter and seeds, not `e`: a resumed
+run sees other (equally random) orders than an uninterrupted one.
+
+Errors: a file DALI fails to read or decode becomes the validator's one-line `PairError` naming it.
+DALI's libjpeg-turbo only warns on garbage inside the entropy-coded data (Pillow fails such files):
+the pair validator, which runs first unless skipped, is what catches those.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import DataNode
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from cityseg.config import AugmentConfig
-from cityseg.data.pairs import PairError, validate_files, validate_pair
+from cityseg.data.pairs import PairError, check_header, validate_files, validate_pair
 from cityseg.data.torch_loader import IMAGENET_MEAN, IMAGENET_STD, EpochSampler
 from cityseg.palette import IGNORE_INDEX, Palette
 from kernels.mask_to_class import mask_to_class
 
-READER = "pairs"
+READER = "pairs"  # the reader's name: the iterator reads the epoch size from it
 OUTPUTS = ["image", "mask", "index"]
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------- reading and decoding
@@ -137,7 +145,7 @@ def random_affine(aug: AugmentConfig, size: int) -> DataNode:
     return mt
 
 
-def _then(op, mt: DataNode | None, **kwargs) -> DataNode:
+def _then(op: Callable[..., DataNode], mt: DataNode | None, **kwargs) -> DataNode:
     """Apply transform `op` after `mt` (or alone)."""
     return op(**kwargs) if mt is None else op(mt, **kwargs)
 
@@ -218,11 +226,20 @@ def pair_pipeline(
 
 
 def source_heights(files: Sequence[Path]) -> set[int]:
-    """Pair heights from the file headers (~0.1 ms each): decides whether the graph needs a resize."""
+    """Pair heights from the file headers (~0.1 ms each): decide whether the graph needs a resize.
+    Also the pair validator's header checks, so a wrong shape or mode is a one-line error even with
+    validation skipped."""
     heights = set()
     for path in files:
-        with Image.open(path) as image:
-            heights.add(image.size[1])
+        try:
+            with Image.open(path) as image:
+                heights.add(check_header(path, image).height)
+        except UnidentifiedImageError:
+            raise PairError(path, "not an image (unrecognised or corrupt header)") from None
+        except Image.DecompressionBombError:
+            raise PairError(path, "image too large") from None
+        except OSError as e:
+            raise PairError(path, f"cannot read: {e}") from None
     return heights
 
 
@@ -295,12 +312,15 @@ class DaliPairLoader:
             # Different augmentation draws on every rank; the reader's shuffle seed stays shared.
             seed=(seed * 1_000_003 + shard_id) % 2**31,
         )
-        self._iterator = self._build()
+        self._iterator: DALIGenericIterator | None = None
         self._in_epoch = False  # an epoch was started and not finished (the consumer broke off)
         self._start_batch = 0
+        if len(self) > 0:
+            self._guarded(self._build)  # starts decoding the first batches now
 
-    def _build(self) -> DALIGenericIterator:
-        return DALIGenericIterator(
+    def _build(self) -> None:
+        # A CPU pipeline's outputs reach torch through DLPack without a copy (dynamic executor).
+        self._iterator = DALIGenericIterator(
             pair_pipeline(**self._pipeline_kwargs),
             OUTPUTS,
             reader_name=READER,
@@ -324,32 +344,38 @@ class DaliPairLoader:
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(image, target, index into `files` (B,) int64 on CPU) for the rest of this epoch."""
         if self._in_epoch:
-            # DALI iterators cannot reset mid-epoch: a fresh pipeline restarts it.
-            self._iterator = self._build()
+            self._iterator = None  # DALI iterators cannot reset mid-epoch: a fresh pipeline restarts it
         skip, self._start_batch = self._start_batch, 0
         if len(self) == 0:
             return
         self._in_epoch = True
         for step in range(len(self)):
-            out = self._next()
+            out = self._guarded(self._next)
             if out is None:
                 raise RuntimeError(f"DALI ended the epoch after {step} of {len(self)} batches")
             if step >= skip:
                 yield self._to_contract(out)
         # The iterator stops (and resets itself) one call after its last batch; DROP also reads and
         # drops the partial batch there.
-        if self._next() is not None:
+        if self._guarded(self._next) is not None:
             raise RuntimeError(f"DALI yielded more than the {len(self)} batches of the epoch")
         self._in_epoch = False
 
     def _next(self) -> dict[str, torch.Tensor] | None:
-        """The next DALI batch, None at the end of the epoch; a decode failure -> PairError."""
+        """The next DALI batch, None at the end of the epoch."""
+        if self._iterator is None:
+            self._build()
         try:
             return next(self._iterator)[0]
         except StopIteration:
             return None
+
+    def _guarded(self, step: Callable[[], T]) -> T:
+        """Run a DALI call; a failure on a file becomes its one-line `PairError`."""
+        try:
+            return step()
         except RuntimeError as error:
-            self._iterator = self._build()  # the pipeline is unusable after an error
+            self._iterator = None  # the pipeline is unusable after an error
             self._in_epoch = False
             raise self._data_error(error) from None
 
@@ -362,24 +388,22 @@ class DaliPairLoader:
         target = mask_to_class(mask[..., :3], p.centers, p.classes, p.max_dist, out_dtype=torch.int64)
         if mask.shape[-1] == 4:
             target.masked_fill_(mask[..., 3] == 0, IGNORE_INDEX)
-        if target.device != self.device:  # CPU pipeline feeding a CUDA model (not built that way here)
-            image, target = image.to(self.device), target.to(self.device)
         return image, target, out["index"].reshape(-1).to(torch.int64).cpu()
 
     def _data_error(self, error: RuntimeError) -> Exception:
         """A one-line `PairError` naming the file DALI failed on; DALI's own error when no file is bad."""
         message = str(error)
-        known = {str(f): f for f in self.files}
         named = re.search(r"Failed to decode sample #\d+ : (.+)", message)
+        known = {str(f): f for f in self.files}
         if named and named.group(1).strip() in known:
-            suspects = [known[named.group(1).strip()]]
-        else:
-            suspects = [f for name, f in known.items() if name in message]
-        for path in suspects:
-            try:
-                validate_pair(path)  # Pillow's diagnosis is the more precise one when it has one
-            except PairError as bad:
-                return bad
-            return PairError(path, "corrupt or truncated image data (DALI decoder)")
-        _, bad = validate_files(self.files)
-        return bad[0] if bad else error
+            path = known[named.group(1).strip()]
+        else:  # another operator's message: the longest file name in it ('1.jpg' is in '11.jpg')
+            path = max((f for name, f in known.items() if name in message), key=lambda f: len(str(f)), default=None)
+        if path is None:
+            _, bad = validate_files(self.files)  # rare: find the culprit the slow way
+            return bad[0] if bad else error
+        try:
+            validate_pair(path)  # Pillow's diagnosis is the more precise one when it has one
+        except PairError as bad:
+            return bad
+        return PairError(path, "corrupt or truncated image data (DALI decoder)")

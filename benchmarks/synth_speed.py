@@ -1,0 +1,147 @@
+"""Synthetic pair generation speed on one core: render + JPEG encode + write, as `write_split` does.
+
+    python benchmarks/synth_speed.py --n 500 --reps 5
+
+Pins itself to one CPU core, renders a burn-in batch first (texture tiles, buffers, imports), then
+times `--reps` repetitions of `--n` pairs written to a temporary folder and reports the median in
+pairs/s twice: by wall clock, and by the process's CPU time (user + system). On a shared machine the
+wall-clock rate also measures the neighbours; the CPU-time rate is what one core of our own delivers.
+A separate pass splits a pair's CPU time into render / encode / write.
+Results go to benchmarks/results/synth_speed-cpu.json (or --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import PIL
+
+from cityseg.data import synth
+
+DEFAULT_JSON = Path(__file__).parent / "results" / "synth_speed-cpu.json"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def pin_one_core() -> int | None:
+    """Run on a single core so the number means 'per core'; returns the core, None if unsupported."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    core = min(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {core})
+    return core
+
+
+def timed_rep(n: int, seed: int, size: int) -> tuple[float, float]:
+    """(wall, CPU) seconds to write n pairs through the public write path into a fresh folder."""
+    with tempfile.TemporaryDirectory(prefix="synth-bench-") as tmp:
+        w0, c0 = time.perf_counter(), time.process_time()
+        synth.write_split(Path(tmp), "train", n, seed, size, workers=1)
+        return time.perf_counter() - w0, time.process_time() - c0
+
+
+def stage_split(n: int, seed: int, size: int) -> dict[str, float]:
+    """CPU milliseconds per pair spent rendering, encoding and writing (a separate pass)."""
+    totals = {"render_ms": 0.0, "encode_ms": 0.0, "write_ms": 0.0}
+    clock = time.process_time
+    with tempfile.TemporaryDirectory(prefix="synth-bench-") as tmp:
+        for i in range(1, n + 1):
+            t0 = clock()
+            photo, mask = synth.render_pair(synth.pair_rng(seed, "val", i), size)
+            t1 = clock()
+            data = synth.encode_pair(photo, mask)
+            t2 = clock()
+            (Path(tmp) / f"{i}.jpg").write_bytes(data)
+            t3 = clock()
+            totals["render_ms"] += t1 - t0
+            totals["encode_ms"] += t2 - t1
+            totals["write_ms"] += t3 - t2
+    return {k: round(v / n * 1e3, 4) for k, v in totals.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=500, help="pairs per repetition")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions (the median is reported)")
+    p.add_argument("--burn-in", type=int, default=50, help="pairs rendered before timing")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results")
+    args = p.parse_args()
+
+    core = pin_one_core()
+    info = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "cpu": cpu_model(),
+            "platform": platform.platform(),
+            "pinned_core": core,
+            "cpus_visible": os.cpu_count(),
+            "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        },
+        "versions": {"python": platform.python_version(), "numpy": np.__version__, "pillow": PIL.__version__},
+        "config": {
+            "n": args.n,
+            "reps": args.reps,
+            "burn_in": args.burn_in,
+            "size": args.size,
+            "seed": args.seed,
+            "jpeg_quality": synth.JPEG_QUALITY,
+            "generator_version": synth.GENERATOR_VERSION,
+        },
+    }
+    print(f"cpu: {info['machine']['cpu']} (pinned to core {core}) | python {info['versions']['python']}, "
+          f"numpy {np.__version__}, pillow {PIL.__version__}")
+
+    timed_rep(args.burn_in, args.seed + 1, args.size)
+    reps = []
+    for k in range(args.reps):
+        wall, cpu = timed_rep(args.n, args.seed + 100 + k, args.size)
+        reps.append({
+            "wall_s": round(wall, 4),
+            "cpu_s": round(cpu, 4),
+            "pairs_per_s_wall": round(args.n / wall, 1),
+            "pairs_per_s_cpu": round(args.n / cpu, 1),
+        })  # fmt: skip
+    median_wall = statistics.median(r["pairs_per_s_wall"] for r in reps)
+    median_cpu = statistics.median(r["pairs_per_s_cpu"] for r in reps)
+    stages = stage_split(min(args.n, 200), args.seed, args.size)
+
+    print(f"\n{'rep':>4} {'wall s':>8} {'cpu s':>8} {'pairs/s wall':>13} {'pairs/s cpu':>12}")
+    for k, r in enumerate(reps):
+        print(f"{k:>4} {r['wall_s']:>8.3f} {r['cpu_s']:>8.3f} {r['pairs_per_s_wall']:>13.1f} {r['pairs_per_s_cpu']:>12.1f}")
+    print(f"\nmedian: {median_cpu:.1f} pairs/s per core of CPU time, {median_wall:.1f} pairs/s wall clock "
+          f"({args.n} pairs x {args.reps} reps, {args.size}px)")
+    print("CPU per pair: " + ", ".join(f"{k[:-3]} {v:.2f} ms" for k, v in stages.items()))
+
+    result = {
+        **info,
+        "repetitions": reps,
+        "median_pairs_per_s_cpu": median_cpu,
+        "median_pairs_per_s_wall": median_wall,
+        "stages_cpu_ms_per_pair": stages,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -112,8 +112,9 @@ def bench_cpu(args: argparse.Namespace, centers: torch.Tensor, classes: torch.Te
                 rows.append({"batch": batch, "masks": kind, "impl": name, "gbps": gbps, **r})
                 print(f"batch {batch:4d} {kind:9s} {name:14s} {r['median_ms']:10.2f} ms  {gbps:7.3f} GB/s", flush=True)
             by = {row["impl"]: row["median_ms"] for row in rows if row["batch"] == batch and row["masks"] == kind}
-            for base in ("reference", "cdist"):
-                print(f"  lut speed-up vs {base}: {by[base] / by['lut']:.0f}x")
+            speedup = {f"lut_vs_{base}": by[base] / by["lut"] for base in ("reference", "cdist")}
+            rows.append({"batch": batch, "masks": kind, "impl": "speedup", **speedup})
+            print("  lut speed-up: " + ", ".join(f"{v:.0f}x {k.removeprefix('lut_')}" for k, v in speedup.items()))
     return rows
 
 

@@ -101,6 +101,8 @@ def train(
                                           "0 = never.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed for weights, shuffling and augmentation.")] = 0,
     skip_validate: Annotated[bool, typer.Option(help="Skip checking every file before training.")] = False,
+    skip_bad: Annotated[bool, typer.Option(help="Train on the valid files, leaving bad ones out (and "
+                                           "saying how many), instead of stopping at the first.")] = False,
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<date-time>).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder from "
                                                 "checkpoints/last.pt, with its saved config.")] = None,
@@ -128,7 +130,7 @@ def train(
                 image_size=pick(image_size, "image_size", preset),
                 batch_size=pick(batch_size, "batch_size", preset),
                 loader=loader, workers=workers, prefetch=prefetch, palette=palette,
-                max_color_dist=max_color_dist, skip_validate=skip_validate,
+                max_color_dist=max_color_dist, skip_validate=skip_validate, skip_bad=skip_bad,
                 augment=AugmentConfig(hflip=hflip, rotate_deg=rotate, scale=parse_scale(scale),
                                       brightness=jitter, contrast=jitter, saturation=jitter, hue=hue),
                 synth_train=preset["synth_train"], synth_val=preset["synth_val"],

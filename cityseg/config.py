@@ -46,6 +46,7 @@ class DataConfig:
     max_color_dist: float | None = None  # mask pixels farther than this from every class colour -> 255
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     skip_validate: bool = False  # skip the up-front pair validation (faster start, cruder errors)
+    skip_bad: bool = False  # leave bad files out (and say how many) instead of stopping
     synth_train: int = 2000  # size of the synthetic train split used when data_dir is None
     synth_val: int = 200  # size of the synthetic val split used when data_dir is None
     synth_seed: int = 0

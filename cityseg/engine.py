@@ -25,11 +25,13 @@ from cityseg.checkpoint import CheckpointError, config_mismatch, load_checkpoint
 from cityseg.config import Config, TrainConfig
 from cityseg.data.loaders import (
     build_loader,
+    palette_mismatch_check,
     resolve_data_dir,
     resolve_loader_kind,
     resolve_palette,
     split_files,
 )
+from cityseg.data.pairs import MaskCheck, PairError, list_split
 from cityseg.metrics import ConfusionMatrix, SegMetrics, iou_table
 from cityseg.model import build_model, describe
 from cityseg.palette import IGNORE_INDEX, Palette
@@ -147,13 +149,14 @@ class Trainer:
         self.rt = resolve_runtime(cfg.train)
         torch.manual_seed(cfg.train.seed)
         self.data_root = resolve_data_dir(cfg.data)
-        validate = not cfg.data.skip_validate
-        self.train_files = split_files(self.data_root, "train", validate=validate, workers=cfg.data.workers)
-        self.val_files = split_files(self.data_root, "val", validate=validate, workers=cfg.data.workers)
         self.palette = (
             palette_from_state(resume_state["palette"]) if resume_state else
-            resolve_palette(cfg.data, self.train_files)
+            resolve_palette(cfg.data, list_split(self.data_root, "train"))
         )
+        # Learned (kmeans) palettes fit their data by construction; the fixed one may not.
+        check = palette_mismatch_check(self.palette) if cfg.data.palette == "cityscapes" else None
+        self.train_files = self.files("train", check)
+        self.val_files = self.files("val", check)
         self.loader_kind = resolve_loader_kind(cfg.data.loader, self.rt.device)
         dtype = torch.bfloat16 if self.rt.amp and self.rt.device.type == "cuda" else torch.float32
         make = lambda files, train: build_loader(  # noqa: E731
@@ -191,6 +194,14 @@ class Trainer:
         self.partial = {"loss_sum": 0.0, "steps": 0}
         if resume_state:
             self.load_state(resume_state)
+
+    def files(self, split: str, mask_check: MaskCheck | None) -> list[Path]:
+        d = self.cfg.data
+        files, skipped = split_files(self.data_root, split, validate=not d.skip_validate, workers=d.workers,
+                                     skip_bad=d.skip_bad, mask_check=mask_check)
+        if skipped:
+            self.console.print(f"[yellow]skipped {len(skipped)} bad {split} file(s)[/], e.g. {skipped[0]}")
+        return files
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state(self, elapsed: float) -> dict[str, Any]:
@@ -231,7 +242,10 @@ class Trainer:
         self.t0 = time.perf_counter()
         try:
             while self.epoch < cfg.train.epochs and not self.out_of_steps():
-                record = self.train_epoch(interrupt)
+                try:
+                    record = self.train_epoch(interrupt)
+                except torch.OutOfMemoryError:
+                    raise self.out_of_memory() from None
                 if record is None:  # interrupted mid-epoch: last.pt holds the position
                     raise Interrupted(self.run.root, interrupt["signum"] or signal.SIGINT)
                 metrics, val_loss = evaluate(self.model, self.val_loader, self.rt, self.palette.num_classes)
@@ -370,8 +384,25 @@ class Trainer:
         if improved:
             self.save(self.run.best)
 
+    def out_of_memory(self) -> TrainingError:
+        """Save the position (the failed step changed no weights) and suggest a smaller batch."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.rt.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.save(self.run.last)
+        bs = self.cfg.data.batch_size
+        return TrainingError(
+            f"out of {self.rt.device.type} memory at batch size {bs}: try --batch-size {max(1, bs // 2)} "
+            f"(or a smaller --image-size / --width); continue with --resume {self.run.root}"
+        )
+
     def save(self, path: Path) -> None:
-        save_checkpoint(self.state(self.elapsed()), path)
+        try:
+            save_checkpoint(self.state(self.elapsed()), path)
+        except OSError as e:
+            raise TrainingError(
+                f"{path}: could not write checkpoint ({e.strerror or e}); the previous checkpoint is kept"
+            ) from None
 
     def finish(self) -> dict[str, Any]:
         run, history = self.run, self.history
@@ -472,7 +503,13 @@ def train(cfg: Config, console: Console | None = None) -> dict[str, Any]:
         run = RunFolder(cfg.train.out or default_run_dir())
         if run.last.exists():
             raise TrainingError(f"{run.root}: already holds a run; use --resume {run.root} or another --out")
-    trainer = Trainer(cfg, console, run, resume_state)
+    try:
+        trainer = Trainer(cfg, console, run, resume_state)
+    except (PairError, TrainingError, CheckpointError, ValueError) as e:
+        # Nothing of a run exists yet: leave only the reason in the folder the user pointed at.
+        run.root.mkdir(parents=True, exist_ok=True)
+        (run.root / "error.log").write_text(f"{e}\n")
+        raise
     run.create()
     write_json(run.config, trainer.cfg.to_dict())
     console.print(describe(trainer.model))

@@ -47,7 +47,7 @@ def evaluate_checkpoint(
     palette = palette_from_state(state["palette"])
     data_dir = str(data) if data else cfg.data.data_dir
     data_cfg = replace(cfg.data, batch_size=batch_size, workers=workers, data_dir=data_dir)
-    files = split_files(resolve_data_dir(data_cfg), split, validate=not data_cfg.skip_validate, workers=workers)
+    files, _ = split_files(resolve_data_dir(data_cfg), split, validate=not data_cfg.skip_validate, workers=workers)
     loader = build_loader("torch", files, palette, data_cfg, train=False, device=rt.device,
                           dtype=torch.float32, seed=cfg.train.seed)
     model = load_model(state, rt.device)

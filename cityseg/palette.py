@@ -147,3 +147,10 @@ def colorize(class_ids: torch.Tensor, palette: Palette) -> torch.Tensor:
     table = torch.zeros(256, 3, dtype=torch.uint8)
     table[: palette.num_classes] = palette.colors
     return table[class_ids.to(torch.int64).clamp(0, 255)]
+
+
+def far_share(rgb: torch.Tensor, palette: Palette, max_dist: float) -> float:
+    """Share of pixels of `rgb` (..., 3) uint8 farther than `max_dist` from every centre of `palette`
+    (void colours count as near: they are real palette colours)."""
+    probe = Palette(palette.centers, torch.zeros_like(palette.classes), ("near",), palette.colors[:1], max_dist)
+    return (map_colors_lut(rgb, probe, torch.uint8) == IGNORE_INDEX).float().mean().item()

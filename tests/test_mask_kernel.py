@@ -166,6 +166,25 @@ def test_strided_views_and_layouts():
             assert torch.equal(got, expected[0]), backend
 
 
+def test_lut_colour_codes_on_every_storage_layout():
+    """The LUT path reads 4 unaligned bytes per pixel: views that start at or end on their storage's edge."""
+    from kernels.mask_to_class import _rgb_codes, _rgb_codes_torch
+
+    pairs = random_masks((3, 5, 14), seed=9)
+    views = [
+        pairs,  # ends on the storage's last byte, starts at 0
+        pairs[:, :, 7:],  # ends on the last byte, starts inside
+        pairs[:, :, :7],  # room after the last pixel
+        pairs[:1, :1, :1].clone(),  # one pixel: nothing to read around it
+        pairs[:, ::2, 1::3],
+        pairs.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1),  # channels-first storage
+    ]
+    for view in views:
+        codes = _rgb_codes(view)
+        assert codes.dtype == torch.int32 and torch.equal(codes, _rgb_codes_torch(view))
+    assert _rgb_codes(torch.tensor([[[[1, 2, 3]]]], dtype=torch.uint8)).item() == (1 << 16) | (2 << 8) | 3
+
+
 def test_ties_go_to_the_lowest_centre():
     # (10, 10, 10) is 2 away from the first two centres; the third shares the first one's colour;
     # (8, 10, 20) is 10 away from both (8, 10, 10) and (8, 10, 30).

@@ -10,7 +10,7 @@ import torch
 from rich.table import Table
 
 from cityseg.data.pairs import SPLITS, PairError, PairInfo, list_split, read_pair, validate_files
-from cityseg.palette import IGNORE_INDEX, cityscapes_palette, map_colors_lut
+from cityseg.palette import cityscapes_palette, far_share, map_colors_lut
 
 
 @dataclass
@@ -48,32 +48,16 @@ def mask_stats(infos: list[PairInfo], sample: int, max_dist: float) -> tuple[flo
     if not infos or sample <= 0:
         return None, []
     picked = infos[:: max(1, len(infos) // sample)][:sample]
-    strict = cityscapes_palette(max_dist)
+    palette = cityscapes_palette()
     counts = torch.zeros(256, dtype=torch.int64)
+    far = 0.0
     for info in picked:
-        _, mask = read_pair(info.path)
-        ids = map_colors_lut(torch.from_numpy(mask.copy()), strict)
-        counts += torch.bincount(ids.flatten(), minlength=256)
-    total = int(counts.sum())
-    # Void colours are palette colours too: only pixels beyond max_dist of every colour are "far".
-    far = _far_pixels(picked, max_dist)
-    names = strict.names
-    top = [(names[c], counts[c].item() / total) for c in counts[:len(names)].argsort(descending=True)[:3].tolist()
-           if counts[c] > 0]
-    return 1.0 - far / total, top
-
-
-def _far_pixels(picked: list[PairInfo], max_dist: float) -> int:
-    from cityseg.palette import Palette
-
-    base = cityscapes_palette(max_dist)
-    # Map every centre to class 0 and "too far" to IGNORE_INDEX: counts far pixels in one lookup.
-    probe = Palette(base.centers, torch.zeros_like(base.classes), ("near",), base.colors[:1], max_dist)
-    far = 0
-    for info in picked:
-        _, mask = read_pair(info.path)
-        far += int((map_colors_lut(torch.from_numpy(mask.copy()), probe) == IGNORE_INDEX).sum())
-    return far
+        mask = torch.from_numpy(read_pair(info.path)[1].copy())
+        counts += torch.bincount(map_colors_lut(mask, palette).flatten(), minlength=256)
+        far += far_share(mask, palette, max_dist)
+    shares = counts[: palette.num_classes].double() / counts.sum()
+    top = [(palette.names[c], shares[c].item()) for c in shares.argsort(descending=True)[:3].tolist() if shares[c] > 0]
+    return 1.0 - far / len(picked), top
 
 
 def check_dataset(root: str | Path, workers: int = 4, sample: int = 50, max_dist: float = 30.0) -> DatasetReport:

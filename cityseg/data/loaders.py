@@ -6,11 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cityseg.config import NO_AUGMENT, DataConfig
-from cityseg.data.pairs import PairError, list_split, validate_files
-from cityseg.palette import Palette, cityscapes_palette
+from cityseg.data.pairs import MaskCheck, PairError, list_split, validate_files
+from cityseg.palette import Palette, cityscapes_palette, far_share
 
 
 class DatasetError(PairError):
@@ -35,15 +36,46 @@ def resolve_data_dir(cfg: DataConfig) -> Path:
     return default_dataset(n_train=cfg.synth_train, n_val=cfg.synth_val, seed=cfg.synth_seed)
 
 
-def split_files(root: Path, split: str, *, validate: bool, workers: int = 4) -> list[Path]:
+FAR_COLOR_DIST = 60.0  # real Kaggle masks: at most ~3 % of a mask's pixels lie this far from every colour
+MAX_FAR_SHARE = 0.2
+
+
+def palette_mismatch_check(palette: Palette) -> MaskCheck:
+    """A mask check that rejects masks drawn in other colours than the palette's, which would
+    otherwise map silently to wrong classes."""
+
+    def check(path: Path, mask: np.ndarray) -> None:
+        share = far_share(torch.from_numpy(np.ascontiguousarray(mask)), palette, FAR_COLOR_DIST)
+        if share > MAX_FAR_SHARE:
+            raise PairError(
+                path, f"mask colours do not match the palette: {share:.0%} of mask pixels are farther than "
+                f"{FAR_COLOR_DIST:g} from every class colour (other colour codes: --palette kmeans:K)"
+            )
+
+    return check
+
+
+def split_files(
+    root: Path,
+    split: str,
+    *,
+    validate: bool,
+    workers: int = 4,
+    skip_bad: bool = False,
+    mask_check: MaskCheck | None = None,
+) -> tuple[list[Path], list[PairError]]:
     """List a split and (by default) validate every file up front, so a bad file is reported by name
-    before training starts instead of failing mid-epoch inside a decoder."""
+    before training starts instead of failing mid-epoch inside a decoder. Returns (files, skipped):
+    bad files raise DatasetError, or with `skip_bad` are left out and returned as skipped."""
     files = list_split(root, split)
-    if validate:
-        _, bad = validate_files(files, workers=workers)
-        if bad:
-            raise DatasetError(bad, root)
-    return files
+    if not validate:
+        return files, []
+    good, bad = validate_files(files, workers=workers, mask_check=mask_check)
+    if bad and not skip_bad:
+        raise DatasetError(bad, root)
+    if not good:
+        raise DatasetError(bad, root)
+    return [info.path for info in good], bad
 
 
 def resolve_palette(cfg: DataConfig, train_files: list[Path]) -> Palette:

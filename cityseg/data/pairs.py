@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +29,12 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow errors past 2x this, and we check 
 class PairError(ValueError):
     """A bad input file or folder. str(error) is the one-line message `PATH: problem`."""
 
-    def __init__(self, path: str | os.PathLike, problem: str) -> None:
+    def __init__(self, path: str | os.PathLike, problem: str | None = None) -> None:
+        if problem is None:
+            # A DataLoader worker's error comes back as PairError(<formatted traceback>): recover
+            # "PATH: problem" from its last line so the user still gets one line.
+            message = str(path).strip().splitlines()[-1].split("PairError: ", 1)[-1]
+            path, _, problem = message.partition(": ")
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
@@ -131,9 +136,15 @@ def open_pair_image(path: str | os.PathLike) -> tuple[PairInfo, Image.Image]:
     return info, image
 
 
-def validate_pair(path: str | os.PathLike) -> PairInfo:
-    """Validate one pair file completely (header and full decode)."""
+MaskCheck = Callable[[Path, np.ndarray], None]
+
+
+def validate_pair(path: str | os.PathLike, mask_check: MaskCheck | None = None) -> PairInfo:
+    """Validate one pair file completely (header and full decode), and optionally its mask colours
+    with `mask_check(path, mask)`, which raises PairError."""
     info, image = open_pair_image(path)
+    if mask_check is not None:
+        mask_check(info.path, split_pair(np.asarray(image))[1])
     image.close()
     return info
 
@@ -151,12 +162,14 @@ def split_pair(pixels: np.ndarray | torch.Tensor) -> tuple:
     return pixels[:, : w // 2], pixels[:, w // 2 :]
 
 
-def validate_files(files: Sequence[Path], workers: int = 4) -> tuple[list[PairInfo], list[PairError]]:
+def validate_files(
+    files: Sequence[Path], workers: int = 4, mask_check: MaskCheck | None = None
+) -> tuple[list[PairInfo], list[PairError]]:
     """Validate many files in a thread pool (Pillow decodes outside the GIL)."""
 
     def check(path: Path) -> PairInfo | PairError:
         try:
-            return validate_pair(path)
+            return validate_pair(path, mask_check)
         except PairError as e:
             return e
 

@@ -48,9 +48,7 @@ SPLITS = ("train", "val")
 MARKER = "synth.json"  # written last: a folder without it is an interrupted generation
 
 # Exact label colours by name; 'license plate' (id -1) shares car's colour and is left out.
-LABEL_COLORS: dict[str, tuple[int, int, int]] = {
-    lab.name: tuple(lab.color) for lab in CITYSCAPES_LABELS if lab.id >= 0
-}
+LABEL_COLORS: dict[str, tuple[int, int, int]] = {lab.name: tuple(lab.color) for lab in CITYSCAPES_LABELS if lab.id >= 0}
 
 RGB = tuple[float, float, float]
 _MAX_REGIONS = 256  # region ids are uint8
@@ -112,7 +110,6 @@ class _Work:
 
     def __init__(self, s: int) -> None:
         self.region = np.zeros((s, s), np.uint8)
-        self.lat = np.empty((s, s), np.float32)  # lateral metres of ground pixels
         self.f1 = np.empty((s, s), np.float32)
         self.f2 = np.empty((s, s), np.float32)
         self.idx = np.empty((s, s), np.intp)
@@ -120,7 +117,7 @@ class _Work:
         self.base32 = np.empty((s, s), "<u4")  # photo base colour + grain amplitude
         self.photo = np.empty((3, s, s), np.float32)  # planar: numpy's loops prefer long rows
         self.tmp3 = np.empty((3, s, s), np.float32)
-        self.photo8 = np.empty((3, s, s), np.uint8)
+        self.pair = np.empty((3, s, 2 * s), np.uint8)  # planar photo | mask, for Image.merge
 
 
 _LOCAL = threading.local()
@@ -243,7 +240,13 @@ def _front(cam: _Camera, lat0: float, lat1: float, h0: float, h1: float, z: floa
     """A rectangle facing the camera at depth z: lateral lat0..lat1, height h0..h1 (metres)."""
     t = cam.f / z
     tx = t * cam.ax
-    return _rect(cam.size, cam.x_v + lat0 * tx, cam.x_v + lat1 * tx, cam.y_h + (cam.cam_h - h1) * t, cam.y_h + (cam.cam_h - h0) * t)
+    return _rect(
+        cam.size,
+        cam.x_v + lat0 * tx,
+        cam.x_v + lat1 * tx,
+        cam.y_h + (cam.cam_h - h1) * t,
+        cam.y_h + (cam.cam_h - h0) * t,
+    )
 
 
 def _ellipse(c: np.ndarray, cx: float, cy: float, rx: float, ry: float) -> _Box | None:
@@ -371,6 +374,10 @@ class _Look:
     """Per-scene colours: the same class looks different from scene to scene."""
 
     light: np.ndarray  # (3,) light colour x intensity, applied to every region
+    gamma: float  # camera response: contrast differs from scene to scene
+    haze: float  # share of the sky colour mixed into every colour: low-contrast days
+    grain: float  # sensor noise: scales every region's grain amplitude
+    sunny: bool  # blue sky, hard shadows across the street
     road: RGB
     sidewalk: RGB
     green: RGB  # vegetation
@@ -396,17 +403,24 @@ def _jitter(r: _Rand, rgb: RGB, scale: float) -> RGB:
     """A base colour varied in brightness and, less, per channel."""
     k = r.uniform(1 - scale, 1 + scale)
     q = scale / 3
-    return (rgb[0] * k * r.uniform(1 - q, 1 + q), rgb[1] * k * r.uniform(1 - q, 1 + q), rgb[2] * k * r.uniform(1 - q, 1 + q))
+    return tuple(v * k * r.uniform(1 - q, 1 + q) for v in rgb)
 
 
 def _look(r: _Rand) -> _Look:
     # Dim and a little green on average, as the Kaggle photos (mean RGB about 55, 65, 55).
     tint = (r.uniform(0.9, 1.04), r.uniform(0.97, 1.1), r.uniform(0.9, 1.04))
     light = np.array(tint, np.float32) * np.float32(r.uniform(0.45, 0.9))
+    road = _gray(r.uniform(60, 115), r.uniform(-0.04, 0.06))
+    # Sidewalks paved much like the road in some towns: then only the layout tells them apart.
+    sidewalk = _jitter(r, road, 0.1) if r.random() < 0.35 else _gray(r.uniform(75, 150), r.uniform(-0.02, 0.12))
     return _Look(
         light=light,
-        road=_gray(r.uniform(60, 115), r.uniform(-0.04, 0.06)),
-        sidewalk=_gray(r.uniform(75, 150), r.uniform(-0.02, 0.12)),
+        gamma=r.uniform(0.75, 1.35),
+        haze=r.uniform(0.0, 0.35) if r.random() < 0.5 else 0.0,
+        grain=r.uniform(0.6, 1.8),
+        sunny=r.random() < 0.4,
+        road=road,
+        sidewalk=sidewalk,
         green=_jitter(r, (r.uniform(55, 110), r.uniform(80, 125), r.uniform(25, 60)), 0.25),
         grass=_jitter(r, r.choice([(100, 135, 60), (120, 150, 80), (140, 130, 90), (90, 110, 55)]), 0.2),
         pole=_gray(r.uniform(60, 170)) if r.random() < 0.8 else (40, 60, 50),
@@ -443,15 +457,28 @@ def _side(r: _Rand, sign: int, lane: float) -> _Side:
 # Background: sky, ground bands, far skyline, facades or trees along each side.
 
 
-def _sky(cv: _Canvas, r: _Rand) -> None:
+def _sky(cv: _Canvas, r: _Rand, look: _Look) -> None:
     """Mostly overcast and often overexposed (colours past 255 clip to white), as in Cityscapes."""
-    rgb = _gray(r.uniform(190, 330), r.uniform(-0.08, 0.0)) if r.random() < 0.6 else _jitter(r, (140, 190, 260), 0.2)
+    rgb = _jitter(r, (140, 190, 260), 0.2) if look.sunny else _gray(r.uniform(190, 330), r.uniform(-0.08, 0.0))
     cv.new("sky", rgb, smooth=r.uniform(0.03, 0.15), grain=0.01)
 
 
-def _side_bands(cv: _Canvas, r: _Rand, side: _Side, look: _Look) -> tuple[list[float], list[int], list[bool]]:
-    """Band edges (|lateral|, road edge outward), then the region and paving of each band beyond
-    each edge; the last band lies behind the facades or trees."""
+def _sun_shadows(cv: _Canvas, r: _Rand, left: _Side, right: _Side) -> None:
+    """On sunny days the buildings of one side shade part of the street, block by block."""
+    side = r.choice((left, right))
+    z = r.uniform(2, 10)
+    for _ in range(r.integers(1, 5)):
+        z1 = z + r.uniform(8, 40)
+        reach = side.facade - r.uniform(3, 14)  # lateral where the shade ends
+        lo, hi = sorted((side.sign * (side.facade + 1), side.sign * reach))
+        cv.relight(_ground_quad(cv.cam, cv.c, lo, hi, z, z1), cv.shadow)
+        z = z1 + r.uniform(2, 15)
+
+
+def _side_bands(cv: _Canvas, r: _Rand, side: _Side, look: _Look, period: float) -> tuple[list[float], ...]:
+    """One side's ground, road edge outward: band edges (|lateral| metres), the region beyond each
+    edge, and that region on the rows of joints across the street. Paved bands are cut by joint
+    stripes every `period` metres: tile joints are bands too, so np.repeat draws them for free."""
     walk = cv.new("sidewalk", _jitter(r, look.sidewalk, 0.08), smooth=0.08, grain=0.06)
     curb = cv.new("sidewalk", _jitter(r, look.sidewalk, 0.15), smooth=0.05, grain=0.05)
     bands = [(side.curb, curb, False), (side.sidewalk, walk, True)]
@@ -460,11 +487,26 @@ def _side_bands(cv: _Canvas, r: _Rand, side: _Side, look: _Look) -> tuple[list[f
         bands.insert(0, (side.parking, parking, True))
     if side.terrain > 0:
         bands.append((side.terrain, cv.new("terrain", look.grass, smooth=0.3, grain=0.2), False))
-    edges = [side.road]
-    for width, _, _ in bands:
-        edges.append(edges[-1] + width)
-    bands.append(bands[-1])
-    return edges, [b[1] for b in bands], [b[2] for b in bands]
+    edges: list[float] = []
+    ids: list[int] = []
+    row_ids: list[int] = []
+    start, joint = side.road, 0.12 * period
+    for width, rid, paved in bands:
+        twin = cv.twin(rid, r.uniform(0.7, 0.9)) if paved else rid
+        edges.append(start)
+        ids.append(rid)
+        row_ids.append(twin)
+        x = math.ceil(start / period) * period if paved else math.inf
+        while x + joint < start + width:
+            edges += [x, x + joint]
+            ids += [twin, rid]
+            row_ids += [twin, twin]
+            x += period
+        start += width
+    edges.append(start)  # beyond: hidden behind the facades, or the park's grass
+    ids.append(bands[-1][1])
+    row_ids.append(bands[-1][1])
+    return edges, ids, row_ids
 
 
 def _lane_lines(r: _Rand, left: _Side, right: _Side, lane: float) -> list[tuple[float, float, bool]]:
@@ -484,25 +526,28 @@ def _lane_lines(r: _Rand, left: _Side, right: _Side, lane: float) -> list[tuple[
 
 
 def _ground(cv: _Canvas, r: _Rand, left: _Side, right: _Side, look: _Look, lane: float) -> None:
-    """Lateral bands on every row below the horizon: sidewalks, curbs, parking, terrain, and the
-    road with its painted lines (still class 'road' in the mask, as in Cityscapes)."""
+    """Lateral bands on every row below the horizon: sidewalks with tile joints, curbs, parking,
+    terrain, and the road with its painted lines (still 'road' in the mask, as in Cityscapes)."""
     cam, c = cv.cam, cv.c
-    road = cv.new("road", look.road, smooth=r.uniform(0.04, 0.12), grain=r.uniform(0.03, 0.1))
+    cobbled = r.random() < 0.2  # cobbles: a coarser, blotchier surface
+    smooth, grain = (0.15, 0.2) if cobbled else (r.uniform(0.04, 0.12), r.uniform(0.03, 0.1))
+    road = cv.new("road", look.road, smooth=smooth, grain=grain)
     paint = cv.new("road", _gray(r.uniform(140, 210)), smooth=0.1, grain=0.05)
-    edges_l, ids_l, paved_l = _side_bands(cv, r, left, look)
-    edges_r, ids_r, paved_r = _side_bands(cv, r, right, look)
+    period = r.uniform(0.25, 0.5)
+    edges_l, ids_l, row_ids_l = _side_bands(cv, r, left, look, period)
+    edges_r, ids_r, row_ids_r = _side_bands(cv, r, right, look, period)
     bounds = [-e for e in reversed(edges_l)]
-    ids, paved = [*ids_l[::-1], road], [*paved_l[::-1], r.random() < 0.2]  # a cobbled road now and then
+    ids, row_ids = [*ids_l[::-1], road], [*row_ids_l[::-1], road]
     dashed = []  # index of the left edge of each dashed line
     for x, half, dash in _lane_lines(r, left, right, lane):
         if dash:
             dashed.append(len(bounds))
         bounds += [x - half, x + half]
         ids += [paint, road]
-        paved += [False, paved[-1]]
+        row_ids += [paint, road]
     bounds += edges_r
     ids += ids_r
-    paved += paved_r
+    row_ids += row_ids_r
     r0 = min(int(math.ceil(cam.y_h + 0.5)), cam.size)
     t_row = (c[r0:] - cam.y_h) / cam.cam_h
     z_row = cam.f / t_row
@@ -515,39 +560,21 @@ def _ground(cv: _Canvas, r: _Rand, left: _Side, right: _Side, look: _Look, lane:
     for j in dashed:
         cross[gaps, j + 1] = cross[gaps, j]  # zero-width paint between dashes
     runs = np.diff(cross, axis=1, prepend=0, append=width).ravel()
-    cv.region[r0:] = np.repeat(np.tile(np.asarray(ids, np.uint8), rows), runs).reshape(rows, width)
-    lat = cv.work.lat[r0:]
-    np.subtract(c, cam.x_v, out=lat)
-    lat *= (1.0 / (cam.ax * t_row))[:, None]  # lateral metres of every ground pixel
-    joint = np.arange(_MAX_REGIONS, dtype=np.uint8)
-    for rid in sorted({i for i, p in zip(ids, paved, strict=True) if p}):
-        joint[rid] = cv.twin(rid, r.uniform(0.7, 0.9))
-    _joints(cv, r, r0, z_row, joint)
+    joint_rows = (_frac(z_row / period) < 0.12)[:, None]
+    table = np.where(joint_rows, np.asarray(row_ids, np.uint8), np.asarray(ids, np.uint8))
+    cv.region[r0:] = np.repeat(table.ravel(), runs).reshape(rows, width)
     if r.random() < 0.15:
-        _zebra(cv, r, r0, left, right, paint)
-    for rid in sorted({*ids, *joint[ids].tolist()}):
+        _zebra(cv, r, left, right, paint)
+    for rid in sorted({*ids, *row_ids}):
         cv.shadow[rid] = cv.twin(rid, r.uniform(0.45, 0.65))
 
 
-def _joints(cv: _Canvas, r: _Rand, r0: int, z_row: np.ndarray, joint: np.ndarray) -> None:
-    """A grid of darker joints (tiles, cobbles) on the paved bands: `joint` maps those to twins."""
-    w = cv.work
-    lat, tmp = w.lat[r0:], w.f1[r0:]
-    period = r.uniform(0.18, 0.5)
-    np.multiply(lat, 1.0 / period, out=tmp)
-    grid = _frac(tmp) < 0.12
-    grid |= (_frac(z_row / period) < 0.12)[:, None]
-    reg = cv.region[r0:]
-    reg[grid] = joint[reg[grid]]
-
-
-def _zebra(cv: _Canvas, r: _Rand, r0: int, left: _Side, right: _Side, paint: int) -> None:
+def _zebra(cv: _Canvas, r: _Rand, left: _Side, right: _Side, paint: int) -> None:
     """A pedestrian crossing: 0.5 m stripes across the road, 4 m deep."""
-    cam = cv.cam
+    cam, c = cv.cam, cv.c
     z0 = r.uniform(8, 30)
     y0, y1 = _span(cam.y(0.0, z0 + 4), cam.y(0.0, z0), cam.size)
-    y0, y1 = max(y0, r0), max(y1, r0)
-    lat = cv.work.lat[y0:y1]
+    lat = (c[None, :] - cam.x_v) * (cam.cam_h / cam.ax / (c[y0:y1, None] - cam.y_h))
     m = (_frac(lat) < 0.5) & (lat > -left.road + 0.3) & (lat < right.road - 0.3)
     cv.region[y0:y1][m] = paint
 
@@ -713,11 +740,19 @@ def _shared(cv: _Canvas, r: _Rand, look: _Look) -> _Shared:
     )
 
 
-def _car(cv: _Canvas, r: _Rand, sh: _Shared, lat: float, z: float, oncoming: bool) -> None:
-    """A car (now and then a van, truck or bus) seen from behind or, oncoming, from the front,
-    with its near side when it is off-axis. Small far cars get fewer parts: the parts would cover
-    no pixels, and each costs Python time."""
-    cam, c = cv.cam, cv.c
+class _Vehicle(NamedTuple):
+    label: str
+    width: float
+    length: float
+    height: float
+    waist: float  # where the glass begins
+    boxy: bool  # van, truck, bus: no separate cabin
+    body: int
+    dark: int  # the body in less light: its sides and the band above the road
+
+
+def _vehicle(cv: _Canvas, r: _Rand) -> _Vehicle:
+    """A car most of the time, now and then a van, a truck or a bus."""
     u = r.random()
     label, width, length, height = "car", r.uniform(1.65, 1.95), r.uniform(4.0, 4.9), r.uniform(1.4, 1.6)
     if u < 0.08:
@@ -726,45 +761,62 @@ def _car(cv: _Canvas, r: _Rand, sh: _Shared, lat: float, z: float, oncoming: boo
         label, width, length, height = r.choice(("truck", "bus")), 2.5, r.uniform(7, 12), r.uniform(3, 3.6)
     boxy = height > 1.8
     body = cv.new(label, _jitter(r, r.choice(_CAR_PAINT), 0.15), 0.06, 0.02)
-    dark = cv.twin(body, 0.7)  # sides and the band above the road get less light
-    waist = height * (0.6 if boxy else 0.55)
-    x0, x1 = lat - width / 2, lat + width / 2
-    pixels = width * cam.ax * cam.t(z)
-    inset, cab_z = (0.0, 0.0) if boxy else (0.15, 0.5)
+    return _Vehicle(label, width, length, height, height * (0.6 if boxy else 0.55), boxy, body, cv.twin(body, 0.7))
+
+
+def _car(cv: _Canvas, r: _Rand, sh: _Shared, lat: float, z: float, oncoming: bool) -> None:
+    """A vehicle seen from behind or, oncoming, from the front, with its near side when it is
+    off-axis. Small far ones get fewer parts: they would cover no pixels, and each costs time."""
+    cam, c = cv.cam, cv.c
+    v = _vehicle(cv, r)
+    x0, x1 = lat - v.width / 2, lat + v.width / 2
+    pixels = v.width * cam.ax * cam.t(z)
+    inset, cab_z = (0.0, 0.0) if v.boxy else (0.15, 0.5)
     if pixels >= 8:
-        cv.relight(_ground_quad(cam, c, x0 - 0.15, x1 + 0.15, z - 0.3, z + length), cv.shadow)
+        cv.relight(_ground_quad(cam, c, x0 - 0.15, x1 + 0.15, z - 0.3, z + v.length), cv.shadow)
         near = x0 if x0 > 0.3 else (x1 if x1 < -0.3 else None)
         if near is not None:
-            _car_side(cv, sh, body, dark, near, z, length, waist, height, boxy, pixels >= 20)
-    cv.paint(_front(cam, x0, x1, 0.25, waist, z), body)
-    cv.paint(_front(cam, x0, x1, 0.25, 0.5, z), dark)
-    cv.paint(_front(cam, x0 + inset, x1 - inset, waist, height, z + cab_z), body)
+            _car_side(cv, sh, v, near, z, pixels >= 20)
+    cv.paint(_front(cam, x0, x1, 0.25, v.waist, z), v.body)
+    cv.paint(_front(cam, x0, x1, 0.25, 0.5, z), v.dark)
+    cv.paint(_front(cam, x0 + inset, x1 - inset, v.waist, v.height, z + cab_z), v.body)
     if pixels < 8:
         return
     cv.paint(_front(cam, x0 + 0.05, x0 + 0.35, 0.0, 0.3, z + 0.3), sh.tyre)
     cv.paint(_front(cam, x1 - 0.35, x1 - 0.05, 0.0, 0.3, z + 0.3), sh.tyre)
-    top = height - (0.1 if boxy else 0.08)
-    glass_h = waist + (0.6 if boxy else 0.08)
+    top = v.height - (0.1 if v.boxy else 0.08)
+    glass_h = v.waist + (0.6 if v.boxy else 0.08)
     cv.paint(_front(cam, x0 + inset + 0.12, x1 - inset - 0.12, glass_h, top, z + cab_z), sh.glass)
     if pixels >= 20:
         lamp = sh.head if oncoming else sh.tail
-        cv.paint(_front(cam, x0 + 0.05, x0 + 0.3, waist - 0.25, waist - 0.08, z), lamp)
-        cv.paint(_front(cam, x1 - 0.3, x1 - 0.05, waist - 0.25, waist - 0.08, z), lamp)
+        cv.paint(_front(cam, x0 + 0.05, x0 + 0.3, v.waist - 0.25, v.waist - 0.08, z), lamp)
+        cv.paint(_front(cam, x1 - 0.3, x1 - 0.05, v.waist - 0.25, v.waist - 0.08, z), lamp)
 
 
-def _car_side(
-    cv: _Canvas, sh: _Shared, body: int, dark: int, near: float, z: float, length: float, waist: float,
-    height: float, boxy: bool, detail: bool,
-) -> None:  # fmt: skip
+def _car_side(cv: _Canvas, sh: _Shared, v: _Vehicle, near: float, z: float, detail: bool) -> None:
+    """The side facing the camera axis, at lateral `near` from depth z to z + length, in one pass:
+    each pixel's height and each column's place along the car pick body, glass, wheel or nothing."""
     cam, c = cv.cam, cv.c
-    inward = 0.0 if boxy else (0.15 if near < 0 else -0.15)
-    front, rear = (0.2, 0.1) if boxy else (0.9, 0.8)
-    cv.paint(_wall_box(cam, c, near, z, z + length, 0.25, waist), dark)
-    cv.paint(_wall_box(cam, c, near + inward, z + front, z + length - rear, waist, height), body)
+    cols = _wall_columns(cam, c, near, z, z + v.length)
+    if cols is None:
+        return
+    c0, c1, t = cols
+    along = cam.f / t - z  # metres from the rear
+    cab0, cab1 = (0.2, v.length - 0.1) if v.boxy else (0.9, v.length - 0.8)
+    cabin = (along > cab0) & (along < cab1)
+    top = np.where(cabin, v.height, v.waist)
+    r0, r1 = _span(float((cam.y_h + (cam.cam_h - top) * t).min()), float(cam.y_h + cam.cam_h * t.max()), cam.size)
+    if r0 >= r1:
+        return
+    h = cam.cam_h - (c[r0:r1, None] - cam.y_h) / t  # height of every pixel on the car's side plane
+    box = _Box(r0, r1, c0, c1, None)
+    cv.paint(_sub(box, (h >= 0.25) & (h < v.waist)), v.dark)
+    cv.paint(_sub(box, (h >= v.waist) & (h < top)), v.body)
     if detail:
-        glass = _wall_box(cam, c, near + inward, z + front + 0.2, z + length - rear - 0.2, waist + 0.08, height - 0.1)
-        cv.paint(glass, sh.glass)
-        cv.paint(_wall_box(cam, c, near, z + length - 1.3, z + length - 0.6, 0.0, 0.6), sh.tyre)  # the far wheel
+        glass = cabin & (along > cab0 + 0.2) & (along < cab1 - 0.2)
+        cv.paint(_sub(box, (h > v.waist + 0.08) & (h < v.height - 0.1) & glass), sh.glass)
+        wheels = ((along > 0.5) & (along < 1.2)) | ((along > v.length - 1.3) & (along < v.length - 0.6))
+        cv.paint(_sub(box, (h >= 0.0) & (h < 0.6) & wheels), sh.tyre)
 
 
 def _person(cv: _Canvas, r: _Rand, sh: _Shared, lat: float, z: float) -> None:
@@ -919,6 +971,13 @@ def _packed(rgb: np.ndarray, extra: np.ndarray) -> np.ndarray:
     return v[:, 0] | (v[:, 1] << 8) | (v[:, 2] << 16) | (extra.astype("<u4") << 24)
 
 
+def _graded(cv: _Canvas, look: _Look) -> np.ndarray:
+    """Region colours under the scene's light, haze and camera response (per region, not pixel)."""
+    rgb = np.clip(cv.photo_lut * look.light, 0, 255)
+    rgb += look.haze * (np.minimum(cv.photo_lut[0], 255) - rgb)  # region 0 is the sky
+    return 255 * (rgb / 255) ** look.gamma
+
+
 def _amp_bytes(amp: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(amp * (255 / _AMP_MAX)), 0, 255)
 
@@ -939,8 +998,8 @@ def _soften(img: np.ndarray, tmp: np.ndarray) -> None:
     img[:, :, [0, -1]] = edges
 
 
-def _compose(cv: _Canvas, r: _Rand, tiles: _Tiles, look: _Look) -> tuple[np.ndarray, np.ndarray]:
-    """Planar uint8 photo (3, S, S) and RGBX mask (S, S) as '<u4', both in the thread's buffers.
+def _compose(cv: _Canvas, r: _Rand, tiles: _Tiles, look: _Look) -> np.ndarray:
+    """The pair as planar uint8 (3, S, 2S): photo left, mask right, in the thread's buffer.
 
     Two 4-byte gathers per pixel carry everything per region: the mask colour with the smooth
     texture amplitude, and the photo base colour with the grain amplitude, each in the otherwise
@@ -949,7 +1008,7 @@ def _compose(cv: _Canvas, r: _Rand, tiles: _Tiles, look: _Look) -> tuple[np.ndar
     idx = w.idx
     np.copyto(idx, cv.region)  # np.take is faster with native-width indices
     np.take(cv.mask_lut | (_amp_bytes(cv.smooth_amp).astype("<u4") << 24), idx, out=w.mask32)
-    np.take(_packed(cv.photo_lut * look.light, _amp_bytes(cv.grain_amp)), idx, out=w.base32)
+    np.take(_packed(_graded(cv, look), _amp_bytes(cv.grain_amp * look.grain)), idx, out=w.base32)
     mask4 = w.mask32.view(np.uint8).reshape(s, s, 4)
     base4 = w.base32.view(np.uint8).reshape(s, s, 4)
     oy, ox, gy, gx = (r.integers(0, s) for _ in range(4))
@@ -964,11 +1023,13 @@ def _compose(cv: _Canvas, r: _Rand, tiles: _Tiles, look: _Look) -> tuple[np.ndar
         np.multiply(base4[..., k], light, out=photo[k])
     _soften(photo, w.tmp3)
     np.clip(photo, 0, 255, out=photo)
-    np.copyto(w.photo8, photo, casting="unsafe")
-    return w.photo8, w.mask32
+    np.copyto(w.pair[:, :, :s], photo, casting="unsafe")
+    for k in range(3):
+        w.pair[k, :, s:] = mask4[..., k]
+    return w.pair
 
 
-def _render(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _render(rng: np.random.Generator, size: int) -> np.ndarray:
     r = _Rand(rng)
     tiles = _tiles(size)
     cam = _camera(r, size)
@@ -977,8 +1038,10 @@ def _render(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray
     lane = r.uniform(2.8, 3.6)
     left, right = _side(r, -1, lane), _side(r, 1, lane)
     z_far = r.uniform(60, 250)
-    _sky(cv, r)
+    _sky(cv, r, look)
     _ground(cv, r, left, right, look, lane)
+    if look.sunny:
+        _sun_shadows(cv, r, left, right)
     _skyline(cv, r, z_far, look)
     for side in (left, right):
         z_end = z_far if r.random() < 0.7 else r.uniform(30, z_far)
@@ -995,14 +1058,10 @@ def _render(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray
     return _compose(cv, r, tiles, look)
 
 
-def _pair_image(photo8: np.ndarray, mask32: np.ndarray) -> Image.Image:
-    """Photo left, mask right, as one RGB image, interleaved by Pillow's C code."""
-    s = photo8.shape[1]
-    planes = [Image.frombuffer("L", (s, s), photo8[k], "raw", "L", 0, 1) for k in range(3)]
-    pair = Image.new("RGB", (2 * s, s))
-    pair.paste(Image.merge("RGB", planes), (0, 0))
-    pair.paste(Image.frombuffer("RGBX", (s, s), mask32, "raw", "RGBX", 0, 1), (s, 0))
-    return pair
+def _pair_image(pair: np.ndarray) -> Image.Image:
+    """(3, S, 2S) planar uint8 -> one RGB image, interleaved by Pillow's C code."""
+    _, h, w = pair.shape
+    return Image.merge("RGB", [Image.frombuffer("L", (w, h), pair[k], "raw", "L", 0, 1) for k in range(3)])
 
 
 def _jpeg(image: Image.Image, quality: int) -> bytes:
@@ -1017,7 +1076,7 @@ def _jpeg(image: Image.Image, quality: int) -> bytes:
 
 def render_pair(rng: np.random.Generator, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """One random street scene: (photo, mask), each (size, size, 3) uint8; mask in exact label colours."""
-    pair = np.asarray(_pair_image(*_render(rng, size)))
+    pair = np.asarray(_pair_image(_render(rng, size)))
     return pair[:, :size].copy(), pair[:, size:].copy()
 
 
@@ -1033,7 +1092,7 @@ def pair_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 def _write_one(split_dir: Path, split: str, seed: int, size: int, index: int) -> None:
     # The bytes of encode_pair(*render_pair(...)), without the round trip through arrays.
-    data = _jpeg(_pair_image(*_render(pair_rng(seed, split, index), size)), JPEG_QUALITY)
+    data = _jpeg(_pair_image(_render(pair_rng(seed, split, index), size)), JPEG_QUALITY)
     (split_dir / f"{index}.jpg").write_bytes(data)
 
 

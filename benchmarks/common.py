@@ -1,0 +1,191 @@
+"""What every benchmark shares: the environment record (date, device, versions, machine load), timing
+with warm-up and device synchronisation, medians, the JSON layout and the printed table.
+
+JSON layout of every result file (`benchmarks/results/<name>-<cpu|gpu>.json`):
+
+    {"benchmark": str, "schema": 1, "date": ISO-8601, "device": str, "device_kind": "cpu" | "gpu",
+     "machine": {...}, "versions": {...}, "command": str, "config": {...},
+     "results": [{..., "reps": [float, ...], "median": float, "unit": str}, ...], "notes": [str, ...]}
+
+`reps` holds every timed repetition (warm-up excluded); `median` is their median.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SCHEMA = 1
+RESULT_KEYS = ("benchmark", "schema", "date", "device", "device_kind", "machine", "versions", "command", "config",
+               "results", "notes")  # fmt: skip
+
+
+def device_kind(device: torch.device) -> str:
+    return "gpu" if device.type == "cuda" else "cpu"
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """auto -> cuda when visible, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work: a GPU timer without it measures only the kernel launches."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> list[float] | None:
+    # The CPU may be shared: the load says how much of it other processes took during the run.
+    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def cpu_bf16_native() -> bool:
+    """Whether oneDNN has native bf16 on this CPU (AVX512-BF16 / AMX); without it bf16 is emulated."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def machine() -> dict[str, Any]:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": cores,
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "load_average_start": load_average(),
+        "cpu_bf16_native": cpu_bf16_native(),
+    }
+
+
+def versions() -> dict[str, str | None]:
+    from cityseg.report import versions as core_versions
+
+    found = core_versions()
+    for name, module in (("numpy", "numpy"), ("pillow", "PIL")):
+        try:
+            found[name] = str(__import__(module).__version__)
+        except ImportError:
+            found[name] = None
+    found["cuda"] = torch.version.cuda
+    found["cudnn"] = str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None
+    return found
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({cpu_model()}, {os.cpu_count()} cores)"
+
+
+def command_line(script: str, argv: Sequence[str] | None) -> str:
+    """The exact command that reproduces this run."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return shlex.join(["python", f"benchmarks/{script}", *args])
+
+
+def new_record(benchmark: str, device: torch.device, command: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The JSON skeleton, stamped at the start of the run (versions and device logged up front)."""
+    return {
+        "benchmark": benchmark,
+        "schema": SCHEMA,
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": describe_device(device),
+        "device_kind": device_kind(device),
+        "machine": machine(),
+        "versions": versions(),
+        "command": command,
+        "config": config,
+        "results": [],
+        "notes": [],
+    }
+
+
+def default_json(name: str, device: torch.device) -> Path:
+    return RESULTS / f"{name}-{device_kind(device)}.json"
+
+
+def finish_record(record: dict[str, Any], path: Path) -> Path:
+    """Stamp the end-of-run load and write the JSON (strict: NaN/inf become null)."""
+    from cityseg.report import write_json
+
+    record["machine"]["load_average_end"] = load_average()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, record)
+    print(f"wrote {path}")
+    return path
+
+
+def median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of one call, synchronised before and after so queued GPU work is inside the window."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def repeat(fn: Callable[[], Any], device: torch.device, *, warmup: int, reps: int) -> tuple[list[float], list[float]]:
+    """(warm-up seconds, timed seconds): `warmup` untimed-for-the-median calls (compilation, autotuning,
+    worker start-up, caches), then `reps` synchronised repetitions."""
+    warm = [timed(fn, device) for _ in range(warmup)]
+    return warm, [timed(fn, device) for _ in range(reps)]
+
+
+def fmt(value: Any, spec: str = ".1f") -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:{spec}}"
+    return str(value)
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]], title: str = "") -> None:
+    """A plain aligned table; `columns` = (key, header, format spec)."""
+    cells = [[h for _, h, _ in columns]] + [[fmt(r.get(k), spec) for k, _, spec in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    if title:
+        print(f"\n{title}")
+    for j, row in enumerate(cells):
+        print("  ".join(c.rjust(w) if j and i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def print_header(record: dict[str, Any]) -> None:
+    v = record["versions"]
+    shown = ", ".join(f"{k} {v[k]}" for k in ("python", "torch", "torchvision", "dali", "triton") if v.get(k))
+    load = record["machine"]["load_average_start"]
+    print(f"{record['benchmark']}: {record['device']} | {shown} | load {load} | {record['date']}", flush=True)

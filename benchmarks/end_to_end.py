@@ -1,0 +1,293 @@
+"""Real training, N steps per loader: images/s, share of step time waiting for data, GPU
+utilisation, time to first batch and compile time.
+
+    python benchmarks/end_to_end.py                         # CPU: synthetic data, width 16, 128px, 20 steps
+    python benchmarks/end_to_end.py --data DIR --steps 150 --width 32 --size 256 --batch 16 --compile
+    python benchmarks/end_to_end.py --loaders torch --steps 8 --width 4 --depth 2 --size 32 --batch 2   # smoke
+
+For each loader (`torch` = the plain DataLoader with --workers processes, `dali` = DALI with --workers
+threads, "mixed" decode on a GPU, `cache` = the device cache, when the config knows `cache`), the
+engine's own `Trainer` trains a fresh model for --steps steps of one epoch (standard augmentation:
+flip, rotation 10, zoom 0.75-1.25, jitter 0.3), into a temporary run folder, with the engine's
+defaults for bf16 autocast and torch.compile unless --amp/--compile say otherwise.
+
+Reported per loader (median over --reps runs, every run in the JSON):
+- images/s: the engine's figure, after its 5 warm-up steps, synchronised (telemetry.EpochMeter);
+- data_wait_share: the engine's share of the epoch's wall time spent in `next(loader)`;
+  data_wait_share_steady: the same after the --warm-steps first steps;
+- gpu_util: mean of the engine's pynvml sampler over the epoch (n/a on CPU);
+- time_to_first_batch_s: a fresh loader of the same kind, from construction to its first batch on the
+  device (synchronised), measured apart from training (includes worker start-up, DALI pipeline
+  build, the cache's fill);
+- compile_s: with compile on, the wall time of the first --warm-steps steps minus as many steady
+  steps (the median step period after them); step periods are read between successive batch
+  requests, which the loop makes once per step.
+Results: benchmarks/results/end_to_end-<cpu|gpu>.json (or --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    command_line,
+    default_json,
+    finish_record,
+    median,
+    new_record,
+    pick_device,
+    print_header,
+    print_table,
+    sync,
+)
+from benchmarks.loader import AUGMENTS, Spec, make_loader  # noqa: E402
+from cityseg.config import Config, DataConfig, ModelConfig, TrainConfig  # noqa: E402
+from cityseg.engine import Trainer  # noqa: E402
+
+LOADERS = ("torch", "dali", "cache")
+
+
+class TimedTrainer(Trainer):
+    """The engine's Trainer, noting when each batch was asked for and when it arrived."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: list[tuple[float, float]] = []
+
+    def next_batch(self, batches: Iterator, meter):
+        t = time.perf_counter()
+        batch = super().next_batch(batches, meter)
+        self.calls.append((t, time.perf_counter()))
+        return batch
+
+
+def cache_wired() -> bool:
+    """Whether DataConfig has the `cache` field (`--cache device`) the engine reads."""
+    return "cache" in {f.name for f in dataclasses.fields(DataConfig)}
+
+
+def make_config(kind: str, data_dir: Path, args: argparse.Namespace, out: Path) -> Config:
+    data = DataConfig(data_dir=str(data_dir), image_size=args.size, batch_size=args.batch,
+                      loader="torch" if kind == "cache" else kind, workers=args.workers, skip_validate=True,
+                      augment=AUGMENTS["standard"])  # fmt: skip
+    if cache_wired():
+        data = dataclasses.replace(data, cache="device" if kind == "cache" else "none")
+    return Config(
+        data=data,
+        model=ModelConfig(width=args.width, depth=args.depth),
+        train=TrainConfig(epochs=1, max_steps=args.steps, device=str(args.device), amp=args.amp, compile=args.compile,
+                          warmup_steps=max(1, args.steps // 5), out=str(out), seed=args.seed),
+    )
+
+
+def train_once(cfg: Config, warm: int) -> dict[str, Any]:
+    """One training run with the engine's Trainer; step periods and waits from its batch requests."""
+    from rich.console import Console
+
+    from cityseg.engine import graceful_interrupts
+    from cityseg.report import RunFolder
+
+    run = RunFolder(cfg.train.out)
+    t0 = time.perf_counter()
+    trainer = TimedTrainer(cfg, Console(quiet=True), run, None)
+    setup_s = time.perf_counter() - t0
+    run.create()
+    with graceful_interrupts() as interrupt:
+        summary = trainer.fit(interrupt)
+    starts = [c[0] for c in trainer.calls]
+    waits = [c[1] - c[0] for c in trainer.calls]
+    periods = [b - a for a, b in zip(starts, starts[1:], strict=False)]  # one per step
+    steady = periods[warm:] or periods
+    step_s = statistics.median(steady) if steady else None
+    overhead = max(0.0, sum(periods[:warm]) - len(periods[:warm]) * step_s) if step_s else None
+    steady_wait = sum(waits[warm + 1 :]) / sum(steady) if periods[warm:] else None
+    final = summary["final"]
+    result = {
+        "images_per_s": summary["images_per_s"],
+        "data_wait_share": final["data_wait_share"],
+        "data_wait_share_steady": steady_wait,
+        "gpu_util": final.get("gpu_util"),
+        "gpu_mem_gib": final.get("gpu_mem_gib"),
+        "steps": summary["steps"],
+        "amp": summary["amp"],
+        "compile": summary["compile"],
+        "loader": summary["loader"],
+        "trainer_setup_s": setup_s,
+        "first_batch_wait_s": waits[0] if waits else None,
+        "steady_step_s": step_s,
+        "warm_steps_s": periods[:warm],
+        "compile_s": overhead if summary["compile"] else None,
+        "warmup_overhead_s": overhead,
+    }
+    del trainer
+    gc.collect()
+    return result
+
+
+def time_to_first_batch(kind: str, files: list[Path], args: argparse.Namespace, device: torch.device,
+                        dtype: torch.dtype) -> float:
+    """A fresh loader, from construction to its first batch on the device."""
+    from cityseg.palette import cityscapes_palette
+
+    spec = Spec({"torch": "torch", "dali": "dali-gpu" if device.type == "cuda" else "dali-cpu",
+                 "cache": "cache"}[kind], args.workers)  # fmt: skip
+    palette = cityscapes_palette()
+    loader_args = argparse.Namespace(image_size=args.size, batch_size=args.batch, prefetch=2, seed=args.seed)
+    sync(device)
+    t0 = time.perf_counter()
+    loader = make_loader(spec, files, palette, AUGMENTS["standard"], loader_args, device, dtype)
+    image, _ = next(iter(loader))
+    image = image.to(device)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    del loader, image
+    gc.collect()
+    return seconds
+
+
+def available(kind: str) -> str | None:
+    from cityseg.data.loaders import dali_available
+
+    if kind == "dali" and not dali_available():
+        return "nvidia.dali is not importable"
+    if kind == "cache":
+        try:
+            import cityseg.data.cache_loader  # noqa: F401
+        except ImportError as e:
+            return f"cityseg.data.cache_loader is not importable ({e})"
+        if not cache_wired():
+            return "DataConfig has no `cache` field yet: the engine cannot train from the cache"
+    return None
+
+
+def median_of(runs: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return median(values)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=None, help="Kaggle pair folder; default: synthetic pairs in a temp dir")
+    p.add_argument("--loaders", default=",".join(LOADERS), help="comma list of: " + ", ".join(LOADERS))
+    p.add_argument("--steps", type=int, default=20, help="training steps per run (one epoch at most)")
+    p.add_argument("--warm-steps", type=int, default=5, help="first steps kept out of the steady figures")
+    p.add_argument("--reps", type=int, default=1, help="training runs per loader")
+    p.add_argument("--width", type=int, default=None, help="U-Net width (default 32 GPU, 16 CPU)")
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--size", type=int, default=None, help="image side (default 256 GPU, 128 CPU)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default 16 GPU, 8 CPU)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers / DALI threads (default min(8, cores))")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (engine default)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile (engine default: on for GPU, off for CPU)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="default benchmarks/results/end_to_end-<cpu|gpu>.json")
+    return p
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parser().parse_args(argv)
+    device = pick_device(args.device)
+    args.device = device
+    gpu = device.type == "cuda"
+    args.width = args.width or (32 if gpu else 16)
+    args.size = args.size or (256 if gpu else 128)
+    args.batch = args.batch or (16 if gpu else 8)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    args.workers = args.workers if args.workers is not None else min(8, cores)
+    kinds = [k.strip() for k in args.loaders.split(",") if k.strip()]
+    if bad := [k for k in kinds if k not in LOADERS]:
+        raise SystemExit(f"--loaders: unknown {bad}; expected {', '.join(LOADERS)}")
+    if args.steps <= args.warm_steps:
+        raise SystemExit(f"--steps {args.steps} must exceed --warm-steps {args.warm_steps}")
+
+    with tempfile.TemporaryDirectory(prefix="e2e-bench-") as tmp:
+        tmp_path = Path(tmp)
+        if args.data is None:
+            from cityseg.data.synth import write_dataset
+
+            data_dir = write_dataset(tmp_path / "data", n_train=args.steps * args.batch, n_val=args.batch,
+                                     seed=args.seed, size=args.size, workers=min(cores, 16))  # fmt: skip
+            source = f"synthetic ({args.steps * args.batch} train / {args.batch} val pairs, {args.size}px)"
+        else:
+            data_dir, source = args.data, str(args.data)
+        from cityseg.data.pairs import list_split
+
+        files = list_split(data_dir, "train")
+        per_epoch = len(files) // args.batch
+        if args.steps > per_epoch:
+            raise SystemExit(f"--steps {args.steps} > {per_epoch} steps in one epoch of {data_dir}: lower it")
+        config = {"data": source, "n_train": len(files)} | {
+            k: getattr(args, k) for k in ("steps", "warm_steps", "reps", "width", "depth", "size", "batch", "workers",
+                                          "amp", "compile", "seed")} | {"loaders": kinds, "augment": "standard"}
+        record = new_record("end_to_end", device, command_line("end_to_end.py", argv), config)
+        print_header(record)
+        from cityseg.engine import resolve_runtime
+
+        rt = resolve_runtime(make_config("torch", data_dir, args, tmp_path / "probe").train)
+        dtype = torch.bfloat16 if rt.amp and gpu else torch.float32
+        for kind in kinds:
+            why = available(kind)
+            if why is not None:
+                record["notes"].append(f"{kind} skipped: {why}")
+                print(f"{kind} skipped: {why}")
+                continue
+            print(f"  {kind:6s} ...", end=" ", flush=True)
+            ttfb = time_to_first_batch(kind, files, args, device, dtype)
+            runs = [train_once(make_config(kind, data_dir, args, tmp_path / f"run-{kind}-{r}"), args.warm_steps)
+                    for r in range(args.reps)]  # fmt: skip
+            rates = [r["images_per_s"] for r in runs]
+            row = {
+                "loader": kind,
+                "runs_on": "gpu" if gpu and kind in ("dali", "cache") else "cpu",
+                "reps": rates,
+                "median": median(rates),
+                "unit": "images/s",
+                "data_wait_share": median_of(runs, "data_wait_share"),
+                "data_wait_share_steady": median_of(runs, "data_wait_share_steady"),
+                "gpu_util": median_of(runs, "gpu_util"),
+                "time_to_first_batch_s": ttfb,
+                "compile_s": median_of(runs, "compile_s"),
+                "steady_step_s": median_of(runs, "steady_step_s"),
+                "amp": runs[0]["amp"],
+                "compile": runs[0]["compile"],
+                "runs": runs,
+            }
+            record["results"].append(row)
+            print(f"{row['median']:8.1f} images/s  wait {row['data_wait_share']:.0%}")
+        base = next((r["median"] for r in record["results"] if r["loader"] == "torch"), None)
+        for r in record["results"]:
+            r["ratio_vs_torch"] = r["median"] / base if base else None
+    print_table(record["results"], [("loader", "loader", ""), ("median", "images/s", ".1f"),
+                                    ("ratio_vs_torch", "x torch", ".2f"), ("data_wait_share", "data wait", ".2f"),
+                                    ("gpu_util", "GPU util %", ".0f"), ("time_to_first_batch_s", "1st batch s", ".2f"),
+                                    ("compile_s", "compile s", ".1f")],
+                title=f"{args.steps} steps, width {args.width}, batch {args.batch}, {args.size}px, "
+                      f"{args.workers} workers, on {record['device']}")  # fmt: skip
+    finish_record(record, args.json or default_json("end_to_end", device))
+    return record
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    run(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""Images/s of every loader on the same files with the same augmentation, and each one's ratio to the
+plain PyTorch loader measured in the same run.
+
+    python benchmarks/loader.py --data ../shared/data/cityscapes_pairs_sample --augment standard,none
+    python benchmarks/loader.py                                # synthetic pairs (--n 256) in a temp folder
+    python benchmarks/loader.py --data DIR --n 1024 --workers 0,2,4,8,16 --json OUT.json   # the GPU suite
+
+Loaders: `torch wN` (DataLoader + Pillow + torchvision v2, N worker processes; default 0, 1, 2, ... up
+to --max-workers, powers of two past 4), `dali-cpu` (DALI, CPU operators), `dali-gpu` (DALI, nvJPEG
+"mixed" decode; only with CUDA), `cache` (decoded once into device memory, augmented there; in RAM on
+a CPU run). All read the first --n files of DIR/train, with batch --batch-size, shuffled, last partial
+batch dropped, and the same augmentation (`standard` = flip 0.5, rotation +-10 deg, zoom 0.75-1.25,
+colour jitter 0.3; `none`). Every batch ends on the target device (`cuda` when there is one) in the
+training dtype: DALI-CPU batches are copied there, as training would.
+
+Per loader: build it (`setup_s`; for the cache this is the one-time decode/fill), one warm-up epoch
+(worker start-up, lookup-table load, DALI pipeline build; its time to first batch is reported), then
+--reps timed epochs, each timed until its last batch has landed on the device (synchronised).
+images/s = images of the epoch / its seconds; the table shows the median and every repetition goes
+to the JSON. Ratios divide a loader's median by the median of `torch w2` (the default config) and by
+the best `torch wN`, all from this run on this machine: a ratio never mixes runs or devices.
+Results: benchmarks/results/loader-<cpu|gpu>.json (or --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    command_line,
+    default_json,
+    finish_record,
+    median,
+    new_record,
+    pick_device,
+    print_header,
+    print_table,
+    sync,
+)
+from cityseg.config import AugmentConfig  # noqa: E402
+
+AUGMENTS: dict[str, AugmentConfig | None] = {
+    "none": None,
+    "standard": AugmentConfig(hflip=0.5, rotate_deg=10.0, scale=(0.75, 1.25), brightness=0.3, contrast=0.3,
+                              saturation=0.3),
+}  # fmt: skip
+LOADERS = ("torch", "dali-cpu", "dali-gpu", "cache")
+BASELINE_WORKERS = 2  # DataConfig.workers' default: the plain loader as `cityseg-fast train` runs it
+
+
+@dataclass(frozen=True)
+class Spec:
+    loader: str  # torch | dali-cpu | dali-gpu | cache
+    workers: int  # DataLoader workers, DALI threads, or the cache's decode workers
+
+    @property
+    def label(self) -> str:
+        return f"torch w{self.workers}" if self.loader == "torch" else self.loader
+
+
+def default_workers(max_workers: int) -> list[int]:
+    """0, 1, 2, ... max_workers; past 4 only powers of two (and max_workers) to keep the run short."""
+    counts = [w for w in range(max_workers + 1) if w <= 4 or (w & (w - 1)) == 0]
+    return counts if counts[-1] == max_workers else [*counts, max_workers]
+
+
+def parse_ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def available(loader: str, device: torch.device) -> str | None:
+    """None when `loader` can run here, else why not."""
+    if loader.startswith("dali"):
+        from cityseg.data.loaders import dali_available
+
+        if not dali_available():
+            return "nvidia.dali is not importable"
+        if loader == "dali-gpu" and device.type != "cuda":
+            return "no CUDA device"
+    if loader == "cache":
+        try:
+            import cityseg.data.cache_loader  # noqa: F401
+        except ImportError as e:
+            return f"cityseg.data.cache_loader is not importable ({e})"
+    return None
+
+
+def make_loader(spec: Spec, files: list[Path], palette, augment: AugmentConfig | None, args: argparse.Namespace,
+                device: torch.device, dtype: torch.dtype):
+    common = dict(image_size=args.image_size, batch_size=args.batch_size, augment=augment, shuffle=True,
+                  drop_last=True, dtype=dtype, workers=spec.workers, prefetch=args.prefetch, seed=args.seed)
+    if spec.loader == "torch":
+        from cityseg.data.torch_loader import TorchPairLoader
+
+        return TorchPairLoader(files, palette, device=device, **common)
+    if spec.loader in ("dali-cpu", "dali-gpu"):
+        from cityseg.data.dali_loader import DaliPairLoader
+
+        where = device if spec.loader == "dali-gpu" else torch.device("cpu")
+        return DaliPairLoader(files, palette, device=where, **common)
+    if spec.loader == "cache":
+        from cityseg.data.cache_loader import CacheLoader
+
+        return CacheLoader(files, palette, device=device, **common)
+    raise ValueError(f"unknown loader {spec.loader!r}: expected one of {LOADERS}")
+
+
+def run_epoch(loader, epoch: int, device: torch.device) -> dict[str, float]:
+    """One epoch, timed until its last batch is on `device`: images, seconds, seconds to first batch."""
+    loader.set_epoch(epoch)
+    images, first = 0, None
+    sync(device)
+    t0 = time.perf_counter()
+    for image, target in loader:
+        if image.device != device:  # DALI-CPU: the host-to-device copy is part of the loader's job
+            image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        images += image.shape[0]
+        if first is None:
+            sync(device)
+            first = time.perf_counter() - t0
+    sync(device)
+    return {"images": images, "seconds": time.perf_counter() - t0, "first_batch_s": first or 0.0}
+
+
+def measure(spec: Spec, files: list[Path], palette, augment_name: str, args: argparse.Namespace,
+            device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    loader = make_loader(spec, files, palette, AUGMENTS[augment_name], args, device, dtype)
+    sync(device)
+    setup_s = time.perf_counter() - t0
+    try:
+        warm = [run_epoch(loader, e, device) for e in range(args.warmup)]
+        timed = [run_epoch(loader, args.warmup + r, device) for r in range(args.reps)]
+    finally:
+        del loader  # persistent workers and DALI threads go now, not during the next loader's timing
+        gc.collect()
+    rates = [t["images"] / t["seconds"] for t in timed]
+    return {
+        "loader": spec.loader,
+        "label": spec.label,
+        "workers": spec.workers,
+        "runs_on": "gpu" if spec.loader == "dali-gpu" or (spec.loader == "cache" and device.type == "cuda")
+        else "cpu",
+        "augment": augment_name,
+        "images_per_epoch": timed[0]["images"] if timed else None,
+        "setup_s": setup_s,  # the cache's one-time decode/fill; pipeline build / nothing for the others
+        "time_to_first_batch_s": setup_s + warm[0]["first_batch_s"] if warm else None,
+        "warmup_epoch_s": [w["seconds"] for w in warm],
+        "rep_seconds": [t["seconds"] for t in timed],
+        "reps": rates,
+        "median": median(rates),
+        "min": min(rates),
+        "max": max(rates),
+        "unit": "images/s",
+    }
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Ratios within one augmentation group of one run (same files, same machine, same minute)."""
+    torch_rows = [r for r in rows if r["loader"] == "torch"]
+    base = next((r["median"] for r in torch_rows if r["workers"] == BASELINE_WORKERS), None)
+    best = max(torch_rows, key=lambda r: r["median"], default=None)
+    for r in rows:
+        r["ratio_vs_torch_w2"] = r["median"] / base if base else None
+        r["ratio_vs_best_torch"] = r["median"] / best["median"] if best else None
+        r["best_torch"] = best["label"] if best else None
+
+
+def resolve_files(args: argparse.Namespace, tmp: Path) -> tuple[list[Path], str]:
+    """The first --n train files of --data, or --n synthetic pairs written to `tmp`."""
+    from cityseg.data.pairs import list_split
+
+    if args.data is not None:
+        return list_split(args.data, "train")[: args.n], str(args.data)
+    from cityseg.data.synth import write_dataset
+
+    workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 16)
+    write_dataset(tmp, n_train=args.n, n_val=0, seed=args.seed, size=args.synth_size, workers=workers)
+    return list_split(tmp, "train"), f"synthetic ({args.n} pairs, {args.synth_size}px, seed {args.seed})"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=None, help="Kaggle pair folder (reads DIR/train); default synthetic")
+    p.add_argument("--n", type=int, default=256, help="images per epoch (first N train files)")
+    p.add_argument("--augment", default="standard", help="comma list of: standard, none")
+    p.add_argument("--loaders", default=",".join(LOADERS), help="comma list of: " + ", ".join(LOADERS))
+    p.add_argument("--workers", type=parse_ints, default=None, help="torch worker counts, e.g. 0,2,4,8")
+    p.add_argument("--max-workers", type=int, default=os.cpu_count() or 1, help="cap of the default worker list")
+    p.add_argument("--threads", type=int, default=None,
+                   help="DALI threads and cache decode workers (default: --max-workers)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1, help="untimed epochs per loader")
+    p.add_argument("--reps", type=int, default=5, help="timed epochs per loader (the median is reported)")
+    p.add_argument("--device", default="auto", help="target device: auto | cpu | cuda")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="image dtype (auto: bf16 on GPU as training uses, fp32 on CPU)")
+    p.add_argument("--synth-size", type=int, default=256, help="height of generated pairs without --data")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="output (default benchmarks/results/loader-<cpu|gpu>.json)")
+    return p
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns the JSON record (also written to --json)."""
+    args = parser().parse_args(argv)
+    from cityseg.palette import cityscapes_palette
+
+    device = pick_device(args.device)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]  # fmt: skip
+    augments = [a.strip() for a in args.augment.split(",") if a.strip()]
+    unknown = [a for a in augments if a not in AUGMENTS]
+    if unknown or not augments:
+        raise SystemExit(f"--augment {args.augment}: expected a comma list of {', '.join(AUGMENTS)}")
+    loaders = [name.strip() for name in args.loaders.split(",") if name.strip()]
+    if bad := [name for name in loaders if name not in LOADERS]:
+        raise SystemExit(f"--loaders: unknown {bad}; expected {', '.join(LOADERS)}")
+    if args.reps < 5:
+        print(f"note: --reps {args.reps} < 5: fine for a smoke test, too few for a figure to quote")
+    workers = args.workers if args.workers is not None else default_workers(args.max_workers)
+    threads = args.threads or max(1, args.max_workers)
+
+    with tempfile.TemporaryDirectory(prefix="loader-bench-") as tmp:
+        files, source = resolve_files(args, Path(tmp))
+        if len(files) < args.batch_size:
+            raise SystemExit(f"{len(files)} files make no full batch of {args.batch_size}: lower --batch-size")
+        config = {
+            "data": source, "n_images": len(files), "batch_size": args.batch_size, "image_size": args.image_size,
+            "augment": {a: None if AUGMENTS[a] is None else asdict(AUGMENTS[a]) for a in augments},
+            "loaders": loaders, "torch_workers": workers, "dali_threads": threads, "cache_decode_workers": threads,
+            "prefetch": args.prefetch, "warmup_epochs": args.warmup, "reps": args.reps, "dtype": str(dtype),
+            "target_device": str(device), "baseline": f"torch w{BASELINE_WORKERS}", "seed": args.seed,
+        }  # fmt: skip
+        record = new_record("loader", device, command_line("loader.py", argv), config)
+        print_header(record)
+        specs = [Spec("torch", w) for w in workers] if "torch" in loaders else []
+        for name in loaders:
+            if name == "torch":
+                continue
+            why = available(name, device)
+            if why is None:
+                specs.append(Spec(name, threads))
+            else:
+                record["notes"].append(f"{name} skipped: {why}")
+                print(f"{name} skipped: {why}")
+        palette = cityscapes_palette()
+        for aug in augments:
+            rows = []
+            for spec in specs:
+                print(f"  {aug:8s} {spec.label:10s} ...", end=" ", flush=True)
+                row = measure(spec, files, palette, aug, args, device, dtype)
+                print(f"{row['median']:8.1f} images/s  (reps {', '.join(f'{v:.0f}' for v in row['reps'])})")
+                rows.append(row)
+            add_ratios(rows)
+            record["results"].extend(rows)
+            print_table(rows, [("label", "loader", ""), ("runs_on", "on", ""), ("median", "images/s", ".1f"),
+                               ("min", "min", ".1f"), ("max", "max", ".1f"), ("ratio_vs_torch_w2", "x torch w2", ".2f"),
+                               ("ratio_vs_best_torch", "x best torch", ".2f"), ("setup_s", "setup s", ".2f"),
+                               ("time_to_first_batch_s", "1st batch s", ".2f")],
+                        title=f"augment={aug}, {len(files)} images of {source}, batch {args.batch_size}, "
+                              f"{args.image_size}px, on {record['device']} (median of {args.reps})")  # fmt: skip
+    if device.type == "cpu" and "cache" in loaders:
+        record["notes"].append("cache on a CPU run holds the decoded split in RAM and augments it with batched "
+                               "tensor ops on the CPU")  # fmt: skip
+    finish_record(record, args.json or default_json("loader", device))
+    return record
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    run(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""`cityseg-fast export`: a checkpoint's U-Net as ONNX or TorchScript for serving outside this package.
+
+    cityseg-fast export --ckpt runs/X/checkpoints/best.pt --format onnx --out unet.onnx
+    cityseg-fast export --ckpt runs/X/checkpoints/best.pt --format torchscript --out unet.pt
+
+The exported graph is the eval-mode model in float32, NCHW: input `image` (N, 3, S, S) normalised as
+in training ((x / 255 - mean) / std, ImageNet mean/std, RGB), output `logits` (N, C, S, S); N is
+free, S is the training size from the checkpoint (or --image-size, a multiple of 2**depth). The
+preprocessing, class names and colours travel inside the file as JSON: ONNX `metadata_props`
+["cityseg"], TorchScript extra file "cityseg.json".
+
+ONNX uses the torch.export-based exporter (torch >= 2.9 default), which needs the `onnx` and
+`onnxscript` packages; checking parity needs `onnxruntime`. TorchScript is deprecated upstream
+(torch 2.14 warns) but is still what libtorch C++ loads, so it is kept and its warnings muted here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from cityseg.checkpoint import load_checkpoint
+from cityseg.config import Config
+from cityseg.data.torch_loader import IMAGENET_MEAN, IMAGENET_STD
+from cityseg.engine import palette_from_state
+from cityseg.evaluate import load_model
+from cityseg.model import check_input_size
+
+Format = Literal["onnx", "torchscript"]
+FORMATS: tuple[str, ...] = ("onnx", "torchscript")
+ONNX_OPSET = 18  # the dynamo exporter's native opset: asking for an older one adds a lossy conversion pass
+ONNX_PACKAGES = ("onnx", "onnxscript")
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be done; the message is one line for the user."""
+
+
+def export_metadata(state: dict[str, Any], image_size: int, ckpt: Path) -> dict[str, Any]:
+    palette = palette_from_state(state["palette"]) if "palette" in state else None
+    return {
+        "checkpoint": str(ckpt),
+        "input": f"float32 (N, 3, {image_size}, {image_size}) RGB, (x / 255 - mean) / std",
+        "output": "float32 logits (N, C, H, W); argmax over C gives trainIds",
+        "image_size": image_size,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "class_names": list(palette.names) if palette else None,
+        "class_colors": palette.colors.tolist() if palette else None,
+    }
+
+
+def load_export_model(ckpt: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """The checkpoint's model on the CPU in float32, eval mode, plain NCHW weights."""
+    state = load_checkpoint(ckpt)
+    model = load_model(state, torch.device("cpu"))
+    return model.to(memory_format=torch.contiguous_format).float().eval(), state
+
+
+def export_model(ckpt: str | os.PathLike, fmt: str, out: str | os.PathLike, image_size: int | None = None) -> Path:
+    """Write the checkpoint's model to `out` as `fmt` ("onnx" | "torchscript"); returns `out`."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt}: expected onnx or torchscript")
+    if fmt == "onnx":
+        require_onnx()
+    ckpt, out = Path(ckpt), Path(out)
+    model, state = load_export_model(ckpt)
+    cfg = Config.from_dict(state["config"])
+    size = image_size or cfg.data.image_size
+    try:
+        check_input_size(size, size, cfg.model.depth)
+    except ValueError as e:
+        raise ExportError(f"--image-size {size}: {e}") from None
+    meta = export_metadata(state, size, ckpt)
+    example = torch.zeros(2, 3, size, size)  # batch 2: a batch of 1 would let torch.export specialise N
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "torchscript":
+        export_torchscript(model, example, out, meta)
+    else:
+        export_onnx(model, example, out, meta)
+    return out
+
+
+def require_onnx() -> None:
+    missing = [m for m in ONNX_PACKAGES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError("ONNX export needs the onnx and onnxscript packages: pip install onnx onnxscript")
+
+
+def export_torchscript(model: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, Any]) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        # Deprecation notices for torch.jit, and the tracer noting that the model's input-size check
+        # becomes a constant: S is fixed by design, and convolutions take any batch size.
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, example)
+        torch.jit.save(traced, str(out), _extra_files={"cityseg.json": json.dumps(meta)})
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, Any]) -> None:
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.onnx.export(
+        model, (example,), dynamo=True, input_names=["image"], output_names=["logits"],
+        dynamic_shapes=({0: batch},), opset_version=ONNX_OPSET, verbose=False,
+    )
+    program.model.metadata_props["cityseg"] = json.dumps(meta)
+    program.save(str(out), external_data=False)  # one self-contained file (fine below 2 GB)
+
+
+def run_exported(path: str | os.PathLike, fmt: str, images: torch.Tensor) -> torch.Tensor:
+    """Logits of the exported model for normalised float32 (N, 3, S, S) images, on the CPU."""
+    x = images.float().cpu().contiguous()
+    if fmt == "torchscript":
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(str(path), map_location="cpu")(x)
+    if fmt == "onnx":
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise ExportError("checking an ONNX export needs onnxruntime: pip install onnxruntime")
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (logits,) = session.run(["logits"], {"image": np.ascontiguousarray(x.numpy())})
+        return torch.from_numpy(logits)
+    raise ExportError(f"--format {fmt}: expected onnx or torchscript")
+
+
+@torch.no_grad()
+def check_parity(model: nn.Module, exported_path: str | os.PathLike, fmt: str, images: torch.Tensor) -> float:
+    """Share of pixels whose argmax class is the same in PyTorch (fp32, eval) and the exported model."""
+    model = model.float().eval().cpu()
+    x = images.float().cpu()
+    ref = model(x).argmax(1)
+    got = run_exported(exported_path, fmt, x).argmax(1)
+    return (ref == got).double().mean().item()
+
+
+def read_metadata(path: str | os.PathLike, fmt: str) -> dict[str, Any]:
+    """The JSON metadata written by `export_model`."""
+    if fmt == "torchscript":
+        extra = {"cityseg.json": ""}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        return json.loads(extra["cityseg.json"])
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return json.loads(props["cityseg"])

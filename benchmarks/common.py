@@ -5,7 +5,8 @@ JSON layout of every result file (`benchmarks/results/<name>-<cpu|gpu>.json`):
 
     {"benchmark": str, "schema": 1, "date": ISO-8601, "device": str, "device_kind": "cpu" | "gpu",
      "machine": {...}, "versions": {...}, "command": str, "config": {...},
-     "results": [{..., "reps": [float, ...], "median": float, "unit": str}, ...], "notes": [str, ...]}
+     "results": [{..., "reps": [float, ...], "median": float, "unit": str}, ...], "notes": [str, ...],
+     "complete": bool}
 
 `reps` holds every timed repetition (warm-up excluded); `median` is their median.
 """
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SCHEMA = 1
 RESULT_KEYS = ("benchmark", "schema", "date", "device", "device_kind", "machine", "versions", "command", "config",
-               "results", "notes")  # fmt: skip
+               "results", "notes", "complete")  # fmt: skip
 
 
 def device_kind(device: torch.device) -> str:
@@ -132,15 +133,19 @@ def default_json(name: str, device: torch.device) -> Path:
     return RESULTS / f"{name}-{device_kind(device)}.json"
 
 
-def finish_record(record: dict[str, Any], path: Path) -> Path:
-    """Stamp the end-of-run load and write the JSON (strict: NaN/inf become null)."""
+def finish_record(record: dict[str, Any], path: Path, *, done: bool = True) -> Path:
+    """Write the JSON (strict: NaN/inf become null). Scripts also call it with done=False after each
+    result, so a run cut short by a timeout (the GPU suite's) still leaves what it measured."""
     from cityseg.report import write_json
 
-    record["machine"]["load_average_end"] = load_average()
+    record["complete"] = done
+    if done:
+        record["machine"]["load_average_end"] = load_average()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, record)
-    print(f"wrote {path}")
+    if done:
+        print(f"wrote {path}")
     return path
 
 

@@ -234,6 +234,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"--loaders: unknown {bad}; expected {', '.join(LOADERS)}")
     if args.reps < 5:
         print(f"note: --reps {args.reps} < 5: fine for a smoke test, too few for a figure to quote")
+    out = args.json or default_json("loader", device)
     workers = args.workers if args.workers is not None else default_workers(args.max_workers)
     threads = args.threads or max(1, args.max_workers)
 
@@ -268,7 +269,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 row = measure(spec, files, palette, aug, args, device, dtype)
                 print(f"{row['median']:8.1f} images/s  (reps {', '.join(f'{v:.0f}' for v in row['reps'])})")
                 rows.append(row)
-            add_ratios(rows)
+                add_ratios(rows)
+                finish_record(record | {"results": record["results"] + rows}, out, done=False)
             record["results"].extend(rows)
             print_table(rows, [("label", "loader", ""), ("runs_on", "on", ""), ("median", "images/s", ".1f"),
                                ("min", "min", ".1f"), ("max", "max", ".1f"), ("ratio_vs_torch_w2", "x torch w2", ".2f"),
@@ -279,7 +281,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if device.type == "cpu" and "cache" in loaders:
         record["notes"].append("cache on a CPU run holds the decoded split in RAM and augments it with batched "
                                "tensor ops on the CPU")  # fmt: skip
-    finish_record(record, args.json or default_json("loader", device))
+    finish_record(record, out)
     return record
 
 

@@ -3,6 +3,7 @@ reference vs cdist (CPU), on batches of 256x256 masks.
 
     python benchmarks/mask_kernel.py                # batches 1 and 64; CPU, or GPU when there is one
     python benchmarks/mask_kernel.py --full         # adds batch 256
+    python benchmarks/mask_kernel.py --threads 1    # CPU timings on one thread (steadier on a shared machine)
     python benchmarks/mask_kernel.py --json PATH    # default benchmarks/results/mask_kernel-{cpu,gpu}.json
 
 Masks: "realistic" = Cityscapes colours in 16x16 blocks plus JPEG-like noise of +-8 per channel (a few
@@ -181,6 +182,7 @@ def environment() -> dict:
         "numpy": np.__version__,
         "cpu": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
+        "load_avg_1min_at_start": os.getloadavg()[0],  # other processes on the machine skew CPU timings
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
     }
     if torch.cuda.is_available():
@@ -197,8 +199,11 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="also batch 256")
     ap.add_argument("--reps", type=int, default=7, help="timed runs per CPU case (>= 5)")
     ap.add_argument("--cpu", action="store_true", help="CPU benchmark even when a GPU is present")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.batches = [1, 64, 256] if args.full else [1, 64]
     args.reps = max(5, args.reps)
 

@@ -164,6 +164,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = {k: getattr(args, k) for k in ("depth", "batch", "size", "warmup", "steps", "reps", "compile_backend",
                                             "seed")} | {"widths": widths, "variants": names, "optimizer": "AdamW",
                                                         "fused_adamw": gpu, "grad_clip": 1.0}  # fmt: skip
+    out = args.json or default_json("train_step", device)
     record = new_record("train_step", device, command_line("train_step.py", argv), config)
     print_header(record)
     if not gpu and not cpu_bf16_native() and any(VARIANTS[n]["amp"] for n in names):
@@ -174,6 +175,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(f"  width {width:3d} {name:28s} ...", end=" ", flush=True)
             row = measure(width, name, args, device)
             record["results"].append(row)
+            finish_record(record, out, done=False)
             extra = f"  compile {row['compile_s']:.1f} s" if row["compile_s"] is not None else ""
             print(f"{row['median']:9.2f} ms/step  {row['images_per_s']:8.1f} images/s{extra}")
     base = {r["width"]: r["median"] for r in record["results"] if r["variant"] == "fp32"}
@@ -184,7 +186,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                     ("compile_s", "compile s", ".1f")],
                 title=f"batch {args.batch}, {args.size}px, depth {args.depth}, on {record['device']} "
                       f"(median of {args.reps} x {args.steps} steps)")  # fmt: skip
-    finish_record(record, args.json or default_json("train_step", device))
+    finish_record(record, out)
     return record
 
 

@@ -146,15 +146,20 @@ def train(
     print_config(cfg)
     try:
         summary = run_training(cfg, console)
+    except KeyboardInterrupt:  # before training started: nothing to save
+        err_console.print("interrupted before training started")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except Interrupted as e:
-        err_console.print(str(e))
+        err_console.print(str(e), soft_wrap=True)
         raise typer.Exit(EXIT_INTERRUPTED if e.signum == signal.SIGINT else 128 + e.signum) from None
     except (PairError, TrainingError, CheckpointError, ValueError) as e:
         fail(str(e))
+    from cityseg.telemetry import fmt
+
     final = summary["final"]
     console.print(
-        f"[bold green]done[/]: val pixel acc {final['pixel_acc']:.4f}, mIoU {final['miou']:.4f}, "
-        f"{summary['images_per_s']:.1f} img/s, run folder {Path(summary['run_dir'])}"
+        f"[bold green]done[/]: val pixel acc {final['pixel_acc']:.4f}, mIoU {fmt(final['miou'], '.4f')}, "
+        f"{fmt(summary['images_per_s'])} img/s, run folder {Path(summary['run_dir'])}"
     )
 
 

@@ -510,8 +510,6 @@ def train(cfg: Config, console: Console | None = None) -> dict[str, Any]:
         run.root.mkdir(parents=True, exist_ok=True)
         (run.root / "error.log").write_text(f"{e}\n")
         raise
-    run.create()
-    write_json(run.config, trainer.cfg.to_dict())
     console.print(describe(trainer.model))
     console.print(
         f"device {device_name(trainer.rt.device)}  amp(bf16) {trainer.rt.amp}  compile {trainer.rt.compile}  "
@@ -519,4 +517,6 @@ def train(cfg: Config, console: Console | None = None) -> dict[str, Any]:
         f"({len(trainer.train_files)} train / {len(trainer.val_files)} val)"
     )
     with graceful_interrupts() as interrupt:
+        run.create()
+        write_json(run.config, trainer.cfg.to_dict())  # written once Ctrl-C is handled: tests wait on it
         return trainer.fit(interrupt)

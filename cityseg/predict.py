@@ -26,6 +26,7 @@ outputs line up with the photo as viewers show it.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -256,6 +257,7 @@ def iter_inputs(paths: Sequence[str | os.PathLike], pairs: bool) -> Iterator[Inp
 # -- outputs ---------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=8)
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     # Pillow's bundled scalable font needs FreeType; builds without it only have the tiny bitmap font.
     return ImageFont.load_default(size=size) if features.check("freetype2") else ImageFont.load_default()

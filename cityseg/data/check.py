@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
+from cityseg.data.loaders import palette_mismatch_check
 from cityseg.data.pairs import SPLITS, PairError, PairInfo, list_split, read_pair, validate_files
 from cityseg.palette import cityscapes_palette, far_share, map_colors_lut
 
@@ -72,7 +73,7 @@ def check_dataset(root: str | Path, workers: int = 4, sample: int = 50, max_dist
         except PairError as e:
             bad.append(e)
             continue
-        good, errors = validate_files(files, workers=workers)
+        good, errors = validate_files(files, workers=workers, mask_check=palette_mismatch_check(cityscapes_palette()))
         bad += errors
         report = SplitReport(name, files=len(files), sizes=Counter((i.width, i.height) for i in good))
         report.near_share, report.top_classes = mask_stats(good, sample, max_dist)

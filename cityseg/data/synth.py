@@ -777,7 +777,9 @@ def _car(cv: _Canvas, r: _Rand, sh: _Shared, lat: float, z: float, oncoming: boo
         near = x0 if x0 > 0.3 else (x1 if x1 < -0.3 else None)
         if near is not None:
             _car_side(cv, sh, v, near, z, pixels >= 20)
-    cv.paint(_front(cam, x0, x1, 0.25, v.waist, z), v.body)
+    # The body, and the boot lid behind it: seen from above the waist, the set-back cabin rises
+    # from higher rows than the body's top edge.
+    cv.paint(_rect(cam.size, cam.x(x0, z), cam.x(x1, z), cam.y(v.waist, z + cab_z), cam.y(0.25, z)), v.body)
     cv.paint(_front(cam, x0, x1, 0.25, 0.5, z), v.dark)
     cv.paint(_front(cam, x0 + inset, x1 - inset, v.waist, v.height, z + cab_z), v.body)
     if pixels < 8:

@@ -77,6 +77,8 @@ def train(
                                                    "128 for the CPU synthetic preset).")] = None,
     loader: Annotated[str, typer.Option(help="auto | torch | dali. auto: DALI on a GPU, the plain "
                                         "PyTorch loader otherwise.")] = "auto",
+    cache: Annotated[str, typer.Option(help="none | device: decode the split once into GPU (or CPU) memory "
+                                       "and augment there in batched ops; refused if it will not fit.")] = "none",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     workers: Annotated[int, typer.Option(help="Loader worker processes (torch) or threads (DALI).")] = 2,
     prefetch: Annotated[int, typer.Option(help="Batches prefetched per worker / DALI queue depth.")] = 2,
@@ -129,7 +131,7 @@ def train(
                 data_dir=None if data is None else str(data),
                 image_size=pick(image_size, "image_size", preset),
                 batch_size=pick(batch_size, "batch_size", preset),
-                loader=loader, workers=workers, prefetch=prefetch, palette=palette,
+                loader=loader, cache=cache, workers=workers, prefetch=prefetch, palette=palette,
                 max_color_dist=max_color_dist, skip_validate=skip_validate, skip_bad=skip_bad,
                 augment=AugmentConfig(hflip=hflip, rotate_deg=rotate, scale=parse_scale(scale),
                                       brightness=jitter, contrast=jitter, saturation=jitter, hue=hue),

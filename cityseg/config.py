@@ -41,6 +41,7 @@ class DataConfig:
     loader: str = "auto"  # auto | torch | dali (auto: DALI on a GPU machine, the plain loader otherwise)
     workers: int = 2  # DataLoader worker processes / DALI CPU threads
     prefetch: int = 2  # batches prepared ahead per worker (DataLoader) or queue depth (DALI)
+    cache: str = "none"  # none | device: decode the split once into device memory and augment there
     hw_decoder_load: float = 0.65  # share of JPEG decoding on the A100/H100 hardware decoder (DALI GPU)
     palette: str = "cityscapes"  # cityscapes | kmeans:K (K centres learned from a sample of masks)
     max_color_dist: float | None = None  # mask pixels farther than this from every class colour -> 255

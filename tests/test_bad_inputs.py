@@ -102,13 +102,16 @@ def test_check_data_lists_the_bad_file(dataset: Path, case: str) -> None:
     assert_one_line_error(result.output, bad, fragment)
 
 
-@pytest.mark.parametrize("loader", ["torch", "dali"])
+LOADERS = {"torch": ["--loader", "torch"], "dali": ["--loader", "dali"], "cache": ["--cache", "device"]}
+
+
+@pytest.mark.parametrize("loader", sorted(LOADERS))
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_train_stops_before_training_with_one_line(dataset: Path, tmp_path: Path, case: str, loader: str) -> None:
     inject, fragment = CASES[case]
     bad = inject(dataset)
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train", "--data", str(dataset), "--out", str(out), "--loader", loader, *TINY])
+    result = CliRunner().invoke(app, ["train", "--data", str(dataset), "--out", str(out), *LOADERS[loader], *TINY])
     assert result.exit_code == 2, result.output
     assert_one_line_error(result.output, bad, fragment)
     assert [p.name for p in out.iterdir()] == ["error.log"]
@@ -126,15 +129,14 @@ def test_skip_bad_trains_on_the_rest_and_says_how_many(dataset: Path, tmp_path: 
     assert (out / "summary.json").is_file()
 
 
-@pytest.mark.parametrize("loader", ["torch", "dali"])
+@pytest.mark.parametrize("loader", sorted(LOADERS))
 def test_corrupt_jpeg_met_mid_epoch_without_validation(dataset: Path, tmp_path: Path, loader: str) -> None:
     """--skip-validate: the loader itself meets the truncated file and still reports one line."""
-    name, content, _ = BAD_FILES["truncated jpeg"]
     # Same size as the good pairs so only the data is bad: cut a real 64x32 pair short.
     good = (dataset / "train" / "1.jpg").read_bytes()
     bad = dataset / "train" / "0.jpg"
     bad.write_bytes(good[: len(good) // 2])
-    args = ["train", "--data", str(dataset), "--out", str(tmp_path / "run"), "--loader", loader,
+    args = ["train", "--data", str(dataset), "--out", str(tmp_path / "run"), *LOADERS[loader],
             "--skip-validate", "--epochs", "1", *TINY]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output

@@ -116,8 +116,8 @@ def test_report_keeps_cpu_and_gpu_apart(results: Path, tmp_path: Path) -> None:
     text = report.build(folder, folder / "REPORT.md")
     cpu_part, gpu_part = text.split("\n## CPU\n")[1].split("\n## GPU\n")
     assert "H100" not in cpu_part and "H100" in gpu_part
-    for title in ("Loaders", "Train step", "End to end", "Mask kernel"):
-        assert f"### {title} — cpu" in cpu_part
+    for name in ("loader", "train_step", "end_to_end", "mask_kernel"):
+        assert f"### {report.TITLES[name]} — cpu" in cpu_part
     assert gpu_part.count("### ") == 1 and "Incomplete run" in gpu_part
     assert "| standard | torch w0 | cpu |" in cpu_part
     assert "Not read (unknown layout): junk.json" in text

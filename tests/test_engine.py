@@ -7,6 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -119,10 +120,7 @@ def test_checkpoint_survives_sigkill_mid_write(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=ROOT)
     try:
         for _ in range(20):
-            try:
-                proc.wait(timeout=0.15)
-            except subprocess.TimeoutExpired:
-                pass
+            time.sleep(0.15)
             state = load_checkpoint(path)  # must load at any moment
             assert state["model"]["w"].numel() in (1, 200_000)
     finally:

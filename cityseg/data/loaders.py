@@ -146,6 +146,13 @@ def build_loader(
         shard_id=shard.shard_id,
         num_shards=shard.num_shards,
     )
+    if cfg.cache not in ("none", "device"):
+        raise ValueError(f"unknown cache {cfg.cache!r}: expected none or device")
+    if cfg.cache == "device":
+        from cityseg.data.cache_loader import CacheLoader
+
+        return CacheLoader(files, palette, decoder="dali" if kind == "dali" else "plain",
+                           hw_decoder_load=cfg.hw_decoder_load, **common)
     if kind == "torch":
         from cityseg.data.torch_loader import TorchPairLoader
 

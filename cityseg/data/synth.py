@@ -33,9 +33,10 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
@@ -51,6 +52,7 @@ MARKER = "synth.json"  # written last: a folder without it is an interrupted gen
 LABEL_COLORS: dict[str, tuple[int, int, int]] = {lab.name: tuple(lab.color) for lab in CITYSCAPES_LABELS if lab.id >= 0}
 
 RGB = tuple[float, float, float]
+T = TypeVar("T")
 _MAX_REGIONS = 256  # region ids are uint8
 _AMP_MAX = 0.5  # largest texture amplitude, relative to a region's base colour
 
@@ -74,7 +76,7 @@ class _Rand:
         """An int in [lo, hi)."""
         return lo + int(self.random() * (hi - lo))
 
-    def choice(self, seq):
+    def choice(self, seq: Sequence[T]) -> T:
         return seq[int(self.random() * len(seq))]
 
     def normal(self, sd: float) -> float:
@@ -313,11 +315,6 @@ def _wall(cam: _Camera, c: np.ndarray, lat: float, z0: float, z1: float, h0: flo
     rows = c[r0:r1, None]
     m = (rows >= cam.y_h + (cam.cam_h - h1) * t) & (rows < cam.y_h + (cam.cam_h - h0) * t)
     return _Wall(_Box(r0, r1, c0, c1, m), t)
-
-
-def _wall_box(cam: _Camera, c: np.ndarray, lat: float, z0: float, z1: float, h0: float, h1: float) -> _Box | None:
-    w = _wall(cam, c, lat, z0, z1, h0, h1)
-    return None if w is None else w.box
 
 
 def _ground_quad(cam: _Camera, c: np.ndarray, lat0: float, lat1: float, z0: float, z1: float) -> _Box | None:
@@ -902,7 +899,7 @@ def _clutter(cv: _Canvas, r: _Rand, sh: _Shared, lat: float, z: float) -> None:
 
 class _Thing(NamedTuple):
     z: float
-    draw: object  # one of the drawing functions above
+    draw: Callable[..., None]  # called as draw(canvas, rand, shared, *args)
     args: tuple
 
 
@@ -1171,15 +1168,22 @@ def default_dataset(
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
-        workers = 1 if n_train + n_val < 1000 else min(len(os.sched_getaffinity(0)), 8)
+        workers = 1 if n_train + n_val < 1000 else min(os.cpu_count() or 1, 8)  # a pool takes ~1 s to start
         write_dataset(tmp, n_train, n_val, seed, size, workers)
-        if _complete(final, meta):  # another process finished first
-            shutil.rmtree(tmp)
-            return final
-        if final.exists():
-            shutil.rmtree(final)  # an incomplete or mismatched earlier attempt
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _move_into_place(tmp, final, meta)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # already gone after a successful move
     return final
+
+
+def _move_into_place(tmp: Path, final: Path, meta: dict) -> None:
+    """Rename a finished folder to its final name; a complete one that appeared meanwhile wins."""
+    if _complete(final, meta):
+        return
+    if final.exists():
+        shutil.rmtree(final)  # an interrupted or mismatched earlier attempt
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not _complete(final, meta):  # only acceptable if another process renamed theirs first
+            raise

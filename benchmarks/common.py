@@ -184,7 +184,8 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str
     if title:
         print(f"\n{title}")
     for j, row in enumerate(cells):
-        print("  ".join(c.rjust(w) if j and i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+        padded = (c.rjust(w) if j and i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        print("  ".join(padded))
         if j == 0:
             print("  ".join("-" * w for w in widths))
 

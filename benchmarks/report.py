@@ -85,7 +85,8 @@ def loader_table(results: list[dict[str, Any]]) -> str:
 
 def train_step_table(results: list[dict[str, Any]]) -> str:
     cols: list[Column] = [("width", "width", ""), ("variant", "variant", ""), ("batch", "batch", ""),
-                          ("size", "size", ""), ("median", "ms/step (median)", ".2f"), ("images_per_s", "images/s", ".1f"),
+                          ("size", "size", ""), ("median", "ms/step (median)", ".2f"),
+                          ("images_per_s", "images/s", ".1f"),
                           ("speedup_vs_fp32", "× fp32", ".2f"), ("compile_s", "compile s", ".1f"),
                           ("peak_mem_gib", "peak GiB", ".2f")]
     return markdown_table(results, cols)
@@ -113,7 +114,8 @@ def mask_kernel_table(results: list[dict[str, Any]]) -> str:
 
 
 def synth_table(results: list[dict[str, Any]]) -> str:
-    cols: list[Column] = [("median_cpu", "pairs/s per core (CPU time)", ".1f"), ("median_wall", "pairs/s (wall)", ".1f"),
+    cols: list[Column] = [("median_cpu", "pairs/s per core (CPU time)", ".1f"),
+                          ("median_wall", "pairs/s (wall)", ".1f"),
                           ("n", "pairs per rep", ""), ("reps", "reps", ""), ("render", "render ms", ".2f"),
                           ("encode", "encode ms", ".2f"), ("write", "write ms", ".2f")]
     return markdown_table(results, cols)
@@ -169,7 +171,8 @@ def plot_loaders(docs: list[dict[str, Any]], path: Path) -> bool:
     for ax, (doc, aug, rows) in zip(axes[:, 0], groups, strict=True):
         labels = [r["label"] for r in rows]
         med = [r["median"] for r in rows]
-        err = [[m - r["min"] for m, r in zip(med, rows, strict=True)], [r["max"] - m for m, r in zip(med, rows, strict=True)]]
+        err = [[m - r["min"] for m, r in zip(med, rows, strict=True)],
+               [r["max"] - m for m, r in zip(med, rows, strict=True)]]
         colors = ["tab:gray" if r["loader"] == "torch" else "tab:green" for r in rows]
         ax.barh(labels, med, xerr=err, color=colors, capsize=3)
         ax.invert_yaxis()

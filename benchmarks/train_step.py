@@ -99,7 +99,6 @@ def measure(width: int, name: str, args: argparse.Namespace, device: torch.devic
     ms = [s / args.steps * 1e3 for s in rep_s]
     med = median(ms)
     overhead = max(0.0, sum(first) - len(first) * med / 1e3)
-    del step
     if variant["compile"]:
         torch._dynamo.reset()  # the next width compiles from scratch, not against this model's guards
     if device.type == "cuda":

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from dataclasses import replace
@@ -110,6 +111,9 @@ def train(
                                                 "checkpoints/last.pt, with its saved config.")] = None,
     smoke: Annotated[bool, typer.Option(help="A few steps end to end on a tiny synthetic set: checks the "
                                         "install and writes a complete run folder.")] = False,
+    nproc: Annotated[int, typer.Option(help="Processes (GPUs) on this machine: launches torchrun with DDP "
+                                       "(NCCL on GPU, gloo on CPU). Multi-node: call torchrun yourself.")] = 1,
+    sync_bn: Annotated[bool, typer.Option(help="DDP on GPUs: synchronise BatchNorm statistics across ranks.")] = False,
     max_steps: Annotated[int, typer.Option(help="Stop after this many steps in total, saving a resumable "
                                            "last.pt (0 = all epochs).")] = 0,
     log_every: Annotated[int, typer.Option(help="Steps between loss readouts (each syncs the GPU).")] = 20,
@@ -118,6 +122,9 @@ def train(
     from cityseg.engine import EXIT_INTERRUPTED, Interrupted, TrainingError
     from cityseg.engine import train as run_training
 
+    if nproc > 1:
+        launch_torchrun(nproc)
+    console.quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 speaks for all
     if resume is not None:
         cfg = resumed_config(resume, epochs)
     else:
@@ -141,7 +148,7 @@ def train(
             train=TrainConfig(
                 epochs=pick(epochs, "epochs", preset), lr=pick(lr, "lr", preset), weight_decay=weight_decay,
                 warmup_steps=warmup_steps, grad_clip=grad_clip, class_weights=class_weights, device=device,
-                amp=amp, compile=compile, seed=seed, patience=patience, log_every=log_every,
+                amp=amp, compile=compile, sync_bn=sync_bn, seed=seed, patience=patience, log_every=log_every,
                 max_steps=max_steps or (6 if smoke else 0), out=None if out is None else str(out),
             ),
         )
@@ -163,6 +170,29 @@ def train(
         f"[bold green]done[/]: val pixel acc {final['pixel_acc']:.4f}, mIoU {fmt(final['miou'], '.4f')}, "
         f"{fmt(summary['images_per_s'])} img/s, run folder {Path(summary['run_dir'])}"
     )
+
+
+def launch_torchrun(nproc: int) -> None:
+    """Re-run this very command under torchrun with `nproc` processes (and no --nproc)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    launch = ["--standalone", f"--nproc-per-node={nproc}", "-m", "cityseg", *args]
+    console.print(f"launching: torchrun {' '.join(launch)}", highlight=False, soft_wrap=True)
+    try:
+        run(get_args_parser().parse_args(launch))
+    except ChildFailedError as e:  # the workers printed their own one-line errors
+        codes = [f.exitcode for f in e.failures.values() if f.exitcode > 0]
+        raise typer.Exit(codes[0] if codes else 1) from None
+    raise typer.Exit(0)
 
 
 def _cuda_available() -> bool:

@@ -73,7 +73,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     amp: bool | None = None  # bf16 autocast; None = on for GPU, on for CPU with AMX/bf16 support
     compile: bool | None = None  # torch.compile; None = on for GPU, off for CPU
-    channels_last: bool = True
+    sync_bn: bool = False  # DDP on GPUs: synchronise BatchNorm statistics across ranks
     seed: int = 0
     patience: int = 0  # stop after this many validations without a better mIoU; 0 = never
     log_every: int = 20  # steps between progress updates that read the loss (each one syncs the GPU)

@@ -72,8 +72,9 @@ def weights_agree(model: torch.nn.Module, info: DistInfo, device: torch.device) 
     """Every rank holds the same weights (DDP's promise): compare a float64 checksum across ranks."""
     if not info.enabled:
         return True
+    # Parameters only: BatchNorm running stats are updated by each rank's own last forward.
     with torch.no_grad():
-        checksum = torch.stack([p.double().sum() for p in model.state_dict().values() if p.is_floating_point()]).sum()
+        checksum = torch.stack([p.double().sum() for p in model.parameters()]).sum()
     gathered = [torch.zeros_like(checksum) for _ in range(info.world_size)]
     dist.all_gather(gathered, checksum.to(device))
     return all(torch.equal(g, gathered[0]) for g in gathered)

@@ -24,6 +24,7 @@ from torch import nn
 from cityseg.checkpoint import CheckpointError, config_mismatch, load_checkpoint, save_checkpoint
 from cityseg.config import Config, TrainConfig
 from cityseg.data.loaders import (
+    Shard,
     build_loader,
     palette_mismatch_check,
     resolve_data_dir,
@@ -32,6 +33,15 @@ from cityseg.data.loaders import (
     split_files,
 )
 from cityseg.data.pairs import MaskCheck, PairError, list_split
+from cityseg.distributed import (
+    DistInfo,
+    any_rank,
+    broadcast_object,
+    cleanup,
+    init_distributed,
+    sum_over_ranks,
+    weights_agree,
+)
 from cityseg.metrics import ConfusionMatrix, SegMetrics, iou_table
 from cityseg.model import build_model, describe
 from cityseg.palette import IGNORE_INDEX, Palette
@@ -123,7 +133,9 @@ def graceful_interrupts() -> Iterator[dict[str, int | None]]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, runtime: Runtime, num_classes: int) -> tuple[SegMetrics, float]:
+def evaluate(
+    model: nn.Module, loader, runtime: Runtime, num_classes: int, dist_info: DistInfo | None = None
+) -> tuple[SegMetrics, float]:
     """Confusion matrix over the loader, read from the device once. Returns (metrics, mean loss)."""
     was_training = model.training
     model.eval()
@@ -138,15 +150,20 @@ def evaluate(model: nn.Module, loader, runtime: Runtime, num_classes: int) -> tu
         batches += 1
     cm.all_reduce()
     model.train(was_training)
-    return cm.compute(), (loss_sum / max(1, batches)).item()
+    total, count = sum_over_ranks([loss_sum.item(), batches], dist_info or DistInfo(), runtime.device)
+    return cm.compute(), total / max(1, count)
 
 
 class Trainer:
     """Holds one run's state; `fit()` runs it. Built by `train(cfg)`."""
 
-    def __init__(self, cfg: Config, console: Console, run: RunFolder, resume_state: dict | None) -> None:
-        self.cfg, self.console, self.run = cfg, console, run
+    def __init__(
+        self, cfg: Config, console: Console, run: RunFolder, resume_state: dict | None, dist_info: DistInfo
+    ) -> None:
+        self.cfg, self.console, self.run, self.dist = cfg, console, run, dist_info
         self.rt = resolve_runtime(cfg.train)
+        if dist_info.enabled and self.rt.device.type == "cuda":
+            self.rt = replace(self.rt, device=torch.device("cuda", dist_info.local_rank))
         torch.manual_seed(cfg.train.seed)
         self.data_root = resolve_data_dir(cfg.data)
         self.palette = (
@@ -162,6 +179,7 @@ class Trainer:
         make = lambda files, train: build_loader(  # noqa: E731
             self.loader_kind, files, self.palette, cfg.data, train=train,
             device=self.rt.device, dtype=dtype, seed=cfg.train.seed,
+            shard=Shard(dist_info.rank, dist_info.world_size),
         )
         self.train_loader = make(self.train_files, True)
         self.val_loader = make(self.val_files, False)
@@ -174,7 +192,7 @@ class Trainer:
         # The palette decides the class count (19 for Cityscapes, K for kmeans:K).
         self.cfg = cfg = replace(cfg, model=replace(cfg.model, num_classes=self.palette.num_classes))
         self.model = build_model(cfg.model).to(self.rt.device, memory_format=torch.channels_last)
-        self.step_model = torch.compile(self.model) if self.rt.compile else self.model
+        self.step_model = torch.compile(self.wrap_ddp(self.model)) if self.rt.compile else self.wrap_ddp(self.model)
         self.optimizer = build_optimizer(self.model, cfg.train, self.rt.device)
         # Planned over all epochs (not max_steps), so stopping early and resuming changes nothing.
         self.total_steps = cfg.train.epochs * len(self.train_loader)
@@ -194,6 +212,17 @@ class Trainer:
         self.partial = {"loss_sum": 0.0, "steps": 0}
         if resume_state:
             self.load_state(resume_state)
+
+    def wrap_ddp(self, model: nn.Module) -> nn.Module:
+        """DDP averages gradients across ranks; `self.model` stays the plain module for checkpoints."""
+        if not self.dist.enabled:
+            return model
+        if self.cfg.train.sync_bn:
+            if self.rt.device.type != "cuda":
+                raise TrainingError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel)")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     def files(self, split: str, mask_check: MaskCheck | None) -> list[Path]:
         d = self.cfg.data
@@ -248,18 +277,24 @@ class Trainer:
                     raise self.out_of_memory() from None
                 if record is None:  # interrupted mid-epoch: last.pt holds the position
                     raise Interrupted(self.run.root, interrupt["signum"] or signal.SIGINT)
-                metrics, val_loss = evaluate(self.model, self.val_loader, self.rt, self.palette.num_classes)
+                metrics, val_loss = evaluate(self.model, self.val_loader, self.rt, self.palette.num_classes, self.dist)
                 record.update(metrics.to_dict(), val_loss=val_loss, elapsed_s=self.elapsed())
                 record.pop("confusion", None)
                 self.end_epoch(record, metrics)
-                if interrupt["signum"] is not None:  # arrived during the last step or validation
-                    raise Interrupted(self.run.root, interrupt["signum"])
+                if self.stop_requested(interrupt):  # arrived during the last step or validation
+                    raise Interrupted(self.run.root, interrupt["signum"] or signal.SIGINT)
                 if cfg.train.patience and self.epochs_since_best >= cfg.train.patience:
                     console.print(f"early stop: no better val mIoU for {cfg.train.patience} epochs")
                     break
         finally:
             self.gpu.stop()
+        if not weights_agree(self.model, self.dist, self.rt.device):
+            raise TrainingError("DDP ranks ended with different weights: a rank diverged (please report this)")
         return self.finish()
+
+    def stop_requested(self, interrupt: dict[str, int | None]) -> bool:
+        """Ctrl-C/SIGTERM seen by any rank; every rank must call this at the same step."""
+        return any_rank(interrupt["signum"] is not None, self.dist, self.rt.device)
 
     def out_of_steps(self) -> bool:
         return bool(self.cfg.train.max_steps) and self.global_step >= self.cfg.train.max_steps
@@ -276,6 +311,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=rt.device)
         nonfinite = torch.zeros((), dtype=torch.bool, device=rt.device)
         n_batches = len(self.train_loader)
+        stopping = False
         with self.progress() as bar:
             task = bar.add_task(
                 f"epoch {self.epoch + 1}/{cfg.epochs}", total=n_batches, completed=self.step_in_epoch,
@@ -306,16 +342,23 @@ class Trainer:
                     self.check_finite(nonfinite)
                     bar.update(task, loss=f"loss {loss.item():.3f}")
                 bar.update(task, advance=1, ips=self.live_line(meter))
-                if interrupt["signum"] is not None or self.out_of_steps():
+                # Ranks agree on stopping only at log steps (a sync); alone, every step is free.
+                if (log_now or not self.dist.enabled) and self.stop_requested(interrupt):
+                    stopping = True
+                    break
+                if self.out_of_steps():
                     break
         self.check_finite(nonfinite)
-        self.partial["loss_sum"] += loss_sum.item()
+        self.partial["loss_sum"] += sum_over_ranks([loss_sum.item()], self.dist, rt.device)[0] / self.dist.world_size
         self.partial["steps"] = self.step_in_epoch
         finished = self.step_in_epoch == n_batches
-        if interrupt["signum"] is not None and not finished:
+        if stopping and not finished:
             self.save(self.run.last)
             return None
         stats = meter.summary()
+        # Throughput adds up over ranks; the data-wait share is their mean.
+        ips, wait = sum_over_ranks([stats["images_per_s"], stats["data_wait_share"]], self.dist, rt.device)
+        stats.update(images_per_s=ips, data_wait_share=wait / self.dist.world_size)
         record = {
             "epoch": self.epoch + 1,
             "partial": not finished,  # stopped by --max-steps: last.pt resumes inside this epoch
@@ -342,7 +385,7 @@ class Trainer:
         return batch
 
     def check_finite(self, nonfinite: torch.Tensor) -> None:
-        if nonfinite.item():
+        if any_rank(bool(nonfinite.item()), self.dist, self.rt.device):
             raise TrainingError(
                 f"loss became NaN/inf at epoch {self.epoch + 1}, step {self.global_step}; "
                 f"the last good checkpoint is {self.run.last} (try a lower --lr or --no-amp)"
@@ -368,7 +411,8 @@ class Trainer:
 
     def end_epoch(self, record: dict[str, Any], metrics: SegMetrics) -> None:
         self.history.append(record)
-        append_jsonl(self.run.metrics, record)
+        if self.dist.is_main:
+            append_jsonl(self.run.metrics, record)
         self.console.print(iou_table(metrics, self.palette.names, title=f"val after epoch {record['epoch']}"))
         self.console.print(
             f"epoch {record['epoch']}: loss {record['loss']:.4f}  val pixel acc {record['pixel_acc']:.4f}  "
@@ -397,6 +441,8 @@ class Trainer:
         )
 
     def save(self, path: Path) -> None:
+        if not self.dist.is_main:  # every rank holds the same weights; one writer
+            return
         try:
             save_checkpoint(self.state(self.elapsed()), path)
         except OSError as e:
@@ -423,13 +469,16 @@ class Trainer:
             "amp": self.rt.amp,
             "compile": self.rt.compile,
             "loader": self.loader_kind,
+            "cache": self.cfg.data.cache,
+            "world_size": self.dist.world_size,
             "data": str(self.data_root),
             "run_dir": str(self.run.root),
             "versions": versions(),
         }
-        write_json(run.summary, summary)
-        plot_curves(history, run.curves)
-        self.write_samples()
+        if self.dist.is_main:
+            write_json(run.summary, summary)
+            plot_curves(history, run.curves)
+            self.write_samples()
         return summary
 
     @torch.no_grad()
@@ -483,12 +532,21 @@ def default_run_dir() -> Path:
 
 
 def train(cfg: Config, console: Console | None = None) -> dict[str, Any]:
-    """Run (or resume) training as configured; returns summary.json's content.
+    """Run (or resume) training as configured; returns summary.json's content. Under torchrun, every
+    rank calls this; rank 0 alone prints and writes.
 
     Raises TrainingError / PairError / CheckpointError with one-line messages, and Interrupted
     after saving last.pt on Ctrl-C/SIGTERM.
     """
-    console = console or Console()
+    dist_info = init_distributed(resolve_runtime(cfg.train).device.type)
+    console = (console or Console()) if dist_info.is_main else Console(quiet=True)
+    try:
+        return _train(cfg, console, dist_info)
+    finally:
+        cleanup(dist_info)
+
+
+def _train(cfg: Config, console: Console, dist_info: DistInfo) -> dict[str, Any]:
     resume_state = None
     if cfg.train.resume:
         run = RunFolder(cfg.train.resume)
@@ -500,23 +558,25 @@ def train(cfg: Config, console: Console | None = None) -> dict[str, Any]:
         console.print(f"resuming {run.root} at epoch {resume_state['epoch'] + 1}, "
                       f"step {resume_state['step_in_epoch']} of that epoch")
     else:
-        run = RunFolder(cfg.train.out or default_run_dir())
+        # The default name holds a timestamp: take rank 0's so every rank writes to one folder.
+        run = RunFolder(broadcast_object(cfg.train.out or str(default_run_dir()), dist_info))
         if run.last.exists():
             raise TrainingError(f"{run.root}: already holds a run; use --resume {run.root} or another --out")
     try:
-        trainer = Trainer(cfg, console, run, resume_state)
+        trainer = Trainer(cfg, console, run, resume_state, dist_info)
     except (PairError, TrainingError, CheckpointError, ValueError) as e:
-        # Nothing of a run exists yet: leave only the reason in the folder the user pointed at.
-        run.root.mkdir(parents=True, exist_ok=True)
-        (run.root / "error.log").write_text(f"{e}\n")
+        if dist_info.is_main:  # nothing of a run exists yet: leave only the reason in the folder
+            run.root.mkdir(parents=True, exist_ok=True)
+            (run.root / "error.log").write_text(f"{e}\n")
         raise
     console.print(describe(trainer.model))
     console.print(
         f"device {device_name(trainer.rt.device)}  amp(bf16) {trainer.rt.amp}  compile {trainer.rt.compile}  "
-        f"loader {trainer.loader_kind}  data {trainer.data_root} "
-        f"({len(trainer.train_files)} train / {len(trainer.val_files)} val)"
+        f"loader {trainer.loader_kind}  cache {cfg.data.cache}  ranks {dist_info.world_size}  "
+        f"data {trainer.data_root} ({len(trainer.train_files)} train / {len(trainer.val_files)} val)"
     )
     with graceful_interrupts() as interrupt:
-        run.create()
-        write_json(run.config, trainer.cfg.to_dict())  # written once Ctrl-C is handled: tests wait on it
+        if dist_info.is_main:
+            run.create()
+            write_json(run.config, trainer.cfg.to_dict())  # written once Ctrl-C is handled: tests wait on it
         return trainer.fit(interrupt)

@@ -31,7 +31,8 @@ def results(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
     """One tiny run of each benchmark, written to one results folder."""
     out = tmp_path_factory.mktemp("results")
     loader.run(["--data", str(tiny_data), "--n", "8", "--batch-size", "4", "--image-size", "64", "--reps", "2",
-                "--workers", "0", "--threads", "1", "--augment", "standard,none", "--json", str(out / "loader-cpu.json")])
+                "--workers", "0", "--threads", "1", "--augment", "standard,none",
+                "--json", str(out / "loader-cpu.json")])
     train_step.run(["--quick", "--json", str(out / "train_step-cpu.json")])
     end_to_end.run(["--data", str(tiny_data), "--steps", "7", "--warm-steps", "2", "--width", "4", "--depth", "2",
                     "--size", "64", "--batch", "1", "--workers", "0", "--json", str(out / "end_to_end-cpu.json")])

@@ -178,31 +178,38 @@ class _Canvas:
         self.work = work
         self.region = work.region
         self.region.fill(0)
-        self.mask_lut = np.zeros(_MAX_REGIONS, "<u4")  # packed r | g << 8 | b << 16
-        self.photo_lut = np.zeros((_MAX_REGIONS, 3), np.float32)
-        self.smooth_amp = np.zeros(_MAX_REGIONS, np.float32)
-        self.grain_amp = np.zeros(_MAX_REGIONS, np.float32)
-        self.shadow = np.arange(_MAX_REGIONS, dtype=np.uint8)  # region in shadow; only ground changes
+        # Per region, as lists (a numpy item write costs ~1 µs; tables() converts them once).
         self.labels: list[str] = []
+        self.rgb: list[RGB] = []  # photo base colour before the scene's light
+        self.amps: list[tuple[float, float]] = []  # smooth and grain texture amplitudes
+        self.shadow = np.arange(_MAX_REGIONS, dtype=np.uint8)  # region in shadow; only ground changes
 
     def new(self, label: str, rgb: RGB, smooth: float, grain: float) -> int:
         """A region with its label and photo look. A crowded scene reuses the first region of the
         same label rather than failing: the mask stays exact, only a photo colour repeats."""
         if len(self.labels) == _MAX_REGIONS:
             return self.labels.index(label) if label in self.labels else 0
-        rid = len(self.labels)
-        r, g, b = LABEL_COLORS[label]
-        self.mask_lut[rid] = r | (g << 8) | (b << 16)
-        self.photo_lut[rid] = rgb
-        self.smooth_amp[rid] = smooth
-        self.grain_amp[rid] = grain
         self.labels.append(label)
-        return rid
+        self.rgb.append(rgb)
+        self.amps.append((smooth, grain))
+        return len(self.labels) - 1
 
     def twin(self, rid: int, light: float) -> int:
         """The same label and texture in different light: shadows, joints, car sides."""
-        rgb = self.photo_lut[rid] * light
-        return self.new(self.labels[rid], (rgb[0], rgb[1], rgb[2]), self.smooth_amp[rid], self.grain_amp[rid])
+        r, g, b = self.rgb[rid]
+        return self.new(self.labels[rid], (r * light, g * light, b * light), *self.amps[rid])
+
+    def tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(256,) packed mask colours r | g << 8 | b << 16, (256, 3) photo colours, and (256,)
+        smooth and grain amplitudes; unused regions are zero."""
+        n = len(self.labels)
+        mask = np.zeros(_MAX_REGIONS, "<u4")
+        mask[:n] = [r | (g << 8) | (b << 16) for r, g, b in (LABEL_COLORS[label] for label in self.labels)]
+        rgb = np.zeros((_MAX_REGIONS, 3), np.float32)
+        rgb[:n] = self.rgb
+        amps = np.zeros((_MAX_REGIONS, 2), np.float32)
+        amps[:n] = self.amps
+        return mask, rgb, amps[:, 0], amps[:, 1]
 
     def paint(self, box: _Box | None, rid: int | np.ndarray) -> None:
         """Cover the box (or its mask) with a region, or with one region per column."""
@@ -399,8 +406,8 @@ def _gray(v: float, tint: float = 0.0) -> RGB:
 def _jitter(r: _Rand, rgb: RGB, scale: float) -> RGB:
     """A base colour varied in brightness and, less, per channel."""
     k = r.uniform(1 - scale, 1 + scale)
-    q = scale / 3
-    return tuple(v * k * r.uniform(1 - q, 1 + q) for v in rgb)
+    lo, hi = 1 - scale / 3, 1 + scale / 3
+    return (rgb[0] * k * r.uniform(lo, hi), rgb[1] * k * r.uniform(lo, hi), rgb[2] * k * r.uniform(lo, hi))
 
 
 def _look(r: _Rand) -> _Look:
@@ -625,7 +632,7 @@ def _facades(cv: _Canvas, r: _Rand, side: _Side, z_end: float) -> None:
     cv.paint(_Box(r0, r1, c0, c1, windows), win[b].astype(np.uint8))
     shops = (shop[b] >= 0) & (_frac((zc - z0[b]) / 4.5) < 0.7)
     if shops.any():  # wide ground-floor windows
-        cv.paint(_Box(r0, r1, c0, c1, m & (h > 0.4) & (h < 2.6) & shops), shop[b].astype(np.uint8))
+        cv.paint(_Box(r0, r1, c0, c1, m & (h > 0.4) & (h < 2.6) & shops), np.maximum(shop[b], 0).astype(np.uint8))
 
 
 def _tree_line(cv: _Canvas, r: _Rand, side: _Side, z_end: float, look: _Look) -> None:
@@ -970,10 +977,10 @@ def _packed(rgb: np.ndarray, extra: np.ndarray) -> np.ndarray:
     return v[:, 0] | (v[:, 1] << 8) | (v[:, 2] << 16) | (extra.astype("<u4") << 24)
 
 
-def _graded(cv: _Canvas, look: _Look) -> np.ndarray:
+def _graded(photo_lut: np.ndarray, look: _Look) -> np.ndarray:
     """Region colours under the scene's light, haze and camera response (per region, not pixel)."""
-    rgb = np.clip(cv.photo_lut * look.light, 0, 255)
-    rgb += look.haze * (np.minimum(cv.photo_lut[0], 255) - rgb)  # region 0 is the sky
+    rgb = np.clip(photo_lut * look.light, 0, 255)
+    rgb += look.haze * (np.minimum(photo_lut[0], 255) - rgb)  # region 0 is the sky
     return 255 * (rgb / 255) ** look.gamma
 
 
@@ -1006,8 +1013,9 @@ def _compose(cv: _Canvas, r: _Rand, tiles: _Tiles, look: _Look) -> np.ndarray:
     s, w = cv.cam.size, cv.work
     idx = w.idx
     np.copyto(idx, cv.region)  # np.take is faster with native-width indices
-    np.take(cv.mask_lut | (_amp_bytes(cv.smooth_amp).astype("<u4") << 24), idx, out=w.mask32)
-    np.take(_packed(_graded(cv, look), _amp_bytes(cv.grain_amp * look.grain)), idx, out=w.base32)
+    mask_lut, photo_lut, smooth_amp, grain_amp = cv.tables()
+    np.take(mask_lut | (_amp_bytes(smooth_amp).astype("<u4") << 24), idx, out=w.mask32)
+    np.take(_packed(_graded(photo_lut, look), _amp_bytes(grain_amp * look.grain)), idx, out=w.base32)
     mask4 = w.mask32.view(np.uint8).reshape(s, s, 4)
     base4 = w.base32.view(np.uint8).reshape(s, s, 4)
     oy, ox, gy, gx = (r.integers(0, s) for _ in range(4))

@@ -40,8 +40,11 @@ def device_kind(device: torch.device) -> str:
 def pick_device(name: str = "auto") -> torch.device:
     """auto -> cuda when visible, else cpu."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # tensors report cuda:0, not cuda
+    return device
 
 
 def sync(device: torch.device) -> None:

@@ -90,9 +90,18 @@ def cache_wired() -> bool:
     return "cache" in {f.name for f in dataclasses.fields(DataConfig)}
 
 
+def cache_decoder(device: torch.device) -> str:
+    """The loader kind whose decoder fills the cache, as `--cache device` picks it: DALI's nvJPEG on a
+    GPU machine with DALI, the plain loader's Pillow decode otherwise."""
+    from cityseg.data.loaders import dali_available
+
+    return "dali" if device.type == "cuda" and dali_available() else "torch"
+
+
 def make_config(kind: str, data_dir: Path, args: argparse.Namespace, out: Path) -> Config:
     data = DataConfig(data_dir=str(data_dir), image_size=args.size, batch_size=args.batch,
-                      loader="torch" if kind == "cache" else kind, workers=args.workers, skip_validate=True,
+                      loader=cache_decoder(args.device) if kind == "cache" else kind, workers=args.workers,
+                      skip_validate=True,
                       augment=AUGMENTS["standard"])  # fmt: skip
     if cache_wired():
         data = dataclasses.replace(data, cache="device" if kind == "cache" else "none")

@@ -50,8 +50,12 @@ die() { echo "gpu_suite: $*" >&2; exit 1; }
 # What the GPU machine lacks, from the checkout: cityscapesscripts (pack_extras.sh) and DALI (pack-dali.sh).
 [[ -d $ROOT/.dali/extras ]] && export PYTHONPATH="$ROOT/.dali/extras${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-"$PYTHON" -c 'import cityscapesscripts.helpers.labels' 2>/dev/null ||
-  die "cannot import cityscapesscripts: run 'bash benchmarks/pack_extras.sh' on the CPU machine and carry .dali/extras"
+missing=$("$PYTHON" -c 'import importlib.util as u
+need = ("torchvision", "matplotlib", "cityscapesscripts", "triton", "PIL", "numpy", "rich", "typer", "pytest")
+print(" ".join(n for n in need if u.find_spec(n) is None))')
+[[ -z $missing ]] || die "cannot import: $missing. On the CPU machine, 'bash benchmarks/pack_extras.sh' packs \
+cityscapesscripts ('bash benchmarks/pack_extras.sh PKG ...' any other pure or cp312 wheel) into .dali/extras: carry it"
+"$PYTHON" -c 'import pynvml' 2>/dev/null || echo "WARNING: pynvml is not importable: GPU utilisation reads n/a"
 if ! "$PYTHON" -c 'import nvidia.dali' 2>/dev/null; then
   parts=$(ls "$HOME"/dali/part-* 2>/dev/null || ls "$ROOT"/.dali/part-* 2>/dev/null || true)
   if [[ -n $parts ]]; then
@@ -133,10 +137,15 @@ print(json.dumps({"device": describe_device(device), "versions": versions(), "ma
   echo "PYTHONPATH=$PYTHONPATH"
 }
 
-gpu_tests() {  # pytest's 5 = nothing collected: no GPU-marked test exists, which is not a failure here
-  local rc=0
-  "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --junitxml "$OUT/pytest-gpu.xml" tests || rc=$?
-  if ((rc == 5)); then echo "no GPU-marked tests collected"; return 0; fi
+# Only the modules that carry the gpu marker: others import test extras (hypothesis, torchmetrics) the
+# GPU machine lacks, and one module failing to import stops pytest's whole run.
+gpu_tests() {
+  local files rc=0
+  files=$(grep -l 'pytest.mark.gpu' tests/test_*.py || true)
+  if [[ -z $files ]]; then echo "no GPU-marked tests"; return 0; fi
+  # shellcheck disable=SC2086  # test file names hold no spaces
+  "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --junitxml "$OUT/pytest-gpu.xml" $files || rc=$?
+  if ((rc == 5)); then echo "no GPU-marked tests collected"; return 0; fi  # pytest's 5: nothing selected
   return "$rc"
 }
 

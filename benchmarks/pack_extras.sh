@@ -1,30 +1,38 @@
 #!/usr/bin/env bash
-# Puts cityscapesscripts (pure Python: cityseg/palette.py and cityseg/data/synth.py import its label
-# table) under .dali/extras/ (git-ignored), to travel with the checkout to the offline GPU machine,
-# where benchmarks/gpu_suite.sh puts .dali/extras on PYTHONPATH.
+# Unpacks what the offline GPU machine lacks besides DALI into .dali/extras/ (git-ignored), to travel
+# with the checkout; benchmarks/gpu_suite.sh puts .dali/extras on PYTHONPATH.
 #
-#   bash benchmarks/pack_extras.sh          # on the CPU machine; PYTHON=... to pick the interpreter
+#   bash benchmarks/pack_extras.sh                  # cityscapesscripts (cityseg/palette.py imports its labels)
+#   bash benchmarks/pack_extras.sh PKG[==V] ...     # and more, if the suite's preflight names them missing
 #
-# It downloads the wheel with pip (no dependencies: the label table needs none), or, offline, copies
-# the installed package; the GUI tools (annotation/, viewer/: ~10 MB) are left out. About 0.6 MB.
+# Wheels are fetched for the GPU machine's Python 3.12 on x86_64 Linux, without dependencies (name
+# each one needed). Offline, cityscapesscripts is copied from the installed package instead. Its GUI
+# tools (annotation/, viewer/: ~10 MB) are left out: ~0.3 MB remain. PYTHON=... picks the interpreter.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 dest=$root/.dali/extras
 PY=${PYTHON:-python3}
-VERSION=2.3.0  # the version the project is tested with
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-rm -rf "$dest/cityscapesscripts" "$dest"/cityscapesscripts-*.dist-info
+pkgs=("cityscapesscripts==2.3.0" "$@")  # 2.3.0: the version the project is tested with
 mkdir -p "$dest"
-if "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$work" "cityscapesscripts==$VERSION" 2>/dev/null; then
-  "$PY" -m zipfile -e "$work"/cityscapesscripts-*.whl "$dest"
-  echo "unpacked $(basename "$work"/cityscapesscripts-*.whl) into $dest"
-else
+if "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d "$work" "${pkgs[@]}"; then
+  for whl in "$work"/*.whl; do
+    "$PY" -m zipfile -e "$whl" "$dest"
+    echo "unpacked $(basename "$whl")"
+  done
+elif (($# == 0)); then
   src=$("$PY" -c 'import cityscapesscripts, os; print(os.path.dirname(cityscapesscripts.__file__))') ||
     { echo "pack_extras: pip download failed and cityscapesscripts is not installed for $PY" >&2; exit 1; }
+  rm -rf "$dest/cityscapesscripts"
   cp -r "$src" "$dest/"
-  echo "pip download failed (offline?): copied the installed package from $src"
+  echo "pip download failed (offline?): copied the installed cityscapesscripts from $src"
+else
+  echo "pack_extras: pip download failed for: ${pkgs[*]}" >&2
+  exit 1
 fi
 rm -rf "$dest/cityscapesscripts/annotation" "$dest/cityscapesscripts/viewer"
 find "$dest" -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -133,8 +133,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="image side; default 256 on GPU, 128 on CPU")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of: " + ", ".join(VARIANTS))
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 GPU, 3 CPU)")
-    p.add_argument("--steps", type=int, default=None, help="steps per repetition (default 20 GPU, 2 CPU)")
+    p.add_argument("--steps", type=int, default=None, help="steps per repetition (default 20 GPU, 1 CPU)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions (the median is reported)")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: a smoke test)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -153,16 +154,16 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args.batch = args.batch or (16 if gpu else 4)
     args.size = args.size or (256 if gpu else 128)
     args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 3)
-    args.steps = args.steps or (20 if gpu else 2)
+    args.steps = args.steps or (20 if gpu else 1)
     widths = [int(w) for w in parse_list(args.widths)]
     names = parse_list(args.variants)
     if bad := [n for n in names if n not in VARIANTS]:
         raise SystemExit(f"--variants: unknown {bad}; expected {', '.join(VARIANTS)}")
-    if gpu:
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels (warm-up)
-    config = {k: getattr(args, k) for k in ("depth", "batch", "size", "warmup", "steps", "reps", "compile_backend",
-                                            "seed")} | {"widths": widths, "variants": names, "optimizer": "AdamW",
-                                                        "fused_adamw": gpu, "grad_clip": 1.0}  # fmt: skip
+    # Off by default, as in the engine; on, cuDNN times its kernels during the warm-up for these fixed shapes.
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    keys = ("depth", "batch", "size", "warmup", "steps", "reps", "compile_backend", "cudnn_benchmark", "seed")
+    config = {k: getattr(args, k) for k in keys} | {"widths": widths, "variants": names, "optimizer": "AdamW",
+                                                    "fused_adamw": gpu, "grad_clip": 1.0}  # fmt: skip
     out = args.json or default_json("train_step", device)
     record = new_record("train_step", device, command_line("train_step.py", argv), config)
     print_header(record)

@@ -119,42 +119,59 @@ def train(
     log_every: Annotated[int, typer.Option(help="Steps between loss readouts (each syncs the GPU).")] = 20,
 ) -> None:
     """Train a U-Net and write a run folder (config, metrics, checkpoints, curves, samples)."""
-    from cityseg.engine import EXIT_INTERRUPTED, Interrupted, TrainingError
-    from cityseg.engine import train as run_training
-
     if nproc > 1:
         launch_torchrun(nproc)
     console.quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 speaks for all
-    if resume is not None:
-        cfg = resumed_config(resume, epochs)
-    else:
-        on_cpu = device == "cpu" or (device == "auto" and not _cuda_available())
-        preset = CPU_SYNTH_PRESET if data is None and on_cpu else FULL_PRESET
-        if smoke:
-            preset = {**preset, "image_size": 64, "width": 8, "batch_size": 4, "epochs": 1,
-                      "synth_train": 16, "synth_val": 8}
-        cfg = Config(
-            data=DataConfig(
-                data_dir=None if data is None else str(data),
-                image_size=pick(image_size, "image_size", preset),
-                batch_size=pick(batch_size, "batch_size", preset),
-                loader=loader, cache=cache, workers=workers, prefetch=prefetch, palette=palette,
-                max_color_dist=max_color_dist, skip_validate=skip_validate, skip_bad=skip_bad,
-                augment=AugmentConfig(hflip=hflip, rotate_deg=rotate, scale=parse_scale(scale),
-                                      brightness=jitter, contrast=jitter, saturation=jitter, hue=hue),
-                synth_train=preset["synth_train"], synth_val=preset["synth_val"],
-            ),
-            model=ModelConfig(width=pick(width, "width", preset), depth=depth, upsample=upsample),
-            train=TrainConfig(
-                epochs=pick(epochs, "epochs", preset), lr=pick(lr, "lr", preset), weight_decay=weight_decay,
-                warmup_steps=warmup_steps, grad_clip=grad_clip, class_weights=class_weights, device=device,
-                amp=amp, compile=compile, sync_bn=sync_bn, seed=seed, patience=patience, log_every=log_every,
-                max_steps=max_steps or (6 if smoke else 0), out=None if out is None else str(out),
-            ),
-        )
+    cfg = resumed_config(resume, epochs) if resume is not None else config_from_options(locals())
     print_config(cfg)
+    summary = run_or_fail(cfg)
+    from cityseg.telemetry import fmt
+
+    final = summary["final"]
+    console.print(
+        f"[bold green]done[/]: val pixel acc {final['pixel_acc']:.4f}, mIoU {fmt(final['miou'], '.4f')}, "
+        f"{fmt(summary['images_per_s'])} img/s, run folder {Path(summary['run_dir'])}"
+    )
+
+
+def config_from_options(o: dict) -> Config:
+    """The train command's options -> Config, with the machine's preset for what was left unset."""
+    on_cpu = o["device"] == "cpu" or (o["device"] == "auto" and not _cuda_available())
+    preset = CPU_SYNTH_PRESET if o["data"] is None and on_cpu else FULL_PRESET
+    if o["smoke"]:
+        preset = {**preset, "image_size": 64, "width": 8, "batch_size": 4, "epochs": 1,
+                  "synth_train": 16, "synth_val": 8}
+    jitter = o["jitter"]
+    return Config(
+        data=DataConfig(
+            data_dir=None if o["data"] is None else str(o["data"]),
+            image_size=pick(o["image_size"], "image_size", preset),
+            batch_size=pick(o["batch_size"], "batch_size", preset),
+            loader=o["loader"], cache=o["cache"], workers=o["workers"], prefetch=o["prefetch"],
+            palette=o["palette"], max_color_dist=o["max_color_dist"], skip_validate=o["skip_validate"],
+            skip_bad=o["skip_bad"],
+            augment=AugmentConfig(hflip=o["hflip"], rotate_deg=o["rotate"], scale=parse_scale(o["scale"]),
+                                  brightness=jitter, contrast=jitter, saturation=jitter, hue=o["hue"]),
+            synth_train=preset["synth_train"], synth_val=preset["synth_val"],
+        ),
+        model=ModelConfig(width=pick(o["width"], "width", preset), depth=o["depth"], upsample=o["upsample"]),
+        train=TrainConfig(
+            epochs=pick(o["epochs"], "epochs", preset), lr=pick(o["lr"], "lr", preset),
+            weight_decay=o["weight_decay"], warmup_steps=o["warmup_steps"], grad_clip=o["grad_clip"],
+            class_weights=o["class_weights"], device=o["device"], amp=o["amp"], compile=o["compile"],
+            sync_bn=o["sync_bn"], seed=o["seed"], patience=o["patience"], log_every=o["log_every"],
+            max_steps=o["max_steps"] or (6 if o["smoke"] else 0), out=None if o["out"] is None else str(o["out"]),
+        ),
+    )
+
+
+def run_or_fail(cfg: Config, on_step=None) -> dict:
+    """Train; turn every expected failure into a one-line message and the right exit status."""
+    from cityseg.engine import EXIT_INTERRUPTED, Interrupted, TrainingError
+    from cityseg.engine import train as run_training
+
     try:
-        summary = run_training(cfg, console)
+        return run_training(cfg, console, on_step=on_step)
     except KeyboardInterrupt:  # before training started: nothing to save
         err_console.print("interrupted before training started")
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -163,13 +180,27 @@ def train(
         raise typer.Exit(EXIT_INTERRUPTED if e.signum == signal.SIGINT else 128 + e.signum) from None
     except (PairError, TrainingError, CheckpointError, ValueError) as e:
         fail(str(e))
-    from cityseg.telemetry import fmt
 
-    final = summary["final"]
-    console.print(
-        f"[bold green]done[/]: val pixel acc {final['pixel_acc']:.4f}, mIoU {fmt(final['miou'], '.4f')}, "
-        f"{fmt(summary['images_per_s'])} img/s, run folder {Path(summary['run_dir'])}"
-    )
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def profile(
+    ctx: typer.Context,
+    steps: Annotated[int, typer.Option(help="Training steps recorded (after 1 skipped and 2 warm-up steps).")] = 10,
+    out: Annotated[Path, typer.Option(help="Folder for trace.json, top_ops.txt, gpu_timeline.png and the run.")]
+    = Path("profile"),
+) -> None:
+    """Profile training steps with torch.profiler. Any `train` option may follow, e.g.
+    `cityseg-fast profile --steps 20 --data DIR --batch-size 32`."""
+    from cityseg.profiling import profile_training
+
+    train_command = typer.main.get_command(app).get_command(ctx, "train")
+    try:
+        options = train_command.make_context("train", list(ctx.args)).params
+    except typer.TyperException as e:  # an unknown or malformed train option
+        fail(f"profile: {e.format_message() if hasattr(e, 'format_message') else e}")
+    options["out"] = out / "run"
+    cfg = config_from_options(options)
+    profile_training(cfg, steps, out, console, run_or_fail)
 
 
 def launch_torchrun(nproc: int) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -55,7 +55,7 @@ from cityseg.report import (
     versions,
     write_json,
 )
-from cityseg.telemetry import EpochMeter, GpuSampler, fmt
+from cityseg.telemetry import EpochMeter, GpuSampler, fmt, plot_gpu_timeline
 
 EXIT_INTERRUPTED = 130
 
@@ -210,6 +210,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.elapsed_before = 0.0  # run time of earlier sessions of a resumed run
         self.partial = {"loss_sum": 0.0, "steps": 0}
+        self.on_step: Callable[[], None] | None = None  # e.g. torch.profiler's step()
         if resume_state:
             self.load_state(resume_state)
 
@@ -337,6 +338,8 @@ class Trainer:
                 self.step_in_epoch += 1
                 self.global_step += 1
                 meter.step_done(image.shape[0])
+                if self.on_step is not None:
+                    self.on_step()
                 log_now = self.global_step % cfg.log_every == 0 or batch is None
                 if log_now:
                     self.check_finite(nonfinite)
@@ -479,6 +482,8 @@ class Trainer:
             write_json(run.summary, summary)
             plot_curves(history, run.curves)
             self.write_samples()
+            if self.gpu.samples:
+                plot_gpu_timeline(self.gpu.samples, run.root / "gpu_timeline.png")
         return summary
 
     @torch.no_grad()
@@ -531,7 +536,7 @@ def default_run_dir() -> Path:
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def train(cfg: Config, console: Console | None = None) -> dict[str, Any]:
+def train(cfg: Config, console: Console | None = None, on_step: Callable[[], None] | None = None) -> dict[str, Any]:
     """Run (or resume) training as configured; returns summary.json's content. Under torchrun, every
     rank calls this; rank 0 alone prints and writes.
 
@@ -541,12 +546,12 @@ def train(cfg: Config, console: Console | None = None) -> dict[str, Any]:
     dist_info = init_distributed(resolve_runtime(cfg.train).device.type)
     console = (console or Console()) if dist_info.is_main else Console(quiet=True)
     try:
-        return _train(cfg, console, dist_info)
+        return _train(cfg, console, dist_info, on_step)
     finally:
         cleanup(dist_info)
 
 
-def _train(cfg: Config, console: Console, dist_info: DistInfo) -> dict[str, Any]:
+def _train(cfg: Config, console: Console, dist_info: DistInfo, on_step: Callable[[], None] | None) -> dict[str, Any]:
     resume_state = None
     if cfg.train.resume:
         run = RunFolder(cfg.train.resume)
@@ -564,6 +569,7 @@ def _train(cfg: Config, console: Console, dist_info: DistInfo) -> dict[str, Any]
             raise TrainingError(f"{run.root}: already holds a run; use --resume {run.root} or another --out")
     try:
         trainer = Trainer(cfg, console, run, resume_state, dist_info)
+        trainer.on_step = on_step
     except (PairError, TrainingError, CheckpointError, ValueError) as e:
         if dist_info.is_main:  # nothing of a run exists yet: leave only the reason in the folder
             run.root.mkdir(parents=True, exist_ok=True)

@@ -28,11 +28,11 @@ import torch
 from torch import nn
 
 from cityseg.checkpoint import load_checkpoint
-from cityseg.config import Config
 from cityseg.data.torch_loader import IMAGENET_MEAN, IMAGENET_STD
 from cityseg.engine import palette_from_state
 from cityseg.evaluate import load_model
 from cityseg.model import check_input_size
+from cityseg.predict import checkpoint_config
 
 Format = Literal["onnx", "torchscript"]
 FORMATS: tuple[str, ...] = ("onnx", "torchscript")
@@ -61,6 +61,7 @@ def export_metadata(state: dict[str, Any], image_size: int, ckpt: Path) -> dict[
 def load_export_model(ckpt: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """The checkpoint's model on the CPU in float32, eval mode, plain NCHW weights."""
     state = load_checkpoint(ckpt)
+    checkpoint_config(state, Path(ckpt))  # a one-line error for a config this version cannot read
     model = load_model(state, torch.device("cpu"))
     return model.to(memory_format=torch.contiguous_format).float().eval(), state
 
@@ -73,7 +74,7 @@ def export_model(ckpt: str | os.PathLike, fmt: str, out: str | os.PathLike, imag
         require_onnx()
     ckpt, out = Path(ckpt), Path(out)
     model, state = load_export_model(ckpt)
-    cfg = Config.from_dict(state["config"])
+    cfg = checkpoint_config(state, ckpt)
     size = image_size or cfg.data.image_size
     try:
         check_input_size(size, size, cfg.model.depth)

@@ -109,6 +109,14 @@ def preprocess(photos: Sequence[np.ndarray], size: int, device: torch.device) ->
     return normalize_batch(batch, device, torch.float32)
 
 
+def checkpoint_config(state: dict[str, Any], path: Path) -> Config:
+    """The checkpoint's Config; a config this version cannot read is a one-line CheckpointError."""
+    try:
+        return Config.from_dict(state["config"])
+    except (TypeError, KeyError) as e:  # a field added or removed since the checkpoint was saved
+        raise CheckpointError(f"{path}: config not readable by this version of cityseg-fast ({e})") from None
+
+
 class Predictor:
     """A checkpoint ready to segment photos: `predict_batch([photo, ...]) -> [ids, ...]`."""
 
@@ -121,7 +129,7 @@ class Predictor:
         state = load_checkpoint(self.ckpt)
         if "palette" not in state:
             raise CheckpointError(f"{self.ckpt}: checkpoint has no palette (class colours and names)")
-        self.cfg = Config.from_dict(state["config"])
+        self.cfg = checkpoint_config(state, self.ckpt)
         self.runtime = resolve_runtime(TrainConfig(device=device, amp=self.cfg.train.amp, compile=False))
         self.palette = palette_from_state(state["palette"])
         self.image_size = self.cfg.data.image_size

@@ -65,7 +65,8 @@ class EpochMeter:
 
 
 class GpuSampler:
-    """Samples GPU utilisation, memory and power at `hz` in a daemon thread via NVML.
+    """Samples GPU utilisation, memory and power at `hz` in a daemon thread via NVML, and SM
+    activity from NVML GPM metrics where the GPU has them (Hopper and newer).
 
     Without NVML (no NVIDIA driver, or a CPU run) every field reads None ("n/a"); never raises.
     """
@@ -73,10 +74,12 @@ class GpuSampler:
     def __init__(self, device: torch.device, hz: float = 10.0) -> None:
         self.device = device
         self.interval = 1.0 / hz
-        self.samples: list[tuple[float, float, float, float]] = []  # (t, util %, mem GiB, power W)
+        # (t, util %, mem GiB, power W, SM activity % or None)
+        self.samples: list[tuple[float, float, float, float, float | None]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._handle = self._open_handle()
+        self._gpm = self._open_gpm()
 
     def _open_handle(self):
         if self.device.type != "cuda":
@@ -89,6 +92,37 @@ class GpuSampler:
             return pynvml.nvmlDeviceGetHandleByIndex(index)
         except Exception:  # noqa: BLE001 - NVML missing or unsupported: telemetry reads n/a
             return None
+
+    def _open_gpm(self) -> list | None:
+        """Two GPM sample buffers (a metric is the difference of two samples), or None."""
+        if self._handle is None:
+            return None
+        import pynvml
+
+        try:
+            if not pynvml.nvmlGpmQueryDeviceSupport(self._handle).isSupportedDevice:
+                return None
+            first = pynvml.nvmlGpmSampleAlloc()
+            pynvml.nvmlGpmSampleGet(self._handle, first)
+            return [first, pynvml.nvmlGpmSampleAlloc()]
+        except (pynvml.NVMLError, AttributeError):  # pre-Hopper GPU or an old driver / binding
+            return None
+
+    def _sm_activity(self) -> float | None:
+        import pynvml
+
+        if self._gpm is None:
+            return None
+        previous, current = self._gpm
+        pynvml.nvmlGpmSampleGet(self._handle, current)
+        request = pynvml.c_nvmlGpmMetricsGet_t()
+        request.version = pynvml.NVML_GPM_METRICS_GET_VERSION
+        request.numMetrics = 1
+        request.sample1, request.sample2 = previous, current
+        request.metrics[0].metricId = pynvml.NVML_GPM_METRIC_SM_UTIL
+        pynvml.nvmlGpmMetricsGet(request)
+        self._gpm = [current, previous]
+        return float(request.metrics[0].value)
 
     @property
     def available(self) -> bool:
@@ -109,14 +143,16 @@ class GpuSampler:
                 util = pynvml.nvmlDeviceGetUtilizationRates(self._handle).gpu
                 mem = pynvml.nvmlDeviceGetMemoryInfo(self._handle).used / 2**30
                 power = pynvml.nvmlDeviceGetPowerUsage(self._handle) / 1000.0
+                sm = self._sm_activity()
             except pynvml.NVMLError:
                 continue
-            self.samples.append((time.perf_counter() - t0, float(util), mem, power))
+            self.samples.append((time.perf_counter() - t0, float(util), mem, power, sm))
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=1.0)
+            self._thread = None
 
     def mark(self) -> int:
         """Index to pass to `summary(since=...)` for the samples taken from now on."""
@@ -125,11 +161,13 @@ class GpuSampler:
     def summary(self, since: int = 0) -> dict[str, float | None]:
         window = self.samples[since:]
         if not window:
-            return {"gpu_util": None, "gpu_mem_gib": None, "gpu_power_w": None}
+            return {"gpu_util": None, "gpu_mem_gib": None, "gpu_power_w": None, "sm_activity": None}
+        sm = [s[4] for s in window if s[4] is not None]
         return {
             "gpu_util": mean(s[1] for s in window),
             "gpu_mem_gib": max(s[2] for s in window),
             "gpu_power_w": mean(s[3] for s in window),
+            "sm_activity": mean(sm) if sm else None,
         }
 
     def latest_util(self) -> float | None:
@@ -139,3 +177,26 @@ class GpuSampler:
 def fmt(value: float | None, spec: str = ".1f", unit: str = "") -> str:
     """Format a telemetry value, `n/a` for None."""
     return "n/a" if value is None else f"{value:{spec}}{unit}"
+
+
+def plot_gpu_timeline(samples: list[tuple], path) -> None:
+    """GPU utilisation (and SM activity where measured) over time; says n/a without samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3))
+    if samples:
+        t = [s[0] for s in samples]
+        ax.plot(t, [s[1] for s in samples], label="GPU utilisation %")
+        if any(s[4] is not None for s in samples):
+            ax.plot(t, [s[4] for s in samples], label="SM activity %")
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no GPU samples (n/a: no NVIDIA GPU / NVML)", ha="center", va="center")
+    ax.set_xlabel("seconds")
+    ax.set_ylim(0, 105)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

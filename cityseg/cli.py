@@ -5,6 +5,9 @@
     cityseg-fast check-data DIR
     cityseg-fast synth --out DIR --train 2975 --val 500
     cityseg-fast eval --ckpt runs/X/checkpoints/best.pt --data DIR
+    cityseg-fast predict --ckpt runs/X/checkpoints/best.pt photos/ --out predictions/
+    cityseg-fast export --ckpt runs/X/checkpoints/best.pt --format onnx --out unet.onnx
+    cityseg-fast profile --steps 20 [train options]
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cityseg.checkpoint import CheckpointError
+from cityseg.cli_use import export_cmd, predict_cmd
 from cityseg.config import AugmentConfig, Config, DataConfig, ModelConfig, TrainConfig
 from cityseg.data.pairs import PairError
 
@@ -304,7 +308,9 @@ def evaluate_cmd(
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 16,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     workers: Annotated[int, typer.Option(help="Loader workers.")] = 2,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics here as JSON.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics and confusion matrix here "
+                                                  "as JSON, and its heat map beside it as PNG.")] = None,
+    tta: Annotated[str, typer.Option(help="Test-time augmentation: none | flip (2x the compute).")] = "none",
 ) -> None:
     """Score a checkpoint on a split: pixel accuracy, mIoU and the per-class IoU table."""
     from cityseg.engine import TrainingError
@@ -312,10 +318,14 @@ def evaluate_cmd(
 
     try:
         result = evaluate_checkpoint(ckpt, data, split=split, batch_size=batch_size, device=device,
-                                     workers=workers, json_out=json_out, console=console)
+                                     workers=workers, json_out=json_out, console=console, tta=tta)
     except (PairError, TrainingError, CheckpointError, ValueError) as e:
         fail(str(e))
     console.print(f"pixel acc {result['pixel_acc']:.4f}  mIoU {result['miou']:.4f}")
+
+
+app.command("predict")(predict_cmd)
+app.command("export")(export_cmd)
 
 
 def main() -> None:  # pragma: no cover - console entry point

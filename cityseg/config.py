@@ -93,11 +93,19 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
+        """Inverse of to_dict; a field this version does not know raises ValueError naming it."""
         data = dict(d["data"])
         aug = dict(data.pop("augment"))
         aug["scale"] = tuple(aug["scale"])
         return cls(
-            data=DataConfig(**data, augment=AugmentConfig(**aug)),
-            model=ModelConfig(**d["model"]),
-            train=TrainConfig(**d["train"]),
+            data=_build(DataConfig, {**data, "augment": _build(AugmentConfig, aug)}),
+            model=_build(ModelConfig, d["model"]),
+            train=_build(TrainConfig, d["train"]),
         )
+
+
+def _build(kind: type, values: dict[str, Any]) -> Any:
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(kind)})
+    if unknown:
+        raise ValueError(f"config from another cityseg-fast version: unknown {kind.__name__} fields {unknown}")
+    return kind(**values)

@@ -45,6 +45,7 @@ from cityseg.distributed import (
 from cityseg.metrics import ConfusionMatrix, SegMetrics, iou_table
 from cityseg.model import build_model, describe
 from cityseg.palette import IGNORE_INDEX, Palette
+from cityseg.palette_kmeans import save_palette
 from cityseg.report import (
     RunFolder,
     append_jsonl,
@@ -168,7 +169,7 @@ class Trainer:
         self.data_root = resolve_data_dir(cfg.data)
         self.palette = (
             palette_from_state(resume_state["palette"]) if resume_state else
-            resolve_palette(cfg.data, list_split(self.data_root, "train"))
+            resolve_palette(cfg.data, list_split(self.data_root, "train"), cfg.train.seed)
         )
         # Learned (kmeans) palettes fit their data by construction; the fixed one may not.
         check = palette_mismatch_check(self.palette) if cfg.data.palette == "cityscapes" else None
@@ -584,5 +585,6 @@ def _train(cfg: Config, console: Console, dist_info: DistInfo, on_step: Callable
     with graceful_interrupts() as interrupt:
         if dist_info.is_main:
             run.create()
+            save_palette(trainer.palette, run.root / "palette.json")  # `--palette RUN/palette.json` reuses it
             write_json(run.config, trainer.cfg.to_dict())  # written once Ctrl-C is handled: tests wait on it
         return trainer.fit(interrupt)

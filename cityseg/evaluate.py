@@ -38,6 +38,7 @@ def evaluate_checkpoint(
     workers: int = 2,
     json_out: Path | None = None,
     console: Console | None = None,
+    tta: str | None = None,
 ) -> dict[str, Any]:
     """Pixel accuracy, mIoU, per-class IoU and confusion matrix of `ckpt` on `data/split`."""
     console = console or Console()
@@ -50,10 +51,17 @@ def evaluate_checkpoint(
     files, _ = split_files(resolve_data_dir(data_cfg), split, validate=not data_cfg.skip_validate, workers=workers)
     loader = build_loader("torch", files, palette, data_cfg, train=False, device=rt.device,
                           dtype=torch.float32, seed=cfg.train.seed)
+    from cityseg.predict import FlipTTA, plot_confusion, resolve_tta  # lazy: predict imports this module
+
+    tta = resolve_tta(tta)
     model = load_model(state, rt.device)
+    if tta == "flip":
+        model = FlipTTA(model)
     metrics, loss = evaluate(model, loader, rt, palette.num_classes)
     console.print(iou_table(metrics, palette.names, title=f"{ckpt} on {split} ({len(files)} images)"))
-    result = {**metrics.to_dict(), "loss": loss, "checkpoint": str(ckpt), "split": split, "images": len(files)}
+    result = {**metrics.to_dict(), "loss": loss, "checkpoint": str(ckpt), "split": split, "images": len(files),
+              "tta": tta, "class_names": list(palette.names)}
     if json_out is not None:
         write_json(Path(json_out), result)
+        plot_confusion(metrics.confusion, palette.names, Path(json_out).with_suffix(".confusion.png"))
     return result

@@ -136,10 +136,12 @@ def map_colors_lut(rgb: torch.Tensor, palette: Palette, out_dtype: torch.dtype =
     """RGB (..., 3) uint8 on CPU -> class ids (...) by table lookup; equals `map_colors_reference`."""
     if rgb.dtype != torch.uint8 or rgb.shape[-1] != 3:
         raise ValueError(f"expected (..., 3) uint8 RGB, got {rgb.dtype} {tuple(rgb.shape)}")
-    lut = lookup_table(palette)
-    c = rgb.to(torch.int32)
-    codes = (c[..., 0] << 16) | (c[..., 1] << 8) | c[..., 2]
-    return lut[codes].to(out_dtype)
+    from kernels.mask_to_class import mask_to_class_lut  # the tuned gather; lazy: it imports triton
+
+    flat = rgb.reshape(1, -1, 1, 3) if rgb.dim() != 4 else rgb
+    return mask_to_class_lut(flat, palette.centers, palette.classes, palette.max_dist, out_dtype=out_dtype).reshape(
+        rgb.shape[:-1]
+    )
 
 
 def colorize(class_ids: torch.Tensor, palette: Palette) -> torch.Tensor:

@@ -183,3 +183,15 @@ def test_tiny_unet_overfits_four_real_pairs(real_sample: Path) -> None:
 
 def test_no_augment_constant_is_all_off() -> None:
     assert not NO_AUGMENT.geometric and not NO_AUGMENT.color
+
+
+def test_kmeans_palette_run_saves_its_palette(pair_dataset: Path, tmp_path: Path) -> None:
+    from cityseg.palette_kmeans import load_palette
+
+    run = tmp_path / "run"
+    cfg = tiny_config(pair_dataset, run, epochs=1)
+    summary = train(replace(cfg, data=replace(cfg.data, palette="kmeans:6")))
+    palette = load_palette(run / "palette.json")
+    assert 2 <= palette.num_classes <= 6
+    assert len(summary["final"]["per_class_iou"]) == palette.num_classes
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["config"]["model"]["num_classes"] == palette.num_classes

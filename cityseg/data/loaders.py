@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from cityseg.config import NO_AUGMENT, DataConfig
-from cityseg.data.pairs import MaskCheck, PairError, list_split, validate_files
+from cityseg.data.pairs import MaskCheck, PairError, list_split, read_pair, validate_files
 from cityseg.palette import Palette, cityscapes_palette, far_share
 
 
@@ -78,13 +78,21 @@ def split_files(
     return [info.path for info in good], bad
 
 
-def resolve_palette(cfg: DataConfig, train_files: list[Path]) -> Palette:
-    """`cityscapes` (default) or `kmeans:K`, learned from a sample of the train masks."""
+KMEANS_SAMPLE_FILES = 64
+
+
+def resolve_palette(cfg: DataConfig, train_files: list[Path], seed: int = 0) -> Palette:
+    """`cityscapes` (default), `kmeans:K` learned from a sample of the train masks, or a saved
+    palette .json (e.g. a run folder's palette.json)."""
     if cfg.palette == "cityscapes":
         return cityscapes_palette(cfg.max_color_dist)
     from cityseg.palette_kmeans import parse_palette_spec
 
-    return parse_palette_spec(cfg.palette, train_files, max_dist=cfg.max_color_dist)
+    def sample_masks() -> torch.Tensor:
+        picked = train_files[:: max(1, len(train_files) // KMEANS_SAMPLE_FILES)][:KMEANS_SAMPLE_FILES]
+        return torch.stack([torch.from_numpy(np.ascontiguousarray(read_pair(f)[1])) for f in picked])
+
+    return parse_palette_spec(cfg.palette, sample_masks, cfg.max_color_dist, seed)
 
 
 def resolve_loader_kind(kind: str, device: torch.device) -> str:

@@ -51,6 +51,8 @@ MARKER = "synth.json"  # written last: a folder without it is an interrupted gen
 # Exact label colours by name; 'license plate' (id -1) shares car's colour and is left out.
 LABEL_COLORS: dict[str, tuple[int, int, int]] = {lab.name: tuple(lab.color) for lab in CITYSCAPES_LABELS if lab.id >= 0}
 
+_LABEL_CODES = {name: r | (g << 8) | (b << 16) for name, (r, g, b) in LABEL_COLORS.items()}  # RGBX bytes
+
 RGB = tuple[float, float, float]
 T = TypeVar("T")
 _MAX_REGIONS = 256  # region ids are uint8
@@ -204,7 +206,7 @@ class _Canvas:
         smooth and grain amplitudes; unused regions are zero."""
         n = len(self.labels)
         mask = np.zeros(_MAX_REGIONS, "<u4")
-        mask[:n] = [r | (g << 8) | (b << 16) for r, g, b in (LABEL_COLORS[label] for label in self.labels)]
+        mask[:n] = [_LABEL_CODES[label] for label in self.labels]
         rgb = np.zeros((_MAX_REGIONS, 3), np.float32)
         rgb[:n] = self.rgb
         amps = np.zeros((_MAX_REGIONS, 2), np.float32)
@@ -270,6 +272,18 @@ def _ellipse(c: np.ndarray, cx: float, cy: float, rx: float, ry: float) -> _Box 
     dx = (c[c0:c1] - cx) * (1.0 / rx)
     dy = (c[r0:r1, None] - cy) * (1.0 / ry)
     return _Box(r0, r1, c0, c1, dy * dy + dx * dx <= 1.0)
+
+
+def _ellipses(c: np.ndarray, cx: np.ndarray, cy: np.ndarray, rx: np.ndarray, ry: np.ndarray) -> _Box | None:
+    """The union of several ellipses (pixel units), in one broadcast over their common box."""
+    s = c.shape[0]
+    c0, c1 = _span(float((cx - rx).min()), float((cx + rx).max()), s)
+    r0, r1 = _span(float((cy - ry).min()), float((cy + ry).max()), s)
+    if c0 >= c1 or r0 >= r1:
+        return None
+    dx = (c[None, None, c0:c1] - cx[:, None, None]) / rx[:, None, None]  # (n, 1, w)
+    dy = (c[None, r0:r1, None] - cy[:, None, None]) / ry[:, None, None]  # (n, h, 1)
+    return _Box(r0, r1, c0, c1, (dx * dx + dy * dy <= 1.0).any(axis=0))
 
 
 def _front_ellipse(cam: _Camera, c: np.ndarray, lat: float, h: float, r_lat: float, r_h: float, z: float):
@@ -534,7 +548,7 @@ def _ground(cv: _Canvas, r: _Rand, left: _Side, right: _Side, look: _Look, lane:
     terrain, and the road with its painted lines (still 'road' in the mask, as in Cityscapes)."""
     cam, c = cv.cam, cv.c
     cobbled = r.random() < 0.2  # cobbles: a coarser, blotchier surface
-    smooth, grain = (0.15, 0.2) if cobbled else (r.uniform(0.04, 0.12), r.uniform(0.03, 0.1))
+    smooth, grain = (0.12, 0.14) if cobbled else (r.uniform(0.04, 0.12), r.uniform(0.03, 0.1))
     road = cv.new("road", look.road, smooth=smooth, grain=grain)
     paint = cv.new("road", _gray(r.uniform(140, 210)), smooth=0.1, grain=0.05)
     period = r.uniform(0.25, 0.5)
@@ -771,13 +785,15 @@ def _vehicle(cv: _Canvas, r: _Rand) -> _Vehicle:
 def _car(cv: _Canvas, r: _Rand, sh: _Shared, lat: float, z: float, oncoming: bool) -> None:
     """A vehicle seen from behind or, oncoming, from the front, with its near side when it is
     off-axis. Small far ones get fewer parts: they would cover no pixels, and each costs time."""
-    cam, c = cv.cam, cv.c
+    cam = cv.cam
     v = _vehicle(cv, r)
     x0, x1 = lat - v.width / 2, lat + v.width / 2
     pixels = v.width * cam.ax * cam.t(z)
     inset, cab_z = (0.0, 0.0) if v.boxy else (0.15, 0.5)
     if pixels >= 8:
-        cv.relight(_ground_quad(cam, c, x0 - 0.15, x1 + 0.15, z - 0.3, z + v.length), cv.shadow)
+        # Shade on the road under and just behind the car (its sides hide the rest).
+        shade = _rect(cam.size, cam.x(x0 - 0.1, z), cam.x(x1 + 0.1, z), cam.y(0.0, z + v.length), cam.y(0.0, z - 0.3))
+        cv.relight(shade, cv.shadow)
         near = x0 if x0 > 0.3 else (x1 if x1 < -0.3 else None)
         if near is not None:
             _car_side(cv, sh, v, near, z, pixels >= 20)
@@ -881,11 +897,16 @@ def _tree(cv: _Canvas, r: _Rand, sh: _Shared, green: RGB, lat: float, z: float) 
     trunk_h, rad = r.uniform(1.8, 3.5), r.uniform(1.4, 3.2)
     cv.paint(_front(cam, lat - 0.14, lat + 0.14, 0.0, trunk_h + rad, z), sh.trunk)
     crown = cv.new("vegetation", _jitter(r, green, 0.2), smooth=r.uniform(0.25, 0.45), grain=0.25)
-    blobs = r.integers(2, 5) if rad * cam.t(z) > 12 else 1  # small far crowns: one blob
-    for _ in range(blobs):
-        dl, dh = r.normal(0.45 * rad), r.normal(0.35 * rad)
-        rl, rh = rad * r.uniform(0.55, 1.0), rad * r.uniform(0.55, 1.0)
-        cv.paint(_front_ellipse(cam, c, lat + dl, trunk_h + rad + dh, rl, rh, z), crown)
+    if rad * cam.t(z) <= 12:  # a small far crown: one blob
+        cv.paint(_front_ellipse(cam, c, lat, trunk_h + rad, rad, rad, z), crown)
+        return
+    n = r.integers(2, 5)
+    lats = np.array([lat + r.normal(0.45 * rad) for _ in range(n)], np.float32)
+    hs = np.array([trunk_h + rad + r.normal(0.35 * rad) for _ in range(n)], np.float32)
+    radii = np.array([rad * r.uniform(0.55, 1.0) for _ in range(2 * n)], np.float32).reshape(2, n)
+    t = cam.t(z)
+    cx, cy = cam.x_v + lats * (cam.ax * t), cam.y_h + (cam.cam_h - hs) * t
+    cv.paint(_ellipses(c, cx, cy, radii[0] * (cam.ax * t), radii[1] * t), crown)
 
 
 def _bush(cv: _Canvas, r: _Rand, sh: _Shared, green: RGB, lat: float, z: float) -> None:
@@ -1155,9 +1176,8 @@ def _complete(folder: Path, meta: dict) -> bool:
         return False
 
 
-def _cache_root(cache_dir: Path | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
+def default_cache_dir() -> Path:
+    """$CITYSEG_CACHE, else ~/.cache/cityseg: where `default_dataset` keeps its folders."""
     return Path(os.environ.get("CITYSEG_CACHE", Path.home() / ".cache" / "cityseg"))
 
 
@@ -1168,7 +1188,7 @@ def default_dataset(
 
     Generation goes to a temporary sibling that is renamed into place, so concurrent callers (DDP
     ranks) and interrupted runs never leave a half-written folder under the final name."""
-    root = _cache_root(cache_dir)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = root / f"synth-v{GENERATOR_VERSION}-train{n_train}-val{n_val}-seed{seed}-{size}px"
     meta = _meta(n_train, n_val, seed, size)
     if _complete(final, meta):

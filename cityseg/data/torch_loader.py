@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -233,3 +234,7 @@ class TorchPairLoader:
 def _single_thread_worker(_: int) -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Ctrl-C / SIGTERM reach the whole process group: the main process finishes the step and saves;
+    # a worker dying on them would instead abort training with "worker killed by signal".
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -47,9 +47,10 @@ def test_render_pair_shapes_and_exact_label_colours(scenes):
         assert {tuple(c) for c in np.unique(mask.reshape(-1, 3), axis=0)} <= legal
 
 
-def test_other_sizes():
-    photo, mask = synth.render_pair(np.random.default_rng(3), size=128)
-    assert photo.shape == mask.shape == (128, 128, 3)
+@pytest.mark.parametrize("size", [64, 101, 512])
+def test_other_sizes(size):
+    photo, mask = synth.render_pair(np.random.default_rng(3), size=size)
+    assert photo.shape == mask.shape == (size, size, 3)
 
 
 def test_write_dataset_format(tmp_path):

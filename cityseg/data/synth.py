@@ -1058,6 +1058,8 @@ def _compose(cv: _Canvas, r: _Rand, tiles: _Tiles, look: _Look) -> np.ndarray:
 
 
 def _render(rng: np.random.Generator, size: int) -> np.ndarray:
+    """One scene, background first and then far to near: the planar (3, S, 2S) pair, in this
+    thread's buffer (overwritten by the thread's next call)."""
     r = _Rand(rng)
     tiles = _tiles(size)
     cam = _camera(r, size)

@@ -13,7 +13,9 @@ batch dropped, and the same augmentation (`standard` = flip 0.5, rotation +-10 d
 colour jitter 0.3; `none`). Every batch ends on the target device (`cuda` when there is one) in the
 training dtype: DALI-CPU batches are copied there, as training would.
 
-Per loader: build it (`setup_s`; for the cache this is the one-time decode/fill), one warm-up epoch
+Order: the other loaders first, then `torch wN` from most to fewest workers (the slowest last, so a
+run cut short by a time limit keeps the most; the JSON is rewritten after every loader). Per loader:
+build it (`setup_s`; for the cache this is the one-time decode/fill), one warm-up epoch
 (worker start-up, lookup-table load, DALI pipeline build; its time to first batch is reported), then
 --reps timed epochs, each timed until its last batch has landed on the device (synchronised).
 images/s = images of the epoch / its seconds; the table shows the median and every repetition goes
@@ -262,15 +264,20 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 record["notes"].append(f"{name} skipped: {why}")
                 print(f"{name} skipped: {why}")
         palette = cityscapes_palette()
+        # Slowest last (fewest workers), so a run cut short by a time limit loses the least; rows are
+        # reported in canonical order.
+        order = sorted(specs, key=lambda s: (s.loader == "torch", -s.workers))
         for aug in augments:
             rows = []
-            for spec in specs:
+            for spec in order:
                 print(f"  {aug:8s} {spec.label:10s} ...", end=" ", flush=True)
                 row = measure(spec, files, palette, aug, args, device, dtype)
                 print(f"{row['median']:8.1f} images/s  (reps {', '.join(f'{v:.0f}' for v in row['reps'])})")
                 rows.append(row)
                 add_ratios(rows)
                 finish_record(record | {"results": record["results"] + rows}, out, done=False)
+            rows.sort(key=lambda r: (r["loader"] != "torch", r["workers"] if r["loader"] == "torch" else 0,
+                                     LOADERS.index(r["loader"])))  # fmt: skip
             record["results"].extend(rows)
             print_table(rows, [("label", "loader", ""), ("runs_on", "on", ""), ("median", "images/s", ".1f"),
                                ("min", "min", ".1f"), ("max", "max", ".1f"), ("ratio_vs_torch_w2", "x torch w2", ".2f"),

@@ -50,7 +50,8 @@ def load(path: Path) -> dict[str, Any] | None:
                 "device": env["device"] if gpu else f"cpu ({env.get('cpu')}, {env.get('cpu_threads')} threads)",
                 "device_kind": "gpu" if gpu else "cpu", "command": f"python {data.get('command', '')}".strip(),
                 "versions": {k: env.get(k) for k in ("python", "torch", "triton")}, "results": data["results"],
-                "machine": {}, "notes": []}  # fmt: skip
+                "machine": {"load_average_start": [load] if (load := env.get("load_avg_1min_at_start")) else None},
+                "notes": []}  # fmt: skip
     if "median_pairs_per_s_cpu" in data:  # synth_speed.py
         m = data.get("machine", {})
         row = {"median_cpu": data["median_pairs_per_s_cpu"], "median_wall": data["median_pairs_per_s_wall"],
@@ -86,7 +87,7 @@ def loader_table(results: list[dict[str, Any]]) -> str:
 def train_step_table(results: list[dict[str, Any]]) -> str:
     cols: list[Column] = [("width", "width", ""), ("variant", "variant", ""), ("batch", "batch", ""),
                           ("size", "size", ""), ("median", "ms/step (median)", ".2f"),
-                          ("images_per_s", "images/s", ".1f"),
+                          ("images_per_s", "images/s", ".2f"),
                           ("speedup_vs_fp32", "× fp32", ".2f"), ("compile_s", "compile s", ".1f"),
                           ("peak_mem_gib", "peak GiB", ".2f")]
     return markdown_table(results, cols)
@@ -110,6 +111,8 @@ def mask_kernel_table(results: list[dict[str, Any]]) -> str:
         cols = [("palette", "palette", ""), ("batch", "batch", ""), ("masks", "masks", ""), ("impl", "impl", ""),
                 ("us", "µs (median)", ".1f"), ("gbps", "GB/s", ".1f"), ("pct_peak", "% of peak", ".1f")]
         results = [r | {"us": r["ms"] * 1e3 if r.get("ms") is not None else None} for r in results]
+    ratios = dict.fromkeys(k for r in results for k in r if "_vs_" in k)  # e.g. the `speedup` rows' lut_vs_cdist
+    cols += [(k, "× " + k.split("_vs_")[1] + f" ({k.split('_vs_')[0]})", ".0f") for k in ratios]
     return markdown_table(results, cols)
 
 
@@ -130,7 +133,8 @@ TABLES: dict[str, Callable[[list[dict[str, Any]]], str]] = {
 def section(doc: dict[str, Any]) -> str:
     name = doc["benchmark"]
     v = doc.get("versions") or {}
-    shown = ", ".join(f"{k} {v[k]}" for k in ("torch", "torchvision", "dali", "triton", "cuda") if v.get(k))
+    keys = ("torch", "torchvision", "dali", "triton", "cuda") if v.get("torch") else ("python", "numpy", "pillow")
+    shown = ", ".join(f"{k} {v[k]}" for k in keys if v.get(k))
     m = doc.get("machine") or {}
     load = m.get("load_average_start")
     load_s = f"; load average {load[0]:.2f} at start" if load else ""
@@ -139,7 +143,7 @@ def section(doc: dict[str, Any]) -> str:
     lines = [
         f"### {TITLES.get(name, name)} — {doc.get('device')}, {doc.get('date')}",
         "",
-        f"`{doc.get('command', '')}` → `{doc['file']}`{load_s}. {shown}.",
+        f"`{doc.get('command', '')}` → `{doc['file']}`{load_s}." + (f" {shown}." if shown else ""),
         "",
         TABLES[name](doc["results"]) if name in TABLES else "(no table for this benchmark)",
     ]
@@ -176,8 +180,8 @@ def plot_loaders(docs: list[dict[str, Any]], path: Path) -> bool:
         colors = ["tab:gray" if r["loader"] == "torch" else "tab:green" for r in rows]
         ax.barh(labels, med, xerr=err, color=colors, capsize=3)
         ax.invert_yaxis()
-        for y, m in enumerate(med):
-            ax.text(m, y, f" {m:.0f}", va="center", fontsize=8)
+        for y, r in enumerate(rows):  # the label right of the whisker
+            ax.text(r["max"], y, f"  {r['median']:.0f}", va="center", fontsize=8)
         ax.set_xlabel("images/s (median; whiskers min–max)")
         ax.set_title(f"{doc['device_kind'].upper()}: {doc['device']}, augment={aug}, {doc.get('date', '')[:10]}",
                      fontsize=9)  # fmt: skip

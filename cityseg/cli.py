@@ -71,7 +71,7 @@ def train(
     data: Annotated[Path | None, typer.Option(help="Dataset folder with train/ and val/ Kaggle pairs "
                                               "(512x256 JPEG: photo | colour mask). Default: a cached "
                                               "synthetic city set, generated on first use.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs to train (default 10; 6 for the CPU synthetic "
+    epochs: Annotated[int | None, typer.Option(help="Epochs to train (default 10; 4 for the CPU synthetic "
                                                "preset). With --resume: raise the budget of that run.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per step (default 16).")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak AdamW learning rate (default 3e-3).")] = None,

@@ -80,6 +80,14 @@ def weights_agree(model: torch.nn.Module, info: DistInfo, device: torch.device) 
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
+def broadcast_buffers(model: torch.nn.Module, info: DistInfo) -> None:
+    """Give every rank rank 0's BatchNorm running stats (each rank's last forward updated its own),
+    so a sharded validation equals one process evaluating the saved checkpoint."""
+    if info.enabled:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

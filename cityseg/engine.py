@@ -36,6 +36,7 @@ from cityseg.data.pairs import MaskCheck, PairError, list_split
 from cityseg.distributed import (
     DistInfo,
     any_rank,
+    broadcast_buffers,
     broadcast_object,
     cleanup,
     init_distributed,
@@ -279,6 +280,7 @@ class Trainer:
                     raise self.out_of_memory() from None
                 if record is None:  # interrupted mid-epoch: last.pt holds the position
                     raise Interrupted(self.run.root, interrupt["signum"] or signal.SIGINT)
+                broadcast_buffers(self.model, self.dist)
                 metrics, val_loss = evaluate(self.model, self.val_loader, self.rt, self.palette.num_classes, self.dist)
                 record.update(metrics.to_dict(), val_loss=val_loss, elapsed_s=self.elapsed())
                 record.pop("confusion", None)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from cityseg.checkpoint import load_checkpoint
+from cityseg.evaluate import evaluate_checkpoint
 from tests.conftest import ROOT, make_pair_dataset
 
 TINY = ["--device", "cpu", "--no-compile", "--no-amp", "--image-size", "32", "--width", "4", "--depth", "2",
@@ -32,6 +33,10 @@ def test_two_rank_gloo_run_and_exact_resume(tmp_path: Path) -> None:
     # 10 pairs over 2 ranks: 5 each, 2 full batches of 2 per rank and epoch (drop_last).
     assert summary["steps"] == 4
     assert (straight / "metrics.jsonl").read_text().count("\n") == 2  # rank 0 alone writes
+    # Sharded validation (3 + 2 images, no padding) equals one process scoring the saved checkpoint.
+    single = evaluate_checkpoint(straight / "checkpoints" / "last.pt", data, batch_size=2, workers=0, device="cpu")
+    assert single["pixel_acc"] == summary["final"]["pixel_acc"]
+    assert single["miou"] == summary["final"]["miou"]
 
     split = tmp_path / "split"
     first = torchrun("--data", str(data), "--out", str(split), "--epochs", "2", "--max-steps", "3", *TINY)

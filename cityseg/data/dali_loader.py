@@ -61,7 +61,9 @@ def shard_order(n: int, num_shards: int) -> list[int]:
     return [
         i
         for s in range(num_shards)
-        for i in EpochSampler(n, 1, shuffle=False, augment=False, shard_id=s, num_shards=num_shards).shard_indices()
+        for i in EpochSampler(
+            n, 1, shuffle=False, augment=False, drop_last=True, shard_id=s, num_shards=num_shards
+        ).shard_indices()
     ]
 
 
@@ -284,12 +286,18 @@ class DaliPairLoader:
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.shard_id, self.num_shards = shard_id, num_shards
-        self.per_shard = math.ceil(len(self.files) / num_shards)
+        if drop_last:  # training: DALI shards the plain sampler's padded shards, joined end to end
+            order, reader_shard, reader_shards = shard_order(len(self.files), num_shards), shard_id, num_shards
+            self.per_shard = math.ceil(len(self.files) / num_shards)
+        else:  # validation: this rank reads exactly its own unpadded shard, like the plain sampler
+            order = EpochSampler(len(self.files), 1, shuffle=False, augment=False, shard_id=shard_id,
+                                 num_shards=num_shards).shard_indices()
+            reader_shard, reader_shards, self.per_shard = 0, 1, len(order)
         heights = source_heights(self.files)
         gpu = self.device.type == "cuda"
         self._pipeline_kwargs = dict(
             files=[str(f) for f in self.files],
-            order=shard_order(len(self.files), num_shards),
+            order=order,
             size=image_size,
             max_height=max(heights),
             resize=heights != {image_size},
@@ -297,8 +305,8 @@ class DaliPairLoader:
             fill_is_void=augment is None or fill_colour_is_void(palette),
             shuffle=shuffle,
             reader_seed=seed,
-            shard_id=shard_id,
-            num_shards=num_shards,
+            shard_id=reader_shard,
+            num_shards=reader_shards,
             gpu=gpu,
             hw_decoder_load=hw_decoder_load,
             half=dtype in (torch.float16, torch.bfloat16),  # CMN writes fp16; bf16 converts on device

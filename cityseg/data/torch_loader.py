@@ -133,13 +133,16 @@ class EpochSampler(Sampler):
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
-        per_shard = math.ceil(self.n / self.num_shards)
-        order += order[: per_shard * self.num_shards - self.n]  # pad so every shard has equal length
+        if self.drop_last:  # training: pad so every rank runs the same number of steps
+            per_shard = math.ceil(self.n / self.num_shards)
+            order += order[: per_shard * self.num_shards - self.n]
+        # Validation is not padded: every sample counts exactly once over all ranks.
         return order[self.shard_id :: self.num_shards]
 
     def num_batches(self) -> int:
-        per_shard = math.ceil(self.n / self.num_shards)
-        return per_shard // self.batch_size if self.drop_last else math.ceil(per_shard / self.batch_size)
+        if self.drop_last:
+            return math.ceil(self.n / self.num_shards) // self.batch_size
+        return math.ceil(len(range(self.shard_id, self.n, self.num_shards)) / self.batch_size)
 
     def keys(self) -> list[tuple[int, int | None]]:
         indices = self.shard_indices()[: self.num_batches() * self.batch_size]

@@ -5,7 +5,8 @@ centre mapped to its trainId (19 train classes) or to 255 (void). Two labels sha
 different trainIds (pole / polegroup): ties go to the lowest centre index, which is the train class.
 
 Two implementations that agree exactly:
-- `map_colors_reference`: plain torch, squared RGB distance to every centre, argmin.
+- `map_colors_reference`: plain torch, squared RGB distance to every centre, argmin (the torch
+  reference of `kernels/mask_to_class.py`, shared).
 - `map_colors_lut`: a 2^24-entry lookup table (one byte per RGB colour) built once with the
   reference and cached on disk; a gather per pixel, ~100x faster on CPU.
 Integer-valued centres keep every squared distance an exact float32 integer, so the two paths (and
@@ -24,7 +25,6 @@ import torch
 from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 
 IGNORE_INDEX = 255
-_CHUNK = 1 << 18  # pixels per reference chunk: bounds the (chunk, K) distance matrix to a few MB
 
 
 @dataclass(frozen=True)
@@ -60,38 +60,16 @@ def cityscapes_palette(max_dist: float | None = None) -> Palette:
     return Palette(centers, classes, names, colors, max_dist)
 
 
-def squared_distances(rgb: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
-    """(P, 3) pixels x (K, 3) centres -> (P, K) squared RGB distances in float32.
-
-    Summed channel by channel in a fixed order (r, then g, then b) so other implementations can
-    reproduce it bit for bit.
-    """
-    x = rgb.to(torch.float32)
-    c = centers.to(torch.float32)
-    dr = x[:, 0:1] - c[:, 0]
-    dg = x[:, 1:2] - c[:, 1]
-    db = x[:, 2:3] - c[:, 2]
-    return dr * dr + dg * dg + db * db
-
-
 def map_colors_reference(
     rgb: torch.Tensor, centers: torch.Tensor, classes: torch.Tensor, max_dist: float | None = None
 ) -> torch.Tensor:
     """RGB (..., 3) uint8 -> class ids (...) int64 by nearest centre; ties -> lowest centre index."""
     if rgb.shape[-1] != 3:
         raise ValueError(f"expected (..., 3) RGB values, got shape {tuple(rgb.shape)}")
-    flat = rgb.reshape(-1, 3)
-    classes = classes.to(torch.int64)
-    out = torch.empty(flat.shape[0], dtype=torch.int64)
-    limit = None if max_dist is None else torch.tensor(float(max_dist) ** 2, dtype=torch.float32)
-    for start in range(0, flat.shape[0], _CHUNK):
-        d2 = squared_distances(flat[start : start + _CHUNK], centers)
-        best, idx = d2.min(dim=1)  # min returns the first minimal index on ties
-        ids = classes[idx]
-        if limit is not None:
-            ids[best > limit] = IGNORE_INDEX
-        out[start : start + _CHUNK] = ids
-    return out.reshape(rgb.shape[:-1])
+    from kernels.mask_to_class import mask_to_class_reference  # the one torch reference; lazy: triton
+
+    pixels = rgb.reshape(1, -1, 1, 3)
+    return mask_to_class_reference(pixels, centers, classes, max_dist).reshape(rgb.shape[:-1])
 
 
 def _cache_dir() -> Path:

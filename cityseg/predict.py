@@ -45,7 +45,7 @@ from torchvision.transforms.v2 import functional as F
 
 from cityseg.checkpoint import CheckpointError, load_checkpoint
 from cityseg.config import Config, TrainConfig
-from cityseg.data.pairs import IMAGE_SUFFIXES, MAX_PIXELS, PairError, _check_readable, _natural_key, read_pair
+from cityseg.data.pairs import IMAGE_SUFFIXES, MAX_PIXELS, PairError, check_readable, natural_key, read_pair
 from cityseg.data.torch_loader import normalize_batch
 from cityseg.engine import autocast, palette_from_state, resolve_runtime
 from cityseg.evaluate import load_model
@@ -188,7 +188,7 @@ def list_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
     for p in map(Path, paths):
         if p.is_dir():
             found = sorted((f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()),
-                           key=_natural_key)
+                           key=natural_key)
             if not found:
                 raise PairError(p, "folder holds no .jpg/.jpeg/.png files")
             files += found
@@ -222,7 +222,7 @@ def output_names(files: Sequence[Path]) -> list[str]:
 def read_photo(path: str | os.PathLike) -> np.ndarray:
     """Decode one photo -> (H, W, 3) uint8 RGB, per the policy in the module docstring."""
     path = Path(path)
-    _check_readable(path)
+    check_readable(path)
     try:
         image = Image.open(path)
     except UnidentifiedImageError:

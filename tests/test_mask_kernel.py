@@ -96,13 +96,23 @@ def test_integer_centres_take_the_packed_loop():
     assert packed and torch.equal(table, table.round()) and table.abs().max() < 2**24
 
 
-def test_reference_equals_palette_reference():
-    from cityseg.palette import cityscapes_palette, map_colors_reference
+def test_reference_equals_numpy_brute_force():
+    """The torch reference (also `cityseg.palette.map_colors_reference`) against numpy in float64:
+    exact squared distances for integer centres, np.argmin's first index on ties."""
+    import numpy as np
+
+    from cityseg.palette import cityscapes_palette
 
     pal = cityscapes_palette()
     mask = random_masks((2, 33, 31), seed=5)
+    rgb = mask.reshape(-1, 3).numpy().astype(np.float64)
+    d2 = ((rgb[:, None, :] - pal.centers.numpy().astype(np.float64)[None]) ** 2).sum(-1)
+    nearest = d2.argmin(1)
     for max_dist in (None, 50.0):
-        expected = map_colors_reference(mask, pal.centers, pal.classes, max_dist)
+        ids = pal.classes.numpy()[nearest]
+        if max_dist is not None:
+            ids = np.where(d2.min(1) > max_dist**2, 255, ids)
+        expected = torch.from_numpy(ids.reshape(mask.shape[:3]))
         assert torch.equal(mask_to_class_reference(mask, pal.centers, pal.classes, max_dist), expected)
 
 

@@ -40,7 +40,7 @@ class PairError(ValueError):
         super().__init__(f"{self.path}: {problem}")
 
 
-def _natural_key(path: Path) -> tuple[int, int | str]:
+def natural_key(path: Path) -> tuple[int, int | str]:
     # Kaggle names are 1.jpg .. 2975.jpg: sort them as numbers, anything else after by name.
     return (0, int(path.stem)) if path.stem.isdigit() else (1, path.name)
 
@@ -55,10 +55,10 @@ def list_split(root: str | os.PathLike, split: str) -> list[Path]:
     files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise PairError(folder, "empty split: no .jpg/.jpeg/.png files")
-    return sorted(files, key=_natural_key)
+    return sorted(files, key=natural_key)
 
 
-def _check_readable(path: Path) -> None:
+def check_readable(path: Path) -> None:
     if path.is_symlink() and not path.exists():
         raise PairError(path, "broken symbolic link")
     if path.is_dir():
@@ -119,7 +119,7 @@ def check_header(path: Path, image: Image.Image) -> PairInfo:
 def open_pair_image(path: str | os.PathLike) -> tuple[PairInfo, Image.Image]:
     """Open and fully decode one pair file, validating it. Raises PairError with a one-line message."""
     path = Path(path)
-    _check_readable(path)
+    check_readable(path)
     try:
         image = Image.open(path)
     except UnidentifiedImageError:

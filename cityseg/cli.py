@@ -81,8 +81,9 @@ def train(
     upsample: Annotated[str, typer.Option(help="Decoder upsampling: transpose | bilinear.")] = "transpose",
     image_size: Annotated[int | None, typer.Option(help="Train/val size in pixels (square; default 256, "
                                                    "128 for the CPU synthetic preset).")] = None,
-    loader: Annotated[str, typer.Option(help="auto | torch | dali. auto: DALI on a GPU, the plain "
-                                        "PyTorch loader otherwise.")] = "auto",
+    loader: Annotated[str, typer.Option(help="auto | torch | dali | cache. auto: DALI on a GPU, the plain "
+                                        "PyTorch loader otherwise; cache: decode the split once into device "
+                                        "memory and augment there (same as --cache device).")] = "auto",
     cache: Annotated[str, typer.Option(help="none | device: decode the split once into GPU (or CPU) memory "
                                        "and augment there in batched ops; refused if it will not fit.")] = "none",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",

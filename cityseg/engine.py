@@ -6,11 +6,12 @@ checkpoints, exact resume, Ctrl-C/SIGTERM handling, early stopping and the run f
 
 from __future__ import annotations
 
+import functools
 import math
 import signal
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +19,6 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from cityseg.checkpoint import CheckpointError, config_mismatch, load_checkpoint, save_checkpoint
@@ -47,6 +47,7 @@ from cityseg.metrics import ConfusionMatrix, SegMetrics, iou_table
 from cityseg.model import build_model, describe
 from cityseg.palette import IGNORE_INDEX, Palette
 from cityseg.palette_kmeans import save_palette
+from cityseg.progress import StepProgress
 from cityseg.report import (
     RunFolder,
     append_jsonl,
@@ -56,6 +57,7 @@ from cityseg.report import (
     time_to_thresholds,
     versions,
     write_json,
+    write_jsonl,
 )
 from cityseg.telemetry import EpochMeter, GpuSampler, fmt, plot_gpu_timeline
 
@@ -183,14 +185,21 @@ class Trainer:
             device=self.rt.device, dtype=dtype, seed=cfg.train.seed,
             shard=Shard(dist_info.rank, dist_info.world_size),
         )
-        self.train_loader = make(self.train_files, True)
-        self.val_loader = make(self.val_files, False)
-        if len(self.train_loader) == 0:
-            raise TrainingError(
-                f"{self.data_root}/train: {len(self.train_files)} pairs make no full batch of "
-                f"{cfg.data.batch_size}: lower --batch-size"
-            )
+        self.train_loader = self.val_loader = None
+        try:
+            self.train_loader = make(self.train_files, True)
+            self.val_loader = make(self.val_files, False)
+            if len(self.train_loader) == 0:
+                raise TrainingError(
+                    f"{self.data_root}/train: {len(self.train_files)} pairs make no full batch of "
+                    f"{cfg.data.batch_size}: lower --batch-size"
+                )
+            self.build_training(cfg, resume_state)
+        except BaseException:
+            self.close()  # the loaders' workers are started: end them before the error goes up
+            raise
 
+    def build_training(self, cfg: Config, resume_state: dict | None) -> None:
         # The palette decides the class count (19 for Cityscapes, K for kmeans:K).
         self.cfg = cfg = replace(cfg, model=replace(cfg.model, num_classes=self.palette.num_classes))
         self.model = build_model(cfg.model).to(self.rt.device, memory_format=torch.channels_last)
@@ -200,9 +209,10 @@ class Trainer:
         self.total_steps = cfg.train.epochs * len(self.train_loader)
         t = cfg.train
         warmup = min(t.warmup_steps, max(1, self.total_steps // 5))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: warmup_cosine(s, warmup, self.total_steps, t.min_lr_ratio)
-        )
+        # A partial of plain values: a lambda reading `self` would put the Trainer in a reference
+        # cycle (trainer -> scheduler -> lambda -> trainer) that outlives the run.
+        schedule = functools.partial(warmup_cosine, warmup=warmup, total=self.total_steps, min_ratio=t.min_lr_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         weights = class_weights(cfg.train.class_weights, self.train_loader, self.palette.num_classes)
         self.loss_fn = nn.CrossEntropyLoss(
             weight=None if weights is None else weights.to(self.rt.device), ignore_index=IGNORE_INDEX
@@ -215,6 +225,12 @@ class Trainer:
         self.on_step: Callable[[], None] | None = None  # e.g. torch.profiler's step()
         if resume_state:
             self.load_state(resume_state)
+
+    def close(self) -> None:
+        """End the loaders' worker processes and threads (idempotent)."""
+        for loader in (self.train_loader, self.val_loader):
+            if loader is not None:
+                loader.close()
 
     def wrap_ddp(self, model: nn.Module) -> nn.Module:
         """DDP averages gradients across ranks; `self.model` stays the plain module for checkpoints."""
@@ -316,19 +332,16 @@ class Trainer:
         nonfinite = torch.zeros((), dtype=torch.bool, device=rt.device)
         n_batches = len(self.train_loader)
         stopping = False
-        with self.progress() as bar:
-            task = bar.add_task(
-                f"epoch {self.epoch + 1}/{cfg.epochs}", total=n_batches, completed=self.step_in_epoch,
-                ips="", loss="",
-            )
+        loss_text = ""
+        with StepProgress(self.console, f"epoch {self.epoch + 1}/{cfg.epochs}", n_batches, self.step_in_epoch) as bar:
             batches = iter(self.train_loader)
-            batch = self.next_batch(batches, meter)
+            batch = self.next_batch(batches, meter, interrupt)
             while batch is not None:
                 image, target = batch
                 with autocast(rt):
                     logits = self.step_model(image)
                     loss = self.loss_fn(logits, target)
-                batch = self.next_batch(batches, meter)  # fetch while the forward runs on the GPU
+                batch = self.next_batch(batches, meter, interrupt)  # fetch while the forward runs on the GPU
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip > 0:
@@ -346,8 +359,8 @@ class Trainer:
                 log_now = self.global_step % cfg.log_every == 0 or batch is None
                 if log_now:
                     self.check_finite(nonfinite)
-                    bar.update(task, loss=f"loss {loss.item():.3f}")
-                bar.update(task, advance=1, ips=self.live_line(meter))
+                    loss_text = f"loss {loss.item():.3f}  "
+                bar.step(self.step_in_epoch, loss_text + self.live_line(meter), log=log_now)
                 # Ranks agree on stopping only at log steps (a sync); alone, every step is free.
                 if (log_now or not self.dist.enabled) and self.stop_requested(interrupt):
                     stopping = True
@@ -384,9 +397,16 @@ class Trainer:
             self.partial = {"loss_sum": 0.0, "steps": 0}
         return record
 
-    def next_batch(self, batches: Iterator, meter: EpochMeter):
+    def next_batch(self, batches: Iterator, meter: EpochMeter, interrupt: dict[str, int | None]):
         t = time.perf_counter()
-        batch = next(batches, None)
+        try:
+            batch = next(batches, None)
+        except Exception:
+            if interrupt["signum"] is None:
+                raise
+            # A SIGTERM sent to the whole process group (Slurm, systemd) also ended the loader's
+            # workers: the step in flight still finishes and last.pt is saved.
+            batch = None
         meter.waited(time.perf_counter() - t)
         return batch
 
@@ -403,22 +423,8 @@ class Trainer:
         wait = meter.data_wait / seconds if seconds > 0 else 0.0
         return f"{ips:.1f} img/s  wait {wait:.0%}  gpu {fmt(self.gpu.latest_util(), '.0f', '%')}"
 
-    def progress(self) -> Progress:
-        return Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[ips]}"),
-            TextColumn("{task.fields[loss]}"),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=False,
-        )
-
     def end_epoch(self, record: dict[str, Any], metrics: SegMetrics) -> None:
         self.history.append(record)
-        if self.dist.is_main:
-            append_jsonl(self.run.metrics, record)
         self.console.print(iou_table(metrics, self.palette.names, title=f"val after epoch {record['epoch']}"))
         self.console.print(
             f"epoch {record['epoch']}: loss {record['loss']:.4f}  val pixel acc {record['pixel_acc']:.4f}  "
@@ -433,6 +439,10 @@ class Trainer:
         self.save(self.run.last)
         if improved:
             self.save(self.run.best)
+        # After last.pt, whose history holds this record: a kill in between is mended on resume,
+        # which rewrites metrics.jsonl from that history (each epoch once).
+        if self.dist.is_main:
+            append_jsonl(self.run.metrics, record)
 
     def out_of_memory(self) -> TrainingError:
         """Save the position (the failed step changed no weights) and suggest a smaller batch."""
@@ -565,6 +575,8 @@ def _train(cfg: Config, console: Console, dist_info: DistInfo, on_step: Callable
             raise CheckpointError(f"{run.last}: model config differs from this run's: {'; '.join(diffs)}")
         console.print(f"resuming {run.root} at epoch {resume_state['epoch'] + 1}, "
                       f"step {resume_state['step_in_epoch']} of that epoch")
+        if dist_info.is_main:  # the records last.pt knows of, each once (see Trainer.end_epoch)
+            write_jsonl(run.metrics, resume_state["history"])
     else:
         # The default name holds a timestamp: take rank 0's so every rank writes to one folder.
         run = RunFolder(broadcast_object(cfg.train.out or str(default_run_dir()), dist_info))
@@ -578,15 +590,16 @@ def _train(cfg: Config, console: Console, dist_info: DistInfo, on_step: Callable
             run.root.mkdir(parents=True, exist_ok=True)
             (run.root / "error.log").write_text(f"{e}\n")
         raise
-    console.print(describe(trainer.model))
-    console.print(
-        f"device {device_name(trainer.rt.device)}  amp(bf16) {trainer.rt.amp}  compile {trainer.rt.compile}  "
-        f"loader {trainer.loader_kind}  cache {cfg.data.cache}  ranks {dist_info.world_size}  "
-        f"data {trainer.data_root} ({len(trainer.train_files)} train / {len(trainer.val_files)} val)"
-    )
-    with graceful_interrupts() as interrupt:
-        if dist_info.is_main:
-            run.create()
-            save_palette(trainer.palette, run.root / "palette.json")  # `--palette RUN/palette.json` reuses it
-            write_json(run.config, trainer.cfg.to_dict())  # written once Ctrl-C is handled: tests wait on it
-        return trainer.fit(interrupt)
+    with closing(trainer):  # its loaders' workers end on every way out: done, error or signal
+        console.print(describe(trainer.model))
+        console.print(
+            f"device {device_name(trainer.rt.device)}  amp(bf16) {trainer.rt.amp}  compile {trainer.rt.compile}  "
+            f"loader {trainer.loader_kind}  cache {cfg.data.cache}  ranks {dist_info.world_size}  "
+            f"data {trainer.data_root} ({len(trainer.train_files)} train / {len(trainer.val_files)} val)"
+        )
+        with graceful_interrupts() as interrupt:
+            if dist_info.is_main:
+                run.create()
+                save_palette(trainer.palette, run.root / "palette.json")  # `--palette RUN/palette.json` reuses it
+                write_json(run.config, trainer.cfg.to_dict())  # written once Ctrl-C is handled: tests wait on it
+            return trainer.fit(interrupt)

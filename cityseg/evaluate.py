@@ -49,15 +49,15 @@ def evaluate_checkpoint(
     data_dir = str(data) if data else cfg.data.data_dir
     data_cfg = replace(cfg.data, batch_size=batch_size, workers=workers, data_dir=data_dir)
     files, _ = split_files(resolve_data_dir(data_cfg), split, validate=not data_cfg.skip_validate, workers=workers)
-    loader = build_loader("torch", files, palette, data_cfg, train=False, device=rt.device,
-                          dtype=torch.float32, seed=cfg.train.seed)
     from cityseg.predict import FlipTTA, plot_confusion, resolve_tta  # lazy: predict imports this module
 
     tta = resolve_tta(tta)
     model = load_model(state, rt.device)
     if tta == "flip":
         model = FlipTTA(model)
-    metrics, loss = evaluate(model, loader, rt, palette.num_classes)
+    with build_loader("torch", files, palette, data_cfg, train=False, device=rt.device, dtype=torch.float32,
+                      seed=cfg.train.seed) as loader:
+        metrics, loss = evaluate(model, loader, rt, palette.num_classes)
     console.print(iou_table(metrics, palette.names, title=f"{ckpt} on {split} ({len(files)} images)"))
     result = {**metrics.to_dict(), "loss": loss, "checkpoint": str(ckpt), "split": split, "images": len(files),
               "tta": tta, "class_names": list(palette.names)}

@@ -39,6 +39,13 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    """Replace `path` with one JSON line per record, atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(json_safe(r)) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(json_safe(record)) + "\n")

@@ -42,13 +42,15 @@ import torch.nn.functional as nnf
 from torch.utils.data import DataLoader
 
 from cityseg.config import AugmentConfig
+from cityseg.data.contract import ClosingLoader
 from cityseg.data.torch_loader import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     EpochSampler,
     PairDataset,
-    _single_thread_worker,
     collate_uint8,
+    init_worker,
+    one_pass,
 )
 from cityseg.palette import IGNORE_INDEX, Palette, lookup_table
 from kernels.mask_to_class import mask_to_class
@@ -117,14 +119,15 @@ def decode_plain(
         num_workers=workers,
         collate_fn=collate_uint8,
         pin_memory=device.type == "cuda",
-        worker_init_fn=_single_thread_worker,
+        worker_init_fn=init_worker,
     )
     start = 0
-    for photo, target in loader:
-        end = start + photo.shape[0]
-        photos[start:end].copy_(photo.permute(0, 2, 3, 1), non_blocking=True)  # channels-last = NHWC memory
-        targets[start:end].copy_(target, non_blocking=True)
-        start = end
+    with one_pass(loader) as batches:
+        for photo, target in batches:
+            end = start + photo.shape[0]
+            photos[start:end].copy_(photo.permute(0, 2, 3, 1), non_blocking=True)  # channels-last = NHWC memory
+            targets[start:end].copy_(target, non_blocking=True)
+            start = end
     return photos, targets
 
 
@@ -162,19 +165,22 @@ def decode_dali(
     pipe = pipeline(
         batch_size=min(_DECODE_BATCH, len(indices)), num_threads=max(1, workers), device_id=device_id, seed=0
     )
-    iterator = DALIGenericIterator(
-        pipe, ["photo", "mask", "index"], reader_name=dl.READER, last_batch_policy=LastBatchPolicy.PARTIAL
-    )
-    slot_of = torch.full((len(files),), -1, dtype=torch.int64)
-    slot_of[torch.as_tensor(list(indices))] = torch.arange(len(indices))
-    photos = torch.empty((len(indices), size, size, 3), dtype=torch.uint8, device=device)
-    targets = torch.empty((len(indices), size, size), dtype=torch.uint8, device=device)
-    p = palette
-    for (out,) in iterator:
-        slots = slot_of[out["index"].reshape(-1).long().cpu()].to(device)
-        photos.index_copy_(0, slots, out["photo"])
-        ids = mask_to_class(out["mask"], p.centers, p.classes, p.max_dist, out_dtype=torch.uint8)
-        targets.index_copy_(0, slots, ids)
+    try:
+        iterator = DALIGenericIterator(
+            pipe, ["photo", "mask", "index"], reader_name=dl.READER, last_batch_policy=LastBatchPolicy.PARTIAL
+        )
+        slot_of = torch.full((len(files),), -1, dtype=torch.int64)
+        slot_of[torch.as_tensor(list(indices))] = torch.arange(len(indices))
+        photos = torch.empty((len(indices), size, size, 3), dtype=torch.uint8, device=device)
+        targets = torch.empty((len(indices), size, size), dtype=torch.uint8, device=device)
+        p = palette
+        for (out,) in iterator:
+            slots = slot_of[out["index"].reshape(-1).long().cpu()].to(device)
+            photos.index_copy_(0, slots, out["photo"])
+            ids = mask_to_class(out["mask"], p.centers, p.classes, p.max_dist, out_dtype=torch.uint8)
+            targets.index_copy_(0, slots, ids)
+    finally:
+        pipe._shutdown()  # its decode threads end here, not at interpreter exit
     return photos, targets
 
 
@@ -299,7 +305,7 @@ def _epoch_seed(seed: int, epoch: int, shard_id: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, shard_id, 0xCAC4E]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-class CacheLoader:
+class CacheLoader(ClosingLoader):
     """Yields the loader contract from a device-resident cache: (image (B, 3, S, S) normalised,
     channels-last, `dtype`; target int64 (B, S, S), 255 = ignore), both on `device`.
 
@@ -362,6 +368,9 @@ class CacheLoader:
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
+
+    def close(self) -> None:
+        """Nothing to end: the decode workers finished in the constructor; the cache is plain tensors."""
 
     def __len__(self) -> int:
         return self.sampler.num_batches()

@@ -42,6 +42,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from PIL import Image, UnidentifiedImageError
 
 from cityseg.config import AugmentConfig
+from cityseg.data.contract import ClosingLoader
 from cityseg.data.pairs import PairError, check_header, validate_files, validate_pair
 from cityseg.data.torch_loader import IMAGENET_MEAN, IMAGENET_STD, EpochSampler
 from cityseg.palette import IGNORE_INDEX, Palette
@@ -252,7 +253,7 @@ def fill_colour_is_void(palette: Palette) -> bool:
     return int(ids) == IGNORE_INDEX
 
 
-class DaliPairLoader:
+class DaliPairLoader(ClosingLoader):
     """Yields the loader contract: (image (B, 3, S, S) normalised, channels-last strides, `dtype`;
     target int64 (B, S, S), 255 = ignore), both on `device`. A CUDA device decodes with nvJPEG
     ("mixed", `hw_decoder_load` on the A100/H100 hardware decoder) and maps masks with the Triton
@@ -340,6 +341,17 @@ class DaliPairLoader:
         """DALI draws its own per-epoch order; `start_batch` batches are decoded and skipped."""
         self._start_batch = start_batch
 
+    def close(self) -> None:
+        """End the pipeline's decode threads now; iterating again builds a fresh pipeline."""
+        self._drop_iterator()
+        self._in_epoch = False
+
+    def _drop_iterator(self) -> None:
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None:
+            for pipe in iterator._pipes:
+                pipe._shutdown()  # DALI's own exit hook would do it, but only at interpreter exit
+
     def __len__(self) -> int:
         if self.drop_last:
             return self.per_shard // self.batch_size
@@ -352,7 +364,7 @@ class DaliPairLoader:
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(image, target, index into `files` (B,) int64 on CPU) for the rest of this epoch."""
         if self._in_epoch:
-            self._iterator = None  # DALI iterators cannot reset mid-epoch: a fresh pipeline restarts it
+            self._drop_iterator()  # DALI iterators cannot reset mid-epoch: a fresh pipeline restarts it
         skip, self._start_batch = self._start_batch, 0
         if len(self) == 0:
             return
@@ -383,7 +395,7 @@ class DaliPairLoader:
         try:
             return step()
         except RuntimeError as error:
-            self._iterator = None  # the pipeline is unusable after an error
+            self._drop_iterator()  # the pipeline is unusable after an error
             self._in_epoch = False
             raise self._data_error(error) from None
 

@@ -97,8 +97,8 @@ def resolve_palette(cfg: DataConfig, train_files: list[Path], seed: int = 0) -> 
 
 def resolve_loader_kind(kind: str, device: torch.device) -> str:
     """auto -> DALI on a GPU machine (if importable), the plain loader otherwise."""
-    if kind not in ("auto", "torch", "dali"):
-        raise ValueError(f"unknown loader {kind!r}: expected auto, torch or dali")
+    if kind not in ("auto", "torch", "dali", "cache"):
+        raise ValueError(f"unknown loader {kind!r}: expected auto, torch, dali or cache")
     if kind != "auto":
         return kind
     if device.type == "cuda" and dali_available():
@@ -156,10 +156,11 @@ def build_loader(
     )
     if cfg.cache not in ("none", "device"):
         raise ValueError(f"unknown cache {cfg.cache!r}: expected none or device")
-    if cfg.cache == "device":
+    if cfg.cache == "device" or kind == "cache":
         from cityseg.data.cache_loader import CacheLoader
 
-        return CacheLoader(files, palette, decoder="dali" if kind == "dali" else "plain",
+        decoder = {"dali": "dali", "torch": "plain"}.get(kind, "auto")
+        return CacheLoader(files, palette, decoder=decoder,
                            hw_decoder_load=cfg.hw_decoder_load, **common)
     if kind == "torch":
         from cityseg.data.torch_loader import TorchPairLoader

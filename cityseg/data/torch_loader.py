@@ -14,6 +14,7 @@ import math
 import os
 import signal
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from cityseg.config import AugmentConfig
+from cityseg.data.contract import ClosingLoader
 from cityseg.data.pairs import open_pair_image, split_pair
 from cityseg.palette import IGNORE_INDEX, Palette, lookup_table
 from kernels.mask_to_class import mask_to_class
@@ -177,9 +179,10 @@ def normalize_batch(
     return x.to(dtype=dtype, memory_format=torch.channels_last)
 
 
-class TorchPairLoader:
+class TorchPairLoader(ClosingLoader):
     """Yields the loader contract: (image float (B, 3, S, S) channels-last, normalised, on `device`;
-    target int64 (B, S, S), 255 = ignore, on `device`)."""
+    target int64 (B, S, S), 255 = ignore, on `device`). Its worker processes persist across epochs
+    until `close()` (or the end of a `with` block)."""
 
     def __init__(
         self,
@@ -217,8 +220,7 @@ class TorchPairLoader:
             pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0,
             prefetch_factor=prefetch if workers > 0 else None,
-            # Workers only decode and transform: one intra-op thread each avoids oversubscription.
-            worker_init_fn=_single_thread_worker,
+            worker_init_fn=init_worker,
         )
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -233,11 +235,47 @@ class TorchPairLoader:
             target = target_u8.to(self.device, non_blocking=True).long()
             yield image, target
 
+    def close(self) -> None:
+        """Stop the persistent worker processes now; the next epoch would start new ones."""
+        shutdown_workers(self.loader)
 
-def _single_thread_worker(_: int) -> None:
+
+def shutdown_workers(loader: DataLoader) -> None:
+    """End a DataLoader's worker processes and wait for them: what its iterator's `__del__` does,
+    done at a moment we choose instead of whenever (if ever) garbage collection gets to it."""
+    iterator, loader._iterator = loader._iterator, None  # the persistent-workers iterator
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+
+
+@contextmanager
+def one_pass(loader: DataLoader) -> Iterator[Iterator]:
+    """Iterate a non-persistent DataLoader once, its workers ended on every way out (an error
+    half-way would otherwise leave them to the garbage collector)."""
+    iterator = iter(loader)
+    try:
+        yield iterator
+    finally:
+        if hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
+
+def init_worker(_: int) -> None:
+    """DataLoader `worker_init_fn`: one intra-op thread, and the signal policy below."""
+    # Workers only decode and transform: one intra-op thread each avoids oversubscription.
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # Ctrl-C / SIGTERM reach the whole process group: the main process finishes the step and saves;
-    # a worker dying on them would instead abort training with "worker killed by signal".
+    # Ctrl-C in a terminal reaches the whole foreground process group. The main process finishes
+    # the step in flight, saves last.pt and shuts the workers down itself; a worker quitting on
+    # SIGINT would instead end the epoch under it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # SIGTERM must end a worker at once: at interpreter exit, multiprocessing sends it to every
+    # worker still alive and then joins them with no timeout (a worker ignoring it hangs the exit
+    # forever). Exit status 0 rather than death by the signal, so that when a whole process group
+    # gets SIGTERM (Slurm, systemd) DataLoader's SIGCHLD handler does not raise in the main process
+    # mid-step: the main process finishes its step, saves last.pt and stops.
+    signal.signal(signal.SIGTERM, _exit_now)
+
+
+def _exit_now(signum: int, frame: object) -> None:  # noqa: ARG001
+    os._exit(0)

@@ -1,0 +1,63 @@
+"""Progress of a loop of steps: a live Rich bar in a terminal, plain lines everywhere else.
+
+Under Slurm, `| tee`, CI or a notebook's captured output a live bar shows nothing until it ends, so
+when the console is not a terminal every `log` step prints one line (what torchvision's
+`MetricLogger` does):
+
+    epoch 2/8 step 140/371  loss 0.812  14.2 img/s  wait 3%  gpu n/a  eta 0:00:16
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from types import TracebackType
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+def format_eta(seconds: float | None) -> str:
+    return "?" if seconds is None else str(timedelta(seconds=round(max(0.0, seconds))))
+
+
+class StepProgress:
+    """`with StepProgress(console, "epoch 1/8", total=371, done=0) as bar: bar.step(done, status, log)`."""
+
+    def __init__(self, console: Console, title: str, total: int, done: int = 0) -> None:
+        self.console, self.title, self.total = console, title, total
+        self.start_done, self.t0 = done, time.perf_counter()
+        self.bar: Progress | None = None
+        if console.is_terminal:
+            self.bar = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=console, transient=False,
+            )
+            self.task = self.bar.add_task(escape(title), total=total, completed=done, status="")
+
+    def __enter__(self) -> StepProgress:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def eta(self, done: int) -> float | None:
+        """Seconds left at this call's pace (steps done since this bar started)."""
+        steps = done - self.start_done
+        if steps <= 0:
+            return None
+        return (self.total - done) * (time.perf_counter() - self.t0) / steps
+
+    def step(self, done: int, status: str, log: bool = False) -> None:
+        """`done` steps of `total` are done; `status` (e.g. loss and images/s) is shown live in a
+        terminal, and printed as a plain line on `log` steps otherwise."""
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, status=status)
+        elif log:
+            self.console.print(f"{self.title} step {done}/{self.total}  {status}  eta {format_eta(self.eta(done))}",
+                               markup=False, highlight=False, soft_wrap=True)

@@ -1,0 +1,154 @@
+"""Run the installed `cityseg-fast` console script as a user does: a separate process, a hard timeout,
+and a check that the process and every process it started are gone soon after its last output line.
+
+    done = run_cli(["train", "--data", DIR, "--smoke"], timeout=120)
+    assert done.returncode == 0, done.output
+
+A command that does not return is a failure naming the command, never a hung test run: on timeout
+the whole process session is killed. The command runs in a session of its own, so its DataLoader
+workers, torchrun ranks and their children can all be found (by session id) and waited for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+# The console script pip installed beside this interpreter: what a user's shell runs.
+CLI = Path(sys.executable).parent / "cityseg-fast"
+# A finished command must be gone, children included, this long after its last line of output.
+EXIT_GRACE_S = 10.0
+
+
+@dataclass(frozen=True)
+class Finished:
+    command: str
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def session_members(sid: int) -> list[int]:
+    """Live (non-zombie) processes whose session id is `sid`."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited while we looked
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, session, ...
+        if int(fields[3]) == sid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+class CliProcess:
+    """A started `cityseg-fast ARGS` process whose output is collected line by line."""
+
+    def __init__(self, args: list[str | os.PathLike], *, cwd: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        if not CLI.is_file():
+            pytest.fail(f"{CLI} is missing: the tests need the package installed (pip install -e '.[test]')")
+        self.command = "cityseg-fast " + " ".join(str(a) for a in args)
+        self.proc = subprocess.Popen(
+            [str(CLI), *map(str, args)], cwd=cwd, env={**os.environ, **(env or {})}, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        )
+        self.last_output = time.monotonic()
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self.readers = [threading.Thread(target=self._read, args=(s, out), daemon=True)
+                        for s, out in ((self.proc.stdout, self.stdout), (self.proc.stderr, self.stderr))]
+        for reader in self.readers:
+            reader.start()
+
+    def _read(self, stream, lines: list[str]) -> None:
+        for line in stream:
+            lines.append(line)
+            self.last_output = time.monotonic()
+
+    def tail(self, n: int = 15) -> str:
+        return "".join((self.stdout + self.stderr)[-n:])
+
+    def wait_for(self, path: Path, timeout: float = 120.0) -> None:
+        """Wait until `path` exists, failing if the process ends first or the time runs out."""
+        t0 = time.monotonic()
+        while not path.exists():
+            if self.proc.poll() is not None:
+                pytest.fail(f"`{self.command}` exited ({self.proc.returncode}) before {path} appeared:\n{self.tail()}")
+            if time.monotonic() - t0 > timeout:
+                self.kill_all()
+                pytest.fail(f"{path} did not appear within {timeout:.0f} s of `{self.command}`:\n{self.tail()}")
+            time.sleep(0.05)
+
+    def wait_for_output(self, text: str, timeout: float = 120.0) -> None:
+        """Wait until a line of output contains `text`."""
+        t0 = time.monotonic()
+        while not any(text in line for line in self.stdout + self.stderr):
+            if self.proc.poll() is not None:
+                pytest.fail(f"`{self.command}` exited ({self.proc.returncode}) before printing {text!r}:\n"
+                            f"{self.tail()}")
+            if time.monotonic() - t0 > timeout:
+                self.kill_all()
+                pytest.fail(f"`{self.command}` printed no {text!r} within {timeout:.0f} s:\n{self.tail()}")
+            time.sleep(0.02)
+
+    def signal(self, signum: int, group: bool = False) -> None:
+        """Send `signum` to the command (`group`: to its whole process group, as a terminal's Ctrl-C
+        or Slurm's scancel does, DataLoader workers included)."""
+        if group:
+            os.killpg(self.proc.pid, signum)
+        else:
+            self.proc.send_signal(signum)
+
+    def kill_all(self) -> None:
+        for pid in [self.proc.pid, *session_members(self.proc.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def finish(self, timeout: float) -> Finished:
+        """Wait for the exit (at most `timeout` s in all), then for every child to be gone by
+        EXIT_GRACE_S after the last output line."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_all()
+            pytest.fail(f"`{self.command}` did not exit within {timeout:.0f} s (hung); last output:\n{self.tail()}")
+        exited = time.monotonic()
+        for reader in self.readers:
+            reader.join(timeout=5)
+        deadline = self.last_output + EXIT_GRACE_S
+        if exited > deadline:
+            pytest.fail(f"`{self.command}` took {exited - self.last_output:.0f} s to exit after its last output "
+                        f"line (limit {EXIT_GRACE_S:.0f} s):\n{self.tail()}")
+        left = session_members(self.proc.pid)
+        while left and time.monotonic() < deadline:
+            time.sleep(0.1)
+            left = session_members(self.proc.pid)
+        if left:
+            self.kill_all()
+            pytest.fail(f"`{self.command}` left processes {left} running {EXIT_GRACE_S:.0f} s after its last "
+                        f"output line:\n{self.tail()}")
+        return Finished(self.command, self.proc.returncode, "".join(self.stdout), "".join(self.stderr))
+
+
+def run_cli(args: list[str | os.PathLike], *, timeout: float = 180.0, cwd: Path | None = None,
+            env: dict[str, str] | None = None) -> Finished:
+    """Run `cityseg-fast ARGS` to its end (see `CliProcess.finish`)."""
+    return CliProcess(args, cwd=cwd, env=env).finish(timeout)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import os
 import statistics
 import sys
@@ -153,7 +152,6 @@ def train_once(cfg: Config, warm: int) -> dict[str, Any]:
         "compile_s": overhead if summary["compile"] else None,
         "warmup_overhead_s": overhead,
     }
-    gc.collect()
     return result
 
 
@@ -168,13 +166,11 @@ def time_to_first_batch(kind: str, files: list[Path], args: argparse.Namespace, 
     loader_args = argparse.Namespace(image_size=args.size, batch_size=args.batch, prefetch=2, seed=args.seed)
     sync(device)
     t0 = time.perf_counter()
-    loader = make_loader(spec, files, palette, AUGMENTS["standard"], loader_args, device, dtype)
-    image, _ = next(iter(loader))
-    image = image.to(device)
-    sync(device)
-    seconds = time.perf_counter() - t0
-    del loader, image
-    gc.collect()
+    with make_loader(spec, files, palette, AUGMENTS["standard"], loader_args, device, dtype) as loader:
+        image, _ = next(iter(loader))
+        image = image.to(device)
+        sync(device)
+        seconds = time.perf_counter() - t0
     return seconds
 
 

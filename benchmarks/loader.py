@@ -27,7 +27,6 @@ Results: benchmarks/results/loader-<cpu|gpu>.json (or --json).
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 import tempfile
@@ -141,15 +140,12 @@ def run_epoch(loader, epoch: int, device: torch.device) -> dict[str, float]:
 def measure(spec: Spec, files: list[Path], palette, augment_name: str, args: argparse.Namespace,
             device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     t0 = time.perf_counter()
-    loader = make_loader(spec, files, palette, AUGMENTS[augment_name], args, device, dtype)
-    sync(device)
-    setup_s = time.perf_counter() - t0
-    try:
+    # Closed at the end of the block: its workers and threads go now, not during the next loader's timing.
+    with make_loader(spec, files, palette, AUGMENTS[augment_name], args, device, dtype) as loader:
+        sync(device)
+        setup_s = time.perf_counter() - t0
         warm = [run_epoch(loader, e, device) for e in range(args.warmup)]
         timed = [run_epoch(loader, args.warmup + r, device) for r in range(args.reps)]
-    finally:
-        del loader  # persistent workers and DALI threads go now, not during the next loader's timing
-        gc.collect()
     rates = [t["images"] / t["seconds"] for t in timed]
     return {
         "loader": spec.loader,

@@ -197,6 +197,7 @@ def environment() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="also batch 256")
+    ap.add_argument("--batches", default=None, help="comma list of batch sizes (default 1,64; 1,64,256 with --full)")
     ap.add_argument("--reps", type=int, default=7, help="timed runs per CPU case (>= 5)")
     ap.add_argument("--cpu", action="store_true", help="CPU benchmark even when a GPU is present")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -204,7 +205,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.batches = [1, 64, 256] if args.full else [1, 64]
+    args.batches = [int(b) for b in args.batches.split(",")] if args.batches else [1, 64, 256] if args.full else [1, 64]
     args.reps = max(5, args.reps)
 
     from cityseg.palette import cityscapes_palette

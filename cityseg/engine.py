@@ -583,13 +583,18 @@ def _train(cfg: Config, console: Console, dist_info: DistInfo, on_step: Callable
         if run.last.exists():
             raise TrainingError(f"{run.root}: already holds a run; use --resume {run.root} or another --out")
     try:
-        trainer = Trainer(cfg, console, run, resume_state, dist_info)
-        trainer.on_step = on_step
+        return _run_trainer(cfg, console, run, resume_state, dist_info, on_step)
     except (PairError, TrainingError, CheckpointError, ValueError) as e:
-        if dist_info.is_main:  # nothing of a run exists yet: leave only the reason in the folder
+        if dist_info.is_main:  # the run folder says why the run ended (alone, if it ended before training)
             run.root.mkdir(parents=True, exist_ok=True)
             (run.root / "error.log").write_text(f"{e}\n")
         raise
+
+
+def _run_trainer(cfg: Config, console: Console, run: RunFolder, resume_state: dict | None, dist_info: DistInfo,
+                 on_step: Callable[[], None] | None) -> dict[str, Any]:
+    trainer = Trainer(cfg, console, run, resume_state, dist_info)
+    trainer.on_step = on_step
     with closing(trainer):  # its loaders' workers end on every way out: done, error or signal
         console.print(describe(trainer.model))
         console.print(

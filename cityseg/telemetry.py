@@ -3,8 +3,10 @@ GPU utilisation / memory / power sampled by a pynvml thread (n/a without an NVID
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from statistics import mean
 
@@ -26,12 +28,16 @@ class EpochMeter:
 
     device: torch.device
     warmup_steps: int = 5
+    clock: Callable[[], float] = time.perf_counter  # tests pass a fake one
     steps: int = 0
     images: int = 0
     data_wait: float = 0.0
-    start: float = field(default_factory=time.perf_counter)
+    start: float = field(init=False)
     timed_start: float | None = None
     timed_images: int = 0
+
+    def __post_init__(self) -> None:
+        self.start = self.clock()
 
     def waited(self, seconds: float) -> None:
         self.data_wait += seconds
@@ -41,13 +47,13 @@ class EpochMeter:
         self.images += batch_size
         if self.steps == self.warmup_steps:
             synchronize(self.device)
-            self.timed_start = time.perf_counter()
+            self.timed_start = self.clock()
         elif self.timed_start is not None:
             self.timed_images += batch_size
 
     def summary(self) -> dict[str, float | None]:
         synchronize(self.device)
-        now = time.perf_counter()
+        now = self.clock()
         seconds = now - self.start
         timed = now - self.timed_start if self.timed_start is not None else 0.0
         if self.timed_images and timed > 0:
@@ -64,20 +70,58 @@ class EpochMeter:
         }
 
 
+def nvml_target(torch_index: int, visible_devices: str | None) -> int | str:
+    """Which GPU NVML must open for torch's `cuda:<torch_index>`: a physical index, or a UUID (or the
+    prefix of one, which CUDA accepts) such as "GPU-5ee4..." or "MIG-9a0f...".
+
+    NVML ignores CUDA_VISIBLE_DEVICES and numbers every GPU of the machine; CUDA numbers only the
+    visible ones, in the order listed. With CUDA_VISIBLE_DEVICES=2,3 (Slurm, shared hosts) torch's
+    cuda:0 is NVML's device 2."""
+    if visible_devices is None:
+        return torch_index
+    entries = [e.strip() for e in visible_devices.split(",")]
+    if torch_index >= len(entries) or not entries[torch_index]:
+        raise ValueError(f"cuda:{torch_index} is not in CUDA_VISIBLE_DEVICES={visible_devices!r}")
+    entry = entries[torch_index]
+    return int(entry) if entry.isdigit() else entry
+
+
+def open_nvml_handle(nvml, target: int | str):
+    """The NVML handle of `target` (see `nvml_target`)."""
+    if isinstance(target, int):
+        return nvml.nvmlDeviceGetHandleByIndex(target)
+    try:
+        return nvml.nvmlDeviceGetHandleByUUID(target)
+    except nvml.NVMLError:  # a UUID prefix: find the one device it names
+        for i in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(i)
+            if str(nvml.nvmlDeviceGetUUID(handle)).startswith(target):
+                return handle
+        raise
+
+
 class GpuSampler:
     """Samples GPU utilisation, memory and power at `hz` in a daemon thread via NVML, and SM
     activity from NVML GPM metrics where the GPU has them (Hopper and newer).
 
-    Without NVML (no NVIDIA driver, or a CPU run) every field reads None ("n/a"); never raises.
+    Each field is read on its own: a field the GPU does not support (utilisation on a MIG slice,
+    power on some vGPUs) reads None while the others keep their values. Without NVML (no NVIDIA
+    driver, or a CPU run) every field reads None ("n/a"). Never raises; an unexpected error is kept
+    in `problem` (and the sampling goes on) rather than ending the thread silently.
     """
 
-    def __init__(self, device: torch.device, hz: float = 10.0) -> None:
+    FIELDS = ("gpu_util", "gpu_mem_gib", "gpu_power_w", "sm_activity")
+
+    def __init__(self, device: torch.device, hz: float = 10.0, clock: Callable[[], float] = time.perf_counter) -> None:
         self.device = device
         self.interval = 1.0 / hz
-        # (t, util %, mem GiB, power W, SM activity % or None)
-        self.samples: list[tuple[float, float, float, float, float | None]] = []
+        self.clock = clock
+        # (t, util %, mem GiB, power W, SM activity %), each field None where unsupported
+        self.samples: list[tuple[float, float | None, float | None, float | None, float | None]] = []
+        self.problem: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._nvml = None
         self._handle = self._open_handle()
         self._gpm = self._open_gpm()
 
@@ -89,40 +133,64 @@ class GpuSampler:
 
             pynvml.nvmlInit()
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            return pynvml.nvmlDeviceGetHandleByIndex(index)
-        except Exception:  # noqa: BLE001 - NVML missing or unsupported: telemetry reads n/a
+            handle = open_nvml_handle(pynvml, nvml_target(index, os.environ.get("CUDA_VISIBLE_DEVICES")))
+        except Exception as e:  # noqa: BLE001 - NVML missing or unsupported: telemetry reads n/a
+            self.problem = f"NVML unavailable ({type(e).__name__}: {e})"
             return None
+        self._nvml = pynvml
+        return handle
 
     def _open_gpm(self) -> list | None:
         """Two GPM sample buffers (a metric is the difference of two samples), or None."""
         if self._handle is None:
             return None
-        import pynvml
-
+        nvml = self._nvml
         try:
-            if not pynvml.nvmlGpmQueryDeviceSupport(self._handle).isSupportedDevice:
+            if not nvml.nvmlGpmQueryDeviceSupport(self._handle).isSupportedDevice:
                 return None
-            first = pynvml.nvmlGpmSampleAlloc()
-            pynvml.nvmlGpmSampleGet(self._handle, first)
-            return [first, pynvml.nvmlGpmSampleAlloc()]
-        except (pynvml.NVMLError, AttributeError):  # pre-Hopper GPU or an old driver / binding
+            first = nvml.nvmlGpmSampleAlloc()
+            nvml.nvmlGpmSampleGet(self._handle, first)
+            return [first, nvml.nvmlGpmSampleAlloc()]
+        except (nvml.NVMLError, AttributeError):  # pre-Hopper GPU or an old driver / binding
             return None
 
     def _sm_activity(self) -> float | None:
-        import pynvml
-
         if self._gpm is None:
             return None
+        nvml = self._nvml
         previous, current = self._gpm
-        pynvml.nvmlGpmSampleGet(self._handle, current)
-        request = pynvml.c_nvmlGpmMetricsGet_t()
-        request.version = pynvml.NVML_GPM_METRICS_GET_VERSION
+        nvml.nvmlGpmSampleGet(self._handle, current)
+        request = nvml.c_nvmlGpmMetricsGet_t()
+        request.version = nvml.NVML_GPM_METRICS_GET_VERSION
         request.numMetrics = 1
         request.sample1, request.sample2 = previous, current
-        request.metrics[0].metricId = pynvml.NVML_GPM_METRIC_SM_UTIL
-        pynvml.nvmlGpmMetricsGet(request)
+        request.metrics[0].metricId = nvml.NVML_GPM_METRIC_SM_UTIL
+        nvml.nvmlGpmMetricsGet(request)
         self._gpm = [current, previous]
+        if request.metrics[0].nvmlReturn != nvml.NVML_SUCCESS:  # the call succeeds, one metric may not
+            return None
         return float(request.metrics[0].value)
+
+    def _field(self, read: Callable[[], float | None]) -> float | None:
+        try:
+            value = read()
+        except self._nvml.NVMLError:  # not supported on this GPU (MIG, vGPU), or not at this moment
+            return None
+        except Exception as e:  # noqa: BLE001 - a bug must not end the sampler; keep it for the report
+            self.problem = self.problem or f"{type(e).__name__}: {e}"
+            return None
+        return None if value is None else float(value)
+
+    def read(self) -> tuple[float, float | None, float | None, float | None, float | None]:
+        """One sample: (seconds, util %, memory GiB, power W, SM activity %)."""
+        nvml, h = self._nvml, self._handle
+        return (
+            self.clock(),
+            self._field(lambda: nvml.nvmlDeviceGetUtilizationRates(h).gpu),
+            self._field(lambda: nvml.nvmlDeviceGetMemoryInfo(h).used / 2**30),
+            self._field(lambda: nvml.nvmlDeviceGetPowerUsage(h) / 1000.0),
+            self._field(self._sm_activity),
+        )
 
     @property
     def available(self) -> bool:
@@ -130,23 +198,15 @@ class GpuSampler:
 
     def start(self) -> GpuSampler:
         if self.available and self._thread is None:
+            self._t0 = self.clock()
             self._thread = threading.Thread(target=self._run, name="gpu-sampler", daemon=True)
             self._thread.start()
         return self
 
     def _run(self) -> None:
-        import pynvml
-
-        t0 = time.perf_counter()
         while not self._stop.wait(self.interval):
-            try:
-                util = pynvml.nvmlDeviceGetUtilizationRates(self._handle).gpu
-                mem = pynvml.nvmlDeviceGetMemoryInfo(self._handle).used / 2**30
-                power = pynvml.nvmlDeviceGetPowerUsage(self._handle) / 1000.0
-                sm = self._sm_activity()
-            except pynvml.NVMLError:
-                continue
-            self.samples.append((time.perf_counter() - t0, float(util), mem, power, sm))
+            t, *values = self.read()
+            self.samples.append((t - self._t0, *values))
 
     def stop(self) -> None:
         self._stop.set()
@@ -159,14 +219,15 @@ class GpuSampler:
         return len(self.samples)
 
     def summary(self, since: int = 0) -> dict[str, float | None]:
+        """Mean utilisation, power and SM activity, peak memory, over the samples since `since`;
+        a field no sample had is None."""
         window = self.samples[since:]
-        if not window:
-            return {"gpu_util": None, "gpu_mem_gib": None, "gpu_power_w": None, "sm_activity": None}
-        sm = [s[4] for s in window if s[4] is not None]
+        columns = [[s[i] for s in window if s[i] is not None] for i in range(1, 5)]
+        util, mem, power, sm = columns
         return {
-            "gpu_util": mean(s[1] for s in window),
-            "gpu_mem_gib": max(s[2] for s in window),
-            "gpu_power_w": mean(s[3] for s in window),
+            "gpu_util": mean(util) if util else None,
+            "gpu_mem_gib": max(mem) if mem else None,
+            "gpu_power_w": mean(power) if power else None,
             "sm_activity": mean(sm) if sm else None,
         }
 
@@ -189,9 +250,9 @@ def plot_gpu_timeline(samples: list[tuple], path) -> None:
     fig, ax = plt.subplots(figsize=(8, 3))
     if samples:
         t = [s[0] for s in samples]
-        ax.plot(t, [s[1] for s in samples], label="GPU utilisation %")
-        if any(s[4] is not None for s in samples):
-            ax.plot(t, [s[4] for s in samples], label="SM activity %")
+        for column, label in ((1, "GPU utilisation %"), (4, "SM activity %")):
+            if any(s[column] is not None for s in samples):  # None (unsupported) plots as a gap
+                ax.plot(t, [float("nan") if s[column] is None else s[column] for s in samples], label=label)
         ax.legend()
     else:
         ax.text(0.5, 0.5, "no GPU samples (n/a: no NVIDIA GPU / NVML)", ha="center", va="center")

@@ -7,15 +7,13 @@ import io
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -26,11 +24,13 @@ from cityseg.cli import app
 from cityseg.data.pairs import PairError, validate_pair
 from cityseg.data.torch_loader import PairDataset
 from cityseg.palette import cityscapes_palette
-from tests.conftest import ROOT, make_pair_dataset, write_pair
+from tests.cli_process import CliProcess, run_cli
+from tests.conftest import make_pair_dataset, write_pair
 from tests.test_pairs import BAD_FILES
 
+# Tiny sizes; the loaders keep their default workers (2 processes or threads), as users run them.
 TINY = ["--device", "cpu", "--no-compile", "--no-amp", "--image-size", "32", "--width", "4", "--depth", "2",
-        "--batch-size", "2", "--workers", "0"]
+        "--batch-size", "2"]
 
 
 def inject_file(name: str, content: bytes) -> Callable[[Path], Path]:
@@ -102,20 +102,26 @@ def test_check_data_lists_the_bad_file(dataset: Path, case: str) -> None:
     assert_one_line_error(result.output, bad, fragment)
 
 
-LOADERS = {"torch": ["--loader", "torch"], "dali": ["--loader", "dali"], "cache": ["--cache", "device"]}
+LOADERS = {"torch": ["--loader", "torch"], "dali": ["--loader", "dali"], "cache": ["--loader", "cache"]}
 
 
+@pytest.mark.parametrize("validate", ["validate", "skip-validate"])
 @pytest.mark.parametrize("loader", sorted(LOADERS))
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_train_stops_before_training_with_one_line(dataset: Path, tmp_path: Path, case: str, loader: str) -> None:
+def test_train_stops_with_one_line(dataset: Path, tmp_path: Path, case: str, loader: str, validate: str) -> None:
+    """Found by the up-front validation, or (--skip-validate) by the loader itself when it meets the
+    file: either way one line naming it, and nothing but error.log in the run folder."""
     inject, fragment = CASES[case]
     bad = inject(dataset)
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train", "--data", str(dataset), "--out", str(out), *LOADERS[loader], *TINY])
+    skip = ["--skip-validate"] if validate == "skip-validate" else []
+    result = CliRunner().invoke(app, ["train", "--data", str(dataset), "--out", str(out), *LOADERS[loader], *skip,
+                                      *TINY])
     assert result.exit_code == 2, result.output
     assert_one_line_error(result.output, bad, fragment)
-    assert [p.name for p in out.iterdir()] == ["error.log"]
     assert fragment in (out / "error.log").read_text()
+    if not skip:  # found before training: nothing of a run was written
+        assert [p.name for p in out.iterdir()] == ["error.log"]
 
 
 def test_skip_bad_trains_on_the_rest_and_says_how_many(dataset: Path, tmp_path: Path) -> None:
@@ -185,60 +191,48 @@ def test_fuzz_image_shapes_validator_and_loader_agree(tmp_path: Path, h: int, w:
 
 
 # -- interrupted runs ------------------------------------------------------------------------------
+# Ctrl-C and SIGTERM mid-epoch: tests/e2e/test_commands.py.
 
-def train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "cityseg", "train", "--data", str(data), "--out", str(out), *TINY, *extra]
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    t = time.monotonic()
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() - t < timeout, f"{path} never appeared"
-        time.sleep(0.05)
-
-
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_saves_last_and_exits(dataset: Path, tmp_path: Path, sig: int, code: int) -> None:
+def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    """SIGKILL to the whole process (workers too), each time after the run made progress, also while
+    checkpoints are written (every epoch here): the run always resumes from a loadable checkpoint,
+    best.pt is never corrupt, metrics.jsonl holds each epoch once, and the final weights are those of
+    a run never interrupted."""
+    dataset = make_pair_dataset(tmp_path / "data", n_train=40, n_val=4)  # 20 steps an epoch
+    args = ["train", "--data", dataset, *TINY, "--epochs", "12"]
+    straight = run_cli([*args, "--out", tmp_path / "straight"], timeout=300)
+    assert straight.returncode == 0, straight.output
     out = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(dataset, out, "--epochs", "1000"), cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for(out / "config.json", proc)
-    time.sleep(1.0)
-    proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == code, stderr
-    assert "Traceback" not in stderr
-    assert f"--resume {out}" in stderr
-    state = load_checkpoint(out / "checkpoints" / "last.pt")
-    assert state["global_step"] > 0
-
-
-def test_sigkill_at_random_moments_then_resume_finishes(dataset: Path, tmp_path: Path) -> None:
-    """Killed with SIGKILL (also while checkpoints are written, which happens every epoch here),
-    the run always resumes from a loadable checkpoint and finishes; best.pt is never corrupt."""
-    out = tmp_path / "run"
-    epochs = ["--epochs", "30"]
+    last = out / "checkpoints" / "last.pt"
     rng = random.Random(0)
-    proc = subprocess.Popen(train_cmd(dataset, out, *epochs), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    wait_for(out / "checkpoints" / "last.pt", proc)
-    for attempt in range(3):
-        time.sleep(rng.uniform(0.0, 1.5))
-        proc.kill()
-        proc.wait()
-        load_checkpoint(out / "checkpoints" / "last.pt")
+    proc = CliProcess([*args, "--out", out])
+    proc.wait_for(last)
+    steps = [load_checkpoint(last)["global_step"]]
+    for _ in range(3):
+        time.sleep(rng.uniform(0.0, 1.0))
+        proc.kill_all()
+        steps.append(load_checkpoint(last)["global_step"])
         if (out / "checkpoints" / "best.pt").exists():
             load_checkpoint(out / "checkpoints" / "best.pt")
-        resume = [sys.executable, "-m", "cityseg", "train", "--resume", str(out)]
-        proc = subprocess.Popen(resume, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if attempt < 2:
-            time.sleep(3.0)  # let it get past start-up and into training before the next kill
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["final"]["epoch"] == 30
+        proc = CliProcess(["train", "--resume", out])
+        wait_until(lambda: load_checkpoint(last)["global_step"] > steps[-1], proc)  # progress before the next kill
+    done = proc.finish(timeout=300)
+    assert done.returncode == 0, done.output
+    assert steps == sorted(steps) and len(set(steps)) == len(steps), steps  # every session made progress
+    epochs = [json.loads(ln)["epoch"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, 13))
+    a, b = (load_checkpoint(run / "checkpoints" / "last.pt")["model"] for run in (tmp_path / "straight", out))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
     load_checkpoint(out / "checkpoints" / "best.pt")
+
+
+def wait_until(condition: Callable[[], bool], proc: CliProcess, timeout: float = 120) -> None:
+    t0 = time.monotonic()
+    while not condition():
+        assert proc.proc.poll() is None, proc.tail()
+        assert time.monotonic() - t0 < timeout, "no progress"
+        time.sleep(0.05)
 
 
 def test_same_seed_same_metrics(dataset: Path, tmp_path: Path) -> None:

@@ -12,13 +12,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from benchmarks import common, end_to_end, loader, report, train_step
 from cityseg.bench import bench_app
-from cityseg.data.loaders import dali_available
 from cityseg.data.synth import write_dataset
 from tests.conftest import ROOT
+
+DEVICE_KIND = "gpu" if torch.cuda.is_available() else "cpu"  # what the benchmarks pick by default
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,7 @@ def results(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
 def check_layout(path: Path, benchmark: str, reps: int) -> dict:
     doc = json.loads(path.read_text())
     assert set(common.RESULT_KEYS) <= doc.keys()
-    assert doc["benchmark"] == benchmark and doc["device_kind"] == "cpu" and doc["complete"] is True
+    assert doc["benchmark"] == benchmark and doc["device_kind"] == DEVICE_KIND and doc["complete"] is True
     assert doc["command"].startswith(f"python benchmarks/{path.stem.rsplit('-', 1)[0]}.py ")
     assert {"torch", "python"} <= doc["versions"].keys() and doc["machine"]["cpu_count"] >= 1
     assert doc["results"]
@@ -56,9 +58,10 @@ def check_layout(path: Path, benchmark: str, reps: int) -> dict:
 def test_loader_json(results: Path) -> None:
     doc = check_layout(results / "loader-cpu.json", "loader", reps=2)
     labels = {(r["augment"], r["label"]) for r in doc["results"]}
-    expected = {"torch w0", "cache"} | ({"dali-cpu"} if dali_available() else set())
+    expected = {"torch w0", "cache", "dali-cpu"} | ({"dali-gpu"} if torch.cuda.is_available() else set())
     assert labels == {(a, name) for a in ("standard", "none") for name in expected}
-    assert any("dali-gpu skipped" in n for n in doc["notes"])  # no CUDA here
+    if not torch.cuda.is_available():
+        assert any("dali-gpu skipped" in n for n in doc["notes"])
     for row in doc["results"]:
         assert row["images_per_epoch"] == 8 and len(row["rep_seconds"]) == 2 and len(row["warmup_epoch_s"]) == 1
         assert row["setup_s"] >= 0 and row["time_to_first_batch_s"] > 0
@@ -96,9 +99,10 @@ def test_train_step_json(results: Path) -> None:
 def test_end_to_end_json(results: Path) -> None:
     doc = check_layout(results / "end_to_end-cpu.json", "end_to_end", reps=1)
     loaders = [r["loader"] for r in doc["results"]]
-    assert loaders[0] == "torch" and ("dali" in loaders) == dali_available()
+    assert loaders[0] == "torch" and "dali" in loaders
     for row in doc["results"]:
-        assert 0 <= row["data_wait_share"] <= 1 and row["gpu_util"] is None and row["time_to_first_batch_s"] > 0
+        assert 0 <= row["data_wait_share"] <= 1 and row["time_to_first_batch_s"] > 0
+        assert (row["gpu_util"] is None) == (DEVICE_KIND == "cpu")
         run = row["runs"][0]
         assert run["steps"] == 7 and len(run["warm_steps_s"]) == 2 and run["images_per_s_warmup_excluded"]
         assert row["compile_s"] is None  # compile is off on CPU by default

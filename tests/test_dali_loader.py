@@ -14,16 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("nvidia.dali")
-
-from cityseg.config import AugmentConfig  # noqa: E402
-from cityseg.data import dali_loader  # noqa: E402
-from cityseg.data.dali_loader import DaliPairLoader  # noqa: E402
-from cityseg.data.pairs import PairError, list_split, read_pair  # noqa: E402
-from cityseg.data.torch_loader import IMAGENET_MEAN, IMAGENET_STD, EpochSampler, TorchPairLoader  # noqa: E402
-from cityseg.palette import IGNORE_INDEX, Palette, cityscapes_palette  # noqa: E402
-from kernels.mask_to_class import mask_to_class  # noqa: E402
-from tests.conftest import make_pair_dataset  # noqa: E402
+from cityseg.config import AugmentConfig
+from cityseg.data import dali_loader
+from cityseg.data.dali_loader import DaliPairLoader
+from cityseg.data.pairs import PairError, list_split, read_pair
+from cityseg.data.torch_loader import IMAGENET_MEAN, IMAGENET_STD, EpochSampler, TorchPairLoader
+from cityseg.palette import IGNORE_INDEX, Palette, cityscapes_palette
+from kernels.mask_to_class import mask_to_class
+from tests.conftest import make_pair_dataset
 
 pytestmark = pytest.mark.dali
 

@@ -201,8 +201,6 @@ def test_torchscript_export_parity_via_cli(trained: tuple[Path, Path], tmp_path:
 
 
 def test_onnx_export_parity(trained: tuple[Path, Path], tmp_path: Path) -> None:
-    for module in ("onnx", "onnxscript", "onnxruntime"):
-        pytest.importorskip(module)
     data, ckpt = trained
     path = export_model(ckpt, "onnx", tmp_path / "unet.onnx")
     model, _ = load_export_model(ckpt)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -9,7 +13,7 @@ import torch
 
 from cityseg.config import AugmentConfig
 from cityseg.data.pairs import list_split, read_pair
-from cityseg.data.torch_loader import EpochSampler, TorchPairLoader
+from cityseg.data.torch_loader import EpochSampler, TorchPairLoader, init_worker
 from cityseg.engine import denormalize
 from cityseg.palette import IGNORE_INDEX, cityscapes_palette, map_colors_reference
 from tests.conftest import make_pair_dataset
@@ -130,3 +134,42 @@ def test_resize_to_image_size_uses_nearest_for_mask(tmp_path: Path) -> None:
     full = map_colors_reference(torch.from_numpy(read_pair(list_split(root, "train")[0])[1].copy()),
                                 p.centers, p.classes)
     assert set(target[0].unique().tolist()) <= set(full.unique().tolist())  # no blended class ids
+
+
+def test_close_ends_the_worker_processes(pair_dataset: Path) -> None:
+    """Workers persist across epochs until `close()` / the end of `with`; a closed loader starts afresh."""
+    loader = make_loader(pair_dataset, None, workers=2)
+    with loader:
+        next(iter(loader))
+        workers = list(loader.loader._iterator._workers)
+        assert len(workers) == 2 and all(w.is_alive() for w in workers)
+    assert not any(w.is_alive() for w in workers) and all(w.exitcode == 0 for w in workers)
+    with loader:
+        assert len(list(loader)) == len(loader)
+    loader.close()  # idempotent
+
+
+def _worker_then_sleep(ready) -> None:
+    init_worker(0)
+    ready.set()
+    time.sleep(60)
+
+
+def test_worker_signal_policy() -> None:
+    """SIGINT (a terminal's Ctrl-C to the process group) is the main process's to handle; SIGTERM
+    (multiprocessing's terminate at interpreter exit, or a whole-group SIGTERM) ends a worker at
+    once with status 0, which DataLoader does not report as a crash."""
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_worker_then_sleep, args=(ready,))
+    proc.start()
+    try:
+        assert ready.wait(timeout=30)
+        os.kill(proc.pid, signal.SIGINT)
+        proc.join(timeout=1.0)
+        assert proc.is_alive()
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.join(timeout=30)
+        assert proc.exitcode == 0
+    finally:
+        proc.kill()

@@ -39,11 +39,10 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import DataNode
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-from PIL import Image, UnidentifiedImageError
 
 from cityseg.config import AugmentConfig
 from cityseg.data.contract import ClosingLoader
-from cityseg.data.pairs import PairError, check_header, validate_files, validate_pair
+from cityseg.data.pairs import PairError, read_header, validate_files, validate_pair
 from cityseg.data.torch_loader import IMAGENET_MEAN, IMAGENET_STD, EpochSampler
 from cityseg.palette import IGNORE_INDEX, Palette
 from kernels.mask_to_class import mask_to_class
@@ -232,18 +231,7 @@ def source_heights(files: Sequence[Path]) -> set[int]:
     """Pair heights from the file headers (~0.1 ms each): decide whether the graph needs a resize.
     Also the pair validator's header checks, so a wrong shape or mode is a one-line error even with
     validation skipped."""
-    heights = set()
-    for path in files:
-        try:
-            with Image.open(path) as image:
-                heights.add(check_header(path, image).height)
-        except UnidentifiedImageError:
-            raise PairError(path, "not an image (unrecognised or corrupt header)") from None
-        except Image.DecompressionBombError:
-            raise PairError(path, "image too large") from None
-        except OSError as e:
-            raise PairError(path, f"cannot read: {e}") from None
-    return heights
+    return {read_header(path).height for path in files}
 
 
 def fill_colour_is_void(palette: Palette) -> bool:

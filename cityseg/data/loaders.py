@@ -38,6 +38,11 @@ def resolve_data_dir(cfg: DataConfig) -> Path:
 
 FAR_COLOR_DIST = 60.0  # real Kaggle masks: at most ~3 % of a mask's pixels lie this far from every colour
 MAX_FAR_SHARE = 0.2
+MASK_SAMPLE = 16  # files whose mask colours are checked when --skip-validate skips the full validation
+
+
+class MaskColourError(PairError):
+    """A mask drawn in colours other than the palette's."""
 
 
 def palette_mismatch_check(palette: Palette) -> MaskCheck:
@@ -47,7 +52,7 @@ def palette_mismatch_check(palette: Palette) -> MaskCheck:
     def check(path: Path, mask: np.ndarray) -> None:
         share = far_share(torch.from_numpy(np.ascontiguousarray(mask)), palette, FAR_COLOR_DIST)
         if share > MAX_FAR_SHARE:
-            raise PairError(
+            raise MaskColourError(
                 path, f"mask colours do not match the palette: {share:.0%} of mask pixels are farther than "
                 f"{FAR_COLOR_DIST:g} from every class colour (other colour codes: --palette kmeans:K)"
             )
@@ -69,6 +74,8 @@ def split_files(
     bad files raise DatasetError, or with `skip_bad` are left out and returned as skipped."""
     files = list_split(root, split)
     if not validate:
+        if mask_check is not None:
+            check_mask_sample(files, mask_check, workers, root)
         return files, []
     good, bad = validate_files(files, workers=workers, mask_check=mask_check)
     if bad and not skip_bad:
@@ -76,6 +83,16 @@ def split_files(
     if not good:
         raise DatasetError(bad, root)
     return [info.path for info in good], bad
+
+
+def check_mask_sample(files: list[Path], mask_check: MaskCheck, workers: int, root: Path) -> None:
+    """Mask colours of MASK_SAMPLE files spread over the split: a dataset in another colour code fails
+    at once even with validation skipped. Other problems of those files are left to the loader."""
+    sample = files[:: max(1, len(files) // MASK_SAMPLE)][:MASK_SAMPLE]
+    _, bad = validate_files(sample, workers=workers, mask_check=mask_check)
+    mismatched = [e for e in bad if isinstance(e, MaskColourError)]
+    if mismatched:
+        raise DatasetError(mismatched, root)
 
 
 KMEANS_SAMPLE_FILES = 64

@@ -116,18 +116,30 @@ def check_header(path: Path, image: Image.Image) -> PairInfo:
     return PairInfo(path, w, h)
 
 
-def open_pair_image(path: str | os.PathLike) -> tuple[PairInfo, Image.Image]:
-    """Open and fully decode one pair file, validating it. Raises PairError with a one-line message."""
-    path = Path(path)
+def _open(path: Path) -> Image.Image:
+    """Open a file's image header (lazily: no pixels decoded). Raises PairError."""
     check_readable(path)
     try:
-        image = Image.open(path)
+        return Image.open(path)
     except UnidentifiedImageError:
         raise PairError(path, "not an image (unrecognised or corrupt header)") from None
     except Image.DecompressionBombError:
         raise PairError(path, f"image too large (over {MAX_PIXELS:,} pixels)") from None
     except OSError as e:  # Pillow reports a cut-off header as OSError("Truncated File Read")
         raise PairError(path, f"corrupt or truncated image header ({e})") from None
+
+
+def read_header(path: str | os.PathLike) -> PairInfo:
+    """The checks that need only the file and its header (~0.1 ms): everything but a full decode."""
+    path = Path(path)
+    with _open(path) as image:
+        return check_header(path, image)
+
+
+def open_pair_image(path: str | os.PathLike) -> tuple[PairInfo, Image.Image]:
+    """Open and fully decode one pair file, validating it. Raises PairError with a one-line message."""
+    path = Path(path)
+    image = _open(path)
     info = check_header(path, image)
     try:
         image.load()

@@ -71,6 +71,18 @@ def test_full_short_run(trained: Path) -> None:
     assert summary["epochs"] == 2 and summary["steps"] == 8
 
 
+def test_training_learns_an_easy_task(tmp_path: Path) -> None:
+    """Photo = mask colours: the loss must fall and val pixel accuracy rise far above chance (~0.05)."""
+    easy = make_pair_dataset(tmp_path / "data", n_train=32, n_val=8, photo_is_mask=True)
+    done = run_cli(["train", "--data", easy, "--out", tmp_path / "run", "--epochs", "15", "--lr", "0.03",
+                    "--warmup-steps", "5", "--device", "cpu", "--no-compile", "--image-size", "32", "--width", "8",
+                    "--depth", "2", "--batch-size", "4"])
+    assert done.returncode == 0, done.output
+    records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["loss"] < records[0]["loss"] / 2
+    assert records[0]["pixel_acc"] < 0.3 and records[-1]["pixel_acc"] > 0.7
+
+
 def test_smoke_on_a_data_folder(data: Path, tmp_path: Path) -> None:
     done = run_cli(["train", "--data", data, "--smoke", "--device", "cpu", "--no-compile", "--out", tmp_path / "run"])
     assert done.returncode == 0, done.output

@@ -1,5 +1,5 @@
 """`python -m cityseg ...` is `cityseg-fast ...` (torchrun launches it this way)."""
 
-from cityseg.cli import app
+from cityseg.cli import main
 
-app(prog_name="cityseg-fast")
+main()

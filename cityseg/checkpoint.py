@@ -14,8 +14,13 @@ from typing import Any
 
 import torch
 
+from cityseg.config import Config, ConfigError, flatten, with_overrides
+from cityseg.errors import UserError
+from cityseg.model import build_model
+from cityseg.palette import Palette
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message is one line naming the file."""
 
 
@@ -40,9 +45,16 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw state of a cityseg-fast checkpoint: readable, weights only, with `model` and `config`.
+    Use `read_config`, `read_palette`, `read_training_checkpoint` and `load_from_checkpoint` to check
+    the rest of its structure before using it."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint (e.g. {path / 'checkpoints' / 'best.pt'})")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -57,7 +69,76 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:160]})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path}: not a cityseg-fast checkpoint (missing model weights or config)")
+    weights = state["model"]
+    if not isinstance(weights, dict) or not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"{path}: damaged checkpoint: 'model' is not a set of weight tensors")
     return state
+
+
+def read_config(state: dict[str, Any], path: Path) -> Config:
+    """The checkpoint's Config, every key known and of its type; else a one-line CheckpointError."""
+    tree = state["config"]
+    if not isinstance(tree, dict) or not all(isinstance(tree.get(k), dict) for k in ("data", "model", "train")):
+        raise CheckpointError(f"{path}: damaged checkpoint: its config is not the data/model/train sections")
+    try:
+        return with_overrides(Config(), flatten(tree), "config")
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: config not readable by this version of cityseg-fast ({e})") from None
+
+
+def read_palette(state: dict[str, Any], path: Path) -> Palette:
+    """The checkpoint's palette (class colours and names), checked for consistency."""
+    data = state.get("palette")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: checkpoint has no palette (class colours and names)")
+    try:
+        palette = Palette.from_state(data)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: damaged palette in checkpoint ({type(e).__name__}: {e})") from None
+    return palette
+
+
+TRAINING_STATE = {"optimizer": dict, "scheduler": dict, "epoch": int, "step_in_epoch": int, "global_step": int,
+                  "best_miou": float, "epochs_since_best": int, "history": list, "elapsed_s": float,
+                  "partial": dict, "rng": dict}
+
+
+def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint `--resume` can continue from: everything `load_checkpoint` checks, plus the
+    optimiser, schedule and position in the run."""
+    path = Path(path)
+    state = load_checkpoint(path)
+    for key, kind in TRAINING_STATE.items():
+        value = state.get(key)
+        ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+        if value is None or isinstance(value, bool) or not ok:
+            problem = "missing" if key not in state else f"not a {kind.__name__}"
+            raise CheckpointError(f"{path}: cannot resume from it: its {key!r} is {problem} "
+                                  "(a damaged checkpoint, or weights only: start a new run with --init-from)")
+    read_config(state, path)
+    read_palette(state, path)
+    return state
+
+
+def load_from_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu"
+                         ) -> tuple[torch.nn.Module, Config, Palette, dict[str, Any]]:
+    """(model in eval mode, channels-last on `device`; its config; its palette; the raw state): the
+    one way eval, predict, export and fine-tuning read a checkpoint."""
+    path = Path(path)
+    state = load_checkpoint(path)
+    cfg = read_config(state, path)
+    palette = read_palette(state, path)
+    if palette.num_classes != cfg.model.num_classes:
+        raise CheckpointError(f"{path}: damaged checkpoint: {palette.num_classes} palette classes but a model "
+                              f"for {cfg.model.num_classes}")
+    model = build_model(cfg.model)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:  # missing / unexpected keys or shapes: name the first
+        detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        raise CheckpointError(f"{path}: its weights do not fit the model its config describes "
+                              f"({detail[:200]})") from None
+    return model.to(device, memory_format=torch.channels_last).eval(), cfg, palette, state
 
 
 def config_mismatch(saved: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[str]:

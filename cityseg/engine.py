@@ -11,7 +11,7 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from torch import nn
 
-from cityseg.checkpoint import CheckpointError, config_mismatch, load_checkpoint, save_checkpoint
+from cityseg.checkpoint import CheckpointError, config_mismatch, read_training_checkpoint, save_checkpoint
 from cityseg.config import Config, TrainConfig
 from cityseg.data.loaders import (
     Shard,
@@ -32,7 +33,7 @@ from cityseg.data.loaders import (
     resolve_palette,
     split_files,
 )
-from cityseg.data.pairs import MaskCheck, PairError, list_split
+from cityseg.data.pairs import MaskCheck, list_split
 from cityseg.distributed import (
     DistInfo,
     any_rank,
@@ -43,8 +44,10 @@ from cityseg.distributed import (
     sum_over_ranks,
     weights_agree,
 )
+from cityseg.errors import UserError
 from cityseg.metrics import ConfusionMatrix, SegMetrics, iou_table
 from cityseg.model import build_model, describe
+from cityseg.outputs import claim_run_folder, is_free, write_text_quietly
 from cityseg.palette import IGNORE_INDEX, Palette
 from cityseg.palette_kmeans import save_palette
 from cityseg.progress import StepProgress
@@ -64,7 +67,7 @@ from cityseg.telemetry import EpochMeter, GpuSampler, fmt, plot_gpu_timeline
 EXIT_INTERRUPTED = 130
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError):
     """A run that cannot go on; the message is one line for the user."""
 
 
@@ -171,7 +174,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.data_root = resolve_data_dir(cfg.data)
         self.palette = (
-            palette_from_state(resume_state["palette"]) if resume_state else
+            Palette.from_state(resume_state["palette"]) if resume_state else
             resolve_palette(cfg.data, list_split(self.data_root, "train"), cfg.train.seed)
         )
         # Learned (kmeans) palettes fit their data by construction; the fixed one may not.
@@ -267,7 +270,7 @@ class Trainer:
             "partial": self.partial,
             "rng": {"torch": torch.get_rng_state()},
             "config": self.cfg.to_dict(),
-            "palette": palette_to_state(self.palette),
+            "palette": self.palette.to_state(),
             "versions": versions(),
         }
 
@@ -536,17 +539,14 @@ def class_weights(kind: str, loader, num_classes: int, max_batches: int = 20) ->
     return (w / w[w > 0].mean()).float()
 
 
-def palette_to_state(p: Palette) -> dict[str, Any]:
-    return {"centers": p.centers, "classes": p.classes, "names": list(p.names), "colors": p.colors,
-            "max_dist": p.max_dist}
-
-
-def palette_from_state(s: dict[str, Any]) -> Palette:
-    return Palette(s["centers"], s["classes"], tuple(s["names"]), s["colors"], s["max_dist"])
-
-
 def default_run_dir() -> Path:
-    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    """runs/<date-time>, with -2, -3, ... when runs start within the same second."""
+    base = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidate, n = base, 1
+    while not is_free(candidate):
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate.absolute()
 
 
 def train(cfg: Config, console: Console | None = None, on_step: Callable[[], None] | None = None) -> dict[str, Any]:
@@ -565,30 +565,33 @@ def train(cfg: Config, console: Console | None = None, on_step: Callable[[], Non
 
 
 def _train(cfg: Config, console: Console, dist_info: DistInfo, on_step: Callable[[], None] | None) -> dict[str, Any]:
-    resume_state = None
-    if cfg.train.resume:
-        run = RunFolder(cfg.train.resume)
-        resume_state = load_checkpoint(run.last)
-        saved = resume_state["config"]["model"]
-        diffs = config_mismatch(saved, {**saved, **cfg.to_dict()["model"]})
-        if diffs:
-            raise CheckpointError(f"{run.last}: model config differs from this run's: {'; '.join(diffs)}")
-        console.print(f"resuming {run.root} at epoch {resume_state['epoch'] + 1}, "
-                      f"step {resume_state['step_in_epoch']} of that epoch")
-        if dist_info.is_main:  # the records last.pt knows of, each once (see Trainer.end_epoch)
-            write_jsonl(run.metrics, resume_state["history"])
-    else:
-        # The default name holds a timestamp: take rank 0's so every rank writes to one folder.
-        run = RunFolder(broadcast_object(cfg.train.out or str(default_run_dir()), dist_info))
-        if run.last.exists():
-            raise TrainingError(f"{run.root}: already holds a run; use --resume {run.root} or another --out")
-    try:
-        return _run_trainer(cfg, console, run, resume_state, dist_info, on_step)
-    except (PairError, TrainingError, CheckpointError, ValueError) as e:
-        if dist_info.is_main:  # the run folder says why the run ended (alone, if it ended before training)
-            run.root.mkdir(parents=True, exist_ok=True)
-            (run.root / "error.log").write_text(f"{e}\n")
-        raise
+    # The default name holds a timestamp: take rank 0's so every rank writes to one folder.
+    root = Path(cfg.train.resume or broadcast_object(cfg.train.out or str(default_run_dir()), dist_info))
+    # Rank 0 holds the folder for the run's life: a second run or resume there is refused.
+    claim = claim_run_folder(root, resume=bool(cfg.train.resume)) if dist_info.is_main else nullcontext()
+    with claim:
+        run = RunFolder(root)
+        try:
+            resume_state = resume_from(run, cfg, console, dist_info) if cfg.train.resume else None
+            return _run_trainer(cfg, console, run, resume_state, dist_info, on_step)
+        except UserError as e:
+            if dist_info.is_main:  # the run folder says why the run ended (alone, if it ended before training)
+                write_text_quietly(run.root / "error.log", f"{e}\n")
+            raise
+
+
+def resume_from(run: RunFolder, cfg: Config, console: Console, dist_info: DistInfo) -> dict[str, Any]:
+    state = read_training_checkpoint(run.last)
+    saved = state["config"]["model"]
+    wanted = {k: v for k, v in cfg.to_dict()["model"].items() if k != "num_classes"}  # set by the palette
+    diffs = config_mismatch({k: saved.get(k) for k in wanted}, wanted)
+    if diffs:
+        raise CheckpointError(f"{run.last}: model config differs from this run's: {'; '.join(diffs)}")
+    console.print(f"resuming {escape(str(run.root))} at epoch {state['epoch'] + 1}, "
+                  f"step {state['step_in_epoch']} of that epoch")
+    if dist_info.is_main:  # the records last.pt knows of, each once (see Trainer.end_epoch)
+        write_jsonl(run.metrics, state["history"])
+    return state
 
 
 def _run_trainer(cfg: Config, console: Console, run: RunFolder, resume_state: dict | None, dist_info: DistInfo,

@@ -12,20 +12,13 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from cityseg.checkpoint import load_checkpoint
-from cityseg.config import Config, TrainConfig
+from cityseg.checkpoint import load_from_checkpoint
+from cityseg.config import TrainConfig
 from cityseg.data.loaders import build_loader, resolve_data_dir, split_files
-from cityseg.engine import evaluate, palette_from_state, resolve_runtime
+from cityseg.engine import evaluate, resolve_runtime
 from cityseg.metrics import iou_table
-from cityseg.model import build_model
+from cityseg.outputs import output_file
 from cityseg.report import write_json
-
-
-def load_model(state: dict[str, Any], device: torch.device) -> torch.nn.Module:
-    cfg = Config.from_dict(state["config"])
-    model = build_model(cfg.model)
-    model.load_state_dict(state["model"])
-    return model.to(device, memory_format=torch.channels_last).eval()
 
 
 def evaluate_checkpoint(
@@ -41,18 +34,18 @@ def evaluate_checkpoint(
     tta: str | None = None,
 ) -> dict[str, Any]:
     """Pixel accuracy, mIoU, per-class IoU and confusion matrix of `ckpt` on `data/split`."""
-    console = console or Console()
-    state = load_checkpoint(ckpt)
-    cfg = Config.from_dict(state["config"])
+    console = console or Console(markup=False)
+    if json_out is not None:
+        output_file(Path(json_out), "metrics JSON")  # a bad path fails now, not after the evaluation
+    rt = resolve_runtime(TrainConfig(device=device))
+    model, cfg, palette, _ = load_from_checkpoint(ckpt, rt.device)
     rt = resolve_runtime(TrainConfig(device=device, amp=cfg.train.amp, compile=False))
-    palette = palette_from_state(state["palette"])
-    data_dir = str(data) if data else cfg.data.data_dir
+    data_dir = str(Path(data).absolute()) if data else cfg.data.data_dir
     data_cfg = replace(cfg.data, batch_size=batch_size, workers=workers, data_dir=data_dir)
     files, _ = split_files(resolve_data_dir(data_cfg), split, validate=not data_cfg.skip_validate, workers=workers)
     from cityseg.predict import FlipTTA, plot_confusion, resolve_tta  # lazy: predict imports this module
 
     tta = resolve_tta(tta)
-    model = load_model(state, rt.device)
     if tta == "flip":
         model = FlipTTA(model)
     with build_loader("torch", files, palette, data_cfg, train=False, device=rt.device, dtype=torch.float32,

@@ -27,12 +27,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from cityseg.checkpoint import load_checkpoint
+from cityseg.checkpoint import load_from_checkpoint
+from cityseg.config import Config
 from cityseg.data.torch_loader import IMAGENET_MEAN, IMAGENET_STD
-from cityseg.engine import palette_from_state
-from cityseg.evaluate import load_model
+from cityseg.errors import UserError
 from cityseg.model import check_input_size
-from cityseg.predict import checkpoint_config
+from cityseg.outputs import output_file
+from cityseg.palette import Palette
 
 Format = Literal["onnx", "torchscript"]
 FORMATS: tuple[str, ...] = ("onnx", "torchscript")
@@ -40,12 +41,11 @@ ONNX_OPSET = 18  # the dynamo exporter's native opset: asking for an older one a
 ONNX_PACKAGES = ("onnx", "onnxscript")
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError):
     """An export that cannot be done; the message is one line for the user."""
 
 
-def export_metadata(state: dict[str, Any], image_size: int, ckpt: Path) -> dict[str, Any]:
-    palette = palette_from_state(state["palette"]) if "palette" in state else None
+def export_metadata(palette: Palette, image_size: int, ckpt: Path) -> dict[str, Any]:
     return {
         "checkpoint": str(ckpt),
         "input": f"float32 (N, 3, {image_size}, {image_size}) RGB, (x / 255 - mean) / std",
@@ -53,17 +53,15 @@ def export_metadata(state: dict[str, Any], image_size: int, ckpt: Path) -> dict[
         "image_size": image_size,
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
-        "class_names": list(palette.names) if palette else None,
-        "class_colors": palette.colors.tolist() if palette else None,
+        "class_names": list(palette.names),
+        "class_colors": palette.colors.tolist(),
     }
 
 
-def load_export_model(ckpt: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+def load_export_model(ckpt: str | os.PathLike) -> tuple[nn.Module, Config, Palette]:
     """The checkpoint's model on the CPU in float32, eval mode, plain NCHW weights."""
-    state = load_checkpoint(ckpt)
-    checkpoint_config(state, Path(ckpt))  # a one-line error for a config this version cannot read
-    model = load_model(state, torch.device("cpu"))
-    return model.to(memory_format=torch.contiguous_format).float().eval(), state
+    model, cfg, palette, _ = load_from_checkpoint(ckpt, "cpu")
+    return model.to(memory_format=torch.contiguous_format).float().eval(), cfg, palette
 
 
 def export_model(ckpt: str | os.PathLike, fmt: str, out: str | os.PathLike, image_size: int | None = None) -> Path:
@@ -72,17 +70,15 @@ def export_model(ckpt: str | os.PathLike, fmt: str, out: str | os.PathLike, imag
         raise ExportError(f"--format {fmt}: expected onnx or torchscript")
     if fmt == "onnx":
         require_onnx()
-    ckpt, out = Path(ckpt), Path(out)
-    model, state = load_export_model(ckpt)
-    cfg = checkpoint_config(state, ckpt)
+    ckpt, out = Path(ckpt), output_file(Path(out), "export")
+    model, cfg, palette = load_export_model(ckpt)
     size = image_size or cfg.data.image_size
     try:
         check_input_size(size, size, cfg.model.depth)
     except ValueError as e:
         raise ExportError(f"--image-size {size}: {e}") from None
-    meta = export_metadata(state, size, ckpt)
+    meta = export_metadata(palette, size, ckpt)
     example = torch.zeros(2, 3, size, size)  # batch 2: a batch of 1 would let torch.export specialise N
-    out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "torchscript":
         export_torchscript(model, example, out, meta)
     else:

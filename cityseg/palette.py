@@ -24,6 +24,9 @@ import numpy as np
 import torch
 from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 
+from cityseg.errors import OutputError
+from cityseg.outputs import ensure_dir
+
 IGNORE_INDEX = 255
 
 
@@ -40,6 +43,23 @@ class Palette:
     @property
     def num_classes(self) -> int:
         return len(self.names)
+
+    def to_state(self) -> dict:
+        """Plain tensors, lists and numbers: what a weights-only checkpoint may hold."""
+        return {"centers": self.centers, "classes": self.classes, "names": list(self.names), "colors": self.colors,
+                "max_dist": self.max_dist}
+
+    @classmethod
+    def from_state(cls, s: dict) -> Palette:
+        """Inverse of `to_state`; raises ValueError when the parts do not fit together."""
+        centers = torch.as_tensor(s["centers"], dtype=torch.float32).reshape(-1, 3)
+        classes = torch.as_tensor(s["classes"], dtype=torch.int64)
+        colors = torch.as_tensor(s["colors"], dtype=torch.uint8).reshape(-1, 3)
+        names = tuple(str(n) for n in s["names"])
+        if classes.shape != (centers.shape[0],) or colors.shape[0] != len(names) or not names:
+            raise ValueError(f"{centers.shape[0]} centres, {classes.numel()} class ids, {len(names)} names, "
+                             f"{colors.shape[0]} colours")
+        return cls(centers, classes, names, colors, s["max_dist"])
 
     def key(self) -> str:
         """A short hash identifying the mapping (centres, classes, max_dist): names the LUT cache."""
@@ -102,11 +122,16 @@ def _load_or_build_lut(palette: Palette, path: Path) -> torch.Tensor:
         if table.shape == (1 << 24,) and table.dtype == np.uint8:
             return torch.from_numpy(table)
     table = build_lut(palette).numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent, "cache folder ($CITYSEG_CACHE, default ~/.cache/cityseg)")
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, table)
-    os.replace(tmp, path)  # atomic: DataLoader workers racing to build it never read half a file
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, table)
+        os.replace(tmp, path)  # atomic: DataLoader workers racing to build it never read half a file
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write the colour lookup table into the cache folder "
+                          f"($CITYSEG_CACHE): {e.strerror or e}") from None
     return torch.from_numpy(table)
 
 

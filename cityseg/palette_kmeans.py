@@ -141,7 +141,7 @@ def parse_palette_spec(
         return cityscapes_palette(max_dist)
     if spec.startswith("kmeans:"):
         value = spec.removeprefix("kmeans:")
-        if not value.isdigit() or not 2 <= int(value) <= MAX_K:
+        if not (value.isascii() and value.isdigit()) or not 2 <= int(value) <= MAX_K:
             raise ValueError(f"bad palette {spec!r}: expected kmeans:K with K an integer in 2..{MAX_K}")
         return kmeans_palette(sample_masks_fn(), int(value), seed=seed, max_dist=max_dist)
     if spec.endswith(".json"):

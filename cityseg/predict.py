@@ -43,12 +43,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torchvision.transforms.v2 import functional as F
 
-from cityseg.checkpoint import CheckpointError, load_checkpoint
-from cityseg.config import Config, TrainConfig
+from cityseg.checkpoint import load_from_checkpoint
+from cityseg.config import TrainConfig
 from cityseg.data.pairs import IMAGE_SUFFIXES, MAX_PIXELS, PairError, check_readable, natural_key, read_pair
 from cityseg.data.torch_loader import normalize_batch
-from cityseg.engine import autocast, palette_from_state, resolve_runtime
-from cityseg.evaluate import load_model
+from cityseg.engine import autocast, resolve_runtime
 from cityseg.metrics import ConfusionMatrix, SegMetrics, iou_table
 from cityseg.palette import IGNORE_INDEX, Palette, colorize
 from cityseg.report import write_json
@@ -109,14 +108,6 @@ def preprocess(photos: Sequence[np.ndarray], size: int, device: torch.device) ->
     return normalize_batch(batch, device, torch.float32)
 
 
-def checkpoint_config(state: dict[str, Any], path: Path) -> Config:
-    """The checkpoint's Config; a config this version cannot read is a one-line CheckpointError."""
-    try:
-        return Config.from_dict(state["config"])
-    except (TypeError, KeyError) as e:  # a field added or removed since the checkpoint was saved
-        raise CheckpointError(f"{path}: config not readable by this version of cityseg-fast ({e})") from None
-
-
 class Predictor:
     """A checkpoint ready to segment photos: `predict_batch([photo, ...]) -> [ids, ...]`."""
 
@@ -126,15 +117,11 @@ class Predictor:
             raise ValueError(f"--batch-size {batch_size}: expected at least 1")
         self.ckpt = Path(ckpt_path)
         self.tta = resolve_tta(tta)
-        state = load_checkpoint(self.ckpt)
-        if "palette" not in state:
-            raise CheckpointError(f"{self.ckpt}: checkpoint has no palette (class colours and names)")
-        self.cfg = checkpoint_config(state, self.ckpt)
+        where = resolve_runtime(TrainConfig(device=device)).device
+        model, self.cfg, self.palette, _ = load_from_checkpoint(self.ckpt, where)
         self.runtime = resolve_runtime(TrainConfig(device=device, amp=self.cfg.train.amp, compile=False))
-        self.palette = palette_from_state(state["palette"])
         self.image_size = self.cfg.data.image_size
         self.batch_size = batch_size
-        model = load_model(state, self.runtime.device)
         self.model = FlipTTA(model) if self.tta == "flip" else model
 
     @property

@@ -83,7 +83,7 @@ def nvml_target(torch_index: int, visible_devices: str | None) -> int | str:
     if torch_index >= len(entries) or not entries[torch_index]:
         raise ValueError(f"cuda:{torch_index} is not in CUDA_VISIBLE_DEVICES={visible_devices!r}")
     entry = entries[torch_index]
-    return int(entry) if entry.isdigit() else entry
+    return int(entry) if entry.isascii() and entry.isdigit() else entry
 
 
 def open_nvml_handle(nvml, target: int | str):

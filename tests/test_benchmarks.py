@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from benchmarks import common, end_to_end, loader, report, train_step
-from cityseg.bench import bench_app
+from cityseg.cli.bench import bench_app
 from cityseg.data.synth import write_dataset
 from tests.conftest import ROOT
 

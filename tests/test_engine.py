@@ -18,6 +18,7 @@ from cityseg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cityseg.config import NO_AUGMENT, AugmentConfig, Config, DataConfig, ModelConfig, TrainConfig
 from cityseg.data.pairs import list_split, read_pair
 from cityseg.engine import TrainingError, train, warmup_cosine
+from cityseg.errors import OutputError
 from cityseg.model import UNet
 from cityseg.palette import cityscapes_palette, map_colors_lut
 from tests.conftest import ROOT
@@ -76,8 +77,10 @@ def test_run_folder_is_complete(pair_dataset: Path, tmp_path: Path) -> None:
 def test_existing_run_folder_is_not_overwritten(pair_dataset: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     train(tiny_config(pair_dataset, run, max_steps=1))
-    with pytest.raises(TrainingError, match="already holds a run"):
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(OutputError, match="already holds files"):
         train(tiny_config(pair_dataset, run, max_steps=1))
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_nan_loss_stops_with_clear_message(pair_dataset: Path, tmp_path: Path) -> None:

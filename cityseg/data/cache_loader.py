@@ -52,6 +52,7 @@ from cityseg.data.torch_loader import (
     init_worker,
     one_pass,
 )
+from cityseg.errors import UserError
 from cityseg.palette import IGNORE_INDEX, Palette, lookup_table
 from kernels.mask_to_class import mask_to_class
 
@@ -66,7 +67,7 @@ _YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
 FLIP, ANGLE, SCALE, SHIFT_X, SHIFT_Y, BRIGHTNESS, CONTRAST, SATURATION, HUE = range(9)
 
 
-class CacheError(ValueError):
+class CacheError(UserError):
     """The cache does not fit in free memory; the message says what to do instead."""
 
 

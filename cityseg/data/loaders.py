@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from cityseg.config import NO_AUGMENT, DataConfig
-from cityseg.data.pairs import MaskCheck, PairError, list_split, read_pair, validate_files
+from cityseg.data.pairs import MaskCheck, PairError, find_dataset_root, list_split, read_pair, validate_files
 from cityseg.palette import Palette, cityscapes_palette, far_share
 
 
@@ -30,7 +30,7 @@ class DatasetError(PairError):
 def resolve_data_dir(cfg: DataConfig) -> Path:
     """The user's dataset folder, or the cached synthetic set (generated on first use)."""
     if cfg.data_dir is not None:
-        return Path(cfg.data_dir)
+        return find_dataset_root(cfg.data_dir)[0]
     from cityseg.data.synth import default_dataset
 
     return default_dataset(n_train=cfg.synth_train, n_val=cfg.synth_val, seed=cfg.synth_seed)

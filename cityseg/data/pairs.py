@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from cityseg.errors import UserError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SPLITS = ("train", "val")
 MAX_PIXELS = 64_000_000  # far above any real pair; stops a forged header from allocating gigabytes
@@ -26,7 +28,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decod
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow errors past 2x this, and we check 1x ourselves
 
 
-class PairError(ValueError):
+class PairError(UserError):
     """A bad input file or folder. str(error) is the one-line message `PATH: problem`."""
 
     def __init__(self, path: str | os.PathLike, problem: str | None = None) -> None:
@@ -41,8 +43,27 @@ class PairError(ValueError):
 
 
 def natural_key(path: Path) -> tuple[int, int | str]:
-    # Kaggle names are 1.jpg .. 2975.jpg: sort them as numbers, anything else after by name.
-    return (0, int(path.stem)) if path.stem.isdigit() else (1, path.name)
+    # Kaggle names are 1.jpg .. 2975.jpg: sort them as numbers, anything else after by name. ASCII
+    # digits only: str.isdigit() is also true for '²' or '٣', which int() then rejects or misreads.
+    stem = path.stem
+    return (0, int(stem)) if stem.isascii() and stem.isdigit() else (1, path.name)
+
+
+def find_dataset_root(path: str | os.PathLike) -> tuple[Path, str | None]:
+    """The folder holding train/ and val/: `path` itself, or the one folder below it that does (the
+    Kaggle archive unpacks to cityscapes_data/ with train/, val/ and a nested copy of both). Returns
+    (folder, a note saying which one was picked, or None)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise PairError(root, "dataset folder not found")
+    if all((root / split).is_dir() for split in SPLITS):
+        return root, None
+    below = sorted(d for d in root.iterdir() if d.is_dir() and all((d / s).is_dir() for s in SPLITS))
+    if len(below) == 1:
+        return below[0], f"using {below[0]}: the folder below {root} that holds train/ and val/"
+    missing = next(s for s in SPLITS if not (root / s).is_dir())
+    hint = f"; folders below it that hold both: {', '.join(d.name for d in below)} (pick one)" if below else ""
+    raise PairError(root / missing, f"missing split folder (expected {missing}/ with the image pairs{hint})")
 
 
 def list_split(root: str | os.PathLike, split: str) -> list[Path]:

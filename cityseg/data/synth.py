@@ -42,11 +42,15 @@ import numpy as np
 from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 from PIL import Image
 
+from cityseg.errors import OutputError
+from cityseg.outputs import ensure_dir
+
 GENERATOR_VERSION = 1  # bump whenever the output pixels change: it names the cache folder
 JPEG_QUALITY = 95  # the Kaggle files carry libjpeg's standard tables scaled to quality 95
 JPEG_SUBSAMPLING = "4:2:0"  # as the Kaggle files: mask colours bleed at edges as theirs do
 SPLITS = ("train", "val")
 MARKER = "synth.json"  # written last: a folder without it is an interrupted generation
+PARTIAL = "synth.partial"  # written first: a folder with it is ours, if not (yet) complete
 
 # Exact label colours by name; 'license plate' (id -1) shares car's colour and is left out.
 LABEL_COLORS: dict[str, tuple[int, int, int]] = {lab.name: tuple(lab.color) for lab in CITYSCAPES_LABELS if lab.id >= 0}
@@ -1127,13 +1131,13 @@ def _write_one(split_dir: Path, split: str, seed: int, size: int, index: int) ->
 
 
 def write_split(out_dir: Path, split: str, n: int, seed: int, size: int = 256, workers: int = 1) -> Path:
-    """Write out_dir/split/1.jpg .. n.jpg; numbered files beyond n left by an earlier run are removed."""
+    """Write out_dir/split/1.jpg .. n.jpg; numbered files beyond n left by an earlier generation are
+    removed (`write_dataset` makes sure the folder is one this module wrote)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    split_dir = Path(out_dir) / split
-    split_dir.mkdir(parents=True, exist_ok=True)
+    split_dir = ensure_dir(Path(out_dir) / split, "split folder")
     for old in split_dir.glob("*.jpg"):
-        if old.stem.isdigit() and int(old.stem) > n:
+        if old.stem.isascii() and old.stem.isdigit() and int(old.stem) > n:
             old.unlink()
     job = functools.partial(_write_one, split_dir, split, seed, size)
     if workers > 1 and n > 1:
@@ -1159,16 +1163,35 @@ def _meta(n_train: int, n_val: int, seed: int, size: int) -> dict:
 
 
 def write_dataset(out_dir: Path, n_train: int, n_val: int, seed: int, size: int = 256, workers: int = 1) -> Path:
-    """Both splits, then the marker `synth.json` last: its presence means the folder is complete."""
+    """Both splits, then the marker `synth.json` last: its presence means the folder is complete.
+
+    `out_dir` must be new, empty, or a set this function wrote (it holds `synth.json`, or
+    `synth.partial` while a generation is under way): anything else is refused untouched, so a real
+    dataset (Kaggle names its files 1.jpg .. N.jpg, as this does) can never be overwritten."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_synth_target(out_dir)
+    ensure_dir(out_dir, "output folder")
+    # Ours from now on, even if interrupted: a rerun may rewrite it.
+    (out_dir / PARTIAL).write_text(json.dumps(_meta(n_train, n_val, seed, size)) + "\n")
     (out_dir / MARKER).unlink(missing_ok=True)  # an old marker must not vouch for a half-rewritten folder
     write_split(out_dir, "train", n_train, seed, size, workers)
     write_split(out_dir, "val", n_val, seed, size, workers)
     tmp = out_dir / f"{MARKER}.tmp"
     tmp.write_text(json.dumps(_meta(n_train, n_val, seed, size), indent=1) + "\n")
     os.replace(tmp, out_dir / MARKER)
+    (out_dir / PARTIAL).unlink()
     return out_dir
+
+
+def check_synth_target(out_dir: Path) -> None:
+    """Refuse (OutputError) a target that is a file, or a non-empty folder this module did not write."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: is a file, not a folder")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not ((out_dir / MARKER).is_file() or (out_dir / PARTIAL).is_file()):
+        raise OutputError(f"{out_dir}: not empty and not a set written by `cityseg-fast synth` (no {MARKER}): "
+                          "refusing to write into it; choose a new or empty folder")
 
 
 def _complete(folder: Path, meta: dict) -> bool:
@@ -1195,7 +1218,7 @@ def default_dataset(
     meta = _meta(n_train, n_val, seed, size)
     if _complete(final, meta):
         return final
-    root.mkdir(parents=True, exist_ok=True)
+    ensure_dir(root, "cache folder ($CITYSEG_CACHE, default ~/.cache/cityseg)")
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
         workers = 1 if n_train + n_val < 1000 else min(os.cpu_count() or 1, 8)  # a pool takes ~1 s to start

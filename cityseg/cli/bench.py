@@ -21,7 +21,7 @@ from typing import Annotated
 
 import typer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 bench_app = typer.Typer(

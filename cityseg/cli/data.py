@@ -1,0 +1,70 @@
+"""Data commands: `check-data` and `synth`.
+
+    cityseg-fast check-data DIR
+    cityseg-fast synth --out data/synth --train 2975 --val 500
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.text import Text
+
+from cityseg.cli.common import app, console, err_console, fail
+from cityseg.errors import UserError
+from cityseg.options import THREADS, check_options
+
+
+@app.command("check-data")
+def check_data(
+    data: Annotated[Path, typer.Argument(help="Dataset folder holding train/ and val/ (or the unpacked Kaggle "
+                                         "archive above it).")],
+    workers: Annotated[int, typer.Option(help="Threads decoding files.")] = 4,
+    sample: Annotated[int, typer.Option(help="Files per split whose mask colours are measured.")] = 50,
+    max_color_dist: Annotated[float, typer.Option(help="Distance counted as 'near a palette colour'.")] = 30.0,
+) -> None:
+    """Validate every pair file of train/ and val/, print a summary, exit 1 listing every bad file."""
+    check_options({"sample": sample, "max_color_dist": max_color_dist})
+    check_options({"workers": workers}, THREADS)
+    from cityseg.data.check import check_dataset
+    from cityseg.data.pairs import find_dataset_root
+
+    try:
+        root, note = find_dataset_root(data)
+        if note:
+            console.print(note, soft_wrap=True)
+        report = check_dataset(root, workers=workers, sample=sample, max_dist=max_color_dist)
+    except UserError as e:  # the folder itself is unusable: exit 1, as for bad files
+        fail(str(e), code=1)
+    console.print(report.table())
+    if report.bad:
+        for error in report.bad:
+            err_console.print(str(error), soft_wrap=True)
+        err_console.print(f"{len(report.bad)} bad file(s)")
+        raise typer.Exit(1)
+    console.print(Text.assemble(("ok", "bold green"), ": every file is a valid pair"))
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option(help="Output folder (gets train/ and val/): new, empty, or a set this "
+                                      "command wrote before (it is rewritten).")],
+    train_pairs: Annotated[int, typer.Option("--train", help="Number of train pairs.")] = 2975,
+    val_pairs: Annotated[int, typer.Option("--val", help="Number of val pairs.")] = 500,
+    seed: Annotated[int, typer.Option(help="Seed: the same seed writes byte-identical files.")] = 0,
+    pair_size: Annotated[int, typer.Option("--size", help="Height of a pair (width is twice this).")] = 256,
+    workers: Annotated[int, typer.Option(help="Processes writing pairs.")] = 1,
+) -> None:
+    """Write a synthetic Cityscapes-like dataset in the Kaggle pair format."""
+    check_options({"train_pairs": train_pairs, "val_pairs": val_pairs, "seed": seed, "pair_size": pair_size})
+    check_options({"workers": workers}, THREADS)
+    from cityseg.data.synth import write_dataset
+
+    t = time.perf_counter()
+    write_dataset(out, train_pairs, val_pairs, seed, size=pair_size, workers=workers)
+    seconds = time.perf_counter() - t
+    console.print(f"wrote {train_pairs} train + {val_pairs} val pairs to {out} in {seconds:.1f} s "
+                  f"({(train_pairs + val_pairs) / seconds:.0f} pairs/s)", soft_wrap=True)

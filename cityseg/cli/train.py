@@ -1,0 +1,369 @@
+"""`cityseg-fast train` and `cityseg-fast profile`: options -> Config -> the training engine.
+
+    cityseg-fast train                      # synthetic city data, CPU-sized preset, ~5 min on 2 cores
+    cityseg-fast train --data DIR           # Kaggle pairs: DIR/train/*.jpg, DIR/val/*.jpg
+    cityseg-fast train --config run.toml --lr 1e-3
+    cityseg-fast train --resume runs/X --epochs 20
+    cityseg-fast profile --steps 20 --data DIR
+
+Every train option defaults to "unset": the config is the dataclasses' defaults, then the presets
+(`cityseg.config.PRESETS`), then `--config FILE`, then the options the user typed, each mapped to its
+config key by OPTION_KEYS. Nothing here imports torch: `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from cityseg.cli.common import app, console, err_console, fail, given_options
+from cityseg.config import PRESETS, Config, flatten, get_value, train_config, with_overrides
+from cityseg.errors import OptionError
+from cityseg.options import check_config, check_options, flag, parse_scale
+
+DEFAULTS = Config()
+CPU = PRESETS["cpu-synthetic"]
+
+
+class Loader(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    dali = "dali"
+    cache = "cache"
+
+
+class Cache(str, Enum):
+    none = "none"
+    device = "device"
+
+
+class Upsample(str, Enum):
+    transpose = "transpose"
+    bilinear = "bilinear"
+
+
+class ClassWeights(str, Enum):
+    none = "none"
+    inverse_sqrt_freq = "inverse-sqrt-freq"
+
+
+DATA, MODEL, TRAIN, SPEED, OUTPUT, AUG = "Data", "Model", "Training", "Speed", "Output", "Augmentation"
+
+# Option -> the config key(s) it sets. `jitter` sets three keys; `scale` is parsed from "LO,HI".
+OPTION_KEYS: dict[str, str | tuple[str, ...]] = {
+    "data": "data.data_dir", "image_size": "data.image_size", "batch_size": "data.batch_size",
+    "loader": "data.loader", "cache": "data.cache", "workers": "data.workers", "prefetch": "data.prefetch",
+    "palette": "data.palette", "max_color_dist": "data.max_color_dist", "skip_validate": "data.skip_validate",
+    "skip_bad": "data.skip_bad", "hflip": "data.augment.hflip", "rotate": "data.augment.rotate_deg",
+    "scale": "data.augment.scale",
+    "jitter": ("data.augment.brightness", "data.augment.contrast", "data.augment.saturation"),
+    "hue": "data.augment.hue", "width": "model.width", "depth": "model.depth", "upsample": "model.upsample",
+    "epochs": "train.epochs", "lr": "train.lr", "weight_decay": "train.weight_decay",
+    "warmup_steps": "train.warmup_steps", "grad_clip": "train.grad_clip", "class_weights": "train.class_weights",
+    "device": "train.device", "amp": "train.amp", "compile": "train.compile", "sync_bn": "train.sync_bn",
+    "seed": "train.seed", "patience": "train.patience", "log_every": "train.log_every",
+    "max_steps": "train.max_steps", "out": "train.out",
+}
+# What `--resume` applies: how long to go on and how to run, never what the run is (that is in last.pt).
+RESUME_APPLIES = {"epochs", "max_steps", "device", "workers", "prefetch", "compile", "log_every", "skip_validate"}
+# Options that are not config values.
+COMMAND_ONLY = {"resume", "config", "print_config", "smoke", "nproc"}
+
+
+def _d(key: str) -> Any:
+    return get_value(DEFAULTS, key)
+
+
+def config_values(given: dict[str, Any]) -> dict[str, Any]:
+    """The typed options as {config key: value} (enums to strings, paths made absolute)."""
+    values: dict[str, Any] = {}
+    for name, value in given.items():
+        if name in COMMAND_ONLY:
+            continue
+        if isinstance(value, Enum):
+            value = value.value
+        if name == "scale":
+            value = parse_scale(value)
+        if name in ("data", "out"):  # absolute: eval and --resume from another folder find the same place
+            value = str(Path(value).absolute())
+        keys = OPTION_KEYS[name]
+        for key in (keys if isinstance(keys, tuple) else (keys,)):
+            values[key] = value
+    return values
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A TOML, YAML or JSON file (a run's config.json too) as {config key: value}. The run folder
+    (`train.out`) and `train.resume` are command-line choices and not taken from a file."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise OptionError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            import tomllib
+
+            tree = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            tree = yaml.safe_load(text)
+        elif suffix == ".json":
+            tree = json.loads(text)
+        else:
+            raise OptionError(f"--config {path}: expected a .toml, .yaml/.yml or .json file")
+    except OptionError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every parser's syntax error becomes one line
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise OptionError(f"--config {path}: not valid {suffix[1:].upper()} ({first})") from None
+    if not isinstance(tree, dict):
+        raise OptionError(f"--config {path}: expected sections such as [train] or keys such as train.lr")
+    values = flatten(tree)
+    for key in ("train.out", "train.resume"):
+        values.pop(key, None)
+    if "data.data_dir" in values and values["data.data_dir"] is not None:  # relative to the file, like a path in it
+        values["data.data_dir"] = str((path.parent / values["data.data_dir"]).absolute())
+    return values
+
+
+def resolve_config(given: dict[str, Any]) -> Config:
+    """The run's Config from the typed options (see the module docstring); --resume starts from the
+    config saved in the run's last.pt and applies only RESUME_APPLIES, refusing the rest."""
+    resume = given.get("resume")
+    if resume is not None:
+        return resumed_config(Path(resume).absolute(), given)
+    layers = []
+    if given.get("config") is not None:
+        layers.append((str(given["config"]), read_config_file(Path(given["config"]))))
+    layers.append(("command line", config_values(given)))
+    device = {k: v for _, values in layers for k, v in values.items()}.get("train.device", "auto")
+    on_cpu = device == "cpu" or (device == "auto" and not cuda_available())
+    return train_config(layers, on_cpu=on_cpu, smoke=bool(given.get("smoke")))
+
+
+def resumed_config(run: Path, given: dict[str, Any]) -> Config:
+    refused = sorted(flag(n) for n in given if n not in RESUME_APPLIES | COMMAND_ONLY)
+    if given.get("config") is not None:
+        refused.insert(0, "--config")
+    if refused:
+        allowed = ", ".join(sorted(flag(n) for n in RESUME_APPLIES))
+        raise OptionError(f"--resume {run}: {', '.join(refused)} would change the run it continues (its settings "
+                          f"are in its last.pt); with --resume only {allowed} apply. To start a new run from "
+                          f"its weights: --init-from {run / 'checkpoints' / 'last.pt'}")
+    from cityseg.checkpoint import read_config, read_training_checkpoint
+
+    last = run / "checkpoints" / "last.pt"
+    cfg = read_config(read_training_checkpoint(last), last)
+    overrides = config_values({k: v for k, v in given.items() if k in RESUME_APPLIES})
+    overrides.setdefault("train.max_steps", 0)  # the stop of the session that saved it is not this one's
+    overrides["train.resume"] = str(run)
+    applied = [flag(n) for n in given if n in RESUME_APPLIES]
+    if applied:
+        console.print(f"resume: applying {', '.join(applied)}; everything else as saved in {last}")
+    return with_overrides(cfg, overrides, "--resume")
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def print_config(cfg: Config) -> None:
+    table = Table(title="config", show_header=False, box=None, pad_edge=False)
+    for key, value in flatten(cfg.to_dict()).items():
+        table.add_row(key, Text(str(value)))
+    console.print(table)
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def train(
+    ctx: typer.Context,
+    data: Annotated[Path | None, typer.Option(rich_help_panel=DATA, help=(
+        "Dataset folder with train/ and val/ Kaggle pairs (512x256 JPEG: photo | colour mask), or the unpacked "
+        "Kaggle archive above it. Default: a cached synthetic city set, generated on first use."))] = None,
+    image_size: Annotated[int | None, typer.Option(rich_help_panel=DATA, help=(
+        f"Train/val size in pixels, square (default {_d('data.image_size')}; {CPU['data.image_size']} in the CPU "
+        "synthetic preset). A multiple of 2**depth."))] = None,
+    batch_size: Annotated[int | None, typer.Option(rich_help_panel=DATA, help=(
+        f"Images per step (default {_d('data.batch_size')})."))] = None,
+    loader: Annotated[Loader | None, typer.Option(rich_help_panel=SPEED, help=(
+        "auto: DALI on a GPU, the plain PyTorch loader otherwise; cache: decode the split once into device "
+        "memory and augment there."))] = None,
+    cache: Annotated[Cache | None, typer.Option(rich_help_panel=SPEED, help=(
+        "device: the same as --loader cache (kept for older commands)."))] = None,
+    workers: Annotated[int | None, typer.Option(rich_help_panel=SPEED, help=(
+        f"Loader worker processes (torch) or threads (DALI) (default {_d('data.workers')})."))] = None,
+    prefetch: Annotated[int | None, typer.Option(rich_help_panel=SPEED, help=(
+        f"Batches prefetched per worker / DALI queue depth (default {_d('data.prefetch')})."))] = None,
+    palette: Annotated[str | None, typer.Option(rich_help_panel=DATA, help=(
+        "Mask colours -> classes: cityscapes (default) | kmeans:K | a saved palette .json."))] = None,
+    max_color_dist: Annotated[float | None, typer.Option(rich_help_panel=DATA, help=(
+        "Mask pixels farther than this (RGB distance) from every class colour are ignored (default: none)."
+    ))] = None,
+    skip_validate: Annotated[bool, typer.Option("--skip-validate", rich_help_panel=DATA, help=(
+        "Skip decoding every file before training (mask colours are still checked on a sample); the loader "
+        "reports a bad file when it meets it."))] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", rich_help_panel=DATA, help=(
+        "Train on the valid files, leaving bad ones out (and saying how many), instead of stopping at the first."
+    ))] = False,
+    hflip: Annotated[float | None, typer.Option(rich_help_panel=AUG, help=(
+        f"Horizontal flip probability (default {_d('data.augment.hflip')})."))] = None,
+    rotate: Annotated[float | None, typer.Option(rich_help_panel=AUG, help=(
+        "Random rotation range in degrees, ± (default 0)."))] = None,
+    scale: Annotated[str | None, typer.Option(rich_help_panel=AUG, help=(
+        "Random zoom range LO,HI, then a crop back to size (default 1,1)."))] = None,
+    jitter: Annotated[float | None, typer.Option(rich_help_panel=AUG, help=(
+        "Colour jitter strength for brightness, contrast and saturation, photo only (default 0)."))] = None,
+    hue: Annotated[float | None, typer.Option(rich_help_panel=AUG, help=(
+        "Random hue shift range in turns, photo only (default 0, at most 0.5)."))] = None,
+    width: Annotated[int | None, typer.Option(rich_help_panel=MODEL, help=(
+        f"U-Net base width, doubled per stage (default {_d('model.width')}; {CPU['model.width']} in the CPU "
+        "synthetic preset)."))] = None,
+    depth: Annotated[int | None, typer.Option(rich_help_panel=MODEL, help=(
+        f"U-Net downsamplings (default {_d('model.depth')})."))] = None,
+    upsample: Annotated[Upsample | None, typer.Option(rich_help_panel=MODEL, help=(
+        "Decoder upsampling: a learned transposed conv, or bilinear + 1x1 conv (default transpose)."))] = None,
+    epochs: Annotated[int | None, typer.Option(rich_help_panel=TRAIN, help=(
+        f"Epochs to train (default {_d('train.epochs')}; {CPU['train.epochs']} in the CPU synthetic preset). "
+        "With --resume: the new budget of that run."))] = None,
+    lr: Annotated[float | None, typer.Option(rich_help_panel=TRAIN, help=(
+        f"Peak AdamW learning rate (default {_d('train.lr'):g})."))] = None,
+    weight_decay: Annotated[float | None, typer.Option(rich_help_panel=TRAIN, help=(
+        f"AdamW weight decay, not on norms and biases (default {_d('train.weight_decay'):g})."))] = None,
+    warmup_steps: Annotated[int | None, typer.Option(rich_help_panel=TRAIN, help=(
+        f"Linear LR warm-up steps before the cosine decay (default {_d('train.warmup_steps')})."))] = None,
+    grad_clip: Annotated[float | None, typer.Option(rich_help_panel=TRAIN, help=(
+        f"Max gradient norm; 0 disables (default {_d('train.grad_clip')})."))] = None,
+    class_weights: Annotated[ClassWeights | None, typer.Option(rich_help_panel=TRAIN, help=(
+        "Loss weights per class (default none)."))] = None,
+    patience: Annotated[int | None, typer.Option(rich_help_panel=TRAIN, help=(
+        "Early stop after N epochs without a better val mIoU; 0 = never (default)."))] = None,
+    seed: Annotated[int | None, typer.Option(rich_help_panel=TRAIN, help=(
+        "Seed for weights, shuffling and augmentation (default 0)."))] = None,
+    max_steps: Annotated[int | None, typer.Option(rich_help_panel=TRAIN, help=(
+        "Stop after this many steps in total, saving a resumable last.pt (0 = all epochs, default)."))] = None,
+    device: Annotated[str | None, typer.Option(rich_help_panel=SPEED, help=(
+        "auto (default) | cpu | cuda | cuda:N."))] = None,
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", rich_help_panel=SPEED, help=(
+        "bf16 autocast. Default: on for GPU, and for CPUs with native bf16."))] = None,
+    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", rich_help_panel=SPEED, help=(
+        "torch.compile the model. Default: on for GPU, off for CPU."))] = None,
+    nproc: Annotated[int, typer.Option(rich_help_panel=SPEED, help=(
+        "Processes (GPUs) on this machine: launches torchrun with DDP (NCCL on GPU, gloo on CPU). "
+        "Several machines: call torchrun yourself (see README)."))] = 1,
+    sync_bn: Annotated[bool, typer.Option("--sync-bn", rich_help_panel=SPEED, help=(
+        "DDP on GPUs: synchronise BatchNorm statistics across ranks."))] = False,
+    out: Annotated[Path | None, typer.Option(rich_help_panel=OUTPUT, help=(
+        "Run folder: new, or empty (default runs/<date-time>)."))] = None,
+    resume: Annotated[Path | None, typer.Option(rich_help_panel=OUTPUT, help=(
+        "Continue the run in this folder from checkpoints/last.pt, with its saved config; only --epochs, "
+        "--max-steps and how-to-run options (--device, --workers, ...) may be given with it."))] = None,
+    log_every: Annotated[int | None, typer.Option(rich_help_panel=OUTPUT, help=(
+        f"Steps between loss readouts and progress lines (default {_d('train.log_every')}; each syncs the GPU)."
+    ))] = None,
+    config: Annotated[Path | None, typer.Option(rich_help_panel=OUTPUT, help=(
+        "Read options from a TOML, YAML or JSON file (sections [data], [model], [train] with config keys, "
+        "as in a run's config.json); options typed on the command line override it."))] = None,
+    print_config_only: Annotated[bool, typer.Option("--print-config", rich_help_panel=OUTPUT, help=(
+        "Print the resolved config and exit."))] = False,
+    smoke: Annotated[bool, typer.Option("--smoke", rich_help_panel=OUTPUT, help=(
+        "A few steps end to end on a tiny set: checks the install and writes a complete run folder."))] = False,
+) -> None:
+    """Train a U-Net and write a run folder (config, metrics, checkpoints, curves, samples)."""
+    given = given_options(ctx)
+    given.pop("print_config_only", None)
+    check_options(given)
+    if nproc > 1:
+        launch_torchrun(nproc)
+    console.quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 speaks for all
+    cfg = resolve_config(given)
+    check_config(cfg)
+    print_config(cfg)
+    if print_config_only:
+        return
+    summary = run_training(cfg)
+    from cityseg.telemetry import fmt
+
+    final = summary["final"]
+    console.print(Text.assemble(
+        ("done", "bold green"),
+        f": val pixel acc {final['pixel_acc']:.4f}, mIoU {fmt(final['miou'], '.4f')}, "
+        f"{fmt(summary['images_per_s'])} img/s, run folder {summary['run_dir']}"), soft_wrap=True)
+
+
+def run_training(cfg: Config, on_step=None) -> dict:
+    """Train; a signal ends the process with 130 (SIGINT) or 128 + its number, after saving."""
+    import signal
+
+    from cityseg.engine import EXIT_INTERRUPTED, Interrupted
+    from cityseg.engine import train as run
+
+    try:
+        return run(cfg, console, on_step=on_step)
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C: nothing more to save
+        err_console.print("interrupted")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Interrupted as e:
+        err_console.print(str(e), soft_wrap=True)
+        raise typer.Exit(EXIT_INTERRUPTED if e.signum == signal.SIGINT else 128 + e.signum) from None
+
+
+def launch_torchrun(nproc: int) -> None:
+    """Re-run this very command under torchrun with `nproc` processes (and no --nproc)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    launch = ["--standalone", f"--nproc-per-node={nproc}", "-m", "cityseg", *args]
+    console.print(f"launching: torchrun {' '.join(launch)}", soft_wrap=True)
+    try:
+        run(get_args_parser().parse_args(launch))
+    except ChildFailedError as e:  # the workers printed their own one-line errors
+        codes = [f.exitcode for f in e.failures.values() if f.exitcode > 0]
+        raise typer.Exit(codes[0] if codes else 1) from None
+    raise typer.Exit(0)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def profile(
+    ctx: typer.Context,
+    steps: Annotated[int, typer.Option(help="Training steps recorded (after 1 skipped and 2 warm-up steps).")] = 10,
+    out: Annotated[Path, typer.Option(help="Folder for trace.json, top_ops.txt, gpu_timeline.png and the run "
+                                      "(OUT/run: a new run folder).")] = Path("profile"),
+) -> None:
+    """Profile training steps with torch.profiler. Any `train` option may follow, e.g.
+    `cityseg-fast profile --steps 20 --data DIR --batch-size 32`."""
+    check_options({"steps": steps})
+    train_command = typer.main.get_command(app).get_command(ctx, "train")
+    try:
+        train_ctx = train_command.make_context("train", list(ctx.args))
+    except typer.TyperException as e:  # an unknown or malformed train option
+        fail(f"profile: {e.format_message() if hasattr(e, 'format_message') else e}")
+    given = given_options(train_ctx)
+    if "resume" in given or "out" in given:
+        fail("profile: --resume and --out are not train options here (the run goes to OUT/run)")
+    check_options(given)
+    cfg = resolve_config({**given, "out": out / "run"})
+    check_config(cfg)
+    from cityseg.profiling import profile_training
+
+    profile_training(cfg, steps, out, console, run_training)
+

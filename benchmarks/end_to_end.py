@@ -9,7 +9,7 @@ For each loader (`torch` = the plain DataLoader with --workers processes, `dali`
 threads, "mixed" decode on a GPU, `cache` = the device cache, when the config knows `cache`), the
 engine's own `Trainer` trains a fresh model for --steps steps of one epoch (standard augmentation:
 flip, rotation 10, zoom 0.75-1.25, jitter 0.3), into a temporary run folder, with the engine's
-defaults for bf16 autocast and torch.compile unless --amp/--compile say otherwise.
+defaults for precision and torch.compile unless --precision/--compile say otherwise.
 
 Reported per loader (median over --reps runs, every run in the JSON):
 - images/s: the engine's figure, after its 5 warm-up steps, synchronised (telemetry.EpochMeter);
@@ -107,7 +107,8 @@ def make_config(kind: str, data_dir: Path, args: argparse.Namespace, out: Path) 
     return Config(
         data=data,
         model=ModelConfig(width=args.width, depth=args.depth),
-        train=TrainConfig(epochs=1, max_steps=args.steps, device=str(args.device), amp=args.amp, compile=args.compile,
+        train=TrainConfig(epochs=1, max_steps=args.steps, device=str(args.device), precision=args.precision,
+                          compile=args.compile,
                           warmup_steps=max(1, args.steps // 5), out=str(out), seed=args.seed),
     )
 
@@ -141,7 +142,7 @@ def train_once(cfg: Config, warm: int) -> dict[str, Any]:
         "gpu_util": final.get("gpu_util"),
         "gpu_mem_gib": final.get("gpu_mem_gib"),
         "steps": summary["steps"],
-        "amp": summary["amp"],
+        "precision": summary["precision"],
         "compile": summary["compile"],
         "loader": summary["loader"],
         "setup_s": setup_s,  # train() called -> first batch asked: validation, palette, loaders, model
@@ -206,7 +207,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="image side (default 256 GPU, 128 CPU)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 16 GPU, 8 CPU)")
     p.add_argument("--workers", type=int, default=None, help="loader workers / DALI threads (default min(8, cores))")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (engine default)")
+    p.add_argument("--precision", default="auto", help="auto | bf16-mixed | 16-mixed | 32 (engine default: auto)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile (engine default: on for GPU, off for CPU)")
     p.add_argument("--device", default="auto")
@@ -249,14 +250,13 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"--steps {args.steps} > {per_epoch} steps in one epoch of {data_dir}: lower it")
         config = {"data": source, "n_train": len(files)} | {
             k: getattr(args, k) for k in ("steps", "warm_steps", "reps", "width", "depth", "size", "batch", "workers",
-                                          "amp", "compile", "seed")} | {"loaders": kinds, "augment": "standard"}
+                                          "precision", "compile", "seed")} | {"loaders": kinds, "augment": "standard"}
         out = args.json or default_json("end_to_end", device)
         record = new_record("end_to_end", device, command_line("end_to_end.py", argv), config)
         print_header(record)
-        from cityseg.engine import resolve_runtime
+        from cityseg.runtime import resolve_runtime
 
-        rt = resolve_runtime(make_config("torch", data_dir, args, tmp_path / "probe").train)
-        dtype = torch.bfloat16 if rt.amp and gpu else torch.float32
+        dtype = resolve_runtime(device, args.precision).batch_dtype
         for kind in kinds:
             why = available(kind)
             if why is not None:
@@ -280,7 +280,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "time_to_first_batch_s": ttfb,
                 "compile_s": median_of(runs, "compile_s"),
                 "steady_step_s": median_of(runs, "steady_step_s"),
-                "amp": runs[0]["amp"],
+                "precision": runs[0]["precision"],
                 "compile": runs[0]["compile"],
                 "runs": runs,
             }

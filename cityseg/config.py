@@ -74,9 +74,10 @@ class TrainConfig:
     min_lr_ratio: float = 0.01
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     class_weights: str = "none"  # none | inverse-sqrt-freq (computed from a sample of train masks)
-    device: str = "auto"  # auto | cpu | cuda
-    amp: bool | None = None  # bf16 autocast; None = on for GPU, on for CPU with AMX/bf16 support
-    compile: bool | None = None  # torch.compile; None = on for GPU, off for CPU
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto | bf16-mixed | 16-mixed | 32 (the policy: cityseg/runtime.py)
+    compile: bool | None = None  # torch.compile; None = on for GPU (compute capability >= 7.0), off for CPU
+    compile_mode: str | None = None  # torch.compile mode (e.g. max-autotune); None = torch's default
     sync_bn: bool = False  # DDP on GPUs: synchronise BatchNorm statistics across ranks
     seed: int = 0
     patience: int = 0  # stop after this many validations without a better mIoU; 0 = never
@@ -101,11 +102,17 @@ class Config:
         data = dict(d["data"])
         aug = dict(data.pop("augment"))
         aug["scale"] = tuple(aug["scale"])
+        train = dict(d["train"])
+        if "amp" in train:  # runs and checkpoints written before --precision
+            train.setdefault("precision", AMP_TO_PRECISION[train.pop("amp")])
         return cls(
             data=_build(DataConfig, {**data, "augment": _build(AugmentConfig, aug)}),
             model=_build(ModelConfig, d["model"]),
-            train=_build(TrainConfig, d["train"]),
+            train=_build(TrainConfig, train),
         )
+
+
+AMP_TO_PRECISION = {True: "bf16-mixed", False: "32", None: "auto"}  # the old `amp` field and --amp/--no-amp
 
 
 def _build(kind: type, values: dict[str, Any]) -> Any:
@@ -177,6 +184,8 @@ def with_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> Confi
     types_by_key = field_types()
     tree = cfg.to_dict()
     for key, value in overrides.items():
+        if key == "train.amp" and value in AMP_TO_PRECISION:  # config files written before --precision
+            key, value = "train.precision", AMP_TO_PRECISION[value]
         if key not in types_by_key:
             raise ConfigError(f"{source}: unknown config key {key!r}")
         ok, value = _accepts(types_by_key[key], value)

@@ -12,14 +12,13 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
-from rich.markup import escape
 from torch import nn
 
 from cityseg.checkpoint import CheckpointError, config_mismatch, read_training_checkpoint, save_checkpoint
@@ -33,7 +32,7 @@ from cityseg.data.loaders import (
     resolve_palette,
     split_files,
 )
-from cityseg.data.pairs import MaskCheck, list_split
+from cityseg.data.pairs import MaskCheck, list_split, overlap_warning
 from cityseg.distributed import (
     DistInfo,
     any_rank,
@@ -46,7 +45,7 @@ from cityseg.distributed import (
 )
 from cityseg.errors import UserError
 from cityseg.metrics import ConfusionMatrix, SegMetrics, iou_table
-from cityseg.model import build_model, describe
+from cityseg.model import build_model, describe, parameter_count, training_bytes
 from cityseg.outputs import claim_run_folder, is_free, write_text_quietly
 from cityseg.palette import IGNORE_INDEX, Palette
 from cityseg.palette_kmeans import save_palette
@@ -62,6 +61,7 @@ from cityseg.report import (
     write_json,
     write_jsonl,
 )
+from cityseg.runtime import Runtime, autocast, free_memory, resolve_device, resolve_runtime
 from cityseg.telemetry import EpochMeter, GpuSampler, fmt, plot_gpu_timeline
 
 EXIT_INTERRUPTED = 130
@@ -79,25 +79,21 @@ class Interrupted(Exception):
         super().__init__(f"interrupted; resume with: cityseg-fast train --resume {run_dir}")
 
 
-@dataclass(frozen=True)
-class Runtime:
-    device: torch.device
-    amp: bool  # bf16 autocast
-    compile: bool
-
-
-def resolve_runtime(cfg: TrainConfig) -> Runtime:
-    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
-        raise TrainingError(f"--device {cfg.device}: expected auto, cpu or cuda")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError(f"--device {cfg.device}: no CUDA GPU is visible to PyTorch")
-    name = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
-    device = torch.device("cpu" if name == "auto" else name)
-    on_gpu = device.type == "cuda"
-    # bf16 pays off on CPUs with native bf16 (AVX512-BF16/AMX); elsewhere it is emulated and slower.
-    amp = cfg.amp if cfg.amp is not None else (on_gpu or torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    compile_ = cfg.compile if cfg.compile is not None else on_gpu
-    return Runtime(device, amp, compile_)
+def check_training_fits(cfg: Config, rt: Runtime, dist_info: DistInfo) -> None:
+    """Refuse, before allocating anything, a model and batch that cannot fit in the device's free
+    memory (a lower-bound estimate: `model.training_bytes`)."""
+    m, d = cfg.model, cfg.data
+    need = training_bytes(m.width, m.depth, d.image_size, d.batch_size, rt.amp, m.upsample)
+    if rt.device.type == "cpu":
+        need *= dist_info.world_size  # CPU ranks share the machine's memory
+    free = free_memory(rt.device)
+    if need > free:
+        params = parameter_count(m.width, m.depth, m.upsample) / 1e6
+        raise TrainingError(
+            f"this run needs at least {need / 2**30:,.1f} GiB ({params:,.1f} M parameters, batch {d.batch_size} "
+            f"at {d.image_size} px) but {free / 2**30:,.1f} GiB is free on {rt.device}: "
+            "lower --batch-size, --image-size, --width or --depth"
+        )
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -114,10 +110,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
-
-
-def autocast(runtime: Runtime):
-    return torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.amp)
 
 
 @contextmanager
@@ -168,9 +160,13 @@ class Trainer:
         self, cfg: Config, console: Console, run: RunFolder, resume_state: dict | None, dist_info: DistInfo
     ) -> None:
         self.cfg, self.console, self.run, self.dist = cfg, console, run, dist_info
-        self.rt = resolve_runtime(cfg.train)
-        if dist_info.enabled and self.rt.device.type == "cuda":
-            self.rt = replace(self.rt, device=torch.device("cuda", dist_info.local_rank))
+        t = cfg.train
+        device = resolve_device(t.device)
+        if dist_info.enabled and device.type == "cuda":
+            device = torch.device("cuda", dist_info.local_rank)
+        self.rt = resolve_runtime(device, t.precision, t.compile, t.compile_mode)
+        check_training_fits(cfg, self.rt, dist_info)
+        torch.backends.cudnn.benchmark = True  # fixed-size batches: pick the fastest conv algorithms once
         torch.manual_seed(cfg.train.seed)
         self.data_root = resolve_data_dir(cfg.data)
         self.palette = (
@@ -181,8 +177,11 @@ class Trainer:
         check = palette_mismatch_check(self.palette) if cfg.data.palette == "cityscapes" else None
         self.train_files = self.files("train", check)
         self.val_files = self.files("val", check)
+        warning = overlap_warning(self.train_files, self.val_files)
+        if warning:
+            console.print(warning, style="yellow", soft_wrap=True)
         self.loader_kind = resolve_loader_kind(cfg.data.loader, self.rt.device)
-        dtype = torch.bfloat16 if self.rt.amp and self.rt.device.type == "cuda" else torch.float32
+        dtype = self.rt.batch_dtype
         make = lambda files, train: build_loader(  # noqa: E731
             self.loader_kind, files, self.palette, cfg.data, train=train,
             device=self.rt.device, dtype=dtype, seed=cfg.train.seed,
@@ -206,8 +205,10 @@ class Trainer:
         # The palette decides the class count (19 for Cityscapes, K for kmeans:K).
         self.cfg = cfg = replace(cfg, model=replace(cfg.model, num_classes=self.palette.num_classes))
         self.model = build_model(cfg.model).to(self.rt.device, memory_format=torch.channels_last)
-        self.step_model = torch.compile(self.wrap_ddp(self.model)) if self.rt.compile else self.wrap_ddp(self.model)
+        wrapped = self.wrap_ddp(self.model)
+        self.step_model = torch.compile(wrapped, mode=self.rt.compile_mode) if self.rt.compile else wrapped
         self.optimizer = build_optimizer(self.model, cfg.train, self.rt.device)
+        self.scaler = torch.amp.GradScaler(self.rt.device.type, enabled=self.rt.needs_grad_scaler)
         # Planned over all epochs (not max_steps), so stopping early and resuming changes nothing.
         self.total_steps = cfg.train.epochs * len(self.train_loader)
         t = cfg.train
@@ -251,7 +252,8 @@ class Trainer:
         files, skipped = split_files(self.data_root, split, validate=not d.skip_validate, workers=d.workers,
                                      skip_bad=d.skip_bad, mask_check=mask_check)
         if skipped:
-            self.console.print(f"[yellow]skipped {len(skipped)} bad {split} file(s)[/], e.g. {skipped[0]}")
+            self.console.print(f"skipped {len(skipped)} bad {split} file(s), e.g. {skipped[0]}", style="yellow",
+                               soft_wrap=True)
         return files
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -259,6 +261,7 @@ class Trainer:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
@@ -277,6 +280,8 @@ class Trainer:
     def load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):  # absent in checkpoints written before 16-mixed existed
+            self.scaler.load_state_dict(state["scaler"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step = state["global_step"]
@@ -346,10 +351,12 @@ class Trainer:
                     loss = self.loss_fn(logits, target)
                 batch = self.next_batch(batches, meter, interrupt)  # fetch while the forward runs on the GPU
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                self.scaler.scale(loss).backward()  # scaling only under 16-mixed; a no-op otherwise
                 if cfg.grad_clip > 0:
+                    self.scaler.unscale_(self.optimizer)
                     nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                self.optimizer.step()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
                 self.scheduler.step()
                 loss = loss.detach()
                 loss_sum += loss
@@ -432,7 +439,7 @@ class Trainer:
         self.console.print(
             f"epoch {record['epoch']}: loss {record['loss']:.4f}  val pixel acc {record['pixel_acc']:.4f}  "
             f"mIoU {fmt(record['miou'], '.4f')}  {record['images_per_s']:.1f} img/s  "
-            f"data wait {record['data_wait_share']:.0%}"
+            f"data wait {record['data_wait_share']:.0%}", soft_wrap=True
         )
         improved = record["miou"] is not None and record["miou"] > self.best_miou
         if improved:
@@ -485,7 +492,7 @@ class Trainer:
             "steps": self.global_step,
             "elapsed_s": self.elapsed(),
             "device": device_name(self.rt.device),
-            "amp": self.rt.amp,
+            "precision": self.rt.precision,
             "compile": self.rt.compile,
             "loader": self.loader_kind,
             "cache": self.cfg.data.cache,
@@ -556,8 +563,9 @@ def train(cfg: Config, console: Console | None = None, on_step: Callable[[], Non
     Raises TrainingError / PairError / CheckpointError with one-line messages, and Interrupted
     after saving last.pt on Ctrl-C/SIGTERM.
     """
-    dist_info = init_distributed(resolve_runtime(cfg.train).device.type)
-    console = (console or Console()) if dist_info.is_main else Console(quiet=True)
+    dist_info = init_distributed(resolve_device(cfg.train.device).type)
+    # Markup off: paths and file names are printed as given, a `[tag]` in one included.
+    console = (console or Console(markup=False, highlight=False)) if dist_info.is_main else Console(quiet=True)
     try:
         return _train(cfg, console, dist_info, on_step)
     finally:
@@ -587,7 +595,7 @@ def resume_from(run: RunFolder, cfg: Config, console: Console, dist_info: DistIn
     diffs = config_mismatch({k: saved.get(k) for k in wanted}, wanted)
     if diffs:
         raise CheckpointError(f"{run.last}: model config differs from this run's: {'; '.join(diffs)}")
-    console.print(f"resuming {escape(str(run.root))} at epoch {state['epoch'] + 1}, "
+    console.print(f"resuming {run.root} at epoch {state['epoch'] + 1}, "
                   f"step {state['step_in_epoch']} of that epoch")
     if dist_info.is_main:  # the records last.pt knows of, each once (see Trainer.end_epoch)
         write_jsonl(run.metrics, state["history"])
@@ -601,9 +609,10 @@ def _run_trainer(cfg: Config, console: Console, run: RunFolder, resume_state: di
     with closing(trainer):  # its loaders' workers end on every way out: done, error or signal
         console.print(describe(trainer.model))
         console.print(
-            f"device {device_name(trainer.rt.device)}  amp(bf16) {trainer.rt.amp}  compile {trainer.rt.compile}  "
+            f"device {device_name(trainer.rt.device)}  precision {trainer.rt.precision}  compile {trainer.rt.compile}  "
             f"loader {trainer.loader_kind}  cache {cfg.data.cache}  ranks {dist_info.world_size}  "
-            f"data {trainer.data_root} ({len(trainer.train_files)} train / {len(trainer.val_files)} val)"
+            f"data {trainer.data_root} ({len(trainer.train_files)} train / {len(trainer.val_files)} val)",
+            soft_wrap=True,
         )
         with graceful_interrupts() as interrupt:
             if dist_info.is_main:

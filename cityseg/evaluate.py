@@ -13,12 +13,12 @@ import torch
 from rich.console import Console
 
 from cityseg.checkpoint import load_from_checkpoint
-from cityseg.config import TrainConfig
 from cityseg.data.loaders import build_loader, resolve_data_dir, split_files
-from cityseg.engine import evaluate, resolve_runtime
+from cityseg.engine import evaluate
 from cityseg.metrics import iou_table
 from cityseg.outputs import output_file
 from cityseg.report import write_json
+from cityseg.runtime import inference_runtime, resolve_device
 
 
 def evaluate_checkpoint(
@@ -37,9 +37,9 @@ def evaluate_checkpoint(
     console = console or Console(markup=False)
     if json_out is not None:
         output_file(Path(json_out), "metrics JSON")  # a bad path fails now, not after the evaluation
-    rt = resolve_runtime(TrainConfig(device=device))
-    model, cfg, palette, _ = load_from_checkpoint(ckpt, rt.device)
-    rt = resolve_runtime(TrainConfig(device=device, amp=cfg.train.amp, compile=False))
+    where = resolve_device(device)
+    model, cfg, palette, _ = load_from_checkpoint(ckpt, where)
+    rt = inference_runtime(where, cfg.train.precision)
     data_dir = str(Path(data).absolute()) if data else cfg.data.data_dir
     data_cfg = replace(cfg.data, batch_size=batch_size, workers=workers, data_dir=data_dir)
     files, _ = split_files(resolve_data_dir(data_cfg), split, validate=not data_cfg.skip_validate, workers=workers)

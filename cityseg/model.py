@@ -148,6 +148,39 @@ def build_model(cfg: ModelConfig) -> UNet:
     return UNet(num_classes=cfg.num_classes, width=cfg.width, depth=cfg.depth, upsample=cfg.upsample)
 
 
+def parameter_count(width: int, depth: int, upsample: str = "transpose", num_classes: int = 19,
+                    in_channels: int = 3) -> int:
+    """The number of parameters `UNet(...)` would have, computed without building it (a --depth 12
+    U-Net would need terabytes just to exist)."""
+
+    def block(cin: int, cout: int) -> int:  # two bias-free 3x3 convs, two BatchNorms
+        return 9 * cout * (cin + cout) + 4 * cout
+
+    ch = [width * 2**i for i in range(depth + 1)]
+    total = block(in_channels, ch[0]) + sum(block(ch[i], ch[i + 1]) for i in range(depth))
+    for i in range(depth):
+        cin, half = ch[i + 1], ch[i + 1] // 2
+        total += (4 if upsample == "transpose" else 1) * cin * half + half  # the upsampling conv, with bias
+        total += block(half + ch[i], ch[i])
+    return total + ch[0] * num_classes + num_classes  # 1x1 head
+
+
+# Activations a training step keeps for backward, per image and pixel of the input, per unit of width:
+# each level (resolution S / 2**i, width * 2**i channels) holds ~4 tensors in the encoder block and
+# ~7 in the decoder (upsampled, concatenated, block); summed over levels that is ~22 * width * S**2
+# values. 16 keeps the estimate a lower bound, so it refuses only what cannot fit.
+ACTIVATIONS_PER_WIDTH_PIXEL = 16
+
+
+def training_bytes(width: int, depth: int, image_size: int, batch_size: int, mixed: bool,
+                   upsample: str = "transpose", num_classes: int = 19) -> int:
+    """A lower bound on the memory a training step needs: fp32 weights, gradients and two AdamW
+    moments (16 bytes a parameter) plus the saved activations of one batch."""
+    params = parameter_count(width, depth, upsample, num_classes)
+    activations = ACTIVATIONS_PER_WIDTH_PIXEL * width * image_size**2 * batch_size * (2 if mixed else 4)
+    return 16 * params + activations
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     # torch.compile wraps in OptimizedModule (._orig_mod), DDP in .module: describe the real model.
     while True:

@@ -137,7 +137,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.cache": ("none", "device"),
     "model.upsample": ("transpose", "bilinear"),
     "train.class_weights": ("none", "inverse-sqrt-freq"),
+    "train.precision": ("auto", "bf16-mixed", "16-mixed", "32"),
 }
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def check_config(cfg: Config) -> None:
@@ -156,6 +158,9 @@ def check_config(cfg: Config) -> None:
         value = get_value(cfg, key)
         if value not in choices:
             raise OptionError(f"{key} {value!r}: expected one of {', '.join(choices)}")
+    mode = cfg.train.compile_mode
+    if mode is not None and mode not in COMPILE_MODES:
+        raise OptionError(f"--compile-mode {mode}: expected one of {', '.join(COMPILE_MODES)}")
     device = cfg.train.device
     if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdecimal()):
         raise OptionError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
@@ -165,5 +170,6 @@ def check_config(cfg: Config) -> None:
     size, depth = cfg.data.image_size, cfg.model.depth
     if size % 2**depth:
         lower, upper = size // 2**depth * 2**depth, (size // 2**depth + 1) * 2**depth
-        raise OptionError(f"--image-size {size}: the U-Net of depth {depth} needs a multiple of 2**{depth} = "
-                          f"{2**depth} (e.g. {lower or upper} or {upper})")
+        nearest = f"{lower} or {upper}" if lower else f"{upper}"
+        raise OptionError(f"--image-size {size}: a U-Net of --depth {depth} needs a multiple of 2**{depth} = "
+                          f"{2**depth} (nearest: {nearest})")

@@ -81,6 +81,12 @@ def claim_run_folder(folder: Path, *, resume: bool) -> Iterator[Path]:
         os.close(fd)
 
 
+def check_not_in_use(folder: Path) -> None:
+    """OutputError if a run holds `folder` now (e.g. before --resume reads its last.pt)."""
+    if (folder / LOCK_NAME).exists():
+        os.close(_lock(folder / LOCK_NAME, folder))  # raises when held; else released at once
+
+
 def _lock(lock_path: Path, folder: Path) -> int:
     """Open and exclusively lock `lock_path`; its pid inside names the owner for a refused claimant."""
     while True:

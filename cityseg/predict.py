@@ -44,13 +44,14 @@ from torch import nn
 from torchvision.transforms.v2 import functional as F
 
 from cityseg.checkpoint import load_from_checkpoint
-from cityseg.config import TrainConfig
 from cityseg.data.pairs import IMAGE_SUFFIXES, MAX_PIXELS, PairError, check_readable, natural_key, read_pair
 from cityseg.data.torch_loader import normalize_batch
-from cityseg.engine import autocast, resolve_runtime
+from cityseg.errors import OutputError
 from cityseg.metrics import ConfusionMatrix, SegMetrics, iou_table
+from cityseg.outputs import ensure_dir
 from cityseg.palette import IGNORE_INDEX, Palette, colorize
 from cityseg.report import write_json
+from cityseg.runtime import autocast, inference_runtime, resolve_device
 from kernels.mask_to_class import mask_to_class
 
 Tta = Literal["flip"] | None
@@ -117,9 +118,9 @@ class Predictor:
             raise ValueError(f"--batch-size {batch_size}: expected at least 1")
         self.ckpt = Path(ckpt_path)
         self.tta = resolve_tta(tta)
-        where = resolve_runtime(TrainConfig(device=device)).device
+        where = resolve_device(device)
         model, self.cfg, self.palette, _ = load_from_checkpoint(self.ckpt, where)
-        self.runtime = resolve_runtime(TrainConfig(device=device, amp=self.cfg.train.amp, compile=False))
+        self.runtime = inference_runtime(where, self.cfg.train.precision)
         self.image_size = self.cfg.data.image_size
         self.batch_size = batch_size
         self.model = FlipTTA(model) if self.tta == "flip" else model
@@ -167,15 +168,17 @@ class InputImage:
     mask: np.ndarray | None  # (H, W, 3) uint8 colour mask (--pairs only)
 
 
-def list_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files and folders -> image files: folders expanded (sorted, .jpg/.jpeg/.png), duplicates dropped."""
+def list_inputs(paths: Sequence[str | os.PathLike], out_dir: Path | None = None) -> list[Path]:
+    """Files and folders -> image files: folders expanded (sorted, .jpg/.jpeg/.png), duplicates dropped;
+    in `out_dir`, the outputs of an earlier predict are not inputs."""
     if not paths:
         raise PairError(".", "no input: give photos or folders of photos")
     files: list[Path] = []
+    out = out_dir.resolve() if out_dir is not None else None
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted((f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()),
-                           key=natural_key)
+            found = sorted((f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+                            and not (p.resolve() == out and is_own_output(f))), key=natural_key)
             if not found:
                 raise PairError(p, "folder holds no .jpg/.jpeg/.png files")
             files += found
@@ -195,15 +198,28 @@ def list_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return unique
 
 
+OUTPUT_KINDS = ("ids", "color", "overlay")
+
+
 def output_names(files: Sequence[Path]) -> list[str]:
-    """File stems, made unique with -2, -3, ... (a/1.jpg and b/1.jpg must not overwrite each other)."""
-    counts: dict[str, int] = {}
+    """File stems, made unique with -2, -3, ... (a/1.jpg and b/1.jpg must not overwrite each other,
+    nor 1.png's second name "1-2" the outputs of a file named 1-2.jpg)."""
+    taken = {f.stem for f in files}  # each file's own stem is reserved for it first
+    used: set[str] = set()
     names = []
     for f in files:
-        n = counts.get(f.stem, 0) + 1
-        counts[f.stem] = n
-        names.append(f.stem if n == 1 else f"{f.stem}-{n}")
+        name, n = f.stem, 1
+        while name in used or (n > 1 and name in taken):
+            n += 1
+            name = f"{f.stem}-{n}"
+        used.add(name)
+        names.append(name)
     return names
+
+
+def is_own_output(path: Path) -> bool:
+    """NAME_ids.png / NAME_color.png / NAME_overlay.png: what `predict` writes."""
+    return path.suffix.lower() == ".png" and path.stem.rsplit("_", 1)[-1] in OUTPUT_KINDS and "_" in path.stem
 
 
 def read_photo(path: str | os.PathLike) -> np.ndarray:
@@ -304,7 +320,7 @@ def overlay_image(photo: np.ndarray, color: np.ndarray, ids: np.ndarray, palette
 def write_outputs(out_dir: Path, name: str, photo: np.ndarray, ids: np.ndarray, palette: Palette) -> dict[str, Path]:
     """NAME_ids.png, NAME_color.png, NAME_overlay.png in out_dir; returns their paths by kind."""
     color = colorize(torch.from_numpy(ids), palette).numpy()
-    paths = {kind: out_dir / f"{name}_{kind}.png" for kind in ("ids", "color", "overlay")}
+    paths = {kind: out_dir / f"{name}_{kind}.png" for kind in OUTPUT_KINDS}
     Image.fromarray(ids.astype(np.uint8)).save(paths["ids"])  # 2-D uint8 -> mode L
     Image.fromarray(color).save(paths["color"])
     overlay_image(photo, color, ids, palette).save(paths["overlay"])
@@ -351,7 +367,7 @@ def plot_confusion(confusion: Sequence[Sequence[int]] | torch.Tensor, names: Seq
 
 
 def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+    return Progress(TextColumn("predict", style="bold"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     console=console, transient=False)
 
 
@@ -379,11 +395,17 @@ def run_predict(
     Threads decode the next batch and encode the last batch's PNGs while the model runs (Pillow
     releases the GIL in both). Returns {"images", "skipped", "out", "metrics" (pairs only)}.
     """
-    console = console or Console()
+    console = console or Console(markup=False, highlight=False)
     out_dir = Path(out_dir)
-    files = list_inputs(inputs)
+    files = list_inputs(inputs, out_dir)
     jobs = list(zip(files, output_names(files), strict=True))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    inputs_by_path = {f.resolve() for f in files}
+    for _, name in jobs:
+        for kind in OUTPUT_KINDS:
+            if (out_dir / f"{name}_{kind}.png").resolve() in inputs_by_path:
+                raise OutputError(f"{out_dir / f'{name}_{kind}.png'}: an input would be overwritten by an output; "
+                                  "choose another --out")
+    ensure_dir(out_dir, "output folder")
     palette = predictor.palette
     cm = ConfusionMatrix(palette.num_classes, ignore_index=IGNORE_INDEX) if pairs else None
     skipped: list[PairError] = []

@@ -15,6 +15,7 @@ import torch
 from rich.console import Console
 
 from cityseg.config import Config
+from cityseg.outputs import ensure_dir
 from cityseg.telemetry import fmt, plot_gpu_timeline
 
 SKIP, WARMUP = 1, 2  # first step (allocations, compile) skipped, then two warm-up steps not recorded
@@ -28,9 +29,7 @@ def profile_training(cfg: Config, steps: int, out: Path, console: Console, run: 
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     total = SKIP + WARMUP + steps
     cfg = replace(cfg, train=replace(cfg.train, max_steps=total, epochs=max(cfg.train.epochs, 1_000)))
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "run").exists():
-        shutil.rmtree(out / "run")  # a profile folder is scratch: each call starts afresh
+    ensure_dir(out, "profile folder")  # OUT/run is a new run folder: the engine refuses one in use
     schedule = torch.profiler.schedule(wait=SKIP, warmup=WARMUP, active=steps, repeat=1)
     with torch.profiler.profile(activities=activities, schedule=schedule) as prof:
         summary = run(cfg, on_step=prof.step)

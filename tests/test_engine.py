@@ -32,7 +32,7 @@ def tiny_config(data: Path, out: Path, **train_kw) -> Config:
         data=DataConfig(data_dir=str(data), image_size=32, batch_size=2, workers=0,
                         augment=AugmentConfig(hflip=0.5, rotate_deg=5)),
         model=ModelConfig(width=4, depth=2),
-        train=TrainConfig(**{"epochs": 2, "lr": 1e-2, "warmup_steps": 2, "device": "cpu", "amp": False,
+        train=TrainConfig(**{"epochs": 2, "lr": 1e-2, "warmup_steps": 2, "device": "cpu", "precision": "32",
                              "compile": False, "log_every": 1, "out": str(out), **train_kw}),
     )
 

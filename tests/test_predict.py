@@ -19,7 +19,7 @@ from cityseg.checkpoint import load_checkpoint, load_from_checkpoint
 from cityseg.config import NO_AUGMENT, Config, DataConfig, ModelConfig, TrainConfig
 from cityseg.data.loaders import build_loader
 from cityseg.data.pairs import PairError, list_split, read_pair
-from cityseg.engine import evaluate, resolve_runtime, train
+from cityseg.engine import evaluate, train
 from cityseg.evaluate import evaluate_checkpoint
 from cityseg.export import ExportError, check_parity, export_model, load_export_model, read_metadata
 from cityseg.palette import cityscapes_palette
@@ -33,6 +33,7 @@ from cityseg.predict import (
     read_photo,
     run_predict,
 )
+from cityseg.runtime import resolve_runtime
 from tests.conftest import make_pair_dataset
 
 SIZE = 32  # training size = pair photo size, so --pairs scores exactly what validation scores
@@ -46,7 +47,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     cfg = Config(
         data=DataConfig(data_dir=str(data), image_size=SIZE, batch_size=2, workers=0, augment=NO_AUGMENT),
         model=ModelConfig(width=4, depth=2),
-        train=TrainConfig(epochs=1, lr=2e-2, warmup_steps=1, device="cpu", amp=False, compile=False,
+        train=TrainConfig(epochs=1, lr=2e-2, warmup_steps=1, device="cpu", precision="32", compile=False,
                           log_every=1, out=str(root / "run")),
     )
     train(cfg)
@@ -125,7 +126,7 @@ def test_flip_tta_is_flip_equivariant_and_runs_in_eval(trained: tuple[Path, Path
         torch.testing.assert_close(tta(x.flip(-1)), tta(x).flip(-1))
         torch.testing.assert_close(tta(x), (model(x) + model(x.flip(-1)).flip(-1)) / 2)
     # the wrapper drops into engine.evaluate unchanged (what `eval --tta flip` does)
-    rt = resolve_runtime(TrainConfig(device="cpu", amp=False, compile=False))
+    rt = resolve_runtime("cpu", "32", compile=False)
     with build_loader("torch", list_split(data, "val"), palette, cfg.data, train=False, device=rt.device,
                       dtype=torch.float32, seed=0) as loader:
         metrics, loss = evaluate(tta, loader, rt, palette.num_classes)

@@ -40,6 +40,8 @@ def check_data(
     except UserError as e:  # the folder itself is unusable: exit 1, as for bad files
         fail(str(e), code=1)
     console.print(report.table())
+    for warning in report.warnings:
+        err_console.print(warning, style="yellow", soft_wrap=True)
     if report.bad:
         for error in report.bad:
             err_console.print(str(error), soft_wrap=True)

@@ -25,7 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cityseg.cli.common import app, console, err_console, fail, given_options
-from cityseg.config import PRESETS, Config, flatten, get_value, train_config, with_overrides
+from cityseg.config import AMP_TO_PRECISION, PRESETS, Config, flatten, get_value, train_config, with_overrides
 from cityseg.errors import OptionError
 from cityseg.options import check_config, check_options, flag, parse_scale
 
@@ -50,6 +50,20 @@ class Upsample(str, Enum):
     bilinear = "bilinear"
 
 
+class Precision(str, Enum):
+    auto = "auto"
+    bf16_mixed = "bf16-mixed"
+    fp16_mixed = "16-mixed"
+    fp32 = "32"
+
+
+class CompileMode(str, Enum):
+    default = "default"
+    reduce_overhead = "reduce-overhead"
+    max_autotune = "max-autotune"
+    max_autotune_no_cudagraphs = "max-autotune-no-cudagraphs"
+
+
 class ClassWeights(str, Enum):
     none = "none"
     inverse_sqrt_freq = "inverse-sqrt-freq"
@@ -68,12 +82,14 @@ OPTION_KEYS: dict[str, str | tuple[str, ...]] = {
     "hue": "data.augment.hue", "width": "model.width", "depth": "model.depth", "upsample": "model.upsample",
     "epochs": "train.epochs", "lr": "train.lr", "weight_decay": "train.weight_decay",
     "warmup_steps": "train.warmup_steps", "grad_clip": "train.grad_clip", "class_weights": "train.class_weights",
-    "device": "train.device", "amp": "train.amp", "compile": "train.compile", "sync_bn": "train.sync_bn",
+    "device": "train.device", "precision": "train.precision", "amp": "train.precision",
+    "compile": "train.compile", "compile_mode": "train.compile_mode", "sync_bn": "train.sync_bn",
     "seed": "train.seed", "patience": "train.patience", "log_every": "train.log_every",
     "max_steps": "train.max_steps", "out": "train.out",
 }
 # What `--resume` applies: how long to go on and how to run, never what the run is (that is in last.pt).
-RESUME_APPLIES = {"epochs", "max_steps", "device", "workers", "prefetch", "compile", "log_every", "skip_validate"}
+RESUME_APPLIES = {"epochs", "max_steps", "device", "workers", "prefetch", "precision", "amp", "compile", "compile_mode",
+                  "log_every", "skip_validate"}
 # Options that are not config values.
 COMMAND_ONLY = {"resume", "config", "print_config", "smoke", "nproc"}
 
@@ -92,6 +108,8 @@ def config_values(given: dict[str, Any]) -> dict[str, Any]:
             value = value.value
         if name == "scale":
             value = parse_scale(value)
+        if name == "amp":  # the older switch: --amp is bf16-mixed, --no-amp is 32
+            value = AMP_TO_PRECISION[value]
         if name in ("data", "out"):  # absolute: eval and --resume from another folder find the same place
             value = str(Path(value).absolute())
         keys = OPTION_KEYS[name]
@@ -161,7 +179,9 @@ def resumed_config(run: Path, given: dict[str, Any]) -> Config:
                           f"are in its last.pt); with --resume only {allowed} apply. To start a new run from "
                           f"its weights: --init-from {run / 'checkpoints' / 'last.pt'}")
     from cityseg.checkpoint import read_config, read_training_checkpoint
+    from cityseg.outputs import check_not_in_use
 
+    check_not_in_use(run)
     last = run / "checkpoints" / "last.pt"
     cfg = read_config(read_training_checkpoint(last), last)
     overrides = config_values({k: v for k, v in given.items() if k in RESUME_APPLIES})
@@ -255,10 +275,16 @@ def train(
         "Stop after this many steps in total, saving a resumable last.pt (0 = all epochs, default)."))] = None,
     device: Annotated[str | None, typer.Option(rich_help_panel=SPEED, help=(
         "auto (default) | cpu | cuda | cuda:N."))] = None,
+    precision: Annotated[Precision | None, typer.Option(rich_help_panel=SPEED, help=(
+        "auto (default): bf16 autocast where the device has native bf16 (Ampere+ GPUs, AMX/AVX512-BF16 CPUs), "
+        "fp16 + gradient scaling on older GPUs, fp32 on other CPUs."))] = None,
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", rich_help_panel=SPEED, help=(
-        "bf16 autocast. Default: on for GPU, and for CPUs with native bf16."))] = None,
+        "Older switch: --amp = --precision bf16-mixed, --no-amp = --precision 32."))] = None,
     compile: Annotated[bool | None, typer.Option("--compile/--no-compile", rich_help_panel=SPEED, help=(
-        "torch.compile the model. Default: on for GPU, off for CPU."))] = None,
+        "torch.compile the model. Default: on for GPUs that Triton supports (compute capability >= 7.0), "
+        "off for CPU."))] = None,
+    compile_mode: Annotated[CompileMode | None, typer.Option(rich_help_panel=SPEED, help=(
+        "torch.compile mode (default: torch's default)."))] = None,
     nproc: Annotated[int, typer.Option(rich_help_panel=SPEED, help=(
         "Processes (GPUs) on this machine: launches torchrun with DDP (NCCL on GPU, gloo on CPU). "
         "Several machines: call torchrun yourself (see README)."))] = 1,

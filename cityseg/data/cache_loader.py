@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -54,6 +53,7 @@ from cityseg.data.torch_loader import (
 )
 from cityseg.errors import UserError
 from cityseg.palette import IGNORE_INDEX, Palette, lookup_table
+from cityseg.runtime import free_memory
 from kernels.mask_to_class import mask_to_class
 
 MAX_SHARE = 0.8  # of free memory: leaves room for the model, activations and allocator slack
@@ -74,20 +74,6 @@ class CacheError(UserError):
 def cache_bytes(n: int, size: int) -> int:
     """Device bytes to cache `n` pairs at `size` x `size`: uint8 RGB photo + uint8 class ids."""
     return n * size * size * BYTES_PER_PIXEL
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes free on `device`: the CUDA driver's count, or the kernel's MemAvailable for the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # no /proc (macOS): free pages
 
 
 def check_fits(n: int, size: int, device: torch.device) -> None:

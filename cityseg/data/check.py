@@ -10,7 +10,7 @@ import torch
 from rich.table import Table
 
 from cityseg.data.loaders import palette_mismatch_check
-from cityseg.data.pairs import SPLITS, PairError, PairInfo, list_split, read_pair, validate_files
+from cityseg.data.pairs import SPLITS, PairError, PairInfo, list_split, overlap_warning, read_pair, validate_files
 from cityseg.palette import cityscapes_palette, far_share, map_colors_lut
 
 
@@ -29,6 +29,7 @@ class DatasetReport:
     max_dist: float
     splits: list[SplitReport]
     bad: list[PairError]
+    warnings: list[str] = field(default_factory=list)
 
     def table(self) -> Table:
         t = Table(title=f"{self.root}")
@@ -66,10 +67,10 @@ def check_dataset(root: str | Path, workers: int = 4, sample: int = 50, max_dist
     root = Path(root)
     if not root.is_dir():
         raise PairError(root, "dataset folder not found")
-    splits, bad = [], []
+    splits, bad, listed = [], [], {}
     for name in SPLITS:
         try:
-            files = list_split(root, name)
+            files = listed[name] = list_split(root, name)
         except PairError as e:
             bad.append(e)
             continue
@@ -78,4 +79,5 @@ def check_dataset(root: str | Path, workers: int = 4, sample: int = 50, max_dist
         report = SplitReport(name, files=len(files), sizes=Counter((i.width, i.height) for i in good))
         report.near_share, report.top_classes = mask_stats(good, sample, max_dist)
         splits.append(report)
-    return DatasetReport(root, max_dist, splits, bad)
+    warning = overlap_warning(listed["train"], listed["val"]) if len(listed) == 2 else None
+    return DatasetReport(root, max_dist, splits, bad, [warning] if warning else [])

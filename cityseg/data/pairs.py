@@ -211,3 +211,17 @@ def validate_files(
     good = [r for r in results if isinstance(r, PairInfo)]
     bad = [r for r in results if isinstance(r, PairError)]
     return good, bad
+
+
+def shared_files(a: Sequence[Path], b: Sequence[Path]) -> int:
+    """How many files of `b` are also in `a` once links are resolved (e.g. val/ a link to train/)."""
+    resolved = {os.path.realpath(p) for p in a}
+    return sum(os.path.realpath(p) in resolved for p in b)
+
+
+def overlap_warning(train: Sequence[Path], val: Sequence[Path]) -> str | None:
+    shared = shared_files(train, val)
+    if not shared:
+        return None
+    return (f"warning: {shared} of the {len(val)} val files are also train files (links or the same folder): "
+            "validation on them flatters the model")

@@ -28,7 +28,6 @@ Results: benchmarks/results/end_to_end-<cpu|gpu>.json (or --json).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import sys
@@ -58,7 +57,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.loader import AUGMENTS, Spec, make_loader  # noqa: E402
 from cityseg.config import Config, DataConfig, ModelConfig, TrainConfig  # noqa: E402
-from cityseg.engine import Trainer  # noqa: E402
+from cityseg.training.loop import Trainer  # noqa: E402
 
 LOADERS = ("torch", "dali", "cache")
 
@@ -84,26 +83,9 @@ def batch_requests() -> Iterator[list[tuple[float, float]]]:
         Trainer.next_batch = original
 
 
-def cache_wired() -> bool:
-    """Whether DataConfig has the `cache` field (`--cache device`) the engine reads."""
-    return "cache" in {f.name for f in dataclasses.fields(DataConfig)}
-
-
-def cache_decoder(device: torch.device) -> str:
-    """The loader kind whose decoder fills the cache, as `--cache device` picks it: DALI's nvJPEG on a
-    GPU machine with DALI, the plain loader's Pillow decode otherwise."""
-    from cityseg.data.loaders import dali_available
-
-    return "dali" if device.type == "cuda" and dali_available() else "torch"
-
-
 def make_config(kind: str, data_dir: Path, args: argparse.Namespace, out: Path) -> Config:
-    data = DataConfig(data_dir=str(data_dir), image_size=args.size, batch_size=args.batch,
-                      loader=cache_decoder(args.device) if kind == "cache" else kind, workers=args.workers,
-                      skip_validate=True,
-                      augment=AUGMENTS["standard"])  # fmt: skip
-    if cache_wired():
-        data = dataclasses.replace(data, cache="device" if kind == "cache" else "none")
+    data = DataConfig(data_dir=str(data_dir), image_size=args.size, batch_size=args.batch, loader=kind,
+                      workers=args.workers, skip_validate=True, augment=AUGMENTS["standard"])
     return Config(
         data=data,
         model=ModelConfig(width=args.width, depth=args.depth),
@@ -117,7 +99,7 @@ def train_once(cfg: Config, warm: int) -> dict[str, Any]:
     """One run of the engine's `train(cfg)`; step periods and waits from its batch requests."""
     from rich.console import Console
 
-    from cityseg.engine import train
+    from cityseg.training import train
 
     t0 = time.perf_counter()
     with batch_requests() as calls:
@@ -176,17 +158,10 @@ def time_to_first_batch(kind: str, files: list[Path], args: argparse.Namespace, 
 
 
 def available(kind: str) -> str | None:
-    from cityseg.data.loaders import dali_available
+    from cityseg.data.contract import dali_available
 
     if kind == "dali" and not dali_available():
         return "nvidia.dali is not importable"
-    if kind == "cache":
-        try:
-            import cityseg.data.cache_loader  # noqa: F401
-        except ImportError as e:
-            return f"cityseg.data.cache_loader is not importable ({e})"
-        if not cache_wired():
-            return "DataConfig has no `cache` field yet: the engine cannot train from the cache"
     return None
 
 

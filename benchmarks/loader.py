@@ -53,6 +53,8 @@ from benchmarks.common import (  # noqa: E402
     sync,
 )
 from cityseg.config import AugmentConfig  # noqa: E402
+from cityseg.data.contract import LoaderSpec  # noqa: E402
+from cityseg.data.contract import make_loader as make_loader_of_kind  # noqa: E402
 
 AUGMENTS: dict[str, AugmentConfig | None] = {
     "none": None,
@@ -86,7 +88,7 @@ def parse_ints(text: str) -> list[int]:
 def available(loader: str, device: torch.device) -> str | None:
     """None when `loader` can run here, else why not."""
     if loader.startswith("dali"):
-        from cityseg.data.loaders import dali_available
+        from cityseg.data.contract import dali_available
 
         if not dali_available():
             return "nvidia.dali is not importable"
@@ -102,22 +104,15 @@ def available(loader: str, device: torch.device) -> str | None:
 
 def make_loader(spec: Spec, files: list[Path], palette, augment: AugmentConfig | None, args: argparse.Namespace,
                 device: torch.device, dtype: torch.dtype):
-    common = dict(image_size=args.image_size, batch_size=args.batch_size, augment=augment, shuffle=True,
-                  drop_last=True, dtype=dtype, workers=spec.workers, prefetch=args.prefetch, seed=args.seed)
-    if spec.loader == "torch":
-        from cityseg.data.torch_loader import TorchPairLoader
-
-        return TorchPairLoader(files, palette, device=device, **common)
-    if spec.loader in ("dali-cpu", "dali-gpu"):
-        from cityseg.data.dali_loader import DaliPairLoader
-
-        where = device if spec.loader == "dali-gpu" else torch.device("cpu")
-        return DaliPairLoader(files, palette, device=where, **common)
-    if spec.loader == "cache":
-        from cityseg.data.cache_loader import CacheLoader
-
-        return CacheLoader(files, palette, device=device, **common)
-    raise ValueError(f"unknown loader {spec.loader!r}: expected one of {LOADERS}")
+    """The loader `spec` names, through the package's registry (cityseg/data/contract.py)."""
+    where = torch.device("cpu") if spec.loader == "dali-cpu" else device
+    loader_spec = LoaderSpec(image_size=args.image_size, batch_size=args.batch_size, augment=augment, shuffle=True,
+                             drop_last=True, device=where, dtype=dtype, workers=spec.workers, prefetch=args.prefetch,
+                             seed=args.seed)
+    kind = {"torch": "torch", "dali-cpu": "dali", "dali-gpu": "dali", "cache": "cache"}.get(spec.loader)
+    if kind is None:
+        raise ValueError(f"unknown loader {spec.loader!r}: expected one of {LOADERS}")
+    return make_loader_of_kind(kind, files, palette, loader_spec)
 
 
 def run_epoch(loader, epoch: int, device: torch.device) -> dict[str, float]:

@@ -29,6 +29,7 @@ import numpy as np
 import PIL
 
 from cityseg.data import synth
+from cityseg.data.synth import render as synth_render
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "synth_speed-cpu.json"
 
@@ -78,9 +79,9 @@ def stage_split(n: int, seed: int, size: int, out_dir: Path) -> dict[str, float]
     with tempfile.TemporaryDirectory(prefix="synth-bench-", dir=out_dir) as tmp:
         for i in range(1, n + 1):
             t0 = clock()
-            image = synth._pair_image(synth._render(synth.pair_rng(seed, "val", i), size))
+            image = synth_render._pair_image(synth_render._render(synth.pair_rng(seed, "val", i), size))
             t1 = clock()
-            data = synth._jpeg(image, synth.JPEG_QUALITY)
+            data = synth_render._jpeg(image, synth.JPEG_QUALITY)
             t2 = clock()
             (Path(tmp) / f"{i}.jpg").write_bytes(data)
             t3 = clock()

@@ -7,7 +7,7 @@ AdamW) for widths 32 and 64, in four variants that each add one thing to the pre
 
 Variants: `fp32` (NCHW, eager), `channels_last` (eager), `channels_last+bf16` (torch.autocast bf16),
 `channels_last+bf16+compile` (torch.compile of the model, as `cityseg-fast train` does on a GPU).
-The step is the engine's (`cityseg.engine.build_optimizer`: fused AdamW on GPU; clip at 1.0); inputs
+The step is the engine's (`cityseg.training.setup.build_optimizer`: fused AdamW on GPU; clip at 1.0); inputs
 are one fixed random batch already on the device (bf16 for the bf16 variants on a GPU, as the loaders
 deliver it), targets random class ids.
 
@@ -60,8 +60,8 @@ def make_step(width: int, depth: int, variant: dict[str, bool], batch: int, size
               backend: str, seed: int) -> Callable[[], None]:
     """A closure running one full training step on a fixed batch, as the engine's loop does."""
     from cityseg.config import TrainConfig
-    from cityseg.engine import build_optimizer
     from cityseg.model import UNet
+    from cityseg.training.setup import build_optimizer
 
     torch.manual_seed(seed)
     fmt = torch.channels_last if variant["channels_last"] else torch.contiguous_format

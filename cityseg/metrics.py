@@ -17,6 +17,10 @@ import torch
 import torch.distributed as dist
 from rich.table import Table
 
+from cityseg.distributed import DistInfo, sum_over_ranks
+from cityseg.palette import IGNORE_INDEX
+from cityseg.runtime import Runtime, autocast
+
 
 @dataclass(frozen=True)
 class SegMetrics:
@@ -190,3 +194,33 @@ def iou_table(metrics: SegMetrics, class_names: Sequence[str], title: str = "Per
         classes = "class" if excluded == 1 else "classes"
         table.caption = f"{excluded} {classes} absent from truth and prediction: excluded from mIoU"
     return table
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, loader, runtime: Runtime, num_classes: int,
+                   dist_info: DistInfo | None = None) -> tuple[SegMetrics, float]:
+    """Pixel accuracy, mIoU and per-class IoU of `model` over `loader` (all ranks' shards together),
+    and the mean cross-entropy: one confusion matrix on the device, read once. The loop of training's
+    validation, `eval`, and the time-to-accuracy benchmark (torchvision references' `evaluate`).
+
+    Targets larger than the logits (scored at the labels' native size while the model runs smaller)
+    are met by upsampling the logits bilinearly before the argmax."""
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX, device=runtime.device)
+    loss_sum = torch.zeros((), device=runtime.device)
+    batches = 0
+    for image, target in loader:
+        with autocast(runtime):
+            logits = model(image)
+        logits = logits.float()
+        if logits.shape[-2:] != target.shape[-2:]:
+            logits = torch.nn.functional.interpolate(logits, size=target.shape[-2:], mode="bilinear",
+                                                     align_corners=False)
+        loss_sum += torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+        cm.update(logits.argmax(1), target)
+        batches += 1
+    cm.all_reduce()
+    model.train(was_training)
+    total, count = sum_over_ranks([loss_sum.item(), batches], dist_info or DistInfo(), runtime.device)
+    return cm.compute(), total / max(1, count)

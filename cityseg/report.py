@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: CI and servers have no display
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from cityseg.palette import Palette, colorize  # noqa: E402
@@ -135,3 +137,35 @@ class RunFolder:
     def create(self) -> RunFolder:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         return self
+
+
+def plot_confusion(confusion: Sequence[Sequence[int]] | torch.Tensor, names: Sequence[str], path: Path,
+                   log: bool = False) -> None:
+    """Heat map of the row-normalised confusion matrix (row = truth: each row sums to 1 = recall view).
+
+    `log`: a log colour scale, which shows the small off-diagonal confusions next to a dominant class.
+    """
+    from matplotlib.colors import LogNorm
+
+    m = torch.as_tensor(confusion, dtype=torch.float64)
+    rows = m.sum(1, keepdim=True)
+    norm = torch.where(rows > 0, m / rows.clamp(min=1), torch.zeros_like(m)).numpy()
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * n + 2), max(5.0, 0.45 * n + 1)))
+    im = ax.imshow(np.maximum(norm, 1e-4) if log else norm, cmap="Blues",
+                   norm=LogNorm(vmin=1e-4, vmax=1) if log else None, vmin=None if log else 0,
+                   vmax=None if log else 1)
+    ax.set_xticks(range(n), names, rotation=90)
+    ax.set_yticks(range(n), names)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("truth")
+    ax.set_title("confusion (rows normalised)")
+    for t in range(n):
+        for p in range(n):
+            if norm[t, p] >= 0.01:
+                ax.text(p, t, f"{100 * norm[t, p]:.0f}", ha="center", va="center", fontsize=6,
+                        color="white" if norm[t, p] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from cityseg.data.contract import LoaderSpec
 from cityseg.palette import cityscapes_palette
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,3 +62,10 @@ def make_pair_dataset(root: Path, n_train: int = 8, n_val: int = 4, size: int = 
 @pytest.fixture
 def pair_dataset(tmp_path: Path) -> Path:
     return make_pair_dataset(tmp_path / "data")
+
+
+def spec(**kw) -> LoaderSpec:
+    """A LoaderSpec from keywords (a device may be given as a string)."""
+    if "device" in kw:
+        kw["device"] = torch.device(kw["device"])
+    return LoaderSpec(**kw)

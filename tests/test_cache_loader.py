@@ -15,10 +15,12 @@ import torch
 from cityseg.config import AugmentConfig
 from cityseg.data import cache_loader
 from cityseg.data.cache_loader import CacheError, CacheLoader, affine_theta, cache_bytes, draw_params, warp_pair
+from cityseg.data.contract import IMAGENET_MEAN, IMAGENET_STD
 from cityseg.data.pairs import list_split
-from cityseg.data.torch_loader import EpochSampler, TorchPairLoader
+from cityseg.data.sampler import EpochSampler
+from cityseg.data.torch_loader import TorchPairLoader
 from cityseg.palette import IGNORE_INDEX, cityscapes_palette
-from tests.conftest import make_pair_dataset
+from tests.conftest import make_pair_dataset, spec
 from tests.test_torch_loader import interior, photo_classes
 
 GEOMETRIC = AugmentConfig(hflip=0.5, rotate_deg=20, scale=(0.8, 1.3))
@@ -30,8 +32,8 @@ def loader_kw(**kw) -> dict:
     return args
 
 
-def make_cache(files: list[Path], **kw) -> CacheLoader:
-    return CacheLoader(files, cityscapes_palette(), **loader_kw(**kw))
+def make_cache(files: list[Path], decoder: str = "auto", **kw) -> CacheLoader:
+    return CacheLoader(files, cityscapes_palette(), spec(**loader_kw(**kw)), decoder=decoder)
 
 
 @pytest.fixture
@@ -46,7 +48,7 @@ def test_unaugmented_batches_equal_plain_loader(files: list[Path], kw: dict) -> 
     """Same sampler, same Pillow decode and resize, same normalisation: bit-identical batches,
     including the last partial batch (10 files, batches of 4) and a shuffled epoch."""
     cache = make_cache(files, **kw)
-    plain = TorchPairLoader(files, cityscapes_palette(), **loader_kw(**kw))
+    plain = TorchPairLoader(files, cityscapes_palette(), spec(**loader_kw(**kw)))
     for loader in (cache, plain):
         loader.set_epoch(1)
     assert len(cache) == len(plain)
@@ -102,7 +104,7 @@ def test_zoom_out_fills_targets_with_255_and_photo_black(files: list[Path]) -> N
     image, target = next(iter(make_cache(files, augment=aug)))
     corners = target[:, [0, 0, -1, -1], [0, -1, 0, -1]]
     assert (corners == IGNORE_INDEX).all()
-    black = -torch.tensor(cache_loader.IMAGENET_MEAN) / torch.tensor(cache_loader.IMAGENET_STD)
+    black = -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)
     torch.testing.assert_close(image[:, :, 0, 0], black.expand(4, 3))
     assert set(target.unique().tolist()) <= set(range(19)) | {IGNORE_INDEX}
 

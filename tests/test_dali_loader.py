@@ -16,12 +16,14 @@ import torch
 
 from cityseg.config import AugmentConfig
 from cityseg.data import dali_loader
+from cityseg.data.contract import IMAGENET_MEAN, IMAGENET_STD
 from cityseg.data.dali_loader import DaliPairLoader
 from cityseg.data.pairs import PairError, list_split, read_pair
-from cityseg.data.torch_loader import IMAGENET_MEAN, IMAGENET_STD, EpochSampler, TorchPairLoader
+from cityseg.data.sampler import EpochSampler
+from cityseg.data.torch_loader import TorchPairLoader
 from cityseg.palette import IGNORE_INDEX, Palette, cityscapes_palette
 from kernels.mask_to_class import mask_to_class
-from tests.conftest import make_pair_dataset
+from tests.conftest import make_pair_dataset, spec
 
 pytestmark = pytest.mark.dali
 
@@ -31,7 +33,7 @@ GEOMETRIC = AugmentConfig(hflip=0.5, rotate_deg=30.0, scale=(0.7, 1.3))
 
 def loader_pair(files: list[Path], palette: Palette, size: int, batch_size: int):
     kw = dict(image_size=size, batch_size=batch_size, augment=None, shuffle=False, drop_last=False, workers=2)
-    return DaliPairLoader(files, palette, **kw), TorchPairLoader(files, palette, **kw)
+    return DaliPairLoader(files, palette, spec(**kw)), TorchPairLoader(files, palette, spec(**kw))
 
 
 def compare_with_plain(files: list[Path], size: int, batch_size: int) -> dict[str, float]:
@@ -128,9 +130,8 @@ def test_photo_and_mask_warped_together(tmp_path: Path, monkeypatch, palette_kin
         )
         assert not dali_loader.fill_colour_is_void(palette)  # takes the 4th-channel path
     files = list_split(make_pair_dataset(tmp_path / "d", n_train=8, n_val=0, size=64, photo_is_mask=True), "train")
-    loader = DaliPairLoader(
-        files, palette, image_size=64, batch_size=4, augment=GEOMETRIC, shuffle=True, drop_last=True, workers=2
-    )
+    loader = DaliPairLoader(files, palette, spec(image_size=64, batch_size=4, augment=GEOMETRIC, shuffle=True,
+                                                 drop_last=True, workers=2))
     agree = total = fill = changed = 0
     for _ in range(2):
         for image, target, index in loader.batches():
@@ -173,18 +174,8 @@ def test_validation_shards_match_plain_sampler(tmp_path: Path, n: int) -> None:
     palette = cityscapes_palette()
     seen = []
     for shard in range(2):
-        loader = DaliPairLoader(
-            files,
-            palette,
-            image_size=32,
-            batch_size=2,
-            augment=None,
-            shuffle=False,
-            drop_last=False,
-            workers=1,
-            shard_id=shard,
-            num_shards=2,
-        )
+        loader = DaliPairLoader(files, palette, spec(image_size=32, batch_size=2, augment=None, shuffle=False,
+                                                     drop_last=False, workers=1, shard_id=shard, num_shards=2))
         sampler = EpochSampler(n, 2, shuffle=False, augment=False, shard_id=shard, num_shards=2)
         shard_size = len(range(shard, n, 2))  # validation shards are not padded
         assert len(loader) == sampler.num_batches() == math.ceil(shard_size / 2)
@@ -201,19 +192,9 @@ def test_validation_shards_match_plain_sampler(tmp_path: Path, n: int) -> None:
 def test_training_shards_partition_each_epoch(tmp_path: Path, n: int, batch_size: int, batches: int) -> None:
     files = list_split(make_pair_dataset(tmp_path / "d", n_train=n, n_val=0, size=32), "train")
     loaders = [
-        DaliPairLoader(
-            files,
-            cityscapes_palette(),
-            image_size=32,
-            batch_size=batch_size,
-            augment=None,
-            shuffle=True,
-            drop_last=True,
-            workers=1,
-            seed=7,
-            shard_id=shard,
-            num_shards=2,
-        )
+        DaliPairLoader(files, cityscapes_palette(), spec(image_size=32, batch_size=batch_size, augment=None,
+                                                         shuffle=True, drop_last=True, workers=1, seed=7,
+                                                         shard_id=shard, num_shards=2))
         for shard in range(2)
     ]
     orders = []
@@ -230,29 +211,22 @@ def test_single_shard_epoch_length(tmp_path: Path) -> None:
     files = list_split(make_pair_dataset(tmp_path / "d", n_train=7, n_val=0, size=32), "train")
     palette = cityscapes_palette()
     common = dict(image_size=32, batch_size=3, augment=None, workers=1)
-    val = DaliPairLoader(files, palette, shuffle=False, drop_last=False, **common)
+    val = DaliPairLoader(files, palette, spec(shuffle=False, drop_last=False, **common))
     assert [len(b) for b in shard_indices(val)] == [3, 3, 1]
-    train = DaliPairLoader(files, palette, shuffle=True, drop_last=True, **common)
+    train = DaliPairLoader(files, palette, spec(shuffle=True, drop_last=True, **common))
     epoch = shard_indices(train)
     assert [len(b) for b in epoch] == [3, 3] and len(set(sum(epoch, []))) == 6
     # A batch bigger than the whole split: one partial batch (val), none (train).
     big = dict(common, batch_size=16)
-    assert [len(b) for b in shard_indices(DaliPairLoader(files, palette, shuffle=False, drop_last=False, **big))] == [7]
-    assert shard_indices(DaliPairLoader(files, palette, shuffle=True, drop_last=True, **big)) == []
+    assert [len(b) for b in shard_indices(DaliPairLoader(files, palette, spec(shuffle=False, drop_last=False,
+                                                                              **big)))] == [7]
+    assert shard_indices(DaliPairLoader(files, palette, spec(shuffle=True, drop_last=True, **big))) == []
 
 
 def test_abandoned_epoch_and_resume_skip(tmp_path: Path) -> None:
     files = list_split(make_pair_dataset(tmp_path / "d", n_train=0, n_val=8, size=32), "val")
-    loader = DaliPairLoader(
-        files,
-        cityscapes_palette(),
-        image_size=32,
-        batch_size=2,
-        augment=None,
-        shuffle=False,
-        drop_last=False,
-        workers=1,
-    )
+    loader = DaliPairLoader(files, cityscapes_palette(), spec(image_size=32, batch_size=2, augment=None,
+                                                              shuffle=False, drop_last=False, workers=1))
     for _ in loader:
         break  # a consumer that stops early: the next epoch still starts at the beginning
     assert shard_indices(loader) == [[0, 1], [2, 3], [4, 5], [6, 7]]
@@ -278,16 +252,8 @@ def _cut_at_scan(path: Path) -> None:
 def test_corrupt_jpeg_mid_epoch_gives_one_line_error(tmp_path: Path, damage) -> None:
     files = list_split(make_pair_dataset(tmp_path / "d", n_train=0, n_val=8, size=32), "val")
     damage(files[5])  # third batch: met mid-epoch, after good batches
-    loader = DaliPairLoader(
-        files,
-        cityscapes_palette(),
-        image_size=32,
-        batch_size=2,
-        augment=None,
-        shuffle=False,
-        drop_last=False,
-        workers=1,
-    )
+    loader = DaliPairLoader(files, cityscapes_palette(), spec(image_size=32, batch_size=2, augment=None,
+                                                              shuffle=False, drop_last=False, workers=1))
     seen = 0
     with pytest.raises(PairError) as info:
         for _ in loader:
@@ -305,8 +271,8 @@ def test_gpu_mixed_decode_matches_cpu_pipeline(real_sample: Path) -> None:
     """nvJPEG (fancy upsampling on) vs libjpeg-turbo: bounds not yet measured on a GPU machine."""
     files = list_split(real_sample, "val")[:32]
     kw = dict(image_size=256, batch_size=16, augment=None, shuffle=False, drop_last=False, workers=4)
-    gpu = DaliPairLoader(files, cityscapes_palette(), device="cuda", dtype=torch.bfloat16, **kw)
-    cpu = DaliPairLoader(files, cityscapes_palette(), **kw)
+    gpu = DaliPairLoader(files, cityscapes_palette(), spec(device="cuda", dtype=torch.bfloat16, **kw))
+    cpu = DaliPairLoader(files, cityscapes_palette(), spec(**kw))
     for (image, target), (ref_image, ref_target) in zip(gpu, cpu, strict=True):
         assert image.device.type == "cuda" and image.dtype == torch.bfloat16
         assert image.is_contiguous(memory_format=torch.channels_last)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from cityseg.checkpoint import load_checkpoint
-from cityseg.evaluate import evaluate_checkpoint
+from cityseg.inference.evaluate import evaluate_checkpoint
 from tests.conftest import ROOT, make_pair_dataset
 
 TINY = ["--device", "cpu", "--no-compile", "--no-amp", "--image-size", "32", "--width", "4", "--depth", "2",

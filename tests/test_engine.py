@@ -17,10 +17,11 @@ import torch
 from cityseg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cityseg.config import NO_AUGMENT, AugmentConfig, Config, DataConfig, ModelConfig, TrainConfig
 from cityseg.data.pairs import list_split, read_pair
-from cityseg.engine import TrainingError, train, warmup_cosine
 from cityseg.errors import OutputError
 from cityseg.model import UNet
 from cityseg.palette import cityscapes_palette, map_colors_lut
+from cityseg.training import TrainingError, train
+from cityseg.training.setup import warmup_cosine
 from tests.conftest import ROOT
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "samples.png",

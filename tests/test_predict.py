@@ -19,21 +19,16 @@ from cityseg.checkpoint import load_checkpoint, load_from_checkpoint
 from cityseg.config import NO_AUGMENT, Config, DataConfig, ModelConfig, TrainConfig
 from cityseg.data.loaders import build_loader
 from cityseg.data.pairs import PairError, list_split, read_pair
-from cityseg.engine import evaluate, train
-from cityseg.evaluate import evaluate_checkpoint
-from cityseg.export import ExportError, check_parity, export_model, load_export_model, read_metadata
+from cityseg.inference.evaluate import evaluate_checkpoint
+from cityseg.inference.export import ExportError, check_parity, export_model, load_export_model, read_metadata
+from cityseg.inference.inputs import list_inputs, output_names, read_photo
+from cityseg.inference.predict import Predictor, preprocess, run_predict
+from cityseg.inference.tta import FlipTTA
+from cityseg.metrics import evaluate_model as evaluate
 from cityseg.palette import cityscapes_palette
-from cityseg.predict import (
-    FlipTTA,
-    Predictor,
-    list_inputs,
-    output_names,
-    plot_confusion,
-    preprocess,
-    read_photo,
-    run_predict,
-)
+from cityseg.report import plot_confusion
 from cityseg.runtime import resolve_runtime
+from cityseg.training import train
 from tests.conftest import make_pair_dataset
 
 SIZE = 32  # training size = pair photo size, so --pairs scores exactly what validation scores

@@ -12,17 +12,18 @@ import pytest
 import torch
 
 from cityseg.config import AugmentConfig
+from cityseg.data.contract import denormalize
 from cityseg.data.pairs import list_split, read_pair
-from cityseg.data.torch_loader import EpochSampler, TorchPairLoader, init_worker
-from cityseg.engine import denormalize
+from cityseg.data.sampler import EpochSampler
+from cityseg.data.torch_loader import TorchPairLoader, init_worker
 from cityseg.palette import IGNORE_INDEX, cityscapes_palette, map_colors_reference
-from tests.conftest import make_pair_dataset
+from tests.conftest import make_pair_dataset, spec
 
 
 def make_loader(root: Path, augment: AugmentConfig | None, **kw) -> TorchPairLoader:
     args = dict(image_size=32, batch_size=4, augment=augment, shuffle=False, drop_last=False, workers=0, seed=0)
     args.update(kw)
-    return TorchPairLoader(list_split(root, "train"), cityscapes_palette(), **args)
+    return TorchPairLoader(list_split(root, "train"), cityscapes_palette(), spec(**args))
 
 
 def test_contract_shapes_dtypes_layout(pair_dataset: Path) -> None:

@@ -332,8 +332,8 @@ def run_training(cfg: Config, on_step=None) -> dict:
     """Train; a signal ends the process with 130 (SIGINT) or 128 + its number, after saving."""
     import signal
 
-    from cityseg.engine import EXIT_INTERRUPTED, Interrupted
-    from cityseg.engine import train as run
+    from cityseg.training import EXIT_INTERRUPTED, Interrupted
+    from cityseg.training import train as run
 
     try:
         return run(cfg, console, on_step=on_step)

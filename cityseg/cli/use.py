@@ -51,7 +51,7 @@ def evaluate_cmd(
 ) -> None:
     """Score a checkpoint on a split: pixel accuracy, mIoU and the per-class IoU table."""
     check_options({"batch_size": batch_size, "workers": workers})
-    from cityseg.evaluate import evaluate_checkpoint
+    from cityseg.inference.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(ckpt, data, split=split.value, batch_size=batch_size, device=device,
                                  workers=workers, json_out=json_out, console=console, tta=tta.value)
@@ -78,7 +78,7 @@ def predict_cmd(
     """Segment photos with a checkpoint: class-id, colour and overlay PNGs per image."""
     check_options({"batch_size": batch_size})
     check_options({"workers": workers}, THREADS)
-    from cityseg.predict import Predictor, run_predict
+    from cityseg.inference.predict import Predictor, run_predict
 
     predictor = Predictor(ckpt, device=device, tta=tta.value, batch_size=batch_size)
     result = run_predict(predictor, inputs, out, pairs=pairs, workers=workers, skip_bad=skip_bad, console=console)
@@ -105,7 +105,7 @@ def export_cmd(
 
     import torch
 
-    from cityseg.export import check_parity, export_model, load_export_model, read_metadata
+    from cityseg.inference.export import check_parity, export_model, load_export_model, read_metadata
 
     path = export_model(ckpt, fmt.value, out, image_size=image_size)
     console.print(Text.assemble(("wrote", "bold green"), f" {path} ({path.stat().st_size / 1e6:.1f} MB, {fmt.value})"))

@@ -1,8 +1,9 @@
 """The device-resident cache (`--cache device`): decode the split once into device memory, augment on
 the device every epoch.
 
-    loader = CacheLoader(files, palette, image_size=256, batch_size=32, augment=AugmentConfig(),
-                         shuffle=True, drop_last=True, device="cuda", dtype=torch.bfloat16)
+    loader = CacheLoader(files, palette, LoaderSpec(image_size=256, batch_size=32, augment=AugmentConfig(),
+                                                    shuffle=True, drop_last=True, device=torch.device("cuda"),
+                                                    dtype=torch.bfloat16))
     for image, target in loader: ...
 
 Decoding happens once, in the constructor: DALI ("mixed" nvJPEG) on a CUDA device when DALI is
@@ -41,11 +42,9 @@ import torch.nn.functional as nnf
 from torch.utils.data import DataLoader
 
 from cityseg.config import AugmentConfig
-from cityseg.data.contract import ClosingLoader
+from cityseg.data.contract import LoaderSpec, PairLoader, dali_available, normalize
+from cityseg.data.sampler import EpochSampler
 from cityseg.data.torch_loader import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    EpochSampler,
     PairDataset,
     collate_uint8,
     init_worker,
@@ -168,15 +167,13 @@ def decode_dali(
             targets.index_copy_(0, slots, ids)
     finally:
         pipe._shutdown()  # its decode threads end here, not at interpreter exit
+        if gpu:
+            # DALI keeps its device memory pool after the one-time decode: hand it back, so the model
+            # (and the next cache's fit check) see it free.
+            from nvidia.dali.backend import ReleaseUnusedMemory
+
+            ReleaseUnusedMemory()
     return photos, targets
-
-
-def dali_importable() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # ---------------------------------------------------------------- batched augmentation
@@ -292,60 +289,42 @@ def _epoch_seed(seed: int, epoch: int, shard_id: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, shard_id, 0xCAC4E]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-class CacheLoader(ClosingLoader):
-    """Yields the loader contract from a device-resident cache: (image (B, 3, S, S) normalised,
-    channels-last, `dtype`; target int64 (B, S, S), 255 = ignore), both on `device`.
+class CacheLoader(PairLoader):
+    """The loader contract (cityseg/data/contract.py) from a device-resident cache.
 
-    `workers` decode the split once; `prefetch` is accepted for the common signature and unused
-    (a batch is a handful of device kernels, queued asynchronously). `decoder`: auto (DALI on a CUDA
-    device when importable, the plain decoder otherwise) | plain | dali."""
+    `spec.workers` decode the split once; `spec.prefetch` is unused (a batch is a handful of device
+    kernels, queued asynchronously). `decoder`: auto (DALI on a CUDA device, the plain decoder
+    otherwise) | plain | dali."""
 
-    def __init__(
-        self,
-        files: Sequence[Path],
-        palette: Palette,
-        *,
-        image_size: int,
-        batch_size: int,
-        augment: AugmentConfig | None,
-        shuffle: bool,
-        drop_last: bool,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        workers: int = 2,
-        prefetch: int = 2,
-        seed: int = 0,
-        shard_id: int = 0,
-        num_shards: int = 1,
-        decoder: str = "auto",
-        hw_decoder_load: float = 0.65,
-    ) -> None:
+    exact_resume = True  # order from EpochSampler, draws from one generator per (seed, epoch, shard)
+
+    def __init__(self, files: Sequence[Path], palette: Palette, spec: LoaderSpec, decoder: str = "auto") -> None:
         if not files:
             raise ValueError("CacheLoader needs at least one file")
         if decoder not in ("auto", "plain", "dali"):
             raise ValueError(f"unknown decoder {decoder!r}: expected auto, plain or dali")
+        self.spec = spec
         self.files = [Path(f) for f in files]
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.batch_size = batch_size
-        self.augment = augment
-        self.seed, self.shard_id = seed, shard_id
+        self.device, self.dtype = spec.device, spec.dtype
+        self.batch_size, self.augment = spec.batch_size, spec.augment
+        self.seed, self.shard_id = spec.seed, spec.shard_id
         self.sampler = EpochSampler(
-            len(self.files), batch_size, shuffle=shuffle, augment=False, seed=seed,
-            drop_last=drop_last, shard_id=shard_id, num_shards=num_shards,
+            len(self.files), spec.batch_size, shuffle=spec.shuffle, augment=False, seed=spec.seed,
+            drop_last=spec.drop_last, shard_id=spec.shard_id, num_shards=spec.num_shards,
         )
         self.epoch, self.start_batch = 0, 0
-        self.indices = self._readable_indices(shuffle, num_shards)
-        check_fits(len(self.indices), image_size, self.device)
+        self.indices = self._readable_indices(spec.shuffle, spec.num_shards)
+        check_fits(len(self.indices), spec.image_size, self.device)
         if decoder == "auto":
-            decoder = "dali" if self.device.type == "cuda" and dali_importable() else "plain"
-        decode = decode_dali if decoder == "dali" else decode_plain
-        extra = {"hw_decoder_load": hw_decoder_load} if decoder == "dali" else {}
-        self.photos, self.targets = decode(self.files, self.indices, palette, image_size, self.device, workers, **extra)
+            decoder = "dali" if self.device.type == "cuda" and dali_available() else "plain"
+        if decoder == "dali":
+            self.photos, self.targets = decode_dali(self.files, self.indices, palette, spec.image_size, self.device,
+                                                    spec.workers, spec.hw_decoder_load)
+        else:
+            self.photos, self.targets = decode_plain(self.files, self.indices, palette, spec.image_size, self.device,
+                                                     spec.workers)
         self._slot_of = torch.full((len(self.files),), -1, dtype=torch.int64)
         self._slot_of[torch.as_tensor(self.indices)] = torch.arange(len(self.indices))
-        self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
-        self._inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255)
 
     def _readable_indices(self, shuffle: bool, num_shards: int) -> list[int]:
         """The file indices this rank can ever read: its fixed shard, or all of a shuffled split."""
@@ -394,5 +373,4 @@ class CacheLoader(ClosingLoader):
                 photo, target = flip_pair(photo, target, u[:, FLIP] < aug.hflip)
             if aug.color:
                 photo = color_jitter(photo, u, aug)
-        image = ((photo - self._mean) * self._inv_std).to(dtype=self.dtype, memory_format=torch.channels_last)
-        return image, target.long()
+        return normalize(photo, self.dtype), target.long()

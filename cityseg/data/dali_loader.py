@@ -2,8 +2,8 @@
 mask halves -> paired augmentation -> `crop_mirror_normalize` for the photo, the Triton kernel (or
 the CPU lookup table) for the mask.
 
-    loader = DaliPairLoader(files, palette, image_size=256, batch_size=32, augment=AugmentConfig(),
-                            shuffle=True, drop_last=True, device="cuda")
+    loader = DaliPairLoader(files, palette, LoaderSpec(image_size=256, batch_size=32, augment=AugmentConfig(),
+                                                       shuffle=True, drop_last=True, device=torch.device("cuda")))
     for image, target in loader: ...
 
 Same contract and epoch as `TorchPairLoader`: the reader gets the plain loader's shards (each padded
@@ -41,9 +41,9 @@ from nvidia.dali.pipeline import DataNode
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from cityseg.config import AugmentConfig
-from cityseg.data.contract import ClosingLoader
+from cityseg.data.contract import IMAGENET_MEAN, IMAGENET_STD, LoaderSpec, PairLoader
 from cityseg.data.pairs import PairError, read_header, validate_files, validate_pair
-from cityseg.data.torch_loader import IMAGENET_MEAN, IMAGENET_STD, EpochSampler
+from cityseg.data.sampler import EpochSampler
 from cityseg.palette import IGNORE_INDEX, Palette
 from kernels.mask_to_class import mask_to_class
 
@@ -241,73 +241,55 @@ def fill_colour_is_void(palette: Palette) -> bool:
     return int(ids) == IGNORE_INDEX
 
 
-class DaliPairLoader(ClosingLoader):
-    """Yields the loader contract: (image (B, 3, S, S) normalised, channels-last strides, `dtype`;
-    target int64 (B, S, S), 255 = ignore), both on `device`. A CUDA device decodes with nvJPEG
-    ("mixed", `hw_decoder_load` on the A100/H100 hardware decoder) and maps masks with the Triton
-    kernel; a CPU device runs the same graph on CPU operators (`device_id=None`)."""
+class DaliPairLoader(PairLoader):
+    """The loader contract (cityseg/data/contract.py) from a DALI pipeline. A CUDA device decodes
+    with nvJPEG ("mixed", `hw_decoder_load` on the A100/H100 hardware decoder) and maps masks with the
+    Triton kernel; a CPU device runs the same graph on CPU operators (`device_id=None`)."""
 
-    def __init__(
-        self,
-        files: Sequence[Path],
-        palette: Palette,
-        *,
-        hw_decoder_load: float = 0.65,
-        image_size: int,
-        batch_size: int,
-        augment: AugmentConfig | None,
-        shuffle: bool,
-        drop_last: bool,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        workers: int = 2,
-        prefetch: int = 2,
-        seed: int = 0,
-        shard_id: int = 0,
-        num_shards: int = 1,
-    ) -> None:
+    exact_resume = False  # DALI follows its own epoch counter and seeds (module docstring)
+
+    def __init__(self, files: Sequence[Path], palette: Palette, spec: LoaderSpec) -> None:
         if not files:
             raise ValueError("DaliPairLoader needs at least one file")
+        self.spec = spec
         self.files = [Path(f) for f in files]
         self.palette = palette
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.batch_size = batch_size
-        self.drop_last = drop_last
-        self.shard_id, self.num_shards = shard_id, num_shards
-        if drop_last:  # training: DALI shards the plain sampler's padded shards, joined end to end
-            order, reader_shard, reader_shards = shard_order(len(self.files), num_shards), shard_id, num_shards
-            self.per_shard = math.ceil(len(self.files) / num_shards)
+        self.device, self.dtype = spec.device, spec.dtype
+        self.batch_size, self.drop_last = spec.batch_size, spec.drop_last
+        if spec.drop_last:  # training: DALI shards the plain sampler's padded shards, joined end to end
+            order, reader_shard, reader_shards = shard_order(len(self.files), spec.num_shards), spec.shard_id, \
+                spec.num_shards
+            self.per_shard = math.ceil(len(self.files) / spec.num_shards)
         else:  # validation: this rank reads exactly its own unpadded shard, like the plain sampler
-            order = EpochSampler(len(self.files), 1, shuffle=False, augment=False, shard_id=shard_id,
-                                 num_shards=num_shards).shard_indices()
+            order = EpochSampler(len(self.files), 1, shuffle=False, augment=False, shard_id=spec.shard_id,
+                                 num_shards=spec.num_shards).shard_indices()
             reader_shard, reader_shards, self.per_shard = 0, 1, len(order)
         heights = source_heights(self.files)
         gpu = self.device.type == "cuda"
         self._pipeline_kwargs = dict(
             files=[str(f) for f in self.files],
             order=order,
-            size=image_size,
+            size=spec.image_size,
             max_height=max(heights),
-            resize=heights != {image_size},
-            augment=augment,
-            fill_is_void=augment is None or fill_colour_is_void(palette),
-            shuffle=shuffle,
-            reader_seed=seed,
+            resize=heights != {spec.image_size},
+            augment=spec.augment,
+            fill_is_void=spec.augment is None or fill_colour_is_void(palette),
+            shuffle=spec.shuffle,
+            reader_seed=spec.seed,
             shard_id=reader_shard,
             num_shards=reader_shards,
             gpu=gpu,
-            hw_decoder_load=hw_decoder_load,
-            half=dtype in (torch.float16, torch.bfloat16),  # CMN writes fp16; bf16 converts on device
+            hw_decoder_load=spec.hw_decoder_load,
+            half=spec.dtype in (torch.float16, torch.bfloat16),  # CMN writes fp16; bf16 converts on device
             # A batch bigger than a non-dropping shard would be all padding: one batch of the shard.
-            batch_size=batch_size if drop_last else min(batch_size, self.per_shard),
-            num_threads=max(1, workers),
-            prefetch_queue_depth=max(1, prefetch),
+            batch_size=spec.batch_size if spec.drop_last else min(spec.batch_size, self.per_shard),
+            num_threads=max(1, spec.workers),
+            prefetch_queue_depth=max(1, spec.prefetch),
             device_id=(self.device.index if self.device.index is not None else torch.cuda.current_device())
             if gpu
             else None,
             # Different augmentation draws on every rank; the reader's shuffle seed stays shared.
-            seed=(seed * 1_000_003 + shard_id) % 2**31,
+            seed=(spec.seed * 1_000_003 + spec.shard_id) % 2**31,
         )
         self._iterator: DALIGenericIterator | None = None
         self._in_epoch = False  # an epoch was started and not finished (the consumer broke off)
@@ -326,7 +308,8 @@ class DaliPairLoader(ClosingLoader):
         )
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """DALI draws its own per-epoch order; `start_batch` batches are decoded and skipped."""
+        """DALI draws its own per-epoch order (`epoch` is not used: `exact_resume` is False);
+        `start_batch` batches are decoded and skipped."""
         self._start_batch = start_batch
 
     def close(self) -> None:

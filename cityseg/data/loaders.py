@@ -3,13 +3,13 @@ validated file lists, the palette, and the loader kind (plain torch or DALI)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cityseg.config import NO_AUGMENT, DataConfig
+from cityseg.data.contract import LoaderSpec, PairLoader, dali_available, make_loader
 from cityseg.data.pairs import MaskCheck, PairError, find_dataset_root, list_split, read_pair, validate_files
 from cityseg.palette import Palette, cityscapes_palette, far_share
 
@@ -112,79 +112,33 @@ def resolve_palette(cfg: DataConfig, train_files: list[Path], seed: int = 0) -> 
     return parse_palette_spec(cfg.palette, sample_masks, cfg.max_color_dist, seed)
 
 
-def resolve_loader_kind(kind: str, device: torch.device) -> str:
-    """auto -> DALI on a GPU machine (if importable), the plain loader otherwise."""
-    if kind not in ("auto", "torch", "dali", "cache"):
-        raise ValueError(f"unknown loader {kind!r}: expected auto, torch, dali or cache")
-    if kind != "auto":
-        return kind
-    if device.type == "cuda" and dali_available():
-        return "dali"
-    return "torch"
+def resolve_loader_kind(cfg: DataConfig, device: torch.device) -> str:
+    """torch | dali | cache. auto: DALI on a GPU machine (if importable), the plain loader otherwise;
+    `cache: device` is the older spelling of `loader: cache`."""
+    if cfg.cache == "device" or cfg.loader == "cache":
+        return "cache"
+    if cfg.loader != "auto":
+        return cfg.loader
+    return "dali" if device.type == "cuda" and dali_available() else "torch"
 
 
-def dali_available() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def loader_spec(cfg: DataConfig, *, train: bool, device: torch.device, dtype: torch.dtype, seed: int,
+                shard_id: int = 0, num_shards: int = 1) -> LoaderSpec:
+    """Train loaders shuffle, augment and drop the last partial batch; validation loaders do none of it."""
+    augment = cfg.augment if train and cfg.augment != NO_AUGMENT else None
+    return LoaderSpec(image_size=cfg.image_size, batch_size=cfg.batch_size, augment=augment, shuffle=train,
+                      drop_last=train, device=device, dtype=dtype, workers=cfg.workers, prefetch=cfg.prefetch,
+                      seed=seed, shard_id=shard_id, num_shards=num_shards, hw_decoder_load=cfg.hw_decoder_load)
 
 
-@dataclass
-class Shard:
-    """Which part of each split this process reads (DDP rank / world size)."""
-
-    shard_id: int = 0
-    num_shards: int = 1
-
-
-def build_loader(
-    kind: str,
-    files: list[Path],
-    palette: Palette,
-    cfg: DataConfig,
-    *,
-    train: bool,
-    device: torch.device,
-    dtype: torch.dtype,
-    seed: int,
-    shard: Shard | None = None,
-):
-    """A loader yielding (image (B,3,S,S) float channels-last normalised, target (B,S,S) int64) on
-    `device`; train loaders shuffle, augment and drop the last partial batch."""
-    shard = shard or Shard()
-    augment = cfg.augment if train else None
-    if augment == NO_AUGMENT:
-        augment = None
-    common = dict(
-        image_size=cfg.image_size,
-        batch_size=cfg.batch_size,
-        augment=augment,
-        shuffle=train,
-        drop_last=train,
-        device=device,
-        dtype=dtype,
-        workers=cfg.workers,
-        prefetch=cfg.prefetch,
-        seed=seed,
-        shard_id=shard.shard_id,
-        num_shards=shard.num_shards,
-    )
-    if cfg.cache not in ("none", "device"):
-        raise ValueError(f"unknown cache {cfg.cache!r}: expected none or device")
-    if cfg.cache == "device" or kind == "cache":
+def build_loader(kind: str, files: list[Path], palette: Palette, cfg: DataConfig, *, train: bool,
+                 device: torch.device, dtype: torch.dtype, seed: int, shard_id: int = 0,
+                 num_shards: int = 1) -> PairLoader:
+    """The `kind` loader (see `resolve_loader_kind`) over `files`: the contract of cityseg/data/contract.py."""
+    spec = loader_spec(cfg, train=train, device=device, dtype=dtype, seed=seed, shard_id=shard_id,
+                       num_shards=num_shards)
+    if kind == "cache":  # decoded by the loader named beside it: `--loader dali --cache device`
         from cityseg.data.cache_loader import CacheLoader
 
-        decoder = {"dali": "dali", "torch": "plain"}.get(kind, "auto")
-        return CacheLoader(files, palette, decoder=decoder,
-                           hw_decoder_load=cfg.hw_decoder_load, **common)
-    if kind == "torch":
-        from cityseg.data.torch_loader import TorchPairLoader
-
-        return TorchPairLoader(files, palette, **common)
-    if kind == "dali":
-        from cityseg.data.dali_loader import DaliPairLoader
-
-        return DaliPairLoader(files, palette, hw_decoder_load=cfg.hw_decoder_load, **common)
-    raise ValueError(f"unknown loader {kind!r}")
+        return CacheLoader(files, palette, spec, decoder={"dali": "dali", "torch": "plain"}.get(cfg.loader, "auto"))
+    return make_loader(kind, files, palette, spec)

@@ -10,7 +10,6 @@ the middle of an epoch, give the same batches.
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 from collections.abc import Iterator, Sequence
@@ -19,19 +18,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from cityseg.config import AugmentConfig
-from cityseg.data.contract import ClosingLoader
+from cityseg.data.contract import LoaderSpec, PairLoader, normalize
 from cityseg.data.pairs import open_pair_image, split_pair
+from cityseg.data.sampler import EpochSampler
 from cityseg.palette import IGNORE_INDEX, Palette, lookup_table
 from kernels.mask_to_class import mask_to_class
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def paired_transform(aug: AugmentConfig) -> v2.Compose:
@@ -55,11 +52,6 @@ def paired_transform(aug: AugmentConfig) -> v2.Compose:
     if aug.color:
         steps.append(v2.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue))
     return v2.Compose(steps)
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A distinct, reproducible RNG seed per (run seed, epoch, sample)."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 class PairDataset(Dataset):
@@ -104,60 +96,6 @@ class PairDataset(Dataset):
         return photo.as_subclass(torch.Tensor).contiguous(), mask.as_subclass(torch.Tensor)[0]
 
 
-class EpochSampler(Sampler):
-    """Yields (index, augmentation seed) keys for one epoch: shuffled by (seed, epoch), optionally
-    one shard of `num_shards` (DDP), starting at `start_batch` (mid-epoch resume)."""
-
-    def __init__(
-        self,
-        n: int,
-        batch_size: int,
-        *,
-        shuffle: bool,
-        augment: bool,
-        seed: int = 0,
-        drop_last: bool = False,
-        shard_id: int = 0,
-        num_shards: int = 1,
-    ) -> None:
-        self.n, self.batch_size, self.shuffle, self.augment = n, batch_size, shuffle, augment
-        self.seed, self.drop_last = seed, drop_last
-        self.shard_id, self.num_shards = shard_id, num_shards
-        self.epoch = 0
-        self.start_batch = 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def shard_indices(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
-        if self.drop_last:  # training: pad so every rank runs the same number of steps
-            per_shard = math.ceil(self.n / self.num_shards)
-            order += order[: per_shard * self.num_shards - self.n]
-        # Validation is not padded: every sample counts exactly once over all ranks.
-        return order[self.shard_id :: self.num_shards]
-
-    def num_batches(self) -> int:
-        if self.drop_last:
-            return math.ceil(self.n / self.num_shards) // self.batch_size
-        return math.ceil(len(range(self.shard_id, self.n, self.num_shards)) / self.batch_size)
-
-    def keys(self) -> list[tuple[int, int | None]]:
-        indices = self.shard_indices()[: self.num_batches() * self.batch_size]
-        indices = indices[self.start_batch * self.batch_size :]
-        return [(i, sample_seed(self.seed, self.epoch, i) if self.augment else None) for i in indices]
-
-    def __len__(self) -> int:
-        return len(self.keys())
-
-    def __iter__(self) -> Iterator[tuple[int, int | None]]:
-        return iter(self.keys())
-
-
 def collate_uint8(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack photos as (B, 3, H, W) uint8 in channels-last memory, targets as (B, H, W) uint8."""
     photos, targets = zip(*batch, strict=True)
@@ -168,58 +106,32 @@ def collate_uint8(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch
     return out, torch.stack(targets)
 
 
-def normalize_batch(
-    photo_u8: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> normalised float on `device`, channels-last, in one fused pass."""
-    photo = photo_u8.to(device, non_blocking=True)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-    inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255)
-    x = (photo.float() - mean) * inv_std
-    return x.to(dtype=dtype, memory_format=torch.channels_last)
+class TorchPairLoader(PairLoader):
+    """The loader contract (cityseg/data/contract.py) from a DataLoader. Its worker processes
+    persist across epochs until `close()` (or the end of a `with` block)."""
 
+    exact_resume = True
 
-class TorchPairLoader(ClosingLoader):
-    """Yields the loader contract: (image float (B, 3, S, S) channels-last, normalised, on `device`;
-    target int64 (B, S, S), 255 = ignore, on `device`). Its worker processes persist across epochs
-    until `close()` (or the end of a `with` block)."""
-
-    def __init__(
-        self,
-        files: Sequence[Path],
-        palette: Palette,
-        *,
-        image_size: int,
-        batch_size: int,
-        augment: AugmentConfig | None,
-        shuffle: bool,
-        drop_last: bool,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        workers: int = 2,
-        prefetch: int = 2,
-        seed: int = 0,
-        shard_id: int = 0,
-        num_shards: int = 1,
-    ) -> None:
-        self.device = torch.device(device)
-        self.dtype = dtype
-        if palette.classes.max() <= 255 and self.device.type == "cpu":
-            lookup_table(palette)  # build/load once here so workers find it cached
-        self.dataset = PairDataset(files, palette, image_size, augment)
+    def __init__(self, files: Sequence[Path], palette: Palette, spec: LoaderSpec) -> None:
+        self.spec = spec
+        if palette.classes.max() <= 255:
+            # Masks are mapped on the CPU, in the workers, whatever the device: build the table (7 s
+            # single-threaded) or load it once here, so each worker finds it cached on disk.
+            lookup_table(palette)
+        self.dataset = PairDataset(files, palette, spec.image_size, spec.augment)
         self.sampler = EpochSampler(
-            len(files), batch_size, shuffle=shuffle, augment=augment is not None, seed=seed,
-            drop_last=drop_last, shard_id=shard_id, num_shards=num_shards,
+            len(files), spec.batch_size, shuffle=spec.shuffle, augment=spec.augment is not None, seed=spec.seed,
+            drop_last=spec.drop_last, shard_id=spec.shard_id, num_shards=spec.num_shards,
         )
         self.loader = DataLoader(
             self.dataset,
-            batch_size=batch_size,
+            batch_size=spec.batch_size,
             sampler=self.sampler,
-            num_workers=workers,
+            num_workers=spec.workers,
             collate_fn=collate_uint8,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=workers > 0,
-            prefetch_factor=prefetch if workers > 0 else None,
+            pin_memory=spec.device.type == "cuda",
+            persistent_workers=spec.workers > 0,
+            prefetch_factor=spec.prefetch if spec.workers > 0 else None,
             worker_init_fn=init_worker,
         )
 
@@ -230,9 +142,10 @@ class TorchPairLoader(ClosingLoader):
         return self.sampler.num_batches()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        device = self.spec.device
         for photo_u8, target_u8 in self.loader:
-            image = normalize_batch(photo_u8, self.device, self.dtype)
-            target = target_u8.to(self.device, non_blocking=True).long()
+            image = normalize(photo_u8.to(device, non_blocking=True), self.spec.dtype)
+            target = target_u8.to(device, non_blocking=True).long()
             yield image, target
 
     def close(self) -> None:

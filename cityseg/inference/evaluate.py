@@ -14,10 +14,10 @@ from rich.console import Console
 
 from cityseg.checkpoint import load_from_checkpoint
 from cityseg.data.loaders import build_loader, resolve_data_dir, split_files
-from cityseg.engine import evaluate
-from cityseg.metrics import iou_table
+from cityseg.inference.tta import FlipTTA, resolve_tta
+from cityseg.metrics import evaluate_model, iou_table
 from cityseg.outputs import output_file
-from cityseg.report import write_json
+from cityseg.report import plot_confusion, write_json
 from cityseg.runtime import inference_runtime, resolve_device
 
 
@@ -43,14 +43,12 @@ def evaluate_checkpoint(
     data_dir = str(Path(data).absolute()) if data else cfg.data.data_dir
     data_cfg = replace(cfg.data, batch_size=batch_size, workers=workers, data_dir=data_dir)
     files, _ = split_files(resolve_data_dir(data_cfg), split, validate=not data_cfg.skip_validate, workers=workers)
-    from cityseg.predict import FlipTTA, plot_confusion, resolve_tta  # lazy: predict imports this module
-
     tta = resolve_tta(tta)
     if tta == "flip":
         model = FlipTTA(model)
     with build_loader("torch", files, palette, data_cfg, train=False, device=rt.device, dtype=torch.float32,
                       seed=cfg.train.seed) as loader:
-        metrics, loss = evaluate(model, loader, rt, palette.num_classes)
+        metrics, loss = evaluate_model(model, loader, rt, palette.num_classes)
     console.print(iou_table(metrics, palette.names, title=f"{ckpt} on {split} ({len(files)} images)"))
     result = {**metrics.to_dict(), "loss": loss, "checkpoint": str(ckpt), "split": split, "images": len(files),
               "tta": tta, "class_names": list(palette.names)}

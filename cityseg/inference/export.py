@@ -29,7 +29,7 @@ from torch import nn
 
 from cityseg.checkpoint import load_from_checkpoint
 from cityseg.config import Config
-from cityseg.data.torch_loader import IMAGENET_MEAN, IMAGENET_STD
+from cityseg.data.contract import IMAGENET_MEAN, IMAGENET_STD
 from cityseg.errors import UserError
 from cityseg.model import check_input_size
 from cityseg.outputs import output_file

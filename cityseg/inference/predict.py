@@ -1,0 +1,211 @@
+"""`cityseg-fast predict`: segment photos of any size with a trained checkpoint.
+
+    cityseg-fast predict --ckpt runs/X/checkpoints/best.pt photos/ street.jpg --out preds/
+    cityseg-fast predict --ckpt runs/X/checkpoints/best.pt DIR/val --pairs --out preds/   # also scores
+
+Per image NAME it writes three PNGs (overlay.py); inputs are read as inputs.py says. With --pairs
+the photo is the left half of a Kaggle pair and the right half is the truth: metrics.json and
+confusion.png are written too.
+
+Preprocessing is the validation loader's, step for step (antialiased bilinear resize of the uint8
+photo to the training size, `normalize`, channels-last, autocast as configured), so a pair at the
+training size gets exactly the prediction `cityseg-fast eval` scores.
+
+Back to the photo's size: the logits are upsampled bilinearly and then argmaxed, rather than
+argmaxing at the training size and upsampling the ids with nearest. At 256 -> 2048 px, nearest ids
+are 8x8 staircases; interpolated logits give class boundaries at full resolution for the cost of one
+(C, H, W) float map per image (what torchvision's segmentation models do in `forward`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torchvision.transforms.v2 import functional as F
+
+from cityseg.checkpoint import load_from_checkpoint
+from cityseg.data.contract import normalize
+from cityseg.data.pairs import PairError
+from cityseg.errors import OutputError
+from cityseg.inference.inputs import InputImage, list_inputs, load_input, output_names
+from cityseg.inference.overlay import OUTPUT_KINDS, write_outputs
+from cityseg.inference.tta import FlipTTA, resolve_tta
+from cityseg.metrics import ConfusionMatrix, SegMetrics, iou_table
+from cityseg.outputs import ensure_dir
+from cityseg.palette import IGNORE_INDEX, Palette
+from cityseg.report import plot_confusion, write_json
+from cityseg.runtime import autocast, inference_runtime, resolve_device
+from kernels.mask_to_class import mask_to_class
+
+# -- model side ------------------------------------------------------------------------------------
+
+
+def preprocess(photos: Sequence[np.ndarray], size: int, device: torch.device) -> torch.Tensor:
+    """uint8 (H, W, 3) photos of any sizes -> normalised float32 (B, 3, size, size), channels-last.
+
+    The same ops as the validation loader (`PairDataset.load` + `normalize`), resized on
+    `device` so full-size photos are shrunk on the GPU when there is one.
+    """
+    batch = torch.empty((len(photos), 3, size, size), dtype=torch.uint8, device=device,
+                        memory_format=torch.channels_last)
+    for i, photo in enumerate(photos):
+        x = torch.from_numpy(np.array(photo, dtype=np.uint8)).to(device).permute(2, 0, 1)  # (3, H, W)
+        if x.shape[-2:] != (size, size):
+            x = F.resize(x, [size, size], antialias=True)
+        batch[i].copy_(x)
+    return normalize(batch, torch.float32)
+
+
+class Predictor:
+    """A checkpoint ready to segment photos: `predict_batch([photo, ...]) -> [ids, ...]`."""
+
+    def __init__(self, ckpt_path: str | os.PathLike, device: str = "auto", tta: str | None = None,
+                 batch_size: int = 8) -> None:
+        if batch_size < 1:
+            raise ValueError(f"--batch-size {batch_size}: expected at least 1")
+        self.ckpt = Path(ckpt_path)
+        self.tta = resolve_tta(tta)
+        where = resolve_device(device)
+        model, self.cfg, self.palette, _ = load_from_checkpoint(self.ckpt, where)
+        self.runtime = inference_runtime(where, self.cfg.train.precision)
+        self.image_size = self.cfg.data.image_size
+        self.batch_size = batch_size
+        self.model = FlipTTA(model) if self.tta == "flip" else model
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @torch.no_grad()
+    def logits(self, photos: Sequence[np.ndarray]) -> torch.Tensor:
+        """(B, C, S, S) float32 logits at the training size S, on the device."""
+        x = preprocess(photos, self.image_size, self.device)
+        with autocast(self.runtime):
+            return self.model(x).float()
+
+    @torch.no_grad()
+    def predict_batch(self, photos: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """uint8 (H, W, 3) photos -> (H, W) uint8 class ids, each at its photo's own size."""
+        out: list[np.ndarray] = []
+        for start in range(0, len(photos), self.batch_size):
+            chunk = photos[start : start + self.batch_size]
+            logits = self.logits(chunk)
+            for i, photo in enumerate(chunk):
+                out.append(upsampled_argmax(logits[i : i + 1], photo.shape[:2]).cpu().numpy())
+        return out
+
+
+def upsampled_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(1, C, h, w) logits -> (H, W) uint8 ids of the logits resized to `size` (no resize if equal)."""
+    if tuple(logits.shape[-2:]) != tuple(size):
+        # antialias matters only when shrinking (photos smaller than the training size).
+        logits = nn.functional.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False,
+                                           antialias=True)
+    return logits[0].argmax(0).to(torch.uint8)
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("predict", style="bold"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=console, transient=False)
+
+
+def _load_or_error(path: Path, name: str, pairs: bool, skip_bad: bool) -> InputImage | PairError:
+    try:
+        return load_input(path, name, pairs)
+    except PairError as e:
+        if skip_bad:
+            return e
+        raise
+
+
+def run_predict(
+    predictor: Predictor,
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    pairs: bool = False,
+    workers: int = 4,
+    skip_bad: bool = False,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Predict every input and write its three PNGs; with `pairs`, score and write metrics.json.
+
+    Threads decode the next batch and encode the last batch's PNGs while the model runs (Pillow
+    releases the GIL in both). Returns {"images", "skipped", "out", "metrics" (pairs only)}.
+    """
+    console = console or Console(markup=False, highlight=False)
+    out_dir = Path(out_dir)
+    files = list_inputs(inputs, out_dir)
+    jobs = list(zip(files, output_names(files), strict=True))
+    inputs_by_path = {f.resolve() for f in files}
+    for _, name in jobs:
+        for kind in OUTPUT_KINDS:
+            if (out_dir / f"{name}_{kind}.png").resolve() in inputs_by_path:
+                raise OutputError(f"{out_dir / f'{name}_{kind}.png'}: an input would be overwritten by an output; "
+                                  "choose another --out")
+    ensure_dir(out_dir, "output folder")
+    palette = predictor.palette
+    cm = ConfusionMatrix(palette.num_classes, ignore_index=IGNORE_INDEX) if pairs else None
+    skipped: list[PairError] = []
+    done = 0
+    bs = predictor.batch_size
+    with ThreadPoolExecutor(max(1, workers)) as pool, _progress(console) as bar:
+        task = bar.add_task("predict", total=len(jobs))
+
+        def submit(start: int) -> list[Future]:
+            return [pool.submit(_load_or_error, p, n, pairs, skip_bad) for p, n in jobs[start : start + bs]]
+
+        pending, writes = submit(0), []
+        for start in range(0, len(jobs), bs):
+            loaded = [f.result() for f in pending]
+            pending = submit(start + bs)  # decode ahead while this batch runs
+            good = [x for x in loaded if isinstance(x, InputImage)]
+            skipped += [x for x in loaded if isinstance(x, PairError)]
+            ids = predictor.predict_batch([x.photo for x in good]) if good else []
+            for f in writes:  # the previous batch's PNGs: bounded memory, errors surface here
+                f.result()
+            writes = [pool.submit(write_outputs, out_dir, x.name, x.photo, y, palette)
+                      for x, y in zip(good, ids, strict=True)]
+            if cm is not None:
+                for x, y in zip(good, ids, strict=True):
+                    cm.update(torch.from_numpy(y)[None], mask_ids(x.mask, palette)[None])
+            done += len(good)
+            bar.update(task, advance=len(loaded))
+        for f in writes:
+            f.result()
+    for e in skipped:
+        console.print(f"skipped {e}", highlight=False, markup=False)
+    result: dict[str, Any] = {"images": done, "skipped": [str(e) for e in skipped], "out": str(out_dir)}
+    if cm is not None and done:
+        metrics = cm.compute()
+        result["metrics"] = write_pair_metrics(metrics, predictor, out_dir, done, console)
+    return result
+
+
+def mask_ids(mask: np.ndarray, palette: Palette) -> torch.Tensor:
+    """Colour mask (H, W, 3) uint8 -> (H, W) uint8 class ids, the training mapping (LUT on CPU)."""
+    return mask_to_class(torch.from_numpy(np.array(mask)), palette.centers, palette.classes, palette.max_dist,
+                         out_dtype=torch.uint8)
+
+
+def write_pair_metrics(metrics: SegMetrics, predictor: Predictor, out_dir: Path, images: int,
+                       console: Console) -> dict[str, Any]:
+    names = predictor.palette.names
+    console.print(iou_table(metrics, names, title=f"{predictor.ckpt} on {images} pairs (photo size)"))
+    result = {**metrics.to_dict(), "images": images, "checkpoint": str(predictor.ckpt), "tta": predictor.tta,
+              "class_names": list(names)}
+    write_json(out_dir / "metrics.json", result)
+    plot_confusion(metrics.confusion, names, out_dir / "confusion.png")
+    return result

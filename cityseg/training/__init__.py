@@ -1,0 +1,157 @@
+"""Training: `train(cfg)` runs (or resumes) a run and returns its summary.
+
+    cityseg-fast train --epochs 10          # the CLI fills a Config and calls `train(cfg)`
+    from cityseg import Config, train; summary = train(Config())
+
+setup.py builds the parts (plain functions), loop.py is the loop, hooks.py the side concerns.
+Under torchrun every rank calls `train`; rank 0 alone prints and writes.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager, nullcontext
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from cityseg.checkpoint import CheckpointError, config_mismatch, read_training_checkpoint
+from cityseg.config import Config
+from cityseg.distributed import DistInfo, broadcast_object, cleanup, init_distributed
+from cityseg.errors import UserError
+from cityseg.model import describe
+from cityseg.outputs import claim_run_folder, is_free, write_text_quietly
+from cityseg.palette import Palette
+from cityseg.palette_kmeans import save_palette
+from cityseg.report import RunFolder, device_name, write_json
+from cityseg.runtime import resolve_device
+from cityseg.training.hooks import Reporter, default_hooks
+from cityseg.training.loop import EXIT_INTERRUPTED, HookBase, Interrupted, Parts, Trainer
+from cityseg.training.setup import (
+    TrainingError,
+    build_loss,
+    build_models,
+    build_optimizer,
+    build_scheduler,
+    check_training_fits,
+    prepare_data,
+    training_runtime,
+)
+
+__all__ = ["EXIT_INTERRUPTED", "HookBase", "Interrupted", "Trainer", "TrainingError", "train"]
+
+
+def train(cfg: Config, console: Console | None = None, on_step: Callable[[], None] | None = None,
+          hooks: list[HookBase] | None = None) -> dict[str, Any]:
+    """Run (or resume, with `cfg.train.resume`) training as configured; returns summary.json's content.
+
+    Raises a `UserError` (one-line message) for what the user can fix, and `Interrupted` after saving
+    last.pt on Ctrl-C/SIGTERM. `on_step` is called after every step (torch.profiler's `step`);
+    `hooks` are added after the default ones."""
+    dist_info = init_distributed(resolve_device(cfg.train.device).type)
+    # Markup off: paths and file names are printed as given, a `[tag]` in one included.
+    console = (console or Console(markup=False, highlight=False)) if dist_info.is_main else Console(quiet=True)
+    try:
+        return _train(cfg, console, dist_info, on_step, hooks or [])
+    finally:
+        cleanup(dist_info)
+
+
+def default_run_dir() -> Path:
+    """runs/<date-time>, with -2, -3, ... when runs start within the same second."""
+    base = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidate, n = base, 1
+    while not is_free(candidate):
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate.absolute()
+
+
+def _train(cfg: Config, console: Console, dist_info: DistInfo, on_step: Callable[[], None] | None,
+           extra_hooks: list[HookBase]) -> dict[str, Any]:
+    # The default name holds a timestamp: take rank 0's so every rank writes to one folder.
+    root = Path(cfg.train.resume or broadcast_object(cfg.train.out or str(default_run_dir()), dist_info))
+    # Rank 0 holds the folder for the run's life: a second run or resume there is refused.
+    claim = claim_run_folder(root, resume=bool(cfg.train.resume)) if dist_info.is_main else nullcontext()
+    with claim:
+        run = RunFolder(root)
+        try:
+            state = resume_state(run, cfg, console) if cfg.train.resume else None
+            return run_training(cfg, console, dist_info, run, state, on_step, extra_hooks)
+        except UserError as e:
+            if dist_info.is_main:  # the run folder says why the run ended (alone, if it ended before training)
+                write_text_quietly(run.root / "error.log", f"{e}\n")
+            raise
+
+
+def resume_state(run: RunFolder, cfg: Config, console: Console) -> dict[str, Any]:
+    state = read_training_checkpoint(run.last)
+    saved = state["config"]["model"]
+    wanted = {k: v for k, v in cfg.to_dict()["model"].items() if k != "num_classes"}  # set by the palette
+    diffs = config_mismatch({k: saved.get(k) for k in wanted}, wanted)
+    if diffs:
+        raise CheckpointError(f"{run.last}: model config differs from this run's: {'; '.join(diffs)}")
+    console.print(f"resuming {run.root} at epoch {state['epoch'] + 1}, step {state['step_in_epoch']} of that epoch",
+                  soft_wrap=True)
+    return state
+
+
+def run_training(cfg: Config, console: Console, dist_info: DistInfo, run: RunFolder, state: dict[str, Any] | None,
+                 on_step: Callable[[], None] | None, extra_hooks: list[HookBase]) -> dict[str, Any]:
+    rt = training_runtime(cfg.train, dist_info)
+    check_training_fits(cfg, rt, dist_info)
+    for note in rt.notes:
+        console.print(f"note: {note}", style="yellow", soft_wrap=True)
+    torch.backends.cudnn.benchmark = True  # fixed-size batches: pick the fastest conv algorithms once
+    torch.manual_seed(cfg.train.seed)
+    data = prepare_data(cfg, rt, dist_info, console, Palette.from_state(state["palette"]) if state else None)
+    with closing(data):  # the loaders' workers end on every way out: done, error or signal
+        # The palette decides the class count (19 for Cityscapes, K for kmeans:K).
+        cfg = replace(cfg, model=replace(cfg.model, num_classes=data.palette.num_classes))
+        model, step_model = build_models(cfg.model, rt, dist_info, cfg.train.sync_bn)
+        optimizer = build_optimizer(model, cfg.train, rt.device)
+        parts = Parts(cfg, rt, dist_info, data, model, step_model, optimizer,
+                      build_scheduler(optimizer, cfg.train, len(data.train)),
+                      torch.amp.GradScaler(rt.device.type, enabled=rt.needs_grad_scaler),
+                      build_loss(cfg.train, data.train, data.palette.num_classes, rt.device))
+        hooks = default_hooks(cfg.train.patience, on_step) + extra_hooks
+        trainer = Trainer(parts, run, console, hooks)
+        if state is not None:
+            trainer.load_state_dict(state)
+        console.print(describe(model))
+        console.print(
+            f"device {device_name(rt.device)}  precision {rt.precision}  compile {rt.compile}  "
+            f"loader {data.loader_kind}  ranks {dist_info.world_size}  "
+            f"data {data.root} ({len(data.train_files)} train / {len(data.val_files)} val)", soft_wrap=True,
+        )
+        with graceful_interrupts() as interrupt:
+            if dist_info.is_main:
+                run.create()
+                save_palette(data.palette, run.root / "palette.json")  # `--palette RUN/palette.json` reuses it
+                write_json(run.config, cfg.to_dict())  # written once Ctrl-C is handled: tests wait on it
+            trainer.fit(interrupt)
+        return next(h for h in hooks if isinstance(h, Reporter)).summary
+
+
+@contextmanager
+def graceful_interrupts() -> Iterator[dict[str, int | None]]:
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step, so the step in flight
+    finishes and last.pt is saved instead of dying mid-update."""
+    flag: dict[str, int | None] = {"signum": None}
+
+    def handler(signum, frame):  # noqa: ARG001
+        if flag["signum"] is not None:  # a second Ctrl-C means now
+            raise KeyboardInterrupt
+        flag["signum"] = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

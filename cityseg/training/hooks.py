@@ -1,0 +1,207 @@
+"""The side concerns of training, one hook each (see `HookBase` in loop.py for the events):
+
+- `Telemetry`   starts/stops the NVML sampler and adds the GPU fields to each epoch's record
+- `Progress`    the per-epoch bar in a terminal, plain lines with ETA everywhere else
+- `BestModel`   keeps the best val mIoU, writes best.pt, stops early after `patience` epochs
+- `Checkpointer` writes last.pt after every epoch
+- `MetricsWriter` metrics.jsonl (after last.pt, so a kill in between is mended on resume) and the
+  console report of each epoch (per-class IoU table and one line)
+- `Reporter`    at the end: summary.json, curves.png, samples.png, gpu_timeline.png
+- `StepCallback` calls a function after every step (torch.profiler's `step`)
+Hooks run in list order; the order in `default_hooks` is the one these notes assume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from cityseg.data.contract import denormalize
+from cityseg.metrics import SegMetrics, iou_table
+from cityseg.progress import StepProgress
+from cityseg.report import (
+    append_jsonl,
+    device_name,
+    plot_curves,
+    plot_samples,
+    time_to_thresholds,
+    versions,
+    write_json,
+    write_jsonl,
+)
+from cityseg.runtime import autocast
+from cityseg.telemetry import GpuSampler, fmt, plot_gpu_timeline
+from cityseg.training.loop import HookBase
+
+
+class Telemetry(HookBase):
+    def before_train(self) -> None:
+        self.gpu = GpuSampler(self.trainer.rt.device).start()
+
+    def after_train(self) -> None:
+        self.gpu.stop()
+
+    def before_epoch(self) -> None:
+        self.mark = self.gpu.mark()
+
+    def after_epoch(self, record: dict[str, Any], metrics: SegMetrics) -> None:
+        record.update(self.gpu.summary(since=self.mark))
+        if self.gpu.problem:
+            record["gpu_sampler_problem"] = self.gpu.problem
+
+    def live(self) -> str:
+        """images/s, data wait and GPU utilisation so far this epoch, for the progress line."""
+        meter = self.trainer.meter
+        seconds = meter.clock() - meter.start
+        ips = meter.images / seconds if seconds > 0 else 0.0
+        wait = meter.data_wait / seconds if seconds > 0 else 0.0
+        return f"{ips:.1f} img/s  wait {wait:.0%}  gpu {fmt(self.gpu.latest_util(), '.0f', '%')}"
+
+
+class Progress(HookBase):
+    def __init__(self, telemetry: Telemetry) -> None:
+        self.telemetry = telemetry
+        self.loss_text = ""
+
+    def before_epoch(self) -> None:
+        t = self.trainer
+        self.bar = StepProgress(t.console, f"epoch {t.epoch + 1}/{t.cfg.train.epochs}", len(t.data.train),
+                                t.step_in_epoch).__enter__()
+
+    def after_step(self) -> None:
+        t = self.trainer
+        if t.log_step:  # reading the loss syncs the device: only on log steps
+            self.loss_text = f"loss {t.loss.item():.3f}  "
+        self.bar.step(t.step_in_epoch, self.loss_text + self.telemetry.live(), log=t.log_step)
+
+    def after_epoch(self, record: dict[str, Any], metrics: SegMetrics) -> None:
+        self.close()  # before the hooks after this one print the epoch's report
+
+    def after_train(self) -> None:
+        self.close()  # an epoch left mid-way (signal, error)
+
+    def close(self) -> None:
+        bar, self.bar = getattr(self, "bar", None), None
+        if bar is not None:
+            bar.__exit__(None, None, None)
+
+
+class BestModel(HookBase):
+    """Best val mIoU so far -> best.pt; `patience` epochs without a better one end the run."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.best_miou, self.epochs_since_best = -1.0, 0
+
+    def after_epoch(self, record: dict[str, Any], metrics: SegMetrics) -> None:
+        t = self.trainer
+        improved = record["miou"] is not None and record["miou"] > self.best_miou
+        if improved:
+            self.best_miou, self.epochs_since_best = record["miou"], 0
+            t.save(t.run.best)
+        else:
+            self.epochs_since_best += 1
+        if self.patience and self.epochs_since_best >= self.patience:
+            t.stop_reason = f"early stop: no better val mIoU for {self.patience} epochs"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_miou": self.best_miou, "epochs_since_best": self.epochs_since_best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_miou, self.epochs_since_best = state["best_miou"], state["epochs_since_best"]
+
+
+class Checkpointer(HookBase):
+    def after_epoch(self, record: dict[str, Any], metrics: SegMetrics) -> None:
+        self.trainer.save(self.trainer.run.last)
+
+
+class MetricsWriter(HookBase):
+    def before_train(self) -> None:
+        t = self.trainer
+        if t.dist.is_main and t.history:  # a resumed run: the records last.pt knows of, each once
+            write_jsonl(t.run.metrics, t.history)
+
+    def after_epoch(self, record: dict[str, Any], metrics: SegMetrics) -> None:
+        t = self.trainer
+        if t.dist.is_main:
+            append_jsonl(t.run.metrics, record)
+        t.console.print(iou_table(metrics, t.data.palette.names, title=f"val after epoch {record['epoch']}"))
+        t.console.print(
+            f"epoch {record['epoch']}: loss {record['loss']:.4f}  val pixel acc {record['pixel_acc']:.4f}  "
+            f"mIoU {fmt(record['miou'], '.4f')}  {record['images_per_s']:.1f} img/s  "
+            f"data wait {record['data_wait_share']:.0%}", soft_wrap=True
+        )
+
+
+class Reporter(HookBase):
+    """The run's summary (also what `train()` returns) and its pictures, written at the end."""
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self.telemetry = telemetry
+        self.summary: dict[str, Any] | None = None
+
+    def after_train(self) -> None:
+        t = self.trainer
+        if not t.completed:  # stopped by a signal or an error: last.pt holds the run, no summary yet
+            return
+        history = t.history
+        timed_images = sum(r["timed_images"] for r in history)
+        timed_seconds = sum(r["timed_seconds"] for r in history)
+        self.summary = {
+            "final": history[-1],
+            "best": max(history, key=lambda r: r["miou"] if r["miou"] is not None else -1.0),
+            "time_to_pixel_acc_s": time_to_thresholds(history),
+            "images_per_s": timed_images / timed_seconds if timed_seconds > 0 else None,
+            "epochs": len(history),
+            "steps": t.global_step,
+            "elapsed_s": t.elapsed(),
+            "device": device_name(t.rt.device),
+            "precision": t.rt.precision,
+            "compile": t.rt.compile,
+            "loader": t.data.loader_kind,
+            "cache": t.cfg.data.cache,
+            "world_size": t.dist.world_size,
+            "data": str(t.data.root),
+            "run_dir": str(t.run.root),
+            "versions": versions(),
+        }
+        if t.dist.is_main:
+            write_json(t.run.summary, self.summary)
+            plot_curves(history, t.run.curves)
+            self.write_samples()
+            samples = self.telemetry.gpu.samples
+            if samples:
+                plot_gpu_timeline(samples, t.run.root / "gpu_timeline.png")
+
+    @torch.no_grad()
+    def write_samples(self, n: int = 4) -> None:
+        t = self.trainer
+        t.model.eval()
+        image, target = next(iter(t.data.val))
+        image, target = image[:n], target[:n]
+        with autocast(t.rt):
+            logits = t.model(image).float()
+        if logits.shape[-2:] != target.shape[-2:]:  # labels scored at their native size
+            logits = torch.nn.functional.interpolate(logits, size=target.shape[-2:], mode="bilinear")
+            image = torch.nn.functional.interpolate(image.float(), size=target.shape[-2:], mode="bilinear")
+        plot_samples(denormalize(image), target.cpu(), logits.argmax(1).cpu(), t.data.palette, t.run.samples)
+
+
+class StepCallback(HookBase):
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+
+    def after_step(self) -> None:
+        self.fn()
+
+
+def default_hooks(patience: int, on_step: Callable[[], None] | None = None) -> list[HookBase]:
+    telemetry = Telemetry()
+    hooks: list[HookBase] = [telemetry, Progress(telemetry), BestModel(patience), Checkpointer(), MetricsWriter(),
+                             Reporter(telemetry)]
+    if on_step is not None:
+        hooks.append(StepCallback(on_step))
+    return hooks

@@ -1,0 +1,309 @@
+"""The training loop: `fit` runs epochs, `train_epoch` runs steps, `step` is one update. Everything
+else (checkpoints, early stop, progress, metrics files, telemetry, profiling) is a hook.
+
+    trainer = Trainer(parts, run, console, hooks=[Telemetry(), Progress(), Checkpointer(), ...])
+    summary = trainer.fit(interrupt)
+
+A hook (detectron2's `HookBase`) sees the trainer and is called around training, epochs and steps;
+it keeps its own state in the checkpoint through `state_dict` / `load_state_dict`, whose keys are
+top-level keys of the checkpoint (so files written before hooks existed still load).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from cityseg.checkpoint import save_checkpoint
+from cityseg.config import Config
+from cityseg.distributed import DistInfo, any_rank, broadcast_buffers, sum_over_ranks, weights_agree
+from cityseg.metrics import SegMetrics, evaluate_model
+from cityseg.report import RunFolder, versions
+from cityseg.runtime import Runtime, autocast
+from cityseg.telemetry import EpochMeter
+from cityseg.training.setup import RunData, TrainingError
+
+EXIT_INTERRUPTED = 130
+
+
+class Interrupted(Exception):
+    """Ctrl-C / SIGTERM: the step finished, last.pt is saved."""
+
+    def __init__(self, run_dir: Path, signum: int) -> None:
+        self.run_dir, self.signum = run_dir, signum
+        super().__init__(f"interrupted; resume with: cityseg-fast train --resume {run_dir}")
+
+
+class HookBase:
+    """Override what you need; `self.trainer` is set when the hook is registered."""
+
+    trainer: Trainer
+
+    def before_train(self) -> None: ...
+    def after_train(self) -> None: ...
+    def before_epoch(self) -> None: ...
+    def after_step(self) -> None: ...
+    def after_epoch(self, record: dict[str, Any], metrics: SegMetrics) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Parts:
+    """What the loop trains (built by cityseg/training/setup.py)."""
+
+    cfg: Config
+    rt: Runtime
+    dist: DistInfo
+    data: RunData
+    model: nn.Module  # the plain module: checkpoints and validation
+    step_model: nn.Module  # what a step calls: DDP-wrapped and/or compiled
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    loss_fn: nn.Module
+
+
+class Trainer:
+    def __init__(self, parts: Parts, run: RunFolder, console: Console, hooks: list[HookBase]) -> None:
+        self.parts, self.run, self.console = parts, run, console
+        self.cfg, self.rt, self.dist, self.data = parts.cfg, parts.rt, parts.dist, parts.data
+        self.model = parts.model
+        self.hooks = hooks
+        for hook in hooks:
+            hook.trainer = self
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.history: list[dict[str, Any]] = []
+        self.partial = {"loss_sum": 0.0, "steps": 0}  # the loss of an epoch left mid-way (max-steps, signal)
+        self.elapsed_before = 0.0  # run time of earlier sessions of a resumed run
+        self.t0 = time.perf_counter()
+        self.stop_reason: str | None = None  # set by a hook (early stop) to end the run after this epoch
+        self.meter: EpochMeter | None = None  # the current epoch's timing
+        self.loss: torch.Tensor | None = None  # the last step's loss, detached, on the device
+        self.log_step = False  # this step reads the loss (a device sync) and may print
+        self.completed = False  # fit ran to its end (epochs, --max-steps or a hook's stop)
+
+    def call(self, event: str, *args: Any) -> None:
+        for hook in self.hooks:
+            getattr(hook, event)(*args)
+
+    # -- checkpoint state -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        p = self.parts
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": p.optimizer.state_dict(),
+            "scheduler": p.scheduler.state_dict(),
+            "scaler": p.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "history": self.history,
+            "elapsed_s": self.elapsed(),
+            "partial": self.partial,
+            "rng": {"torch": torch.get_rng_state()},
+            "config": self.cfg.to_dict(),
+            "palette": self.data.palette.to_state(),
+            "versions": versions(),
+        }
+        for hook in self.hooks:
+            state.update(hook.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        p = self.parts
+        self.model.load_state_dict(state["model"])
+        p.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):  # absent in checkpoints written before 16-mixed existed
+            p.scaler.load_state_dict(state["scaler"])
+        p.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step = state["global_step"]
+        self.history = list(state["history"])
+        self.elapsed_before = state["elapsed_s"]
+        self.partial = dict(state["partial"])
+        torch.set_rng_state(state["rng"]["torch"])
+        for hook in self.hooks:
+            hook.load_state_dict(state)
+
+    def save(self, path: Path) -> None:
+        if not self.dist.is_main:  # every rank holds the same weights; one writer
+            return
+        try:
+            save_checkpoint(self.state_dict(), path)
+        except OSError as e:
+            raise TrainingError(
+                f"{path}: could not write checkpoint ({e.strerror or e}); the previous checkpoint is kept"
+            ) from None
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t0
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def fit(self, interrupt: dict[str, int | None]) -> list[dict[str, Any]]:
+        """Train to the end (all epochs, --max-steps, or a hook's stop); returns the history."""
+        self.t0 = time.perf_counter()
+        self.call("before_train")
+        try:
+            while self.epoch < self.cfg.train.epochs and not self.out_of_steps() and self.stop_reason is None:
+                try:
+                    record = self.train_epoch(interrupt)
+                except torch.OutOfMemoryError:
+                    raise self.out_of_memory() from None
+                if record is None:  # interrupted mid-epoch: last.pt holds the position
+                    raise Interrupted(self.run.root, interrupt["signum"] or signal.SIGINT)
+                metrics = self.validate(record)
+                self.history.append(record)
+                self.call("after_epoch", record, metrics)
+                if self.stop_requested(interrupt):  # arrived during the last step or validation
+                    raise Interrupted(self.run.root, interrupt["signum"] or signal.SIGINT)
+            if not weights_agree(self.model, self.dist, self.rt.device):
+                raise TrainingError("DDP ranks ended with different weights: a rank diverged (please report this)")
+            if not self.history:
+                raise TrainingError("no epoch finished: nothing to report")
+            if self.stop_reason:
+                self.console.print(self.stop_reason)
+            self.completed = True
+        finally:
+            self.call("after_train")
+        return self.history
+
+    def train_epoch(self, interrupt: dict[str, int | None]) -> dict[str, Any] | None:
+        """Steps to the end of the epoch (or --max-steps, or a signal); None when a signal stopped
+        it mid-epoch (last.pt is saved), else the epoch's record for metrics.jsonl."""
+        cfg = self.cfg.train
+        loader = self.data.train
+        self.model.train()
+        loader.set_epoch(self.epoch, self.step_in_epoch)
+        self.meter = meter = EpochMeter(self.rt.device)
+        loss_sum = torch.zeros((), device=self.rt.device)
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.rt.device)
+        stopping = False
+        self.call("before_epoch")
+        batches = iter(loader)
+        batch = self.next_batch(batches, interrupt)
+        while batch is not None:
+            image, target = batch
+            with autocast(self.rt):
+                logits = self.parts.step_model(image)
+                loss = self.parts.loss_fn(logits, target)
+            batch = self.next_batch(batches, interrupt)  # fetch while the forward runs on the GPU
+            self.update(loss)
+            self.loss = loss = loss.detach()
+            loss_sum += loss
+            nonfinite |= ~torch.isfinite(loss)
+            self.step_in_epoch += 1
+            self.global_step += 1
+            meter.step_done(image.shape[0])
+            self.log_step = self.global_step % cfg.log_every == 0 or batch is None
+            if self.log_step:
+                self.check_finite(nonfinite)
+            self.call("after_step")
+            # Ranks agree on stopping only at log steps (a sync); alone, every step is free.
+            if (self.log_step or not self.dist.enabled) and self.stop_requested(interrupt):
+                stopping = True
+                break
+            if self.out_of_steps():
+                break
+        self.check_finite(nonfinite)
+        return self.end_epoch(loss_sum, stopping)
+
+    def update(self, loss: torch.Tensor) -> None:
+        """Backward, clip, step: the scaler only scales under 16-mixed and is a no-op otherwise."""
+        p = self.parts
+        p.optimizer.zero_grad(set_to_none=True)
+        p.scaler.scale(loss).backward()
+        if self.cfg.train.grad_clip > 0:
+            p.scaler.unscale_(p.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        p.scaler.step(p.optimizer)
+        p.scaler.update()
+        p.scheduler.step()
+
+    def end_epoch(self, loss_sum: torch.Tensor, stopping: bool) -> dict[str, Any] | None:
+        n_batches = len(self.data.train)
+        ws = self.dist.world_size
+        self.partial["loss_sum"] += sum_over_ranks([loss_sum.item()], self.dist, self.rt.device)[0] / ws
+        self.partial["steps"] = self.step_in_epoch
+        finished = self.step_in_epoch == n_batches
+        if stopping and not finished:
+            self.save(self.run.last)
+            return None
+        stats = self.meter.summary()
+        # Throughput adds up over ranks; the data-wait share is their mean.
+        ips, wait = sum_over_ranks([stats["images_per_s"], stats["data_wait_share"]], self.dist, self.rt.device)
+        record = {
+            "epoch": self.epoch + 1,
+            "partial": not finished,  # stopped by --max-steps: last.pt resumes inside this epoch
+            "step": self.global_step,
+            "loss": self.partial["loss_sum"] / max(1, self.partial["steps"]),
+            "lr": self.parts.optimizer.param_groups[0]["lr"],
+            "images_per_s": ips,
+            "data_wait_share": wait / ws,
+            "seconds": stats["seconds"],
+            "timed_images": stats["timed_images"],
+            "timed_seconds": stats["timed_seconds"],
+        }
+        if finished:
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self.partial = {"loss_sum": 0.0, "steps": 0}
+        return record
+
+    def validate(self, record: dict[str, Any]) -> SegMetrics:
+        """Score the val split into `record` (rank 0's BatchNorm statistics on every rank first)."""
+        broadcast_buffers(self.model, self.dist)
+        metrics, val_loss = evaluate_model(self.model, self.data.val, self.rt, self.data.palette.num_classes,
+                                           self.dist)
+        record.update(metrics.to_dict(with_confusion=False), val_loss=val_loss, elapsed_s=self.elapsed())
+        return metrics
+
+    def next_batch(self, batches: Iterator, interrupt: dict[str, int | None]):
+        t = time.perf_counter()
+        try:
+            batch = next(batches, None)
+        except Exception:
+            if interrupt["signum"] is None:
+                raise
+            # A SIGTERM sent to the whole process group (Slurm, systemd) also ended the loader's
+            # workers: the step in flight still finishes and last.pt is saved.
+            batch = None
+        self.meter.waited(time.perf_counter() - t)
+        return batch
+
+    def stop_requested(self, interrupt: dict[str, int | None]) -> bool:
+        """Ctrl-C/SIGTERM seen by any rank; every rank must call this at the same step."""
+        return any_rank(interrupt["signum"] is not None, self.dist, self.rt.device)
+
+    def out_of_steps(self) -> bool:
+        return bool(self.cfg.train.max_steps) and self.global_step >= self.cfg.train.max_steps
+
+    def check_finite(self, nonfinite: torch.Tensor) -> None:
+        if any_rank(bool(nonfinite.item()), self.dist, self.rt.device):
+            raise TrainingError(
+                f"loss became NaN/inf at epoch {self.epoch + 1}, step {self.global_step}; "
+                f"the last good checkpoint is {self.run.last} (try a lower --lr or --precision 32)"
+            )
+
+    def out_of_memory(self) -> TrainingError:
+        """Save the position (the failed step changed no weights) and suggest a smaller batch."""
+        self.parts.optimizer.zero_grad(set_to_none=True)
+        if self.rt.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.save(self.run.last)
+        bs = self.cfg.data.batch_size
+        return TrainingError(
+            f"out of {self.rt.device.type} memory at batch size {bs}: try --batch-size {max(1, bs // 2)} "
+            f"(or a smaller --image-size / --width); continue with --resume {self.run.root}"
+        )

@@ -1,0 +1,184 @@
+"""Everything a run is built from, as plain functions that return values: the runtime, the data
+(folder, palette, validated files, loaders), the model (DDP, compile), optimiser, schedule and loss.
+
+    rt = training_runtime(cfg, dist_info)
+    data = prepare_data(cfg, rt, dist_info, console)
+    model, step_model = build_models(cfg.model, rt, dist_info, cfg.train.sync_bn)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from cityseg.config import Config, ModelConfig, TrainConfig
+from cityseg.data.contract import PairLoader
+from cityseg.data.loaders import (
+    build_loader,
+    palette_mismatch_check,
+    resolve_data_dir,
+    resolve_loader_kind,
+    resolve_palette,
+    split_files,
+)
+from cityseg.data.pairs import MaskCheck, list_split, overlap_warning
+from cityseg.distributed import DistInfo
+from cityseg.errors import UserError
+from cityseg.model import build_model, parameter_count, training_bytes
+from cityseg.palette import IGNORE_INDEX, Palette
+from cityseg.runtime import Runtime, free_memory, resolve_device, resolve_runtime
+
+
+class TrainingError(UserError):
+    """A run that cannot go on; the message is one line for the user."""
+
+
+def training_runtime(cfg: TrainConfig, dist_info: DistInfo) -> Runtime:
+    """Device (each DDP rank its own GPU), precision and compilation of a run."""
+    device = resolve_device(cfg.device)
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+    return resolve_runtime(device, cfg.precision, cfg.compile, cfg.compile_mode)
+
+
+def check_training_fits(cfg: Config, rt: Runtime, dist_info: DistInfo) -> None:
+    """Refuse, before allocating anything, a model and batch that cannot fit in the device's free
+    memory (a lower-bound estimate: `model.training_bytes`)."""
+    m, d = cfg.model, cfg.data
+    need = training_bytes(m.width, m.depth, d.image_size, d.batch_size, rt.amp, m.upsample)
+    if rt.device.type == "cpu":
+        need *= dist_info.world_size  # CPU ranks share the machine's memory
+    free = free_memory(rt.device)
+    if need > free:
+        params = parameter_count(m.width, m.depth, m.upsample) / 1e6
+        raise TrainingError(
+            f"this run needs at least {need / 2**30:,.1f} GiB ({params:,.1f} M parameters, batch {d.batch_size} "
+            f"at {d.image_size} px) but {free / 2**30:,.1f} GiB is free on {rt.device}: "
+            "lower --batch-size, --image-size, --width or --depth"
+        )
+
+
+@dataclass
+class RunData:
+    """The data of a run; `close()` ends its loaders' workers."""
+
+    root: Path
+    palette: Palette
+    train_files: list[Path]
+    val_files: list[Path]
+    loader_kind: str
+    train: PairLoader | None = None
+    val: PairLoader | None = None
+
+    def close(self) -> None:
+        for loader in (self.train, self.val):
+            if loader is not None:
+                loader.close()
+
+
+def list_files(cfg: Config, root: Path, split: str, check: MaskCheck | None, console: Console) -> list[Path]:
+    d = cfg.data
+    files, skipped = split_files(root, split, validate=not d.skip_validate, workers=d.workers,
+                                 skip_bad=d.skip_bad, mask_check=check)
+    if skipped:
+        console.print(f"skipped {len(skipped)} bad {split} file(s), e.g. {skipped[0]}", style="yellow", soft_wrap=True)
+    return files
+
+
+def prepare_data(cfg: Config, rt: Runtime, dist_info: DistInfo, console: Console,
+                 palette: Palette | None = None) -> RunData:
+    """Dataset folder (or the cached synthetic set), palette (`palette` on resume), validated files
+    and both loaders, sharded for this rank. On an error, loaders already started are closed."""
+    root = resolve_data_dir(cfg.data)
+    palette = palette or resolve_palette(cfg.data, list_split(root, "train"), cfg.train.seed)
+    # Learned (kmeans) palettes fit their data by construction; the fixed one may not.
+    check = palette_mismatch_check(palette) if cfg.data.palette == "cityscapes" else None
+    train_files = list_files(cfg, root, "train", check, console)
+    val_files = list_files(cfg, root, "val", check, console)
+    warning = overlap_warning(train_files, val_files)
+    if warning:
+        console.print(warning, style="yellow", soft_wrap=True)
+    data = RunData(root, palette, train_files, val_files, resolve_loader_kind(cfg.data, rt.device))
+    make = functools.partial(build_loader, data.loader_kind, palette=palette, cfg=cfg.data, device=rt.device,
+                             dtype=rt.batch_dtype, seed=cfg.train.seed, shard_id=dist_info.rank,
+                             num_shards=dist_info.world_size)
+    try:
+        data.train = make(train_files, train=True)
+        data.val = make(val_files, train=False)
+        if len(data.train) == 0:
+            raise TrainingError(f"{root}/train: {len(train_files)} pairs make no full batch of "
+                                f"{cfg.data.batch_size} (on each of {dist_info.world_size} ranks): lower --batch-size")
+    except BaseException:
+        data.close()  # workers already started end before the error goes up
+        raise
+    return data
+
+
+def build_models(cfg: ModelConfig, rt: Runtime, dist_info: DistInfo, sync_bn: bool) -> tuple[nn.Module, nn.Module]:
+    """(model, step_model): the plain module (checkpoints, validation) on the device in channels-last,
+    and what a training step calls: wrapped in DDP across ranks, compiled when the runtime says so."""
+    model = build_model(cfg).to(rt.device, memory_format=torch.channels_last)
+    step_model: nn.Module = model
+    if dist_info.enabled:
+        if sync_bn:
+            if rt.device.type != "cuda":
+                raise TrainingError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel)")
+            step_model = nn.SyncBatchNorm.convert_sync_batchnorm(step_model)
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=ids)  # averages gradients
+    if rt.compile:
+        step_model = torch.compile(step_model, mode=rt.compile_mode)
+    return model, step_model
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    # No weight decay on BatchNorm and biases (1-d params): decaying them only hurts.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up over `warmup` steps, then cosine decay to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up + cosine planned over all epochs (not --max-steps), so stopping and resuming changes
+    nothing. A partial of plain values: a lambda reading an object would tie it into a reference
+    cycle that outlives the run."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(cfg.warmup_steps, max(1, total // 5))
+    schedule = functools.partial(warmup_cosine, warmup=warmup, total=total, min_ratio=cfg.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def class_weights(kind: str, loader: PairLoader, num_classes: int, max_batches: int = 20) -> torch.Tensor | None:
+    """`inverse-sqrt-freq`: weight_c = 1/sqrt(freq_c) from a sample of train batches, mean 1."""
+    if kind == "none":
+        return None
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for i, (_, target) in enumerate(loader):
+        t = target[target != IGNORE_INDEX].cpu()
+        counts += torch.bincount(t, minlength=num_classes)[:num_classes].double()
+        if i + 1 >= max_batches:
+            break
+    freq = counts / counts.sum().clamp(min=1)
+    w = torch.where(freq > 0, 1 / freq.clamp(min=1e-6).sqrt(), torch.zeros_like(freq))
+    return (w / w[w > 0].mean()).float()
+
+
+def build_loss(cfg: TrainConfig, train_loader: PairLoader, num_classes: int, device: torch.device) -> nn.Module:
+    weights = class_weights(cfg.class_weights, train_loader, num_classes)
+    return nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device), ignore_index=IGNORE_INDEX)

@@ -4,17 +4,17 @@ The label table comes from `cityscapesscripts` (34 labels with id >= 0): each la
 centre mapped to its trainId (19 train classes) or to 255 (void). Two labels share a colour with
 different trainIds (pole / polegroup): ties go to the lowest centre index, which is the train class.
 
-Two implementations that agree exactly:
-- `map_colors_reference`: plain torch, squared RGB distance to every centre, argmin (the torch
-  reference of `kernels/mask_to_class.py`, shared).
-- `map_colors_lut`: a 2^24-entry lookup table (one byte per RGB colour) built once with the
-  reference and cached on disk; a gather per pixel, ~100x faster on CPU.
+Mapping (`map_colors`, what the loaders use) goes through `kernels/mask_to_class.py`: the Triton
+kernel on a GPU, or a 2^24-entry lookup table (one byte per RGB colour; a gather per pixel, ~100x
+faster than the reference on CPU) that this module builds once with the kernel's torch reference
+and caches on disk (`lookup_table`). `map_colors_reference` is that reference on (..., 3) pixels.
 Integer-valued centres keep every squared distance an exact float32 integer, so the two paths (and
 the Triton kernel in `kernels/mask_to_class.py`) can never disagree on rounding.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -26,6 +26,7 @@ from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 
 from cityseg.errors import OutputError
 from cityseg.outputs import ensure_dir
+from kernels.mask_to_class import build_lut, mask_to_class, mask_to_class_lut, mask_to_class_reference
 
 IGNORE_INDEX = 255
 
@@ -86,8 +87,6 @@ def map_colors_reference(
     """RGB (..., 3) uint8 -> class ids (...) int64 by nearest centre; ties -> lowest centre index."""
     if rgb.shape[-1] != 3:
         raise ValueError(f"expected (..., 3) RGB values, got shape {tuple(rgb.shape)}")
-    from kernels.mask_to_class import mask_to_class_reference  # the one torch reference; lazy: triton
-
     pixels = rgb.reshape(1, -1, 1, 3)
     return mask_to_class_reference(pixels, centers, classes, max_dist).reshape(rgb.shape[:-1])
 
@@ -96,23 +95,18 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("CITYSEG_CACHE", Path.home() / ".cache" / "cityseg"))
 
 
-def build_lut(palette: Palette) -> torch.Tensor:
-    """All 2^24 colours through the reference: a (2^24,) uint8 table indexed by r<<16 | g<<8 | b."""
-    codes = torch.arange(1 << 24, dtype=torch.int64)
-    rgb = torch.stack([codes >> 16, (codes >> 8) & 255, codes & 255], dim=1).to(torch.uint8)
-    return map_colors_reference(rgb, palette.centers, palette.classes, palette.max_dist).to(torch.uint8)
+_LUTS: dict[tuple[str, str], torch.Tensor] = {}  # (palette key, device) -> table
 
 
-_LUTS: dict[str, torch.Tensor] = {}
-
-
-def lookup_table(palette: Palette) -> torch.Tensor:
-    """The palette's (2^24,) uint8 LUT, built on first use (a few seconds) and cached on disk."""
-    if palette.classes.max() > 255 or palette.classes.min() < 0:
-        raise ValueError("class ids must fit in a byte for the lookup table")
-    key = palette.key()
+def lookup_table(palette: Palette, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The palette's (2^24,) uint8 table on `device`: built on first use (a few seconds, kernels'
+    `build_lut`), cached on disk under $CITYSEG_CACHE and in memory, one copy per device."""
+    key = (palette.key(), str(torch.device(device)))
     if key not in _LUTS:
-        _LUTS[key] = _load_or_build_lut(palette, _cache_dir() / f"lut-{key}.npy")
+        cpu = (palette.key(), "cpu")
+        if cpu not in _LUTS:
+            _LUTS[cpu] = _load_or_build_lut(palette, _cache_dir() / f"lut-{palette.key()}.npy")
+        _LUTS[key] = _LUTS[cpu].to(device)
     return _LUTS[key]
 
 
@@ -121,7 +115,7 @@ def _load_or_build_lut(palette: Palette, path: Path) -> torch.Tensor:
         table = np.load(path)
         if table.shape == (1 << 24,) and table.dtype == np.uint8:
             return torch.from_numpy(table)
-    table = build_lut(palette).numpy()
+    table = build_lut(palette.centers, palette.classes, palette.max_dist).numpy()
     ensure_dir(path.parent, "cache folder ($CITYSEG_CACHE, default ~/.cache/cityseg)")
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     try:
@@ -135,16 +129,28 @@ def _load_or_build_lut(palette: Palette, path: Path) -> torch.Tensor:
     return torch.from_numpy(table)
 
 
+@functools.cache
+def _triton_runs_on(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 0)
+
+
+def map_colors(mask: torch.Tensor, palette: Palette, out_dtype: torch.dtype = torch.int64,
+               layout: str = "nhwc") -> torch.Tensor:
+    """Masks (N, H, W, 3) / (H, W, 3) uint8 (or channels-first with layout="nchw"), any strides ->
+    class ids on the mask's device: the Triton kernel on GPUs it supports (compute capability 7.0+),
+    the lookup table everywhere else. How every loader and `predict` map masks."""
+    p = palette
+    if _triton_runs_on(mask.device):
+        return mask_to_class(mask, p.centers, p.classes, p.max_dist, out_dtype=out_dtype, layout=layout)
+    return mask_to_class_lut(mask, lookup_table(p, mask.device), out_dtype=out_dtype, layout=layout)
+
+
 def map_colors_lut(rgb: torch.Tensor, palette: Palette, out_dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """RGB (..., 3) uint8 on CPU -> class ids (...) by table lookup; equals `map_colors_reference`."""
+    """RGB (..., 3) uint8 -> class ids (...) by table lookup; equals `map_colors_reference`."""
     if rgb.dtype != torch.uint8 or rgb.shape[-1] != 3:
         raise ValueError(f"expected (..., 3) uint8 RGB, got {rgb.dtype} {tuple(rgb.shape)}")
-    from kernels.mask_to_class import mask_to_class_lut  # the tuned gather; lazy: it imports triton
-
     flat = rgb.reshape(1, -1, 1, 3) if rgb.dim() != 4 else rgb
-    return mask_to_class_lut(flat, palette.centers, palette.classes, palette.max_dist, out_dtype=out_dtype).reshape(
-        rgb.shape[:-1]
-    )
+    return mask_to_class_lut(flat, lookup_table(palette, rgb.device), out_dtype=out_dtype).reshape(rgb.shape[:-1])
 
 
 def colorize(class_ids: torch.Tensor, palette: Palette) -> torch.Tensor:

@@ -4,9 +4,11 @@
 
 One entry point for every device:
 - CUDA tensors: the Triton kernel (grid over pixels, each pixel's RGB read once, its id written once).
-- CPU tensors: the 2^24-entry lookup table of `cityseg.palette` (one gather per pixel), unless
-  `TRITON_INTERPRET=1` is set, which runs the same Triton kernel in Triton's interpreter (tests).
-- `backend=` forces one: "triton" (on CPU: the interpreter), "lut" (CPU only), "reference".
+- CPU tensors: a 2^24-entry lookup table (`build_lut`; one gather per pixel) passed in by the caller
+  (`cityseg.palette` caches it on disk), unless `TRITON_INTERPRET=1` is set, which runs the same
+  Triton kernel in Triton's interpreter (tests).
+- `backend=` forces one: "triton" (on CPU: the interpreter), "lut", "reference".
+Tensors in, tensors out: this module imports nothing from `cityseg`.
 
 Exactness: the reference computes squared distances `dr*dr + dg*dg + db*db` in float32, compares
 them with `float32(max_dist**2)` and keeps the first minimum (lowest centre index on ties). With
@@ -58,6 +60,7 @@ def _mask_to_class_kernel(
     PACKED: tl.constexpr,  # integer centres in 0..255: the packed-key loop below
     HAS_LIMIT: tl.constexpr,
     IGNORE: tl.constexpr,  # Triton kernels read globals only as constexpr: passed in instead
+    SIZE_BUCKET,  # log2(num_pixels) // 2: unused by the kernel, part of the autotuning key
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -112,11 +115,14 @@ def _mask_to_class_kernel(
 # Per pixel the packed loop costs 4 instructions per centre (3 FFMA + FMNMX) plus ~60 for indexing
 # and I/O, so with K = 34 an H100 runs out of issue slots before DRAM bandwidth (by its SASS count,
 # ~45% of peak with int64 output); blocks of 4-16 pixels per thread amortise the per-thread centre
-# loads. Short benchmark windows keep autotuning (first call per K) well under a second.
+# loads. Three candidates (each a compile in a new process) and short benchmark windows keep
+# autotuning well under a second; the key holds a size bucket, so a config tuned on one mask is
+# not reused for a batch of 64. CITYSEG_KERNEL_BLOCK=N pins one block size (no autotuning: tests,
+# and the GPU suite's compile budget).
 _AUTOTUNE_CONFIGS = [
-    triton.Config({"BLOCK": block}, num_warps=warps)
-    for block, warps in ((512, 4), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8))
+    triton.Config({"BLOCK": block}, num_warps=warps) for block, warps in ((1024, 4), (2048, 8), (4096, 8))
 ]
+_PINNED_BLOCK = "CITYSEG_KERNEL_BLOCK"
 _kernels: dict[str, object] = {}
 
 
@@ -138,7 +144,7 @@ def _kernel(device: torch.device, tuned: bool):
         _kernels["jit"] = jit
         _kernels["tuned"] = triton.autotune(
             configs=_AUTOTUNE_CONFIGS,
-            key=["K", "PACKED", "HAS_LIMIT"],
+            key=["K", "PACKED", "HAS_LIMIT", "SIZE_BUCKET"],
             do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles),
         )(jit)
     return _kernels["tuned"] if tuned else _kernels["jit"]
@@ -270,7 +276,8 @@ def mask_to_class_triton(
         return out if mask.dim() == 4 else out[0]
     interp = x.device.type != "cuda" or _interpreting()
     # The interpreter pays per operation, not per element: big blocks keep it fast.
-    block = block_size or (_INTERPRETER_BLOCK if interp else None)
+    pinned = os.environ.get(_PINNED_BLOCK)
+    block = block_size or (_INTERPRETER_BLOCK if interp else int(pinned) if pinned else None)
     kernel = _kernel(x.device, tuned=block is None)
     meta = {"K": table.shape[0], "PACKED": packed, "HAS_LIMIT": max_dist is not None, "IGNORE": IGNORE_INDEX}
     if block is not None:
@@ -283,45 +290,38 @@ def mask_to_class_triton(
             xs, os_ = x[n0 : n0 + rows], out[n0 : n0 + rows]
             num_pixels = xs.shape[0] * H * W
             grid = lambda m, p=num_pixels: (triton.cdiv(p, m["BLOCK"]),)  # noqa: E731
-            kernel[grid](xs, table, cls, os_, num_pixels, H, W, *xs.stride(), _limit(max_dist), **meta)
+            bucket = num_pixels.bit_length() // 2
+            kernel[grid](xs, table, cls, os_, num_pixels, H, W, *xs.stride(), _limit(max_dist), SIZE_BUCKET=bucket,
+                         **meta)
     return out if mask.dim() == 4 else out[0]
+
+
+def build_lut(centers: torch.Tensor, classes: torch.Tensor, max_dist: float | None = None) -> torch.Tensor:
+    """All 2^24 colours through the reference: a (2^24,) uint8 table indexed by r << 16 | g << 8 | b
+    (a few seconds on one core; `cityseg.palette.lookup_table` caches it on disk)."""
+    _check_table(centers, classes)
+    if classes.min() < 0 or classes.max() > 255:
+        raise ValueError("class ids must fit in a byte for the lookup table")
+    codes = torch.arange(1 << 24, dtype=torch.int64)
+    rgb = torch.stack([codes >> 16, (codes >> 8) & 255, codes & 255], dim=1).to(torch.uint8)
+    ids = mask_to_class_reference(rgb.view(1, -1, 1, 3), centers.cpu(), classes.cpu(), max_dist)
+    return ids.reshape(-1).to(torch.uint8)
 
 
 def mask_to_class_lut(
-    mask: torch.Tensor,
-    centers: torch.Tensor,
-    classes: torch.Tensor,
-    max_dist: float | None = None,
-    *,
-    layout: Layout = "nhwc",
-    out_dtype: torch.dtype = torch.int64,
+    mask: torch.Tensor, lut: torch.Tensor, *, layout: Layout = "nhwc", out_dtype: torch.dtype = torch.int64
 ) -> torch.Tensor:
-    """The CPU path: one gather per pixel in the palette's 2^24-entry table (built once, cached)."""
-    _check_table(centers, classes)
+    """One gather per pixel in a table from `build_lut`, on the mask's device (a GPU too: the path for
+    GPUs that Triton does not support)."""
+    if lut.shape != (1 << 24,) or lut.dtype != torch.uint8:
+        raise ValueError(f"lut must be the (2^24,) uint8 table of build_lut, got {lut.dtype} {tuple(lut.shape)}")
     x = _as_nhwc(mask, layout)
-    if x.device.type != "cpu":
-        raise ValueError(f"the lookup-table path runs on CPU tensors, got {x.device}")
-    lut = _lookup_table(centers, classes, max_dist)
-    out = _gather_lut(x, lut, out_dtype)
+    if x.device.type == "cpu":
+        out = _gather_lut(x, lut.cpu(), out_dtype)
+    else:
+        ids = lut.to(x.device)[_rgb_codes_torch(x).long()]
+        out = ids if out_dtype == torch.uint8 else ids.long()
     return out if mask.dim() == 4 else out[0]
-
-
-_luts: dict[tuple, torch.Tensor] = {}
-
-
-def _lookup_table(centers: torch.Tensor, classes: torch.Tensor, max_dist: float | None) -> torch.Tensor:
-    """`cityseg.palette.lookup_table` for these centres: (2^24,) uint8 indexed by r << 16 | g << 8 | b."""
-    c = centers.detach().to("cpu", torch.float32).contiguous()
-    k = classes.detach().to("cpu", torch.int64).contiguous()
-    key = (c.numpy().tobytes(), k.numpy().tobytes(), max_dist)
-    if key not in _luts:
-        from cityseg.palette import Palette, lookup_table  # imports cityscapesscripts: only this path needs it
-
-        # Names and colours enter neither the table nor its cache key: placeholders do.
-        num = int(k[k != IGNORE_INDEX].max()) + 1 if bool((k != IGNORE_INDEX).any()) else 0
-        names = tuple(f"class {i}" for i in range(num))
-        _luts[key] = lookup_table(Palette(c, k, names, torch.zeros(num, 3, dtype=torch.uint8), max_dist))
-    return _luts[key]
 
 
 def _rgb_codes(x: torch.Tensor) -> torch.Tensor:
@@ -378,6 +378,7 @@ def mask_to_class(
     out_dtype: torch.dtype = torch.int64,
     backend: Backend = "auto",
     block_size: int | None = None,
+    lut: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """uint8 RGB masks -> class ids by nearest centre; ids (N, H, W) (or (H, W)) on the mask's device.
 
@@ -387,18 +388,23 @@ def mask_to_class(
     classes: (K,) integer class id of each centre (255 = ignore).
     max_dist: pixels farther than this (Euclidean RGB) from every centre map to 255.
     out_dtype: torch.int64 (loss targets) or torch.uint8.
-    backend: "auto" = Triton on CUDA, lookup table on CPU (Triton interpreter if TRITON_INTERPRET=1).
+    backend: "auto" = Triton on CUDA (or under TRITON_INTERPRET=1), else the lookup table when `lut`
+        is given, else the reference.
     block_size: pixels per Triton program; None = autotuned on CUDA.
+    lut: the table `build_lut(centers, classes, max_dist)` made (the caller keeps and caches it).
     """
     if out_dtype not in (torch.int64, torch.uint8):
         raise ValueError(f"out_dtype must be torch.int64 or torch.uint8, got {out_dtype}")
     if backend == "auto":
-        backend = "triton" if mask.device.type == "cuda" or _interpreting() else "lut"
+        on_triton = mask.device.type == "cuda" or _interpreting()
+        backend = "triton" if on_triton else "lut" if lut is not None else "reference"
     kw = {"layout": layout, "out_dtype": out_dtype}
     if backend == "triton":
         return mask_to_class_triton(mask, centers, classes, max_dist, block_size=block_size, **kw)
     if backend == "lut":
-        return mask_to_class_lut(mask, centers, classes, max_dist, **kw)
+        if lut is None:
+            raise ValueError("backend='lut' needs the table: lut=build_lut(centers, classes, max_dist)")
+        return mask_to_class_lut(mask, lut, **kw)
     if backend == "reference":
         return mask_to_class_reference(mask, centers, classes, max_dist, **kw)
     raise ValueError(f"backend must be 'auto', 'triton', 'lut' or 'reference', got {backend!r}")

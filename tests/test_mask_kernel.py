@@ -20,9 +20,22 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.mask_to_class import mask_to_class, mask_to_class_reference
+from kernels.mask_to_class import build_lut, mask_to_class_reference
+from kernels.mask_to_class import mask_to_class as kernel_mask_to_class
 
 ROOT = Path(__file__).resolve().parents[1]
+_LUTS: dict[tuple, torch.Tensor] = {}
+
+
+def mask_to_class(mask, centers, classes, max_dist=None, **kw):
+    """The kernel's entry point; `backend="lut"` gets its table (built once per palette here, as
+    `cityseg.palette.lookup_table` does for the package)."""
+    if kw.get("backend") == "lut" and "lut" not in kw:
+        key = (centers.cpu().numpy().tobytes(), classes.cpu().numpy().tobytes(), max_dist)
+        if key not in _LUTS:
+            _LUTS[key] = build_lut(centers, classes, max_dist)
+        kw["lut"] = _LUTS[key]
+    return kernel_mask_to_class(mask, centers, classes, max_dist, **kw)
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
 
@@ -137,8 +150,7 @@ def test_cityscapes_palette_all_backends():
     assert own.flatten().tolist() == list(range(pal.num_classes))  # each train colour maps to its class
 
 
-def test_lut_with_max_dist(tmp_path, monkeypatch):
-    monkeypatch.setenv("CITYSEG_CACHE", str(tmp_path))  # a table for a throwaway palette
+def test_lut_with_max_dist():
     centers = torch.tensor([[0.0, 0.0, 0.0], [200.0, 100.0, 50.0]])
     classes = torch.tensor([3, 7])
     check(random_masks((2, 64, 80), seed=4), centers, classes, 90.0, backends=("triton", "lut"))
@@ -237,15 +249,24 @@ def test_uint8_output():
 
 
 def test_auto_backend_follows_triton_interpret(monkeypatch):
-    # Class ids above 255 do not fit the lookup table: only the kernel (int64 output) accepts them.
+    """On CPU, `auto` is the interpreted kernel under TRITON_INTERPRET=1, else the table when given,
+    else the reference; class ids above 255 do not fit a table."""
     centers, _ = random_table(3, seed=1)
     classes = torch.tensor([300, 301, 302])
     mask = random_masks((1, 5, 6), seed=1)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    expected = mask_to_class_reference(mask, centers, classes)
     with pytest.raises(ValueError, match="byte"):
-        mask_to_class(mask, centers, classes)
+        build_lut(centers, classes)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert torch.equal(kernel_mask_to_class(mask, centers, classes), expected)
+    small = torch.tensor([3, 1, 2])
+    lut = build_lut(centers, small)
+    calls = []
+    monkeypatch.setattr("kernels.mask_to_class._gather_lut", lambda *a: calls.append(a) or torch.zeros(1, 5, 6))
+    kernel_mask_to_class(mask, centers, small, lut=lut)
+    assert len(calls) == 1  # the table path
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert torch.equal(mask_to_class(mask, centers, classes), mask_to_class_reference(mask, centers, classes))
+    assert torch.equal(kernel_mask_to_class(mask, centers, classes), expected)
 
 
 def test_auto_backend_under_triton_interpret():

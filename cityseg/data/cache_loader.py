@@ -51,9 +51,8 @@ from cityseg.data.torch_loader import (
     one_pass,
 )
 from cityseg.errors import UserError
-from cityseg.palette import IGNORE_INDEX, Palette, lookup_table
+from cityseg.palette import IGNORE_INDEX, Palette, lookup_table, map_colors
 from cityseg.runtime import free_memory
-from kernels.mask_to_class import mask_to_class
 
 MAX_SHARE = 0.8  # of free memory: leaves room for the model, activations and allocator slack
 BYTES_PER_PIXEL = 4  # 3 photo bytes + 1 class-id byte
@@ -159,11 +158,10 @@ def decode_dali(
         slot_of[torch.as_tensor(list(indices))] = torch.arange(len(indices))
         photos = torch.empty((len(indices), size, size, 3), dtype=torch.uint8, device=device)
         targets = torch.empty((len(indices), size, size), dtype=torch.uint8, device=device)
-        p = palette
         for (out,) in iterator:
             slots = slot_of[out["index"].reshape(-1).long().cpu()].to(device)
             photos.index_copy_(0, slots, out["photo"])
-            ids = mask_to_class(out["mask"], p.centers, p.classes, p.max_dist, out_dtype=torch.uint8)
+            ids = map_colors(out["mask"], palette, torch.uint8)
             targets.index_copy_(0, slots, ids)
     finally:
         pipe._shutdown()  # its decode threads end here, not at interpreter exit

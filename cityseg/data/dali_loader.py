@@ -44,8 +44,7 @@ from cityseg.config import AugmentConfig
 from cityseg.data.contract import IMAGENET_MEAN, IMAGENET_STD, LoaderSpec, PairLoader
 from cityseg.data.pairs import PairError, read_header, validate_files, validate_pair
 from cityseg.data.sampler import EpochSampler
-from cityseg.palette import IGNORE_INDEX, Palette
-from kernels.mask_to_class import mask_to_class
+from cityseg.palette import IGNORE_INDEX, Palette, map_colors, map_colors_reference
 
 READER = "pairs"  # the reader's name: the iterator reads the epoch size from it
 OUTPUTS = ["image", "mask", "index"]
@@ -237,7 +236,7 @@ def source_heights(files: Sequence[Path]) -> set[int]:
 def fill_colour_is_void(palette: Palette) -> bool:
     """Whether black, the warp's fill, maps to 255 (it does in Cityscapes: 'unlabeled')."""
     black = torch.zeros(1, 1, 1, 3, dtype=torch.uint8)
-    ids = mask_to_class(black, palette.centers, palette.classes, palette.max_dist, backend="reference")
+    ids = map_colors_reference(black, palette.centers, palette.classes, palette.max_dist)
     return int(ids) == IGNORE_INDEX
 
 
@@ -376,7 +375,7 @@ class DaliPairLoader(PairLoader):
             image = image.to(self.dtype)  # preserve_format keeps the channels-last strides
         mask = out["mask"]  # (B, S, S, 3 or 4) uint8
         p = self.palette
-        target = mask_to_class(mask[..., :3], p.centers, p.classes, p.max_dist, out_dtype=torch.int64)
+        target = map_colors(mask[..., :3], p, torch.int64)
         if mask.shape[-1] == 4:
             target.masked_fill_(mask[..., 3] == 0, IGNORE_INDEX)
         return image, target, out["index"].reshape(-1).to(torch.int64).cpu()

@@ -27,8 +27,7 @@ from cityseg.config import AugmentConfig
 from cityseg.data.contract import LoaderSpec, PairLoader, normalize
 from cityseg.data.pairs import open_pair_image, split_pair
 from cityseg.data.sampler import EpochSampler
-from cityseg.palette import IGNORE_INDEX, Palette, lookup_table
-from kernels.mask_to_class import mask_to_class
+from cityseg.palette import IGNORE_INDEX, Palette, lookup_table, map_colors
 
 
 def paired_transform(aug: AugmentConfig) -> v2.Compose:
@@ -75,9 +74,7 @@ class PairDataset(Dataset):
         """Decode and map one pair, resized to image_size, without augmentation."""
         _, image = open_pair_image(self.files[index])
         photo, mask_rgb = split_pair(torch.from_numpy(np.array(image)))  # writable copy
-        target = mask_to_class(
-            mask_rgb, self.palette.centers, self.palette.classes, self.palette.max_dist, out_dtype=torch.uint8
-        )
+        target = map_colors(mask_rgb, self.palette, torch.uint8)
         photo = photo.permute(2, 0, 1)  # (3, H, W) view
         if photo.shape[-1] != self.image_size:
             size = [self.image_size, self.image_size]

@@ -41,10 +41,9 @@ from cityseg.inference.overlay import OUTPUT_KINDS, write_outputs
 from cityseg.inference.tta import FlipTTA, resolve_tta
 from cityseg.metrics import ConfusionMatrix, SegMetrics, iou_table
 from cityseg.outputs import ensure_dir
-from cityseg.palette import IGNORE_INDEX, Palette
+from cityseg.palette import IGNORE_INDEX, Palette, map_colors
 from cityseg.report import plot_confusion, write_json
 from cityseg.runtime import autocast, inference_runtime, resolve_device
-from kernels.mask_to_class import mask_to_class
 
 # -- model side ------------------------------------------------------------------------------------
 
@@ -196,8 +195,7 @@ def run_predict(
 
 def mask_ids(mask: np.ndarray, palette: Palette) -> torch.Tensor:
     """Colour mask (H, W, 3) uint8 -> (H, W) uint8 class ids, the training mapping (LUT on CPU)."""
-    return mask_to_class(torch.from_numpy(np.array(mask)), palette.centers, palette.classes, palette.max_dist,
-                         out_dtype=torch.uint8)
+    return map_colors(torch.from_numpy(np.array(mask)), palette, torch.uint8)
 
 
 def write_pair_metrics(metrics: SegMetrics, predictor: Predictor, out_dir: Path, images: int,

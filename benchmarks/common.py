@@ -26,6 +26,10 @@ from typing import Any
 
 import torch
 
+from cityseg.report import cpu_model, device_name
+from cityseg.runtime import capabilities, resolve_device
+from cityseg.telemetry import synchronize
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SCHEMA = 1
@@ -38,29 +42,14 @@ def device_kind(device: torch.device) -> str:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """auto -> cuda when visible, else cpu."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    """auto -> cuda when visible, else cpu; a bare `cuda` gets its index (tensors report cuda:0)."""
+    device = resolve_device(name)
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())  # tensors report cuda:0, not cuda
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work: a GPU timer without it measures only the kernel launches."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+sync = synchronize  # wait for the device's queued work: a GPU timer without it measures only launches
 
 
 def load_average() -> list[float] | None:
@@ -70,10 +59,7 @@ def load_average() -> list[float] | None:
 
 def cpu_bf16_native() -> bool:
     """Whether oneDNN has native bf16 on this CPU (AVX512-BF16 / AMX); without it bf16 is emulated."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    return capabilities(torch.device("cpu")).bf16
 
 
 def machine() -> dict[str, Any]:
@@ -103,10 +89,7 @@ def versions() -> dict[str, str | None]:
     return found
 
 
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({cpu_model()}, {os.cpu_count()} cores)"
+describe_device = device_name
 
 
 def command_line(script: str, argv: Sequence[str] | None) -> str:

@@ -30,18 +30,11 @@ import PIL
 
 from cityseg.data import synth
 from cityseg.data.synth import render as synth_render
+from cityseg.report import cpu_model
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "synth_speed-cpu.json"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def pin_one_core() -> int | None:

@@ -50,6 +50,10 @@ class DataConfig:
     palette: str = "cityscapes"  # cityscapes | kmeans:K (K centres learned from a sample of masks)
     max_color_dist: float | None = None  # mask pixels farther than this from every class colour -> 255
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Score validation against the masks at their own size (256 px for the Kaggle files), the model's
+    # logits upsampled to it, whatever image_size the model runs at: a small image_size cannot flatter
+    # the figures by scoring against nearest-downsampled masks.
+    val_native: bool = True
     skip_validate: bool = False  # skip the up-front pair validation (faster start, cruder errors)
     skip_bad: bool = False  # leave bad files out (and say how many) instead of stopping
     synth_train: int = 2000  # size of the synthetic train split used when data_dir is None
@@ -63,6 +67,7 @@ class ModelConfig:
     width: int = 32  # channels of the first stage; doubled at each downsampling
     depth: int = 4  # number of downsamplings; inputs must be divisible by 2**depth
     upsample: str = "transpose"  # transpose (learned 2x2 transposed conv) | bilinear
+    norm: str = "batch"  # batch (BatchNorm) | group (GroupNorm, 8 groups: independent of the batch size)
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,11 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 100  # linear warm-up, then cosine decay to lr * min_lr_ratio
     min_lr_ratio: float = 0.01
+    schedule: str = "cosine"  # cosine (warm-up + cosine) | onecycle
+    time_budget_s: float | None = None  # training seconds (validation excluded); the LR decays over it
+    target_acc: float | None = None  # stop once val pixel accuracy reaches this
+    loss: str = "ce"  # ce (cross-entropy) | ce+dice (plus soft Dice over the classes present)
+    ema: float = 0.0  # decay of an exponential moving average of the weights, validated and saved; 0 = off
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     class_weights: str = "none"  # none | inverse-sqrt-freq (computed from a sample of train masks)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -237,4 +247,9 @@ def train_config(layers: list[tuple[str, dict[str, Any]]], *, on_cpu: bool, smok
         cfg = with_overrides(cfg, PRESETS[name], f"preset {name}")
     for source, values in layers:
         cfg = with_overrides(cfg, values, source)
+    if cfg.train.time_budget_s is not None and "train.epochs" not in given:  # the budget decides when to stop
+        cfg = with_overrides(cfg, {"train.epochs": MAX_EPOCHS}, "time budget")
     return cfg
+
+
+MAX_EPOCHS = 100_000

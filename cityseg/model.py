@@ -10,6 +10,7 @@ channels-last strides, so a channels-last input runs end to end without hidden N
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -21,16 +22,26 @@ Upsample = Literal["transpose", "bilinear"]
 UPSAMPLE_MODES: tuple[str, ...] = ("transpose", "bilinear")
 
 
-class ConvBlock(nn.Sequential):
-    """(conv3x3 - BN - ReLU) x 2. Convs carry no bias: the BN right after cancels it."""
+Norm = Literal["batch", "group"]
+GROUPS = 8  # GroupNorm groups; every stage's channel count (width * 2**i) divides by it when width does
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+
+def norm_layer(kind: Norm, channels: int) -> nn.Module:
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(GROUPS, channels), channels)
+    return nn.BatchNorm2d(channels)
+
+
+class ConvBlock(nn.Sequential):
+    """(conv3x3 - norm - ReLU) x 2. Convs carry no bias: the normalisation right after cancels it."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: Norm = "batch") -> None:
         super().__init__(
             nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
+            norm_layer(norm, out_channels),
             nn.ReLU(inplace=True),
             nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
+            norm_layer(norm, out_channels),
             nn.ReLU(inplace=True),
         )
 
@@ -38,8 +49,8 @@ class ConvBlock(nn.Sequential):
 class Down(nn.Sequential):
     """Halve the resolution, then a ConvBlock: (B, C_in, H, W) -> (B, C_out, H/2, W/2)."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(nn.MaxPool2d(2), ConvBlock(in_channels, out_channels))
+    def __init__(self, in_channels: int, out_channels: int, norm: Norm = "batch") -> None:
+        super().__init__(nn.MaxPool2d(2), ConvBlock(in_channels, out_channels, norm))
 
 
 class Up(nn.Module):
@@ -51,7 +62,7 @@ class Up(nn.Module):
     checkerboard artefacts).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, mode: Upsample = "transpose") -> None:
+    def __init__(self, in_channels: int, out_channels: int, mode: Upsample = "transpose", norm: Norm = "batch") -> None:
         super().__init__()
         if mode == "transpose":
             self.up: nn.Module = nn.ConvTranspose2d(in_channels, in_channels // 2, 2, stride=2)
@@ -62,7 +73,7 @@ class Up(nn.Module):
             )
         else:
             raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {mode!r}")
-        self.conv = ConvBlock(in_channels // 2 + out_channels, out_channels)
+        self.conv = ConvBlock(in_channels // 2 + out_channels, out_channels, norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = self.up(x)  # (B, C/2, 2H, 2W)
@@ -104,6 +115,7 @@ class UNet(nn.Module):
         width: int = 32,
         depth: int = 4,
         upsample: Upsample = "transpose",
+        norm: Norm = "batch",
     ) -> None:
         super().__init__()
         if depth < 1 or width < 1:
@@ -113,9 +125,9 @@ class UNet(nn.Module):
         self.num_classes, self.in_channels = num_classes, in_channels
         self.width, self.depth, self.upsample = width, depth, upsample
         ch = [width * 2**i for i in range(depth + 1)]
-        self.stem = ConvBlock(in_channels, ch[0])
-        self.downs = nn.ModuleList(Down(ch[i], ch[i + 1]) for i in range(depth))
-        self.ups = nn.ModuleList(Up(ch[i + 1], ch[i], upsample) for i in reversed(range(depth)))
+        self.stem = ConvBlock(in_channels, ch[0], norm)
+        self.downs = nn.ModuleList(Down(ch[i], ch[i + 1], norm) for i in range(depth))
+        self.ups = nn.ModuleList(Up(ch[i + 1], ch[i], upsample, norm) for i in reversed(range(depth)))
         self.head = nn.Conv2d(ch[0], num_classes, 1)
         self._init_weights()
 
@@ -126,7 +138,7 @@ class UNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
@@ -145,7 +157,7 @@ class UNet(nn.Module):
 
 def build_model(cfg: ModelConfig) -> UNet:
     """The U-Net described by a ModelConfig (3-channel RGB input)."""
-    return UNet(num_classes=cfg.num_classes, width=cfg.width, depth=cfg.depth, upsample=cfg.upsample)
+    return UNet(num_classes=cfg.num_classes, width=cfg.width, depth=cfg.depth, upsample=cfg.upsample, norm=cfg.norm)
 
 
 def parameter_count(width: int, depth: int, upsample: str = "transpose", num_classes: int = 19,

@@ -109,6 +109,19 @@ def check_options(values: Mapping[str, Any], rules: Mapping[str, Number] = RULES
             raise OptionError(f"{flag(name)} {value}: {problem}")
 
 
+def parse_duration(text: str) -> float:
+    """`--time-budget 20m` -> 1200.0: a number of seconds, or with s / m / h."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    value, unit = (text[:-1], text[-1]) if text and text[-1].lower() in units else (text, "s")
+    try:
+        seconds = float(value) * units[unit.lower()]
+    except ValueError:
+        raise OptionError(f"--time-budget {text}: expected seconds or a number with s, m or h (e.g. 20m)") from None
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise OptionError(f"--time-budget {text}: expected a positive duration (e.g. 20m)")
+    return seconds
+
+
 def parse_scale(text: str) -> tuple[float, float]:
     """`--scale LO,HI` -> (lo, hi) with 0 < lo <= hi <= 4."""
     try:
@@ -131,13 +144,18 @@ KEY_OPTIONS: dict[str, str] = {
     "train.warmup_steps": "warmup_steps", "train.grad_clip": "grad_clip", "train.seed": "seed",
     "train.patience": "patience", "train.log_every": "log_every", "train.max_steps": "max_steps",
 }
-KEY_RULES: dict[str, Number] = {"train.min_lr_ratio": Number(0, 1), "data.hw_decoder_load": Number(0, 1)}
+KEY_RULES: dict[str, Number] = {"train.min_lr_ratio": Number(0, 1), "data.hw_decoder_load": Number(0, 1),
+                                 "train.ema": Number(0, 0.99999), "train.time_budget_s": Number(0, 1e7, above_lo=True),
+                                 "train.target_acc": Number(0, 1, above_lo=True)}
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.loader": ("auto", "torch", "dali", "cache"),
     "data.cache": ("none", "device"),
     "model.upsample": ("transpose", "bilinear"),
     "train.class_weights": ("none", "inverse-sqrt-freq"),
     "train.precision": ("auto", "bf16-mixed", "16-mixed", "32"),
+    "train.schedule": ("cosine", "onecycle"),
+    "train.loss": ("ce", "ce+dice"),
+    "model.norm": ("batch", "group"),
 }
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -151,7 +169,7 @@ def check_config(cfg: Config) -> None:
         if problem:
             raise OptionError(f"{flag(option)} ({key}) {value}: {problem}")
     for key, rule in KEY_RULES.items():
-        problem = rule.problem(get_value(cfg, key))
+        problem = None if get_value(cfg, key) is None else rule.problem(get_value(cfg, key))
         if problem:
             raise OptionError(f"{key} {get_value(cfg, key)}: {problem}")
     for key, choices in CHOICES.items():

@@ -124,7 +124,8 @@ def test_photo_and_mask_warped_together(tmp_path: Path, monkeypatch, palette_kin
     else:
         palette = no_void_palette()
         # The reference mapping: a 2^24-entry table for a new palette takes ~15 s to build on CPU.
-        monkeypatch.setattr(dali_loader, "mask_to_class", functools.partial(mask_to_class, backend="reference"))
+        monkeypatch.setattr(dali_loader, "map_colors", lambda mask, p, out_dtype: mask_to_class(
+            mask, p.centers, p.classes, p.max_dist, backend="reference", out_dtype=out_dtype))
         photo_classes = functools.partial(
             mask_to_class, centers=palette.centers, classes=palette.classes, backend="reference"
         )

@@ -21,7 +21,7 @@ from cityseg.errors import OutputError
 from cityseg.model import UNet
 from cityseg.palette import cityscapes_palette, map_colors_lut
 from cityseg.training import TrainingError, train
-from cityseg.training.setup import warmup_cosine
+from cityseg.training.schedule import warmup_cosine
 from tests.conftest import ROOT
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "samples.png",

@@ -27,7 +27,7 @@ from rich.text import Text
 from cityseg.cli.common import app, console, err_console, fail, given_options
 from cityseg.config import AMP_TO_PRECISION, PRESETS, Config, flatten, get_value, train_config, with_overrides
 from cityseg.errors import OptionError
-from cityseg.options import check_config, check_options, flag, parse_scale
+from cityseg.options import check_config, check_options, flag, parse_duration, parse_scale
 
 DEFAULTS = Config()
 CPU = PRESETS["cpu-synthetic"]
@@ -64,6 +64,21 @@ class CompileMode(str, Enum):
     max_autotune_no_cudagraphs = "max-autotune-no-cudagraphs"
 
 
+class Schedule(str, Enum):
+    cosine = "cosine"
+    onecycle = "onecycle"
+
+
+class Loss(str, Enum):
+    ce = "ce"
+    ce_dice = "ce+dice"
+
+
+class Norm(str, Enum):
+    batch = "batch"
+    group = "group"
+
+
 class ClassWeights(str, Enum):
     none = "none"
     inverse_sqrt_freq = "inverse-sqrt-freq"
@@ -85,11 +100,13 @@ OPTION_KEYS: dict[str, str | tuple[str, ...]] = {
     "device": "train.device", "precision": "train.precision", "amp": "train.precision",
     "compile": "train.compile", "compile_mode": "train.compile_mode", "sync_bn": "train.sync_bn",
     "seed": "train.seed", "patience": "train.patience", "log_every": "train.log_every",
-    "max_steps": "train.max_steps", "out": "train.out",
+    "max_steps": "train.max_steps", "out": "train.out", "time_budget": "train.time_budget_s",
+    "target_acc": "train.target_acc", "schedule": "train.schedule", "loss": "train.loss", "ema": "train.ema",
+    "norm": "model.norm",
 }
 # What `--resume` applies: how long to go on and how to run, never what the run is (that is in last.pt).
-RESUME_APPLIES = {"epochs", "max_steps", "device", "workers", "prefetch", "precision", "amp", "compile", "compile_mode",
-                  "log_every", "skip_validate"}
+RESUME_APPLIES = {"epochs", "max_steps", "time_budget", "target_acc", "device", "workers", "prefetch", "precision",
+                  "amp", "compile", "compile_mode", "log_every", "skip_validate"}
 # Options that are not config values.
 COMMAND_ONLY = {"resume", "config", "print_config", "smoke", "nproc"}
 
@@ -108,6 +125,8 @@ def config_values(given: dict[str, Any]) -> dict[str, Any]:
             value = value.value
         if name == "scale":
             value = parse_scale(value)
+        if name == "time_budget":
+            value = parse_duration(value)
         if name == "amp":  # the older switch: --amp is bf16-mixed, --no-amp is 32
             value = AMP_TO_PRECISION[value]
         if name in ("data", "out"):  # absolute: eval and --resume from another folder find the same place
@@ -254,6 +273,9 @@ def train(
         f"U-Net downsamplings (default {_d('model.depth')})."))] = None,
     upsample: Annotated[Upsample | None, typer.Option(rich_help_panel=MODEL, help=(
         "Decoder upsampling: a learned transposed conv, or bilinear + 1x1 conv (default transpose)."))] = None,
+    norm: Annotated[Norm | None, typer.Option(rich_help_panel=MODEL, help=(
+        "Normalisation layers: BatchNorm (default) or GroupNorm with 8 groups (independent of the batch size)."
+    ))] = None,
     epochs: Annotated[int | None, typer.Option(rich_help_panel=TRAIN, help=(
         f"Epochs to train (default {_d('train.epochs')}; {CPU['train.epochs']} in the CPU synthetic preset). "
         "With --resume: the new budget of that run."))] = None,
@@ -267,6 +289,19 @@ def train(
         f"Max gradient norm; 0 disables (default {_d('train.grad_clip')})."))] = None,
     class_weights: Annotated[ClassWeights | None, typer.Option(rich_help_panel=TRAIN, help=(
         "Loss weights per class (default none)."))] = None,
+    time_budget: Annotated[str | None, typer.Option(rich_help_panel=TRAIN, help=(
+        "Train for this much time (e.g. 1200, 20m, 1.5h; validation not counted): the learning rate decays over "
+        "it and the run ends annealed when it is spent, with a normal best.pt/last.pt. --epochs, if given, may "
+        "end it sooner."))] = None,
+    target_acc: Annotated[float | None, typer.Option(rich_help_panel=TRAIN, help=(
+        "Stop once val pixel accuracy reaches this (e.g. 0.90); summary.json records when."))] = None,
+    schedule: Annotated[Schedule | None, typer.Option(rich_help_panel=TRAIN, help=(
+        "LR shape: warm-up + cosine (default) or one-cycle."))] = None,
+    loss: Annotated[Loss | None, typer.Option(rich_help_panel=TRAIN, help=(
+        "ce (default), or ce+dice: cross-entropy plus soft Dice over the classes present."))] = None,
+    ema: Annotated[float | None, typer.Option(rich_help_panel=TRAIN, help=(
+        "Decay of an exponential moving average of the weights (e.g. 0.999): validated and saved in place of "
+        "the raw weights; 0 = off (default)."))] = None,
     patience: Annotated[int | None, typer.Option(rich_help_panel=TRAIN, help=(
         "Early stop after N epochs without a better val mIoU; 0 = never (default)."))] = None,
     seed: Annotated[int | None, typer.Option(rich_help_panel=TRAIN, help=(

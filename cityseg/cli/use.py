@@ -48,13 +48,16 @@ def evaluate_cmd(
                                                   "as JSON, and its heat map beside it as PNG.")] = None,
     tta: Annotated[Tta, typer.Option(help="Test-time augmentation: flip averages the mirrored prediction "
                                      "(2x the compute).")] = Tta.none,
+    native: Annotated[bool, typer.Option("--native/--model-size", help="Score against the masks at their own size "
+                                         "(default; logits upsampled to it) or resized to the model's input "
+                                         "size.")] = True,
 ) -> None:
     """Score a checkpoint on a split: pixel accuracy, mIoU and the per-class IoU table."""
     check_options({"batch_size": batch_size, "workers": workers})
     from cityseg.inference.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(ckpt, data, split=split.value, batch_size=batch_size, device=device,
-                                 workers=workers, json_out=json_out, console=console, tta=tta.value)
+                                 workers=workers, json_out=json_out, console=console, tta=tta.value, native=native)
     console.print(f"pixel acc {result['pixel_acc']:.4f}  mIoU {result['miou']:.4f}")
 
 

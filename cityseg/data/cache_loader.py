@@ -55,7 +55,6 @@ from cityseg.palette import IGNORE_INDEX, Palette, lookup_table, map_colors
 from cityseg.runtime import free_memory
 
 MAX_SHARE = 0.8  # of free memory: leaves room for the model, activations and allocator slack
-BYTES_PER_PIXEL = 4  # 3 photo bytes + 1 class-id byte
 _DECODE_BATCH = 64
 _GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, torchvision's rgb_to_grayscale weights
 # RGB -> YIQ (NTSC): hue is the angle in the I-Q plane.
@@ -69,14 +68,14 @@ class CacheError(UserError):
     """The cache does not fit in free memory; the message says what to do instead."""
 
 
-def cache_bytes(n: int, size: int) -> int:
-    """Device bytes to cache `n` pairs at `size` x `size`: uint8 RGB photo + uint8 class ids."""
-    return n * size * size * BYTES_PER_PIXEL
+def cache_bytes(n: int, size: int, target_size: int | None = None) -> int:
+    """Device bytes to cache `n` pairs: uint8 RGB photos at `size` + uint8 class ids at `target_size`."""
+    return n * (3 * size * size + (target_size or size) ** 2)
 
 
-def check_fits(n: int, size: int, device: torch.device) -> None:
+def check_fits(n: int, size: int, device: torch.device, target_size: int | None = None) -> None:
     """Raise `CacheError` when the cache would take more than MAX_SHARE of free memory."""
-    need, free = cache_bytes(n, size), free_memory(device)
+    need, free = cache_bytes(n, size, target_size), free_memory(device)
     if need > MAX_SHARE * free:
         raise CacheError(
             f"cache needs {need / 2**30:.2f} GiB for {n} images at {size}x{size} but only {free / 2**30:.2f} GiB "
@@ -89,19 +88,20 @@ def check_fits(n: int, size: int, device: torch.device) -> None:
 
 
 def decode_plain(
-    files: Sequence[Path], indices: Sequence[int], palette: Palette, size: int, device: torch.device, workers: int
+    files: Sequence[Path], indices: Sequence[int], palette: Palette, spec: LoaderSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The plain loader's decode (`PairDataset.load`) in DataLoader workers, copied to `device`:
-    photos (n, S, S, 3) uint8 and targets (n, S, S) uint8, in the order of `indices`."""
+    """The plain loader's decode (`PairDataset.load`) in DataLoader workers, copied to the device:
+    photos (n, S, S, 3) uint8 and targets (n, T, T) uint8, in the order of `indices`."""
     if palette.classes.max() <= 255:
         lookup_table(palette)  # build/load once here so workers find it cached
+    device, size, target = spec.device, spec.image_size, spec.label_size
     photos = torch.empty((len(indices), size, size, 3), dtype=torch.uint8, device=device)
-    targets = torch.empty((len(indices), size, size), dtype=torch.uint8, device=device)
+    targets = torch.empty((len(indices), target, target), dtype=torch.uint8, device=device)
     loader = DataLoader(
-        PairDataset(files, palette, size, augment=None),
+        PairDataset(files, palette, size, augment=None, target_size=target),
         batch_size=_DECODE_BATCH,
         sampler=[(i, None) for i in indices],
-        num_workers=workers,
+        num_workers=spec.workers,
         collate_fn=collate_uint8,
         pin_memory=device.type == "cuda",
         worker_init_fn=init_worker,
@@ -117,13 +117,7 @@ def decode_plain(
 
 
 def decode_dali(
-    files: Sequence[Path],
-    indices: Sequence[int],
-    palette: Palette,
-    size: int,
-    device: torch.device,
-    workers: int,
-    hw_decoder_load: float = 0.65,
+    files: Sequence[Path], indices: Sequence[int], palette: Palette, spec: LoaderSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Like `decode_plain`, with the DALI loader's reader, decode and resize: nvJPEG on a CUDA
     device (masks mapped by the Triton kernel), DALI's CPU operators otherwise."""
@@ -132,6 +126,7 @@ def decode_dali(
 
     from cityseg.data import dali_loader as dl
 
+    device, size, target, workers = spec.device, spec.image_size, spec.label_size, spec.workers
     gpu = device.type == "cuda"
     heights = dl.source_heights([files[i] for i in indices])
     max_height = max(heights)
@@ -141,9 +136,11 @@ def decode_dali(
         jpegs, index = dl.read_pairs(
             [str(f) for f in files], list(indices), shuffle=False, seed=0, shard_id=0, num_shards=1
         )
-        photo, mask = dl.decode_halves(jpegs, gpu=gpu, hw_decoder_load=hw_decoder_load, max_height=max_height)
+        photo, mask = dl.decode_halves(jpegs, gpu=gpu, hw_decoder_load=spec.hw_decoder_load, max_height=max_height)
         if heights != {size}:
-            photo, mask = dl.resize_pair(photo, mask, size, max_height)
+            photo = dl.resize_photo(photo, size)
+        if heights != {target}:
+            mask = dl.resize_mask(mask, target, max_height)
         return photo, mask, index
 
     device_id = (device.index if device.index is not None else torch.cuda.current_device()) if gpu else None
@@ -157,7 +154,7 @@ def decode_dali(
         slot_of = torch.full((len(files),), -1, dtype=torch.int64)
         slot_of[torch.as_tensor(list(indices))] = torch.arange(len(indices))
         photos = torch.empty((len(indices), size, size, 3), dtype=torch.uint8, device=device)
-        targets = torch.empty((len(indices), size, size), dtype=torch.uint8, device=device)
+        targets = torch.empty((len(indices), target, target), dtype=torch.uint8, device=device)
         for (out,) in iterator:
             slots = slot_of[out["index"].reshape(-1).long().cpu()].to(device)
             photos.index_copy_(0, slots, out["photo"])
@@ -312,15 +309,11 @@ class CacheLoader(PairLoader):
         )
         self.epoch, self.start_batch = 0, 0
         self.indices = self._readable_indices(spec.shuffle, spec.num_shards)
-        check_fits(len(self.indices), spec.image_size, self.device)
+        check_fits(len(self.indices), spec.image_size, self.device, spec.target_size)
         if decoder == "auto":
             decoder = "dali" if self.device.type == "cuda" and dali_available() else "plain"
-        if decoder == "dali":
-            self.photos, self.targets = decode_dali(self.files, self.indices, palette, spec.image_size, self.device,
-                                                    spec.workers, spec.hw_decoder_load)
-        else:
-            self.photos, self.targets = decode_plain(self.files, self.indices, palette, spec.image_size, self.device,
-                                                     spec.workers)
+        decode = decode_dali if decoder == "dali" else decode_plain
+        self.photos, self.targets = decode(self.files, self.indices, palette, spec)
         self._slot_of = torch.full((len(self.files),), -1, dtype=torch.int64)
         self._slot_of[torch.as_tensor(self.indices)] = torch.arange(len(self.indices))
 

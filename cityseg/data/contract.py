@@ -7,10 +7,11 @@
         for image, target in loader: ...
 
 The contract (`PairLoader`): batches `(image, target)` on `spec.device`; image `spec.dtype`
-(B, 3, S, S), normalised with the ImageNet mean/std, channels-last strides; target int64 (B, S, S)
-class ids, 255 = ignore. Train loaders (`drop_last`) shuffle per epoch and give every shard the same
-number of batches; validation loaders give every sample exactly once over the shards. With
-augmentation off every loader yields the plain loader's batches for the same files.
+(B, 3, S, S), normalised with the ImageNet mean/std, channels-last strides; target int64 (B, T, T)
+class ids, 255 = ignore (T = `spec.label_size`: S, or the labels' native size for validation).
+Train loaders (`drop_last`) shuffle per epoch and give every shard the same number of batches;
+validation loaders give every sample exactly once over the shards. With augmentation off every
+loader yields the plain loader's batches for the same files.
 
 `exact_resume` says whether `set_epoch(e, start_batch)` reproduces the very batches of an
 uninterrupted run (plain and cache: yes, their order and draws are pure functions of (seed, epoch);
@@ -70,6 +71,17 @@ class LoaderSpec:
     shard_id: int = 0  # DDP rank
     num_shards: int = 1  # DDP world size
     hw_decoder_load: float = 0.65  # share of JPEG decoding on the A100/H100 hardware decoder (DALI on a GPU)
+    # Size of the targets when it differs from the images' (validation scored at the labels' native
+    # size while the model runs smaller); None = image_size. Only without augmentation.
+    target_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.augment is not None and self.target_size not in (None, self.image_size):
+            raise ValueError("target_size differs from image_size only without augmentation (validation)")
+
+    @property
+    def label_size(self) -> int:
+        return self.target_size or self.image_size
 
 
 class PairLoader(ABC):

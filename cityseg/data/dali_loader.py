@@ -104,22 +104,19 @@ def decode_halves(jpegs: DataNode, *, gpu: bool, hw_decoder_load: float, max_hei
     return photo, mask
 
 
-def resize_pair(photo: DataNode, mask: DataNode, size: int, max_height: int) -> tuple[DataNode, DataNode]:
-    """Photo: antialiased linear; mask: nearest. DALI's nearest picks the same source pixels as
-    torchvision's NEAREST_EXACT except on exact ties, which float error in its vertical pass rounds
-    down; a shift of a quarter output pixel's worth of the source, far below the 1/(2 * size) gap to
-    any non-tie, settles them the same way (tested bit-exact for many size pairs)."""
+def resize_photo(photo: DataNode, size: int) -> DataNode:
+    """Antialiased linear, as the plain loader's `F.resize(..., antialias=True)`."""
+    return fn.resize(photo, size=(size, size), antialias=True)
+
+
+def resize_mask(mask: DataNode, size: int, max_height: int) -> DataNode:
+    """Nearest. DALI's nearest picks the same source pixels as torchvision's NEAREST_EXACT except on
+    exact ties, which float error in its vertical pass rounds down; a shift of a quarter output
+    pixel's worth of the source, far below the 1/(2 * size) gap to any non-tie, settles them the
+    same way (tested bit-exact for many size pairs)."""
     eps = 0.25 / (size * max_height)
-    photo = fn.resize(photo, size=(size, size), antialias=True)
-    mask = fn.resize(
-        mask,
-        size=(size, size),
-        interp_type=types.INTERP_NN,
-        roi_start=(eps, eps),
-        roi_end=(1.0 + eps, 1.0 + eps),
-        roi_relative=True,
-    )
-    return photo, mask
+    return fn.resize(mask, size=(size, size), interp_type=types.INTERP_NN, roi_start=(eps, eps),
+                     roi_end=(1.0 + eps, 1.0 + eps), roi_relative=True)
 
 
 # ---------------------------------------------------------------- pair augmentation
@@ -190,8 +187,10 @@ def pair_pipeline(
     order: Sequence[int],
     *,
     size: int,
+    target_size: int,
     max_height: int,
-    resize: bool,
+    resize_photos: bool,
+    resize_masks: bool,
     augment: AugmentConfig | None,
     fill_is_void: bool,
     shuffle: bool,
@@ -205,8 +204,10 @@ def pair_pipeline(
     """(photo float (S, S, 3) normalised, mask uint8 (S, S, 3 or 4), file index (1,)) per sample."""
     jpegs, index = read_pairs(files, order, shuffle=shuffle, seed=reader_seed, shard_id=shard_id, num_shards=num_shards)
     photo, mask = decode_halves(jpegs, gpu=gpu, hw_decoder_load=hw_decoder_load, max_height=max_height)
-    if resize:
-        photo, mask = resize_pair(photo, mask, size, max_height)
+    if resize_photos:
+        photo = resize_photo(photo, size)
+    if resize_masks:
+        mask = resize_mask(mask, target_size, max_height)
     mirror: DataNode | int = 0
     if augment is not None and augment.geometric:
         photo, mask, mirror = augment_geometry(photo, mask, augment, size, fill_is_void)
@@ -269,8 +270,10 @@ class DaliPairLoader(PairLoader):
             files=[str(f) for f in self.files],
             order=order,
             size=spec.image_size,
+            target_size=spec.label_size,
             max_height=max(heights),
-            resize=heights != {spec.image_size},
+            resize_photos=heights != {spec.image_size},
+            resize_masks=heights != {spec.label_size},
             augment=spec.augment,
             fill_is_void=spec.augment is None or fill_colour_is_void(palette),
             shuffle=spec.shuffle,

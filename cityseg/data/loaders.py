@@ -10,7 +10,15 @@ import torch
 
 from cityseg.config import NO_AUGMENT, DataConfig
 from cityseg.data.contract import LoaderSpec, PairLoader, dali_available, make_loader
-from cityseg.data.pairs import MaskCheck, PairError, find_dataset_root, list_split, read_pair, validate_files
+from cityseg.data.pairs import (
+    MaskCheck,
+    PairError,
+    find_dataset_root,
+    list_split,
+    read_header,
+    read_pair,
+    validate_files,
+)
 from cityseg.palette import Palette, cityscapes_palette, far_share
 
 
@@ -122,21 +130,30 @@ def resolve_loader_kind(cfg: DataConfig, device: torch.device) -> str:
     return "dali" if device.type == "cuda" and dali_available() else "torch"
 
 
+def native_size(files: list[Path]) -> int | None:
+    """The pairs' own height when they all share one (the labels' native size), else None."""
+    heights = {read_header(f).height for f in files}
+    return heights.pop() if len(heights) == 1 else None
+
+
 def loader_spec(cfg: DataConfig, *, train: bool, device: torch.device, dtype: torch.dtype, seed: int,
-                shard_id: int = 0, num_shards: int = 1) -> LoaderSpec:
+                shard_id: int = 0, num_shards: int = 1, target_size: int | None = None) -> LoaderSpec:
     """Train loaders shuffle, augment and drop the last partial batch; validation loaders do none of it."""
     augment = cfg.augment if train and cfg.augment != NO_AUGMENT else None
     return LoaderSpec(image_size=cfg.image_size, batch_size=cfg.batch_size, augment=augment, shuffle=train,
                       drop_last=train, device=device, dtype=dtype, workers=cfg.workers, prefetch=cfg.prefetch,
-                      seed=seed, shard_id=shard_id, num_shards=num_shards, hw_decoder_load=cfg.hw_decoder_load)
+                      seed=seed, shard_id=shard_id, num_shards=num_shards, hw_decoder_load=cfg.hw_decoder_load,
+                      target_size=target_size)
 
 
 def build_loader(kind: str, files: list[Path], palette: Palette, cfg: DataConfig, *, train: bool,
                  device: torch.device, dtype: torch.dtype, seed: int, shard_id: int = 0,
                  num_shards: int = 1) -> PairLoader:
-    """The `kind` loader (see `resolve_loader_kind`) over `files`: the contract of cityseg/data/contract.py."""
+    """The `kind` loader (see `resolve_loader_kind`) over `files`: the contract of cityseg/data/contract.py.
+    Validation targets keep the labels' native size (`cfg.val_native`) when all pairs share one."""
+    target = native_size(files) if not train and cfg.val_native else None
     spec = loader_spec(cfg, train=train, device=device, dtype=dtype, seed=seed, shard_id=shard_id,
-                       num_shards=num_shards)
+                       num_shards=num_shards, target_size=target)
     if kind == "cache":  # decoded by the loader named beside it: `--loader dali --cache device`
         from cityseg.data.cache_loader import CacheLoader
 

@@ -60,26 +60,29 @@ class PairDataset(Dataset):
     """
 
     def __init__(
-        self, files: Sequence[Path], palette: Palette, image_size: int, augment: AugmentConfig | None
+        self, files: Sequence[Path], palette: Palette, image_size: int, augment: AugmentConfig | None,
+        target_size: int | None = None,
     ) -> None:
         self.files = list(files)
         self.palette = palette
         self.image_size = image_size
+        self.target_size = target_size or image_size
         self.transform = paired_transform(augment) if augment is not None else None
 
     def __len__(self) -> int:
         return len(self.files)
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode and map one pair, resized to image_size, without augmentation."""
+        """Decode and map one pair: photo resized to image_size, target (nearest) to target_size."""
         _, image = open_pair_image(self.files[index])
         photo, mask_rgb = split_pair(torch.from_numpy(np.array(image)))  # writable copy
         target = map_colors(mask_rgb, self.palette, torch.uint8)
         photo = photo.permute(2, 0, 1)  # (3, H, W) view
         if photo.shape[-1] != self.image_size:
-            size = [self.image_size, self.image_size]
-            photo = F.resize(photo, size, antialias=True)
-            target = F.resize(target[None], size, interpolation=v2.InterpolationMode.NEAREST_EXACT)[0]
+            photo = F.resize(photo, [self.image_size] * 2, antialias=True)
+        if target.shape[-1] != self.target_size:
+            nearest = v2.InterpolationMode.NEAREST_EXACT
+            target = F.resize(target[None], [self.target_size] * 2, interpolation=nearest)[0]
         return photo, target
 
     def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +118,7 @@ class TorchPairLoader(PairLoader):
             # Masks are mapped on the CPU, in the workers, whatever the device: build the table (7 s
             # single-threaded) or load it once here, so each worker finds it cached on disk.
             lookup_table(palette)
-        self.dataset = PairDataset(files, palette, spec.image_size, spec.augment)
+        self.dataset = PairDataset(files, palette, spec.image_size, spec.augment, spec.target_size)
         self.sampler = EpochSampler(
             len(files), spec.batch_size, shuffle=spec.shuffle, augment=spec.augment is not None, seed=spec.seed,
             drop_last=spec.drop_last, shard_id=spec.shard_id, num_shards=spec.num_shards,

@@ -32,8 +32,10 @@ def evaluate_checkpoint(
     json_out: Path | None = None,
     console: Console | None = None,
     tta: str | None = None,
+    native: bool | None = None,
 ) -> dict[str, Any]:
-    """Pixel accuracy, mIoU, per-class IoU and confusion matrix of `ckpt` on `data/split`."""
+    """Pixel accuracy, mIoU, per-class IoU and confusion matrix of `ckpt` on `data/split`, scored at
+    the masks' own size (`native`, the default of the run's config) or at the model's input size."""
     console = console or Console(markup=False)
     if json_out is not None:
         output_file(Path(json_out), "metrics JSON")  # a bad path fails now, not after the evaluation
@@ -41,7 +43,8 @@ def evaluate_checkpoint(
     model, cfg, palette, _ = load_from_checkpoint(ckpt, where)
     rt = inference_runtime(where, cfg.train.precision)
     data_dir = str(Path(data).absolute()) if data else cfg.data.data_dir
-    data_cfg = replace(cfg.data, batch_size=batch_size, workers=workers, data_dir=data_dir)
+    data_cfg = replace(cfg.data, batch_size=batch_size, workers=workers, data_dir=data_dir,
+                       val_native=cfg.data.val_native if native is None else native)
     files, _ = split_files(resolve_data_dir(data_cfg), split, validate=not data_cfg.skip_validate, workers=workers)
     tta = resolve_tta(tta)
     if tta == "flip":
@@ -49,8 +52,11 @@ def evaluate_checkpoint(
     with build_loader("torch", files, palette, data_cfg, train=False, device=rt.device, dtype=torch.float32,
                       seed=cfg.train.seed) as loader:
         metrics, loss = evaluate_model(model, loader, rt, palette.num_classes)
-    console.print(iou_table(metrics, palette.names, title=f"{ckpt} on {split} ({len(files)} images)"))
+        scored_at = loader.spec.label_size
+    console.print(iou_table(metrics, palette.names, title=f"{ckpt} on {split} ({len(files)} images, scored at "
+                                                          f"{scored_at} px)"))
     result = {**metrics.to_dict(), "loss": loss, "checkpoint": str(ckpt), "split": split, "images": len(files),
+              "scored_at_px": scored_at,
               "tta": tta, "class_names": list(palette.names)}
     if json_out is not None:
         write_json(Path(json_out), result)

@@ -32,6 +32,7 @@ from cityseg.report import RunFolder, device_name, write_json
 from cityseg.runtime import resolve_device
 from cityseg.training.hooks import Reporter, default_hooks
 from cityseg.training.loop import EXIT_INTERRUPTED, HookBase, Interrupted, Parts, Trainer
+from cityseg.training.schedule import TrainClock
 from cityseg.training.setup import (
     TrainingError,
     build_loss,
@@ -115,11 +116,12 @@ def run_training(cfg: Config, console: Console, dist_info: DistInfo, run: RunFol
         cfg = replace(cfg, model=replace(cfg.model, num_classes=data.palette.num_classes))
         model, step_model = build_models(cfg.model, rt, dist_info, cfg.train.sync_bn)
         optimizer = build_optimizer(model, cfg.train, rt.device)
+        clock = TrainClock()
         parts = Parts(cfg, rt, dist_info, data, model, step_model, optimizer,
-                      build_scheduler(optimizer, cfg.train, len(data.train)),
+                      build_scheduler(optimizer, cfg.train, len(data.train), clock),
                       torch.amp.GradScaler(rt.device.type, enabled=rt.needs_grad_scaler),
-                      build_loss(cfg.train, data.train, data.palette.num_classes, rt.device))
-        hooks = default_hooks(cfg.train.patience, on_step) + extra_hooks
+                      build_loss(cfg.train, data.train, data.palette.num_classes, rt.device), clock)
+        hooks = default_hooks(cfg.train, on_step) + extra_hooks
         trainer = Trainer(parts, run, console, hooks)
         if state is not None:
             trainer.load_state_dict(state)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from cityseg.config import MAX_EPOCHS, TrainConfig
 from cityseg.data.contract import denormalize
 from cityseg.metrics import SegMetrics, iou_table
 from cityseg.progress import StepProgress
@@ -67,8 +68,8 @@ class Progress(HookBase):
 
     def before_epoch(self) -> None:
         t = self.trainer
-        self.bar = StepProgress(t.console, f"epoch {t.epoch + 1}/{t.cfg.train.epochs}", len(t.data.train),
-                                t.step_in_epoch).__enter__()
+        of = "" if t.cfg.train.epochs == MAX_EPOCHS else f"/{t.cfg.train.epochs}"  # a time budget decides
+        self.bar = StepProgress(t.console, f"epoch {t.epoch + 1}{of}", len(t.data.train), t.step_in_epoch).__enter__()
 
     def after_step(self) -> None:
         t = self.trainer
@@ -158,6 +159,11 @@ class Reporter(HookBase):
             "epochs": len(history),
             "steps": t.global_step,
             "elapsed_s": t.elapsed(),
+            "train_seconds": t.clock.seconds,
+            "target_acc": t.cfg.train.target_acc,
+            "target_reached_train_s": next((r["train_s"] for r in history if t.cfg.train.target_acc is not None
+                                            and (r.get("pixel_acc") or 0) >= t.cfg.train.target_acc), None),
+            "val_scored_at_px": t.data.val.spec.label_size,
             "device": device_name(t.rt.device),
             "precision": t.rt.precision,
             "compile": t.rt.compile,
@@ -190,6 +196,51 @@ class Reporter(HookBase):
         plot_samples(denormalize(image), target.cpu(), logits.argmax(1).cpu(), t.data.palette, t.run.samples)
 
 
+class EMA(HookBase):
+    """An exponential moving average of the weights (BatchNorm statistics included), updated after
+    every step; validation scores it and checkpoints save it as `model`, the raw weights beside it
+    as `train_model` for --resume."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+        self._averaged: torch.optim.swa_utils.AveragedModel | None = None
+
+    @property
+    def averaged(self) -> torch.optim.swa_utils.AveragedModel:
+        if self._averaged is None:  # the model exists once the trainer does
+            t = self.trainer
+            self._averaged = torch.optim.swa_utils.AveragedModel(
+                t.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(self.decay), use_buffers=True)
+            t.eval_model = self._averaged.module
+        return self._averaged
+
+    def before_train(self) -> None:
+        self.averaged  # noqa: B018 - create it, and point validation at it
+
+    def after_step(self) -> None:
+        self.averaged.update_parameters(self.trainer.model)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_model": self.trainer.model.state_dict(), "ema_updates": int(self.averaged.n_averaged)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "train_model" in state:  # `model` holds the average (loaded into the module by the trainer)
+            self.averaged.module.load_state_dict(state["model"])
+            self.averaged.n_averaged.fill_(state["ema_updates"])
+
+
+class TargetAccuracy(HookBase):
+    """Ends the run once val pixel accuracy reaches the target."""
+
+    def __init__(self, target: float) -> None:
+        self.target = target
+
+    def after_epoch(self, record: dict[str, Any], metrics: SegMetrics) -> None:
+        if (record.get("pixel_acc") or 0.0) >= self.target:
+            self.trainer.stop_reason = (f"target pixel accuracy {self.target:g} reached after "
+                                        f"{record['train_s']:.0f} s of training (epoch {record['epoch']})")
+
+
 class StepCallback(HookBase):
     def __init__(self, fn: Callable[[], None]) -> None:
         self.fn = fn
@@ -198,10 +249,15 @@ class StepCallback(HookBase):
         self.fn()
 
 
-def default_hooks(patience: int, on_step: Callable[[], None] | None = None) -> list[HookBase]:
+def default_hooks(cfg: TrainConfig, on_step: Callable[[], None] | None = None) -> list[HookBase]:
     telemetry = Telemetry()
-    hooks: list[HookBase] = [telemetry, Progress(telemetry), BestModel(patience), Checkpointer(), MetricsWriter(),
-                             Reporter(telemetry)]
+    hooks: list[HookBase] = [telemetry, Progress(telemetry)]
+    if cfg.ema:
+        hooks.append(EMA(cfg.ema))
+    hooks.append(BestModel(cfg.patience))
+    if cfg.target_acc is not None:
+        hooks.append(TargetAccuracy(cfg.target_acc))
+    hooks += [Checkpointer(), MetricsWriter(), Reporter(telemetry)]
     if on_step is not None:
         hooks.append(StepCallback(on_step))
     return hooks

@@ -29,6 +29,7 @@ from cityseg.metrics import SegMetrics, evaluate_model
 from cityseg.report import RunFolder, versions
 from cityseg.runtime import Runtime, autocast
 from cityseg.telemetry import EpochMeter
+from cityseg.training.schedule import ProgressLR, TrainClock
 from cityseg.training.setup import RunData, TrainingError
 
 EXIT_INTERRUPTED = 130
@@ -70,9 +71,10 @@ class Parts:
     model: nn.Module  # the plain module: checkpoints and validation
     step_model: nn.Module  # what a step calls: DDP-wrapped and/or compiled
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: ProgressLR
     scaler: torch.amp.GradScaler
     loss_fn: nn.Module
+    clock: TrainClock  # training seconds (validation excluded): the time budget's and the schedule's clock
 
 
 class Trainer:
@@ -80,6 +82,8 @@ class Trainer:
         self.parts, self.run, self.console = parts, run, console
         self.cfg, self.rt, self.dist, self.data = parts.cfg, parts.rt, parts.dist, parts.data
         self.model = parts.model
+        self.eval_model = parts.model  # what validation scores and checkpoints save (a hook may swap in an EMA)
+        self.clock = parts.clock
         self.hooks = hooks
         for hook in hooks:
             hook.trainer = self
@@ -102,7 +106,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         p = self.parts
         state = {
-            "model": self.model.state_dict(),
+            "model": self.eval_model.state_dict(),
             "optimizer": p.optimizer.state_dict(),
             "scheduler": p.scheduler.state_dict(),
             "scaler": p.scaler.state_dict(),
@@ -111,6 +115,7 @@ class Trainer:
             "global_step": self.global_step,
             "history": self.history,
             "elapsed_s": self.elapsed(),
+            "train_seconds": self.clock.seconds,
             "partial": self.partial,
             "rng": {"torch": torch.get_rng_state()},
             "config": self.cfg.to_dict(),
@@ -123,7 +128,8 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         p = self.parts
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(state.get("train_model", state["model"]))  # raw weights, with an EMA
+        self.clock.seconds = state.get("train_seconds", 0.0)  # before the schedule, which may read it
         p.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):  # absent in checkpoints written before 16-mixed existed
             p.scaler.load_state_dict(state["scaler"])
@@ -156,7 +162,8 @@ class Trainer:
         self.t0 = time.perf_counter()
         self.call("before_train")
         try:
-            while self.epoch < self.cfg.train.epochs and not self.out_of_steps() and self.stop_reason is None:
+            while (self.epoch < self.cfg.train.epochs and not self.out_of_steps() and not self.out_of_time()
+                   and self.stop_reason is None):
                 try:
                     record = self.train_epoch(interrupt)
                 except torch.OutOfMemoryError:
@@ -191,6 +198,7 @@ class Trainer:
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.rt.device)
         stopping = False
         self.call("before_epoch")
+        last = time.perf_counter()
         batches = iter(loader)
         batch = self.next_batch(batches, interrupt)
         while batch is not None:
@@ -200,6 +208,10 @@ class Trainer:
                 loss = self.parts.loss_fn(logits, target)
             batch = self.next_batch(batches, interrupt)  # fetch while the forward runs on the GPU
             self.update(loss)
+            now = time.perf_counter()
+            self.clock.seconds += now - last  # before the schedule reads it: the last step lands on the floor
+            last = now
+            self.parts.scheduler.step()
             self.loss = loss = loss.detach()
             loss_sum += loss
             nonfinite |= ~torch.isfinite(loss)
@@ -214,13 +226,14 @@ class Trainer:
             if (self.log_step or not self.dist.enabled) and self.stop_requested(interrupt):
                 stopping = True
                 break
-            if self.out_of_steps():
+            if self.out_of_steps() or self.out_of_time():
                 break
         self.check_finite(nonfinite)
         return self.end_epoch(loss_sum, stopping)
 
     def update(self, loss: torch.Tensor) -> None:
-        """Backward, clip, step: the scaler only scales under 16-mixed and is a no-op otherwise."""
+        """Backward, clip, optimiser step (the schedule steps after, in the loop): the scaler only scales
+        under 16-mixed and is a no-op otherwise."""
         p = self.parts
         p.optimizer.zero_grad(set_to_none=True)
         p.scaler.scale(loss).backward()
@@ -229,7 +242,6 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         p.scaler.step(p.optimizer)
         p.scaler.update()
-        p.scheduler.step()
 
     def end_epoch(self, loss_sum: torch.Tensor, stopping: bool) -> dict[str, Any] | None:
         n_batches = len(self.data.train)
@@ -245,8 +257,9 @@ class Trainer:
         ips, wait = sum_over_ranks([stats["images_per_s"], stats["data_wait_share"]], self.dist, self.rt.device)
         record = {
             "epoch": self.epoch + 1,
-            "partial": not finished,  # stopped by --max-steps: last.pt resumes inside this epoch
+            "partial": not finished,  # stopped by --max-steps or the budget: last.pt resumes inside it
             "step": self.global_step,
+            "train_s": self.clock.seconds,
             "loss": self.partial["loss_sum"] / max(1, self.partial["steps"]),
             "lr": self.parts.optimizer.param_groups[0]["lr"],
             "images_per_s": ips,
@@ -263,8 +276,8 @@ class Trainer:
 
     def validate(self, record: dict[str, Any]) -> SegMetrics:
         """Score the val split into `record` (rank 0's BatchNorm statistics on every rank first)."""
-        broadcast_buffers(self.model, self.dist)
-        metrics, val_loss = evaluate_model(self.model, self.data.val, self.rt, self.data.palette.num_classes,
+        broadcast_buffers(self.eval_model, self.dist)
+        metrics, val_loss = evaluate_model(self.eval_model, self.data.val, self.rt, self.data.palette.num_classes,
                                            self.dist)
         record.update(metrics.to_dict(with_confusion=False), val_loss=val_loss, elapsed_s=self.elapsed())
         return metrics
@@ -288,6 +301,10 @@ class Trainer:
 
     def out_of_steps(self) -> bool:
         return bool(self.cfg.train.max_steps) and self.global_step >= self.cfg.train.max_steps
+
+    def out_of_time(self) -> bool:
+        budget = self.cfg.train.time_budget_s
+        return budget is not None and self.clock.seconds >= budget
 
     def check_finite(self, nonfinite: torch.Tensor) -> None:
         if any_rank(bool(nonfinite.item()), self.dist, self.rt.device):

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +32,8 @@ from cityseg.errors import UserError
 from cityseg.model import build_model, parameter_count, training_bytes
 from cityseg.palette import IGNORE_INDEX, Palette
 from cityseg.runtime import Runtime, free_memory, resolve_device, resolve_runtime
+from cityseg.training.losses import build_loss_fn
+from cityseg.training.schedule import ProgressLR, TrainClock
 
 
 class TrainingError(UserError):
@@ -145,23 +146,16 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
 
 
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """LR multiplier: linear warm-up over `warmup` steps, then cosine decay to `min_ratio`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
-                    ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warm-up + cosine planned over all epochs (not --max-steps), so stopping and resuming changes
-    nothing. A partial of plain values: a lambda reading an object would tie it into a reference
-    cycle that outlives the run."""
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int, clock: TrainClock
+                    ) -> ProgressLR:
+    """Warm-up + cosine (or one-cycle) planned over all epochs (not --max-steps, so stopping and
+    resuming changes nothing), or over the time budget when there is one."""
+    if cfg.time_budget_s is not None:
+        return ProgressLR(optimizer, warmup=cfg.warmup_steps, min_ratio=cfg.min_lr_ratio, shape=cfg.schedule,
+                          budget_s=cfg.time_budget_s, clock=clock)
     total = cfg.epochs * steps_per_epoch
-    warmup = min(cfg.warmup_steps, max(1, total // 5))
-    schedule = functools.partial(warmup_cosine, warmup=warmup, total=total, min_ratio=cfg.min_lr_ratio)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return ProgressLR(optimizer, warmup=min(cfg.warmup_steps, max(1, total // 5)), min_ratio=cfg.min_lr_ratio,
+                      shape=cfg.schedule, total_steps=total)
 
 
 def class_weights(kind: str, loader: PairLoader, num_classes: int, max_batches: int = 20) -> torch.Tensor | None:
@@ -181,4 +175,4 @@ def class_weights(kind: str, loader: PairLoader, num_classes: int, max_batches: 
 
 def build_loss(cfg: TrainConfig, train_loader: PairLoader, num_classes: int, device: torch.device) -> nn.Module:
     weights = class_weights(cfg.class_weights, train_loader, num_classes)
-    return nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device), ignore_index=IGNORE_INDEX)
+    return build_loss_fn(cfg.loss, None if weights is None else weights.to(device))

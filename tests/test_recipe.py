@@ -1,0 +1,152 @@
+"""What the accuracy work added: validation scored at the labels' native size, a time budget that
+plans the schedule and ends annealed, --target-acc, EMA, CE + Dice, GroupNorm, one-cycle."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cityseg.checkpoint import load_checkpoint, load_from_checkpoint
+from cityseg.config import AugmentConfig, Config, DataConfig, ModelConfig, TrainConfig
+from cityseg.data.pairs import list_split, read_pair
+from cityseg.inference.evaluate import evaluate_checkpoint
+from cityseg.inference.predict import preprocess
+from cityseg.palette import IGNORE_INDEX, map_colors_reference
+from cityseg.training import train
+from cityseg.training.losses import DiceCELoss
+from cityseg.training.schedule import ProgressLR, TrainClock, onecycle
+from tests.cli_process import run_cli
+from tests.conftest import make_pair_dataset
+
+
+def config(data: Path, out: Path, size: int = 32, **train_kw) -> Config:
+    return Config(
+        data=DataConfig(data_dir=str(data), image_size=size, batch_size=2, workers=0, augment=AugmentConfig(hflip=0)),
+        model=ModelConfig(width=4, depth=2),
+        train=TrainConfig(**{"epochs": 1, "lr": 1e-2, "warmup_steps": 2, "device": "cpu", "precision": "32",
+                             "compile": False, "log_every": 1, "out": str(out), **train_kw}),
+    )
+
+
+def test_validation_is_scored_at_the_labels_native_size(tmp_path: Path) -> None:
+    """A model run at 16 px on 32-px pairs: its logits upsampled to 32 px and argmaxed, scored against
+    the 32-px masks, give exactly the confusion matrix counted here by hand."""
+    data = make_pair_dataset(tmp_path / "data", n_train=4, n_val=3, size=32)
+    run = tmp_path / "run"
+    summary = train(config(data, run, size=16))
+    assert summary["val_scored_at_px"] == 32
+    model, cfg, palette, _ = load_from_checkpoint(run / "checkpoints" / "last.pt")
+    confusion = np.zeros((19, 19), dtype=np.int64)
+    for path in list_split(data, "val"):
+        photo, mask = read_pair(path)
+        x = preprocess([photo], 16, torch.device("cpu"))  # the val loader's resize and normalisation
+        with torch.no_grad():
+            logits = model(x).float()
+        pred = torch.nn.functional.interpolate(logits, size=32, mode="bilinear", align_corners=False).argmax(1)[0]
+        truth = map_colors_reference(torch.from_numpy(mask.copy()), palette.centers, palette.classes)
+        keep = truth != IGNORE_INDEX
+        np.add.at(confusion, (truth[keep].numpy(), pred[keep].numpy()), 1)
+    scored = evaluate_checkpoint(run / "checkpoints" / "last.pt", data, device="cpu", workers=0)
+    assert np.array_equal(np.array(scored["confusion"]), confusion)
+    assert scored["pixel_acc"] == pytest.approx(np.trace(confusion) / confusion.sum())
+    assert summary["final"]["pixel_acc"] == pytest.approx(scored["pixel_acc"])
+    # Scored against 16-px masks instead, the same model gets other figures: the native size matters.
+    resized = evaluate_checkpoint(run / "checkpoints" / "last.pt", data, device="cpu", workers=0, native=False)
+    assert np.array(resized["confusion"]).sum() == 3 * 16 * 16 - resized["ignored_pixels"]
+
+
+def test_time_budget_schedule_ends_at_its_floor() -> None:
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.SGD(params, lr=1.0)
+    clock = TrainClock()
+    sched = ProgressLR(opt, warmup=2, min_ratio=0.05, budget_s=100.0, clock=clock)
+    seen = []
+    for seconds in (10, 20, 50, 80, 99.9, 100, 130):
+        clock.seconds = seconds
+        sched.step()
+        seen.append(opt.param_groups[0]["lr"])
+    assert seen[0] == pytest.approx(0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * 0.1)))  # warm-up done at step 1
+    assert all(a > b for a, b in zip(seen[:5], seen[1:5], strict=False))  # decays with training time
+    assert seen[-2] == pytest.approx(0.05) and seen[-1] == pytest.approx(0.05)  # the floor, and no further
+
+
+def test_onecycle_shape() -> None:
+    assert onecycle(0.0, 0.01) == pytest.approx(1 / 25)
+    assert onecycle(0.3, 0.01) == pytest.approx(1.0)
+    assert onecycle(1.0, 0.01) == pytest.approx(0.01)
+
+
+def test_budgeted_run_ends_annealed_and_resumes(tmp_path: Path) -> None:
+    data = make_pair_dataset(tmp_path / "data", n_train=8, n_val=2)
+    run = tmp_path / "run"
+    summary = train(config(data, run, time_budget_s=1.5, epochs=10_000, min_lr_ratio=0.05))
+    final = summary["final"]
+    assert summary["train_seconds"] >= 1.5 and final["lr"] == pytest.approx(1e-2 * 0.05)
+    assert (run / "checkpoints" / "best.pt").is_file()
+    more = train(replace(config(data, run, time_budget_s=3.0, epochs=10_000, min_lr_ratio=0.05),
+                         train=replace(config(data, run).train, resume=str(run), time_budget_s=3.0, epochs=10_000,
+                                       min_lr_ratio=0.05)))
+    assert more["train_seconds"] >= 3.0 and more["steps"] > summary["steps"]
+
+
+def test_target_accuracy_stops_at_the_first_epoch_that_reaches_it(tmp_path: Path) -> None:
+    easy = make_pair_dataset(tmp_path / "data", n_train=16, n_val=4, photo_is_mask=True)
+    out = tmp_path / "run"
+    done = run_cli(["train", "--data", easy, "--out", out, "--epochs", "30", "--lr", "0.03", "--warmup-steps", "5",
+                    "--target-acc", "0.5", "--device", "cpu", "--no-compile", "--image-size", "32", "--width", "8",
+                    "--depth", "2", "--batch-size", "4"])
+    assert done.returncode == 0, done.output
+    accs = [json.loads(ln)["pixel_acc"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert accs[-1] >= 0.5 and all(a < 0.5 for a in accs[:-1]) and len(accs) < 30
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["target_reached_train_s"] == summary["final"]["train_s"]
+    assert "target pixel accuracy 0.5 reached" in done.stdout
+
+
+def test_ema_weights_are_validated_and_saved(tmp_path: Path) -> None:
+    data = make_pair_dataset(tmp_path / "data", n_train=8, n_val=2)
+    run = tmp_path / "run"
+    train(config(data, run, ema=0.9, epochs=2))
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["ema_updates"] == 8 and "train_model" in state
+    assert any(not torch.equal(state["model"][k], state["train_model"][k]) for k in state["model"])
+    # eval scores what training's validation scored: the averaged weights
+    scored = evaluate_checkpoint(run / "checkpoints" / "last.pt", data, device="cpu", workers=0)
+    assert scored["pixel_acc"] == pytest.approx(state["history"][-1]["pixel_acc"])
+
+
+def test_resume_with_ema_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    data = make_pair_dataset(tmp_path / "data", n_train=8, n_val=2)
+    train(config(data, tmp_path / "a", ema=0.9, epochs=2))
+    train(config(data, tmp_path / "b", ema=0.9, epochs=2, max_steps=5))
+    train(config(data, tmp_path / "b", ema=0.9, epochs=2, resume=str(tmp_path / "b")))
+    a, b = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("a", "b"))
+    for key in ("model", "train_model"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
+def test_dice_ce_loss() -> None:
+    logits = torch.full((1, 3, 2, 2), -20.0)
+    target = torch.tensor([[[0, 1], [2, IGNORE_INDEX]]])
+    for i, c in enumerate([0, 1, 2]):
+        logits[0, c].view(-1)[i] = 20.0
+    assert DiceCELoss()(logits, target).item() == pytest.approx(0.0, abs=1e-6)  # perfect: no CE, Dice 1
+    wrong = torch.zeros_like(logits)
+    loss = DiceCELoss(smooth=0.0)(wrong, target).item()
+    # uniform 1/3 everywhere: CE = ln 3; Dice per class = 2 * (1/3) / (3 * 1/3 + 1) = 1/3
+    assert loss == pytest.approx(math.log(3) + (1 - 1 / 3), rel=1e-5)
+
+
+def test_group_norm_and_one_cycle_train(tmp_path: Path) -> None:
+    data = make_pair_dataset(tmp_path / "data", n_train=8, n_val=2)
+    cfg = config(data, tmp_path / "run", schedule="onecycle", loss="ce+dice")
+    summary = train(replace(cfg, model=replace(cfg.model, norm="group")))
+    model, cfg, _, _ = load_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert cfg.model.norm == "group" and any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+    assert math.isfinite(summary["final"]["loss"])

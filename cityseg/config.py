@@ -79,6 +79,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.01
     schedule: str = "cosine"  # cosine (warm-up + cosine) | onecycle
     time_budget_s: float | None = None  # training seconds (validation excluded); the LR decays over it
+    # What a training second is: wall time, or this process's CPU time / its intra-op threads (the
+    # same on a quiet machine, fairer on a shared one; count data loading only with workers 0).
+    clock: str = "wall"
     target_acc: float | None = None  # stop once val pixel accuracy reaches this
     loss: str = "ce"  # ce (cross-entropy) | ce+dice (plus soft Dice over the classes present)
     ema: float = 0.0  # decay of an exponential moving average of the weights, validated and saved; 0 = off

@@ -154,6 +154,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.class_weights": ("none", "inverse-sqrt-freq"),
     "train.precision": ("auto", "bf16-mixed", "16-mixed", "32"),
     "train.schedule": ("cosine", "onecycle"),
+    "train.clock": ("wall", "cpu"),
     "train.loss": ("ce", "ce+dice"),
     "model.norm": ("batch", "group"),
 }

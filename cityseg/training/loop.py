@@ -29,7 +29,7 @@ from cityseg.metrics import SegMetrics, evaluate_model
 from cityseg.report import RunFolder, versions
 from cityseg.runtime import Runtime, autocast
 from cityseg.telemetry import EpochMeter
-from cityseg.training.schedule import ProgressLR, TrainClock
+from cityseg.training.schedule import ProgressLR, TrainClock, tick_function
 from cityseg.training.setup import RunData, TrainingError
 
 EXIT_INTERRUPTED = 130
@@ -84,6 +84,7 @@ class Trainer:
         self.model = parts.model
         self.eval_model = parts.model  # what validation scores and checkpoints save (a hook may swap in an EMA)
         self.clock = parts.clock
+        self.tick = tick_function(parts.cfg.train.clock)
         self.hooks = hooks
         for hook in hooks:
             hook.trainer = self
@@ -198,7 +199,7 @@ class Trainer:
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.rt.device)
         stopping = False
         self.call("before_epoch")
-        last = time.perf_counter()
+        last = self.tick()
         batches = iter(loader)
         batch = self.next_batch(batches, interrupt)
         while batch is not None:
@@ -208,7 +209,7 @@ class Trainer:
                 loss = self.parts.loss_fn(logits, target)
             batch = self.next_batch(batches, interrupt)  # fetch while the forward runs on the GPU
             self.update(loss)
-            now = time.perf_counter()
+            now = self.tick()
             self.clock.seconds += now - last  # before the schedule reads it: the last step lands on the floor
             last = now
             self.parts.scheduler.step()

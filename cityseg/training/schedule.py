@@ -10,6 +10,8 @@ budget, training seconds / the budget, so a budgeted run ends annealed when its 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +27,16 @@ class TrainClock:
     """Training time so far in seconds (validation excluded); saved in checkpoints and resumed."""
 
     seconds: float = 0.0
+
+
+def cpu_seconds() -> float:
+    """This process's CPU time over its intra-op threads: wall seconds on a quiet machine, and what
+    the process really got on a shared one."""
+    return time.process_time() / max(1, torch.get_num_threads())
+
+
+def tick_function(kind: str) -> Callable[[], float]:
+    return cpu_seconds if kind == "cpu" else time.perf_counter
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:

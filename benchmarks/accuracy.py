@@ -1,0 +1,170 @@
+"""Time to accuracy: named recipes trained one after the other on one data folder, each under the same
+training-time budget, validated after every epoch (and when the budget ends), curves of val pixel
+accuracy and mIoU against training seconds. Validation is scored at the labels' native size and is
+not counted in the budget.
+
+    python benchmarks/accuracy.py --data DIR --budget 20m --recipes baseline,improved
+    python benchmarks/accuracy.py --data DIR --budget 10m --recipes baseline,lr1e-2 --clock cpu
+    cityseg-fast bench accuracy --data DIR --budget 20m
+
+`--clock cpu` counts this process's CPU time over its threads instead of wall time (the same on a
+quiet machine; fair when other work shares the machine) and then runs loaders without worker
+processes, so that data loading is counted too. Recipes are override dicts on top of the CPU-scale
+base (128 px, width 16, batch 8: what 2 cores can train in minutes); `--list` prints them.
+Results: benchmarks/results/accuracy-<cpu|gpu>.json (or --json) and a PNG beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    command_line,
+    default_json,
+    finish_record,
+    new_record,
+    pick_device,
+    print_header,
+    print_table,
+)
+from cityseg.config import train_config  # noqa: E402
+from cityseg.options import parse_duration  # noqa: E402
+
+# What 2 CPU cores train in minutes: the sizes the issue's baseline was measured at.
+BASE = {"data.image_size": 128, "model.width": 16, "data.batch_size": 8}
+# Each recipe changes one thing from `baseline` (today's defaults at that size), except `improved`,
+# which stacks what won (benchmarks/results/ablation-*.md).
+RECIPES: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "lr1e-2": {"train.lr": 1e-2},
+    "lr1e-3": {"train.lr": 1e-3},
+    "batch4": {"data.batch_size": 4},
+    "batch16": {"data.batch_size": 16},
+    "width24": {"model.width": 24},
+    "width12": {"model.width": 12},
+    "depth3": {"model.depth": 3},
+    "bilinear": {"model.upsample": "bilinear"},
+    "groupnorm": {"model.norm": "group"},
+    "dice": {"train.loss": "ce+dice"},
+    "classweights": {"train.class_weights": "inverse-sqrt-freq"},
+    "augment": {"data.augment.scale": (0.75, 1.25), "data.augment.rotate_deg": 5.0, "data.augment.brightness": 0.2,
+                "data.augment.contrast": 0.2, "data.augment.saturation": 0.2},
+    "noflip": {"data.augment.hflip": 0.0},
+    "onecycle": {"train.schedule": "onecycle"},
+    "ema": {"train.ema": 0.999},
+    "size96": {"data.image_size": 96},
+    "size160": {"data.image_size": 160},
+}
+
+
+def recipe_config(name: str, data: Path, budget_s: float, clock: str, out: Path, device: str):
+    overrides = {**BASE, **RECIPES[name]}
+    run = {"data.data_dir": str(data), "train.time_budget_s": budget_s, "train.clock": clock, "train.out": str(out),
+           "train.device": device, "data.skip_validate": True}
+    if clock == "cpu":
+        run["data.workers"] = 0  # the loading happens in this process, on its CPU clock
+    return train_config([(f"recipe {name}", overrides), ("benchmark", run)], on_cpu=device == "cpu")
+
+
+def run_recipe(name: str, args: argparse.Namespace, budget_s: float, device: torch.device) -> dict[str, Any]:
+    from rich.console import Console
+
+    from cityseg.training import train
+
+    with tempfile.TemporaryDirectory(prefix=f"acc-{name}-") as tmp:
+        out = Path(tmp) / "run"
+        cfg = recipe_config(name, args.data, budget_s, args.clock, out, device.type)
+        summary = train(cfg, Console(quiet=not args.verbose, markup=False))
+        history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    curve = [{k: r[k] for k in ("epoch", "partial", "train_s", "elapsed_s", "pixel_acc", "miou")} for r in history]
+    final = history[-1]
+    return {
+        "label": name,
+        "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in RECIPES[name].items()},
+        "curve": curve,
+        "pixel_acc": final["pixel_acc"],
+        "miou": final["miou"],
+        "per_class_iou": final["per_class_iou"],
+        "best_miou": max(r["miou"] for r in history if r["miou"] is not None),
+        "steps": summary["steps"],
+        "images_per_s": summary["images_per_s"],
+        "train_seconds": summary["train_seconds"],
+        "val_scored_at_px": summary["val_scored_at_px"],
+        "reps": [final["miou"]],
+        "median": final["miou"],
+        "unit": "val mIoU at the end of the budget",
+    }
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for row in rows:
+        t = [p["train_s"] for p in row["curve"]]
+        axes[0].plot(t, [p["pixel_acc"] for p in row["curve"]], marker="o", label=row["label"])
+        axes[1].plot(t, [p["miou"] for p in row["curve"]], marker="o", label=row["label"])
+    for ax, name in zip(axes, ("val pixel accuracy", "val mIoU"), strict=True):
+        ax.set_xlabel("training seconds")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(argv: list[str] | None = None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, help="Kaggle pair folder (train/ and val/)")
+    ap.add_argument("--budget", default="20m", help="training time per recipe: seconds, or with s/m/h")
+    ap.add_argument("--recipes", default="baseline", help="comma list of recipe names (--list)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="what a training second is")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--verbose", action="store_true", help="show each run's progress and tables")
+    ap.add_argument("--list", action="store_true", help="print the recipes and exit")
+    args = ap.parse_args(argv)
+    if args.list:
+        for name, overrides in RECIPES.items():
+            print(f"{name:14s} {json.dumps(overrides)}")
+        return Path()
+    if args.data is None:
+        ap.error("--data is required")
+    names = [n.strip() for n in args.recipes.split(",") if n.strip()]
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        ap.error(f"unknown recipes {unknown}: --list shows them")
+    budget_s = parse_duration(args.budget)
+    device = pick_device(args.device)
+    out = args.json or default_json("accuracy", device)
+    config = {"data": str(args.data), "budget_s": budget_s, "clock": args.clock, "recipes": names, "base": BASE}
+    record = new_record("accuracy", device, command_line("accuracy.py", argv), config)
+    print_header(record)
+    for name in names:
+        print(f"{name}: {json.dumps(RECIPES[name])} for {budget_s:.0f} training s ({args.clock} clock)", flush=True)
+        record["results"].append(run_recipe(name, args, budget_s, device))
+        finish_record(record, out, done=False)  # a run cut short keeps the recipes it finished
+    print_table(record["results"], [("label", "recipe", ""), ("pixel_acc", "pixel acc", ".4f"), ("miou", "mIoU", ".4f"),
+                                     ("best_miou", "best mIoU", ".4f"), ("steps", "steps", ""),
+                                     ("images_per_s", "img/s", ".1f")], title="at the end of the budget")
+    plot(record["results"], out.with_suffix(".png"), f"{args.data} | {budget_s:.0f} s {args.clock} | {record['date']}")
+    return finish_record(record, out)
+
+
+if __name__ == "__main__":
+    run()

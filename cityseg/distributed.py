@@ -18,10 +18,11 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    grouped: bool = False  # in a process group (torchrun, even with one process): DDP and collectives
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.grouped
 
     @property
     def is_main(self) -> bool:
@@ -29,12 +30,13 @@ class DistInfo:
 
 
 def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group torchrun describes in the environment (NCCL on GPU, gloo on CPU);
-    a plain single process gets DistInfo() and no process group."""
+    """Join the process group torchrun describes in the environment (NCCL on GPU, gloo on CPU), also
+    for a single process under torchrun (DDP with one rank: what a one-GPU test of the NCCL path
+    needs); a plain process gets DistInfo() and no process group."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    if world_size <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    info = DistInfo(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")), True)
     if not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(info.local_rank)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -154,6 +155,18 @@ def test_gpu_suite_dry_run(tmp_path: Path) -> None:
     assert [line.split("\t")[:2] for line in status] == [
         ["ok", s] for s in ("env", "tests", "synth", "loader", "kernel", "end_to_end", "train_step", "report")
     ]
-    for name in ("loader-cpu", "end_to_end-cpu", "train_step-cpu"):
+    for name in ("loader-cpu", "end_to_end-cpu", "train_step-cpu", "mask_kernel-gpu"):
         assert json.loads((out / f"{name}.json").read_text())["complete"] is True
     assert "## CPU" in (out / "REPORT.md").read_text() and (out / "env.txt").stat().st_size > 0
+    plan = re.search(r"^plan: (.*) = (\d+)s of (\d+)s$", proc.stdout, re.M)
+    caps = dict(part.split("=") for part in plan.group(1).split(" (+")[0].split())
+    assert list(caps) == ["env", "tests", "synth", "loader", "kernel", "end_to_end", "train_step", "report"]
+    assert int(plan.group(2)) <= int(plan.group(3)) == 270  # the whole GPU run fits its budget
+
+
+def test_gpu_suite_refuses_a_plan_over_its_budget(tmp_path: Path) -> None:
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path / "out"), "PYTHON": sys.executable,
+           "SUITE_BUDGET_S": "200"}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1 and "exceeds the budget" in proc.stdout + proc.stderr

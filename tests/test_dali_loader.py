@@ -268,9 +268,12 @@ def test_corrupt_jpeg_mid_epoch_gives_one_line_error(tmp_path: Path, damage) -> 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_mixed_decode_matches_cpu_pipeline(real_sample: Path) -> None:
-    """nvJPEG (fancy upsampling on) vs libjpeg-turbo: bounds not yet measured on a GPU machine."""
-    files = list_split(real_sample, "val")[:32]
+def test_gpu_mixed_decode_matches_cpu_pipeline(tmp_path: Path) -> None:
+    """nvJPEG (fancy upsampling on) vs libjpeg-turbo, on synthetic pairs generated here (the real
+    sample does not travel to the GPU machine)."""
+    from cityseg.data.synth import write_dataset
+
+    files = list_split(write_dataset(tmp_path / "synth", 32, 1, seed=1, size=256), "train")
     kw = dict(image_size=256, batch_size=16, augment=None, shuffle=False, drop_last=False, workers=4)
     gpu = DaliPairLoader(files, cityscapes_palette(), spec(device="cuda", dtype=torch.bfloat16, **kw))
     cpu = DaliPairLoader(files, cityscapes_palette(), spec(**kw))

@@ -170,6 +170,7 @@ class Reporter(HookBase):
             "loader": t.data.loader_kind,
             "cache": t.cfg.data.cache,
             "world_size": t.dist.world_size,
+            "ddp": t.dist.enabled,
             "data": str(t.data.root),
             "run_dir": str(t.run.root),
             "versions": versions(),

@@ -95,9 +95,11 @@ class TrainConfig:
     seed: int = 0
     patience: int = 0  # stop after this many validations without a better mIoU; 0 = never
     log_every: int = 20  # steps between progress updates that read the loss (each one syncs the GPU)
+    tensorboard: bool = True  # event files in the run folder (rank 0)
     max_steps: int = 0  # stop after this many steps in total (0 = run all epochs); --smoke sets it
     out: str | None = None  # run folder; None = runs/<date-time>
     resume: str | None = None  # run folder to continue from its checkpoints/last.pt
+    init_from: str | None = None  # checkpoint whose weights start this new run (fine-tuning)
 
 
 @dataclass(frozen=True)

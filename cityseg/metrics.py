@@ -9,7 +9,7 @@ Rows are truth, columns prediction: cell [t, p] counts pixels of class t predict
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,13 +198,15 @@ def iou_table(metrics: SegMetrics, class_names: Sequence[str], title: str = "Per
 
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, loader, runtime: Runtime, num_classes: int,
-                   dist_info: DistInfo | None = None) -> tuple[SegMetrics, float]:
+                   dist_info: DistInfo | None = None,
+                   on_batch: Callable[[int], None] | None = None) -> tuple[SegMetrics, float]:
     """Pixel accuracy, mIoU and per-class IoU of `model` over `loader` (all ranks' shards together),
     and the mean cross-entropy: one confusion matrix on the device, read once. The loop of training's
     validation, `eval`, and the time-to-accuracy benchmark (torchvision references' `evaluate`).
 
     Targets larger than the logits (scored at the labels' native size while the model runs smaller)
-    are met by upsampling the logits bilinearly before the argmax."""
+    are met by upsampling the logits bilinearly before the argmax. `on_batch(batches done)` after each
+    batch (a progress bar)."""
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX, device=runtime.device)
@@ -220,6 +222,8 @@ def evaluate_model(model: torch.nn.Module, loader, runtime: Runtime, num_classes
         loss_sum += torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
         cm.update(logits.argmax(1), target)
         batches += 1
+        if on_batch is not None:
+            on_batch(batches)
     cm.all_reduce()
     model.train(was_training)
     total, count = sum_over_ranks([loss_sum.item(), batches], dist_info or DistInfo(), runtime.device)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -102,11 +103,11 @@ OPTION_KEYS: dict[str, str | tuple[str, ...]] = {
     "seed": "train.seed", "patience": "train.patience", "log_every": "train.log_every",
     "max_steps": "train.max_steps", "out": "train.out", "time_budget": "train.time_budget_s",
     "target_acc": "train.target_acc", "schedule": "train.schedule", "loss": "train.loss", "ema": "train.ema",
-    "norm": "model.norm",
+    "norm": "model.norm", "tensorboard": "train.tensorboard", "init_from": "train.init_from",
 }
 # What `--resume` applies: how long to go on and how to run, never what the run is (that is in last.pt).
 RESUME_APPLIES = {"epochs", "max_steps", "time_budget", "target_acc", "device", "workers", "prefetch", "precision",
-                  "amp", "compile", "compile_mode", "log_every", "skip_validate"}
+                  "amp", "compile", "compile_mode", "log_every", "skip_validate", "tensorboard"}
 # Options that are not config values.
 COMMAND_ONLY = {"resume", "config", "print_config", "smoke", "nproc"}
 
@@ -129,7 +130,7 @@ def config_values(given: dict[str, Any]) -> dict[str, Any]:
             value = parse_duration(value)
         if name == "amp":  # the older switch: --amp is bf16-mixed, --no-amp is 32
             value = AMP_TO_PRECISION[value]
-        if name in ("data", "out"):  # absolute: eval and --resume from another folder find the same place
+        if name in ("data", "out", "init_from"):  # absolute: eval and --resume from elsewhere find the same place
             value = str(Path(value).absolute())
         keys = OPTION_KEYS[name]
         for key in (keys if isinstance(keys, tuple) else (keys,)):
@@ -180,12 +181,21 @@ def resolve_config(given: dict[str, Any]) -> Config:
     if resume is not None:
         return resumed_config(Path(resume).absolute(), given)
     layers = []
+    if given.get("init_from") is not None:  # the architecture of the checkpoint, unless flags change it
+        layers.append(("--init-from", checkpoint_architecture(Path(given["init_from"]))))
     if given.get("config") is not None:
         layers.append((str(given["config"]), read_config_file(Path(given["config"]))))
     layers.append(("command line", config_values(given)))
     device = {k: v for _, values in layers for k, v in values.items()}.get("train.device", "auto")
     on_cpu = device == "cpu" or (device == "auto" and not cuda_available())
     return train_config(layers, on_cpu=on_cpu, smoke=bool(given.get("smoke")))
+
+
+def checkpoint_architecture(path: Path) -> dict[str, Any]:
+    from cityseg.checkpoint import load_checkpoint, read_config
+
+    model = read_config(load_checkpoint(path), path).model
+    return {f"model.{k}": v for k, v in asdict(model).items() if k != "num_classes"}
 
 
 def resumed_config(run: Path, given: dict[str, Any]) -> Config:
@@ -327,9 +337,14 @@ def train(
         "DDP on GPUs: synchronise BatchNorm statistics across ranks."))] = False,
     out: Annotated[Path | None, typer.Option(rich_help_panel=OUTPUT, help=(
         "Run folder: new, or empty (default runs/<date-time>)."))] = None,
+    init_from: Annotated[Path | None, typer.Option(rich_help_panel=OUTPUT, help=(
+        "Start a new run from this checkpoint's weights (fine-tuning): new optimiser, schedule and run folder; "
+        "its architecture unless flags change it; another class count re-initialises only the head."))] = None,
     resume: Annotated[Path | None, typer.Option(rich_help_panel=OUTPUT, help=(
         "Continue the run in this folder from checkpoints/last.pt, with its saved config; only --epochs, "
         "--max-steps and how-to-run options (--device, --workers, ...) may be given with it."))] = None,
+    tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", rich_help_panel=OUTPUT, help=(
+        "TensorBoard event files in the run folder (default on): tensorboard --logdir runs/"))] = None,
     log_every: Annotated[int | None, typer.Option(rich_help_panel=OUTPUT, help=(
         f"Steps between loss readouts and progress lines (default {_d('train.log_every')}; each syncs the GPU)."
     ))] = None,

@@ -17,6 +17,7 @@ from cityseg.data.loaders import build_loader, resolve_data_dir, split_files
 from cityseg.inference.tta import FlipTTA, resolve_tta
 from cityseg.metrics import evaluate_model, iou_table
 from cityseg.outputs import output_file
+from cityseg.progress import StepProgress
 from cityseg.report import plot_confusion, write_json
 from cityseg.runtime import inference_runtime, resolve_device
 
@@ -51,7 +52,9 @@ def evaluate_checkpoint(
         model = FlipTTA(model)
     with build_loader("torch", files, palette, data_cfg, train=False, device=rt.device, dtype=torch.float32,
                       seed=cfg.train.seed) as loader:
-        metrics, loss = evaluate_model(model, loader, rt, palette.num_classes)
+        with StepProgress(console, f"eval {split}", len(loader)) as bar:
+            metrics, loss = evaluate_model(model, loader, rt, palette.num_classes,
+                                           on_batch=lambda done: bar.step(done, "", log=done % 20 == 0))
         scored_at = loader.spec.label_size
     console.print(iou_table(metrics, palette.names, title=f"{ckpt} on {split} ({len(files)} images, scored at "
                                                           f"{scored_at} px)"))

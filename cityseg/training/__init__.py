@@ -40,7 +40,9 @@ from cityseg.training.setup import (
     build_optimizer,
     build_scheduler,
     check_training_fits,
+    init_weights_from,
     prepare_data,
+    read_init_checkpoint,
     training_runtime,
 )
 
@@ -108,6 +110,7 @@ def run_training(cfg: Config, console: Console, dist_info: DistInfo, run: RunFol
     check_training_fits(cfg, rt, dist_info)
     for note in rt.notes:
         console.print(f"note: {note}", style="yellow", soft_wrap=True)
+    init = read_init_checkpoint(Path(cfg.train.init_from), cfg.model) if cfg.train.init_from and not state else None
     torch.backends.cudnn.benchmark = True  # fixed-size batches: pick the fastest conv algorithms once
     torch.manual_seed(cfg.train.seed)
     data = prepare_data(cfg, rt, dist_info, console, Palette.from_state(state["palette"]) if state else None)
@@ -115,13 +118,15 @@ def run_training(cfg: Config, console: Console, dist_info: DistInfo, run: RunFol
         # The palette decides the class count (19 for Cityscapes, K for kmeans:K).
         cfg = replace(cfg, model=replace(cfg.model, num_classes=data.palette.num_classes))
         model, step_model = build_models(cfg.model, rt, dist_info, cfg.train.sync_bn)
+        if init is not None:  # on resume, last.pt holds the weights
+            init_weights_from(model, cfg.model, Path(cfg.train.init_from), init, console)
         optimizer = build_optimizer(model, cfg.train, rt.device)
         clock = TrainClock()
         parts = Parts(cfg, rt, dist_info, data, model, step_model, optimizer,
                       build_scheduler(optimizer, cfg.train, len(data.train), clock),
                       torch.amp.GradScaler(rt.device.type, enabled=rt.needs_grad_scaler),
                       build_loss(cfg.train, data.train, data.palette.num_classes, rt.device), clock)
-        hooks = default_hooks(cfg.train, on_step) + extra_hooks
+        hooks = default_hooks(cfg.train, on_step, dist_info.is_main) + extra_hooks
         trainer = Trainer(parts, run, console, hooks)
         if state is not None:
             trainer.load_state_dict(state)

@@ -13,15 +13,17 @@ Hooks run in list order; the order in `default_hooks` is the one these notes ass
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from cityseg.config import MAX_EPOCHS, TrainConfig
 from cityseg.data.contract import denormalize
 from cityseg.metrics import SegMetrics, iou_table
-from cityseg.progress import StepProgress
+from cityseg.progress import StepProgress, format_eta
 from cityseg.report import (
     append_jsonl,
     device_name,
@@ -73,9 +75,27 @@ class Progress(HookBase):
 
     def after_step(self) -> None:
         t = self.trainer
-        if t.log_step:  # reading the loss syncs the device: only on log steps
-            self.loss_text = f"loss {t.loss.item():.3f}  "
-        self.bar.step(t.step_in_epoch, self.loss_text + self.telemetry.live(), log=t.log_step)
+        if t.log_step:  # the loop read the loss (a device sync) on this step
+            self.loss_text = f"loss {t.loss_value:.3f}  "
+        self.bar.step(t.step_in_epoch, f"{self.loss_text}{self.telemetry.live()}  run eta {format_eta(self.run_eta())}",
+                      log=t.log_step)
+
+    def run_eta(self) -> float | None:
+        """Seconds left in the whole run: the time budget's rest, or the remaining steps of all epochs
+        (and --max-steps) at this session's pace, validation not included."""
+        t = self.trainer
+        if t.cfg.train.time_budget_s is not None:
+            return max(0.0, t.cfg.train.time_budget_s - t.clock.seconds)
+        total = t.cfg.train.epochs * len(t.data.train)
+        if t.cfg.train.max_steps:
+            total = min(total, t.cfg.train.max_steps)
+        done = t.global_step - self.first_step
+        if done <= 0:
+            return None
+        return (total - t.global_step) * (time.perf_counter() - self.t0) / done
+
+    def before_train(self) -> None:
+        self.t0, self.first_step = time.perf_counter(), self.trainer.global_step
 
     def after_epoch(self, record: dict[str, Any], metrics: SegMetrics) -> None:
         self.close()  # before the hooks after this one print the epoch's report
@@ -242,6 +262,49 @@ class TargetAccuracy(HookBase):
                                         f"{record['train_s']:.0f} s of training (epoch {record['epoch']})")
 
 
+class TensorBoard(HookBase):
+    """Event files in the run folder (rank 0): loss and lr on log steps (values the loop already read,
+    no extra device sync), and per epoch val loss, pixel accuracy, mIoU, per-class IoU, images/s,
+    data-wait share, GPU fields and the samples image. `tensorboard --logdir runs/`."""
+
+    SCALARS = ("val_loss", "pixel_acc", "miou", "images_per_s", "data_wait_share", "gpu_util", "gpu_mem_gib",
+               "gpu_power_w", "sm_activity")
+
+    def before_train(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        t = self.trainer
+        # purge_step: a resumed run rewrites what a killed session logged after its last checkpoint
+        self.writer = SummaryWriter(str(t.run.root), purge_step=t.global_step + 1 if t.global_step else None)
+
+    def after_step(self) -> None:
+        t = self.trainer
+        if t.log_step:
+            self.writer.add_scalar("train/loss", t.loss_value, t.global_step)
+            self.writer.add_scalar("train/lr", t.parts.optimizer.param_groups[0]["lr"], t.global_step)
+
+    def after_epoch(self, record: dict[str, Any], metrics: SegMetrics) -> None:
+        t, step = self.trainer, record["step"]
+        self.writer.add_scalar("train/epoch_loss", record["loss"], step)
+        for key in self.SCALARS:
+            if record.get(key) is not None:
+                self.writer.add_scalar(f"val/{key}" if key in ("val_loss", "pixel_acc", "miou") else f"perf/{key}",
+                                       record[key], step)
+        for name, iou in zip(t.data.palette.names, record["per_class_iou"], strict=True):
+            if iou is not None:
+                self.writer.add_scalar(f"val_iou/{name}", iou, step)
+        self.writer.flush()
+
+    def after_train(self) -> None:
+        t = self.trainer
+        if t.completed and t.run.samples.is_file():  # drawn by Reporter, which runs before this hook
+            from PIL import Image
+
+            image = torch.from_numpy(np.asarray(Image.open(t.run.samples).convert("RGB"))).permute(2, 0, 1)
+            self.writer.add_image("samples", image, t.global_step)
+        self.writer.close()
+
+
 class StepCallback(HookBase):
     def __init__(self, fn: Callable[[], None]) -> None:
         self.fn = fn
@@ -250,7 +313,8 @@ class StepCallback(HookBase):
         self.fn()
 
 
-def default_hooks(cfg: TrainConfig, on_step: Callable[[], None] | None = None) -> list[HookBase]:
+def default_hooks(cfg: TrainConfig, on_step: Callable[[], None] | None = None, is_main: bool = True
+                  ) -> list[HookBase]:
     telemetry = Telemetry()
     hooks: list[HookBase] = [telemetry, Progress(telemetry)]
     if cfg.ema:
@@ -259,6 +323,8 @@ def default_hooks(cfg: TrainConfig, on_step: Callable[[], None] | None = None) -
     if cfg.target_acc is not None:
         hooks.append(TargetAccuracy(cfg.target_acc))
     hooks += [Checkpointer(), MetricsWriter(), Reporter(telemetry)]
+    if cfg.tensorboard and is_main:
+        hooks.append(TensorBoard())
     if on_step is not None:
         hooks.append(StepCallback(on_step))
     return hooks

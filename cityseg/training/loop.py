@@ -26,6 +26,7 @@ from cityseg.checkpoint import save_checkpoint
 from cityseg.config import Config
 from cityseg.distributed import DistInfo, any_rank, broadcast_buffers, sum_over_ranks, weights_agree
 from cityseg.metrics import SegMetrics, evaluate_model
+from cityseg.progress import StepProgress
 from cityseg.report import RunFolder, versions
 from cityseg.runtime import Runtime, autocast
 from cityseg.telemetry import EpochMeter
@@ -96,7 +97,8 @@ class Trainer:
         self.stop_reason: str | None = None  # set by a hook (early stop) to end the run after this epoch
         self.meter: EpochMeter | None = None  # the current epoch's timing
         self.loss: torch.Tensor | None = None  # the last step's loss, detached, on the device
-        self.log_step = False  # this step reads the loss (a device sync) and may print
+        self.loss_value: float | None = None  # read on log steps only: each read is a device sync
+        self.log_step = False  # this step reads the loss and may print
         self.completed = False  # fit ran to its end (epochs, --max-steps or a hook's stop)
 
     def call(self, event: str, *args: Any) -> None:
@@ -222,6 +224,7 @@ class Trainer:
             self.log_step = self.global_step % cfg.log_every == 0 or batch is None
             if self.log_step:
                 self.check_finite(nonfinite)
+                self.loss_value = loss.item()
             self.call("after_step")
             # Ranks agree on stopping only at log steps (a sync); alone, every step is free.
             if (self.log_step or not self.dist.enabled) and self.stop_requested(interrupt):
@@ -278,8 +281,10 @@ class Trainer:
     def validate(self, record: dict[str, Any]) -> SegMetrics:
         """Score the val split into `record` (rank 0's BatchNorm statistics on every rank first)."""
         broadcast_buffers(self.eval_model, self.dist)
-        metrics, val_loss = evaluate_model(self.eval_model, self.data.val, self.rt, self.data.palette.num_classes,
-                                           self.dist)
+        with StepProgress(self.console, f"val after epoch {record['epoch']}", len(self.data.val)) as bar:
+            metrics, val_loss = evaluate_model(self.eval_model, self.data.val, self.rt,
+                                               self.data.palette.num_classes, self.dist,
+                                               on_batch=lambda done: bar.step(done, "", log=done == len(self.data.val)))
         record.update(metrics.to_dict(with_confusion=False), val_loss=val_loss, elapsed_s=self.elapsed())
         return metrics
 

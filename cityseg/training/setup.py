@@ -9,13 +9,14 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from torch import nn
 
+from cityseg.checkpoint import CheckpointError, config_mismatch, load_checkpoint, read_config
 from cityseg.config import Config, ModelConfig, TrainConfig
 from cityseg.data.contract import PairLoader
 from cityseg.data.loaders import (
@@ -136,6 +137,35 @@ def build_models(cfg: ModelConfig, rt: Runtime, dist_info: DistInfo, sync_bn: bo
     if rt.compile:
         step_model = torch.compile(step_model, mode=rt.compile_mode)
     return model, step_model
+
+
+def read_init_checkpoint(path: Path, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
+    """The `--init-from` checkpoint's state and model config, refused (before anything is built)
+    unless its architecture is this run's; the class count may differ."""
+    state = load_checkpoint(path)
+    saved = read_config(state, path).model
+    diffs = config_mismatch({k: v for k, v in asdict(saved).items() if k != "num_classes"},
+                            {k: v for k, v in asdict(cfg).items() if k != "num_classes"})
+    if diffs:
+        raise CheckpointError(f"{path}: --init-from needs the same architecture: {'; '.join(diffs)} "
+                              "(leave --width/--depth/--upsample/--norm unset to take the checkpoint's)")
+    return state, saved
+
+
+def init_weights_from(model: nn.Module, cfg: ModelConfig, path: Path, init: tuple[dict, ModelConfig],
+                      console: Console) -> None:
+    """Start from a checkpoint's weights (`--init-from`); a different class count re-initialises only
+    the 1x1 head, and says so."""
+    state, saved = init
+    weights = state["model"]
+    if saved.num_classes != cfg.num_classes:
+        weights = {k: v for k, v in weights.items() if not k.startswith("head.")}
+        console.print(f"--init-from {path}: {saved.num_classes} classes there, {cfg.num_classes} here: the head "
+                      "is re-initialised, every other layer starts from the checkpoint", style="yellow", soft_wrap=True)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or any(not k.startswith("head.") for k in missing):
+        raise CheckpointError(f"{path}: its weights do not fit this model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:

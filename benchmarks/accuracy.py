@@ -11,7 +11,8 @@ not counted in the budget.
 quiet machine; fair when other work shares the machine) and then runs loaders without worker
 processes, so that data loading is counted too. Recipes are override dicts on top of the CPU-scale
 base (128 px, width 16, batch 8: what 2 cores can train in minutes); `--list` prints them.
-Results: benchmarks/results/accuracy-<cpu|gpu>.json (or --json) and a PNG beside it.
+Results: benchmarks/results/accuracy-<cpu|gpu>.json (or --json), and beside it a PNG of the curves and
+a markdown table with each recipe's change in mIoU against the first (the baseline).
 """
 
 from __future__ import annotations
@@ -128,6 +129,31 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def markdown(record: dict[str, Any]) -> str:
+    """The results as a table: each recipe's figures at the end of the budget, and its change in mIoU
+    against the first recipe (the baseline) measured in the same run."""
+    rows = record["results"]
+    base = rows[0]["miou"] if rows else None
+    cfg = record["config"]
+    lines = [f"# Time to accuracy: {record['date'][:10]}, {record['device']}",
+             "",
+             f"`{record['command']}`",
+             "",
+             f"Data `{cfg['data']}`; each recipe {cfg['budget_s']:.0f} s of training ({cfg['clock']} clock; validation "
+             f"not counted) on the CPU-scale base {json.dumps(cfg['base'])}; validation scored at "
+             f"{rows[0]['val_scored_at_px'] if rows else '?'} px (the labels' native size). Load at start/end: "
+             f"{record['machine'].get('load_average_start')} / {record['machine'].get('load_average_end')}.",
+             "",
+             "| recipe | change | val pixel acc | val mIoU | Δ mIoU vs first | best mIoU | steps | img/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        delta = "" if base is None or r is rows[0] else f"{r['miou'] - base:+.4f}"
+        change = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "—"
+        lines.append(f"| {r['label']} | {change} | {r['pixel_acc']:.4f} | {r['miou']:.4f} | {delta} | "
+                     f"{r['best_miou']:.4f} | {r['steps']} | {r['images_per_s'] or 0:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def run(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, help="Kaggle pair folder (train/ and val/)")
@@ -163,7 +189,9 @@ def run(argv: list[str] | None = None) -> Path:
                                      ("best_miou", "best mIoU", ".4f"), ("steps", "steps", ""),
                                      ("images_per_s", "img/s", ".1f")], title="at the end of the budget")
     plot(record["results"], out.with_suffix(".png"), f"{args.data} | {budget_s:.0f} s {args.clock} | {record['date']}")
-    return finish_record(record, out)
+    path = finish_record(record, out)
+    out.with_suffix(".md").write_text(markdown(record))
+    return path
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from typing import Any
 
 from cityseg.errors import OptionError
 
+SPLITS = ("train", "val")  # the Kaggle layout's folders
+
 
 @dataclass(frozen=True)
 class AugmentConfig:

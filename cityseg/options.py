@@ -133,17 +133,28 @@ def parse_scale(text: str) -> tuple[float, float]:
     return lo, hi
 
 
-# Config keys checked with the rule of the option that sets them (a config file's values too).
-KEY_OPTIONS: dict[str, str] = {
-    "data.image_size": "image_size", "data.batch_size": "batch_size", "data.workers": "workers",
-    "data.prefetch": "prefetch", "data.max_color_dist": "max_color_dist", "data.augment.hflip": "hflip",
-    "data.augment.rotate_deg": "rotate", "data.augment.brightness": "jitter", "data.augment.contrast": "jitter",
-    "data.augment.saturation": "jitter", "data.augment.hue": "hue", "data.synth_train": "train_pairs",
-    "data.synth_val": "val_pairs", "data.synth_seed": "seed", "model.width": "width", "model.depth": "depth",
-    "train.epochs": "epochs", "train.lr": "lr", "train.weight_decay": "weight_decay",
-    "train.warmup_steps": "warmup_steps", "train.grad_clip": "grad_clip", "train.seed": "seed",
-    "train.patience": "patience", "train.log_every": "log_every", "train.max_steps": "max_steps",
+# Option -> the config key(s) it sets. `jitter` sets three keys; `scale` is parsed from "LO,HI".
+OPTION_KEYS: dict[str, str | tuple[str, ...]] = {
+    "data": "data.data_dir", "image_size": "data.image_size", "batch_size": "data.batch_size",
+    "loader": "data.loader", "cache": "data.cache", "workers": "data.workers", "prefetch": "data.prefetch",
+    "palette": "data.palette", "max_color_dist": "data.max_color_dist", "skip_validate": "data.skip_validate",
+    "skip_bad": "data.skip_bad", "hflip": "data.augment.hflip", "rotate": "data.augment.rotate_deg",
+    "scale": "data.augment.scale",
+    "jitter": ("data.augment.brightness", "data.augment.contrast", "data.augment.saturation"),
+    "hue": "data.augment.hue", "width": "model.width", "depth": "model.depth", "upsample": "model.upsample",
+    "epochs": "train.epochs", "lr": "train.lr", "weight_decay": "train.weight_decay",
+    "warmup_steps": "train.warmup_steps", "grad_clip": "train.grad_clip", "class_weights": "train.class_weights",
+    "device": "train.device", "precision": "train.precision", "amp": "train.precision",
+    "compile": "train.compile", "compile_mode": "train.compile_mode", "sync_bn": "train.sync_bn",
+    "seed": "train.seed", "patience": "train.patience", "log_every": "train.log_every",
+    "max_steps": "train.max_steps", "out": "train.out", "time_budget": "train.time_budget_s",
+    "target_acc": "train.target_acc", "schedule": "train.schedule", "loss": "train.loss", "ema": "train.ema",
+    "norm": "model.norm", "tensorboard": "train.tensorboard", "init_from": "train.init_from",
 }
+# Config keys checked with the rule of the option that sets them (a config file's values too).
+KEY_OPTIONS: dict[str, str] = {key: option for option, keys in OPTION_KEYS.items() if option in RULES
+                               for key in (keys if isinstance(keys, tuple) else (keys,))}
+KEY_OPTIONS.update({"data.synth_train": "train_pairs", "data.synth_val": "val_pairs", "data.synth_seed": "seed"})
 KEY_RULES: dict[str, Number] = {"train.min_lr_ratio": Number(0, 1), "data.hw_decoder_load": Number(0, 1),
                                  "train.ema": Number(0, 0.99999), "train.time_budget_s": Number(0, 1e7, above_lo=True),
                                  "train.target_acc": Number(0, 1, above_lo=True)}

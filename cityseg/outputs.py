@@ -22,6 +22,11 @@ LOCK_NAME = ".lock"
 LEFTOVERS = {LOCK_NAME, "error.log"}
 
 
+def cache_dir() -> Path:
+    """$CITYSEG_CACHE, else ~/.cache/cityseg: the lookup tables and the synthetic sets live there."""
+    return Path(os.environ.get("CITYSEG_CACHE", Path.home() / ".cache" / "cityseg"))
+
+
 def _reason(e: OSError) -> str:
     if e.errno in (errno.EEXIST, errno.ENOTDIR):
         return "a file is in the way (a file, not a folder, has that name or is one of its parents)"

@@ -25,7 +25,7 @@ import torch
 from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 
 from cityseg.errors import OutputError
-from cityseg.outputs import ensure_dir
+from cityseg.outputs import cache_dir, ensure_dir
 from kernels.mask_to_class import build_lut, mask_to_class, mask_to_class_lut, mask_to_class_reference
 
 IGNORE_INDEX = 255
@@ -91,10 +91,6 @@ def map_colors_reference(
     return mask_to_class_reference(pixels, centers, classes, max_dist).reshape(rgb.shape[:-1])
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("CITYSEG_CACHE", Path.home() / ".cache" / "cityseg"))
-
-
 _LUTS: dict[tuple[str, str], torch.Tensor] = {}  # (palette key, device) -> table
 
 
@@ -105,7 +101,7 @@ def lookup_table(palette: Palette, device: torch.device | str = "cpu") -> torch.
     if key not in _LUTS:
         cpu = (palette.key(), "cpu")
         if cpu not in _LUTS:
-            _LUTS[cpu] = _load_or_build_lut(palette, _cache_dir() / f"lut-{palette.key()}.npy")
+            _LUTS[cpu] = _load_or_build_lut(palette, cache_dir() / f"lut-{palette.key()}.npy")
         _LUTS[key] = _LUTS[cpu].to(device)
     return _LUTS[key]
 

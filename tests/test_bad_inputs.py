@@ -206,16 +206,16 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     last = out / "checkpoints" / "last.pt"
     rng = random.Random(0)
     proc = CliProcess([*args, "--out", out])
-    proc.wait_for(last)
-    steps = [load_checkpoint(last)["global_step"]]
+    steps = [0]
     for _ in range(3):
+        # progress since the last kill first, then a kill at a random moment (a checkpoint write included)
+        wait_until(lambda: last.exists() and load_checkpoint(last)["global_step"] > steps[-1], proc)
         time.sleep(rng.uniform(0.0, 1.0))
         proc.kill_all()
         steps.append(load_checkpoint(last)["global_step"])
         if (out / "checkpoints" / "best.pt").exists():
             load_checkpoint(out / "checkpoints" / "best.pt")
         proc = CliProcess(["train", "--resume", out])
-        wait_until(lambda: load_checkpoint(last)["global_step"] > steps[-1], proc)  # progress before the next kill
     done = proc.finish(timeout=300)
     assert done.returncode == 0, done.output
     assert steps == sorted(steps) and len(set(steps)) == len(steps), steps  # every session made progress

@@ -170,3 +170,22 @@ def test_gpu_suite_refuses_a_plan_over_its_budget(tmp_path: Path) -> None:
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh")], env=env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 1 and "exceeds the budget" in proc.stdout + proc.stderr
+
+
+def test_accuracy_benchmark_writes_curves_table_and_plot(tiny_data: Path, tmp_path: Path) -> None:
+    from benchmarks import accuracy
+
+    out = tmp_path / "accuracy-cpu.json"
+    result = CliRunner().invoke(bench_app, ["accuracy", "--data", str(tiny_data), "--budget", "2s", "--recipes",
+                                            "baseline,dice", "--clock", "cpu", "--json", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["complete"] is True and [r["label"] for r in doc["results"]] == ["baseline", "dice"]
+    for row in doc["results"]:
+        assert row["curve"] and row["curve"][-1]["train_s"] >= 2.0 and row["val_scored_at_px"] == 64
+        assert all(0 <= p["pixel_acc"] <= 1 for p in row["curve"])
+    table = out.with_suffix(".md").read_text()
+    delta = doc["results"][1]["miou"] - doc["results"][0]["miou"]
+    assert "| dice | train.loss=ce+dice |" in table and f"{delta:+.4f}" in table
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "baseline" in accuracy.RECIPES and "improved" in accuracy.RECIPES

@@ -4,6 +4,7 @@
     cityseg-fast bench kernel [--json OUT.json]              # mask -> class ids: Triton / lookup table / torch
     cityseg-fast bench train [--json OUT.json]               # U-Net step time: fp32, channels-last, bf16, compile
     cityseg-fast bench e2e --data DIR [--json OUT.json]      # N steps of real training per loader
+    cityseg-fast bench accuracy --data DIR --budget 20m      # time to accuracy of named recipes
     cityseg-fast bench all --data DIR [--json OUT_DIR]       # all four, then the report
     cityseg-fast bench report                                # benchmarks/results/*.json -> REPORT.md + PNG
 
@@ -117,6 +118,23 @@ def e2e(
     """N steps of real training per loader: images/s, data wait, GPU util, first batch, compile time."""
     argv = [*_opt("--data", data), *_opt("--json", json_out), "--steps", str(steps), "--loaders", loaders, *ctx.args]
     _run("end_to_end", argv)
+
+
+@bench_app.command(context_settings=PASS_THROUGH)
+def accuracy(
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Option(help="Kaggle pair folder (DIR/train, DIR/val).")],
+    json_out: JsonOpt = None,
+    budget: Annotated[str, typer.Option(help="Training time per recipe: seconds, or with s/m/h.")] = "20m",
+    recipes: Annotated[str, typer.Option(help="Comma list of recipe names (`python benchmarks/accuracy.py "
+                                         "--list`).")] = "baseline,improved",  # fmt: skip
+    clock: Annotated[str, typer.Option(help="wall | cpu: what a training second is (cpu: fair on a shared "
+                                       "machine).")] = "wall",  # fmt: skip
+) -> None:
+    """Time to accuracy: named recipes under one training budget; val pixel acc and mIoU against seconds."""
+    argv = ["--data", str(data), *_opt("--json", json_out), "--budget", budget, "--recipes", recipes, "--clock", clock,
+            *ctx.args]  # fmt: skip
+    _run("accuracy", argv)
 
 
 @bench_app.command()

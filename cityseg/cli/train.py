@@ -28,7 +28,7 @@ from rich.text import Text
 from cityseg.cli.common import app, console, err_console, fail, given_options
 from cityseg.config import AMP_TO_PRECISION, PRESETS, Config, flatten, get_value, train_config, with_overrides
 from cityseg.errors import OptionError
-from cityseg.options import check_config, check_options, flag, parse_duration, parse_scale
+from cityseg.options import OPTION_KEYS, check_config, check_options, flag, parse_duration, parse_scale
 
 DEFAULTS = Config()
 CPU = PRESETS["cpu-synthetic"]
@@ -87,24 +87,6 @@ class ClassWeights(str, Enum):
 
 DATA, MODEL, TRAIN, SPEED, OUTPUT, AUG = "Data", "Model", "Training", "Speed", "Output", "Augmentation"
 
-# Option -> the config key(s) it sets. `jitter` sets three keys; `scale` is parsed from "LO,HI".
-OPTION_KEYS: dict[str, str | tuple[str, ...]] = {
-    "data": "data.data_dir", "image_size": "data.image_size", "batch_size": "data.batch_size",
-    "loader": "data.loader", "cache": "data.cache", "workers": "data.workers", "prefetch": "data.prefetch",
-    "palette": "data.palette", "max_color_dist": "data.max_color_dist", "skip_validate": "data.skip_validate",
-    "skip_bad": "data.skip_bad", "hflip": "data.augment.hflip", "rotate": "data.augment.rotate_deg",
-    "scale": "data.augment.scale",
-    "jitter": ("data.augment.brightness", "data.augment.contrast", "data.augment.saturation"),
-    "hue": "data.augment.hue", "width": "model.width", "depth": "model.depth", "upsample": "model.upsample",
-    "epochs": "train.epochs", "lr": "train.lr", "weight_decay": "train.weight_decay",
-    "warmup_steps": "train.warmup_steps", "grad_clip": "train.grad_clip", "class_weights": "train.class_weights",
-    "device": "train.device", "precision": "train.precision", "amp": "train.precision",
-    "compile": "train.compile", "compile_mode": "train.compile_mode", "sync_bn": "train.sync_bn",
-    "seed": "train.seed", "patience": "train.patience", "log_every": "train.log_every",
-    "max_steps": "train.max_steps", "out": "train.out", "time_budget": "train.time_budget_s",
-    "target_acc": "train.target_acc", "schedule": "train.schedule", "loss": "train.loss", "ema": "train.ema",
-    "norm": "model.norm", "tensorboard": "train.tensorboard", "init_from": "train.init_from",
-}
 # What `--resume` applies: how long to go on and how to run, never what the run is (that is in last.pt).
 RESUME_APPLIES = {"epochs", "max_steps", "time_budget", "target_acc", "device", "workers", "prefetch", "precision",
                   "amp", "compile", "compile_mode", "log_every", "skip_validate", "tensorboard"}

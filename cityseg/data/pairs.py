@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from cityseg.config import SPLITS
 from cityseg.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-SPLITS = ("train", "val")
 MAX_PIXELS = 64_000_000  # far above any real pair; stops a forged header from allocating gigabytes
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode as grey

@@ -300,7 +300,7 @@ class TensorBoard(HookBase):
         if t.completed and t.run.samples.is_file():  # drawn by Reporter, which runs before this hook
             from PIL import Image
 
-            image = torch.from_numpy(np.asarray(Image.open(t.run.samples).convert("RGB"))).permute(2, 0, 1)
+            image = torch.from_numpy(np.array(Image.open(t.run.samples).convert("RGB"))).permute(2, 0, 1)
             self.writer.add_image("samples", image, t.global_step)
         self.writer.close()
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cityseg.data.synth.render import GENERATOR_VERSION, JPEG_QUALITY, SPLITS, _jpeg, _pair_image, _render, pair_rng
 from cityseg.errors import OutputError
+from cityseg.outputs import cache_dir as default_cache_dir
 from cityseg.outputs import ensure_dir
 
 MARKER = "synth.json"  # written last: a folder without it is an interrupted generation
@@ -96,11 +97,6 @@ def _complete(folder: Path, meta: dict) -> bool:
         return False
 
 
-def default_cache_dir() -> Path:
-    """$CITYSEG_CACHE, else ~/.cache/cityseg: where `default_dataset` keeps its folders."""
-    return Path(os.environ.get("CITYSEG_CACHE", Path.home() / ".cache" / "cityseg"))
-
-
 def default_dataset(
     n_train: int = 2000, n_val: int = 200, seed: int = 0, size: int = 256, cache_dir: Path | None = None
 ) -> Path:
@@ -108,7 +104,7 @@ def default_dataset(
 
     Generation goes to a temporary sibling that is renamed into place, so concurrent callers (DDP
     ranks) and interrupted runs never leave a half-written folder under the final name."""
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()  # $CITYSEG_CACHE
     final = root / f"synth-v{GENERATOR_VERSION}-train{n_train}-val{n_val}-seed{seed}-{size}px"
     meta = _meta(n_train, n_val, seed, size)
     if _complete(final, meta):

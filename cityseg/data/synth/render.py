@@ -8,6 +8,7 @@ import io
 import numpy as np
 from PIL import Image
 
+from cityseg.config import SPLITS
 from cityseg.data.synth.canvas import _Canvas
 from cityseg.data.synth.primitives import _AMP_MAX, _Rand, _Tiles, _tiles, _work
 from cityseg.data.synth.scene import (
@@ -28,7 +29,6 @@ from cityseg.data.synth.things import _bonnet, _shared, _street_things
 GENERATOR_VERSION = 1  # bump whenever the output pixels change: it names the cache folder
 JPEG_QUALITY = 95  # the Kaggle files carry libjpeg's standard tables scaled to quality 95
 JPEG_SUBSAMPLING = "4:2:0"  # as the Kaggle files: mask colours bleed at edges as theirs do
-SPLITS = ("train", "val")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -70,6 +70,14 @@ def sum_over_ranks(values: list[float], info: DistInfo, device: torch.device) ->
     return t.tolist()
 
 
+def max_over_ranks(value: float, info: DistInfo, device: torch.device) -> float:
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def weights_agree(model: torch.nn.Module, info: DistInfo, device: torch.device) -> bool:
     """Every rank holds the same weights (DDP's promise): compare a float64 checksum across ranks."""
     if not info.enabled:

@@ -47,3 +47,15 @@ def test_two_rank_gloo_run_and_exact_resume(tmp_path: Path) -> None:
     b = load_checkpoint(split / "checkpoints" / "last.pt")["model"]
     for k in a:  # BatchNorm buffers too: DDP broadcasts rank 0's, which the checkpoint holds
         assert torch.equal(a[k], b[k]), k
+
+
+def test_two_ranks_under_a_time_budget_agree(tmp_path: Path) -> None:
+    """The training clock is the same number on every rank (agreed at log steps), so the ranks use the
+    same learning rate and stop at the same step: the run ends, and its end-of-run check finds the
+    weights identical."""
+    data = make_pair_dataset(tmp_path / "data", n_train=10, n_val=5)
+    done = torchrun("--data", str(data), "--out", str(tmp_path / "run"), "--time-budget", "3s", "--log-every", "2",
+                    *TINY)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["train_seconds"] >= 3.0

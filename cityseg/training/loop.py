@@ -24,7 +24,7 @@ from torch import nn
 
 from cityseg.checkpoint import save_checkpoint
 from cityseg.config import Config
-from cityseg.distributed import DistInfo, any_rank, broadcast_buffers, sum_over_ranks, weights_agree
+from cityseg.distributed import DistInfo, any_rank, broadcast_buffers, max_over_ranks, sum_over_ranks, weights_agree
 from cityseg.metrics import SegMetrics, evaluate_model
 from cityseg.progress import StepProgress
 from cityseg.report import RunFolder, versions
@@ -86,6 +86,8 @@ class Trainer:
         self.eval_model = parts.model  # what validation scores and checkpoints save (a hook may swap in an EMA)
         self.clock = parts.clock
         self.tick = tick_function(parts.cfg.train.clock)
+        self.real_seconds = self.synced_seconds = 0.0  # this rank's measured training time; its last agreed value
+        self.step_estimate, self.steps_since_sync = 0.0, 0
         self.hooks = hooks
         for hook in hooks:
             hook.trainer = self
@@ -133,6 +135,7 @@ class Trainer:
         p = self.parts
         self.model.load_state_dict(state.get("train_model", state["model"]))  # raw weights, with an EMA
         self.clock.seconds = state.get("train_seconds", 0.0)  # before the schedule, which may read it
+        self.real_seconds = self.synced_seconds = self.clock.seconds
         p.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):  # absent in checkpoints written before 16-mixed existed
             p.scaler.load_state_dict(state["scaler"])
@@ -211,17 +214,18 @@ class Trainer:
                 loss = self.parts.loss_fn(logits, target)
             batch = self.next_batch(batches, interrupt)  # fetch while the forward runs on the GPU
             self.update(loss)
+            self.step_in_epoch += 1
+            self.global_step += 1
+            self.log_step = self.global_step % cfg.log_every == 0 or batch is None
             now = self.tick()
-            self.clock.seconds += now - last  # before the schedule reads it: the last step lands on the floor
+            self.real_seconds += now - last
             last = now
+            self.advance_clock()  # before the schedule reads it: the last step lands on the floor
             self.parts.scheduler.step()
             self.loss = loss = loss.detach()
             loss_sum += loss
             nonfinite |= ~torch.isfinite(loss)
-            self.step_in_epoch += 1
-            self.global_step += 1
             meter.step_done(image.shape[0])
-            self.log_step = self.global_step % cfg.log_every == 0 or batch is None
             if self.log_step:
                 self.check_finite(nonfinite)
                 self.loss_value = loss.item()
@@ -234,6 +238,23 @@ class Trainer:
                 break
         self.check_finite(nonfinite)
         return self.end_epoch(loss_sum, stopping)
+
+    def advance_clock(self) -> None:
+        """The training clock the budget and the schedule read. One process: its own measured time.
+        Under DDP it must be the same number on every rank (else ranks would use different learning
+        rates or stop at different steps, and diverge or hang): between log steps it advances by the
+        step time agreed at the last one, and each log step sets it to the slowest rank's time."""
+        if not self.dist.enabled:
+            self.clock.seconds = self.real_seconds
+            return
+        self.steps_since_sync += 1
+        if not self.log_step:
+            self.clock.seconds += self.step_estimate
+            return
+        synced = max_over_ranks(self.real_seconds, self.dist, self.rt.device)
+        self.step_estimate = max(0.0, synced - self.synced_seconds) / self.steps_since_sync
+        self.clock.seconds = self.synced_seconds = synced
+        self.steps_since_sync = 0
 
     def update(self, loss: torch.Tensor) -> None:
         """Backward, clip, optimiser step (the schedule steps after, in the loop): the scaler only scales

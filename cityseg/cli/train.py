@@ -130,7 +130,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".toml":
-            import tomllib
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
+                import tomli as tomllib
 
             tree = tomllib.loads(text)
         elif suffix in (".yaml", ".yml"):

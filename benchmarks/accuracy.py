@@ -83,7 +83,7 @@ def run_recipe(name: str, args: argparse.Namespace, budget_s: float, device: tor
     from cityseg.training import train
 
     with tempfile.TemporaryDirectory(prefix=f"acc-{name}-") as tmp:
-        out = Path(tmp) / "run"
+        out = args.runs / name if args.runs else Path(tmp) / "run"  # --runs keeps them (eval, predict later)
         cfg = recipe_config(name, args.data, budget_s, args.clock, out, device.type)
         summary = train(cfg, Console(quiet=not args.verbose, markup=False))
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -163,6 +163,7 @@ def run(argv: list[str] | None = None) -> Path:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--verbose", action="store_true", help="show each run's progress and tables")
+    ap.add_argument("--runs", type=Path, default=None, help="keep each recipe's run folder as RUNS/<recipe>")
     ap.add_argument("--list", action="store_true", help="print the recipes and exit")
     args = ap.parse_args(argv)
     if args.list:

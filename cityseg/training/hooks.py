@@ -2,11 +2,14 @@
 
 - `Telemetry`   starts/stops the NVML sampler and adds the GPU fields to each epoch's record
 - `Progress`    the per-epoch bar in a terminal, plain lines with ETA everywhere else
+- `EMA`         an exponential moving average of the weights, validated and saved (--ema)
 - `BestModel`   keeps the best val mIoU, writes best.pt, stops early after `patience` epochs
+- `TargetAccuracy` ends the run at the first validation that reaches --target-acc
 - `Checkpointer` writes last.pt after every epoch
 - `MetricsWriter` metrics.jsonl (after last.pt, so a kill in between is mended on resume) and the
   console report of each epoch (per-class IoU table and one line)
 - `Reporter`    at the end: summary.json, curves.png, samples.png, gpu_timeline.png
+- `TensorBoard` event files in the run folder (rank 0)
 - `StepCallback` calls a function after every step (torch.profiler's `step`)
 Hooks run in list order; the order in `default_hooks` is the one these notes assume.
 """

@@ -25,6 +25,17 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from cityseg.cli.choices import (
+    Cache,
+    ClassWeights,
+    CompileMode,
+    Loader,
+    Loss,
+    Norm,
+    Precision,
+    Schedule,
+    Upsample,
+)
 from cityseg.cli.common import app, console, err_console, fail, given_options
 from cityseg.config import AMP_TO_PRECISION, PRESETS, Config, flatten, get_value, train_config, with_overrides
 from cityseg.errors import OptionError
@@ -32,57 +43,6 @@ from cityseg.options import OPTION_KEYS, check_config, check_options, flag, pars
 
 DEFAULTS = Config()
 CPU = PRESETS["cpu-synthetic"]
-
-
-class Loader(str, Enum):
-    auto = "auto"
-    torch = "torch"
-    dali = "dali"
-    cache = "cache"
-
-
-class Cache(str, Enum):
-    none = "none"
-    device = "device"
-
-
-class Upsample(str, Enum):
-    transpose = "transpose"
-    bilinear = "bilinear"
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    bf16_mixed = "bf16-mixed"
-    fp16_mixed = "16-mixed"
-    fp32 = "32"
-
-
-class CompileMode(str, Enum):
-    default = "default"
-    reduce_overhead = "reduce-overhead"
-    max_autotune = "max-autotune"
-    max_autotune_no_cudagraphs = "max-autotune-no-cudagraphs"
-
-
-class Schedule(str, Enum):
-    cosine = "cosine"
-    onecycle = "onecycle"
-
-
-class Loss(str, Enum):
-    ce = "ce"
-    ce_dice = "ce+dice"
-
-
-class Norm(str, Enum):
-    batch = "batch"
-    group = "group"
-
-
-class ClassWeights(str, Enum):
-    none = "none"
-    inverse_sqrt_freq = "inverse-sqrt-freq"
 
 
 DATA, MODEL, TRAIN, SPEED, OUTPUT, AUG = "Data", "Model", "Training", "Speed", "Output", "Augmentation"

@@ -8,32 +8,17 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.text import Text
 
+from cityseg.cli.choices import Format, Split, Tta
 from cityseg.cli.common import app, console
 from cityseg.options import THREADS, check_options
 
 CkptOpt = Annotated[Path, typer.Option(help="Checkpoint (best.pt or last.pt of a run).")]
-
-
-class Split(str, Enum):
-    val = "val"
-    train = "train"
-
-
-class Tta(str, Enum):
-    none = "none"
-    flip = "flip"
-
-
-class Format(str, Enum):
-    onnx = "onnx"
-    torchscript = "torchscript"
 
 
 @app.command("eval")

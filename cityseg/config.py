@@ -229,6 +229,9 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 # Named override sets, applied in `train_config` before a config file and the command line.
 PRESETS: dict[str, dict[str, Any]] = {
+    # Real pairs (`--data`): the recipe that learned the most per second of training on the real
+    # Kaggle train split (benchmarks/results/ablation-cpu.md, accuracy-cpu.md). Sizes stay the defaults.
+    "real-data": {"model.upsample": "bilinear", "train.loss": "ce+dice"},
     # The built-in synthetic data on a CPU: about five minutes on 2 cores, >= 80 % val pixel accuracy.
     "cpu-synthetic": {"data.image_size": 128, "model.width": 16, "data.batch_size": 16, "train.epochs": 4,
                       "data.synth_train": 1000, "data.synth_val": 100},
@@ -239,8 +242,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def presets_for(*, synthetic: bool, on_cpu: bool, smoke: bool) -> list[str]:
-    """The presets a run gets: the CPU one for the synthetic data on a CPU, then `smoke`."""
-    names = ["cpu-synthetic"] if synthetic and on_cpu else []
+    """The presets a run gets: the measured recipe for real data, or the CPU one for the synthetic
+    data on a CPU; then `smoke`."""
+    if not synthetic:
+        names = ["real-data"]
+    else:
+        names = ["cpu-synthetic"] if on_cpu else []
     return names + (["smoke"] if smoke else [])
 
 

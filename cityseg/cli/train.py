@@ -227,7 +227,8 @@ def train(
     depth: Annotated[int | None, typer.Option(rich_help_panel=MODEL, help=(
         f"U-Net downsamplings (default {_d('model.depth')})."))] = None,
     upsample: Annotated[Upsample | None, typer.Option(rich_help_panel=MODEL, help=(
-        "Decoder upsampling: a learned transposed conv, or bilinear + 1x1 conv (default transpose)."))] = None,
+        "Decoder upsampling: a learned transposed conv, or bilinear + 1x1 conv (default bilinear with --data, "
+        "the measured recipe; transpose for the synthetic data)."))] = None,
     norm: Annotated[Norm | None, typer.Option(rich_help_panel=MODEL, help=(
         "Normalisation layers: BatchNorm (default) or GroupNorm with 8 groups (independent of the batch size)."
     ))] = None,
@@ -253,7 +254,8 @@ def train(
     schedule: Annotated[Schedule | None, typer.Option(rich_help_panel=TRAIN, help=(
         "LR shape: warm-up + cosine (default) or one-cycle."))] = None,
     loss: Annotated[Loss | None, typer.Option(rich_help_panel=TRAIN, help=(
-        "ce (default), or ce+dice: cross-entropy plus soft Dice over the classes present."))] = None,
+        "ce, or ce+dice: cross-entropy plus soft Dice over the classes present (default ce+dice with --data, the "
+        "measured recipe; ce for the synthetic data)."))] = None,
     ema: Annotated[float | None, typer.Option(rich_help_panel=TRAIN, help=(
         "Decay of an exponential moving average of the weights (e.g. 0.999): validated and saved in place of "
         "the raw weights; 0 = off (default)."))] = None,

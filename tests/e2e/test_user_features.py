@@ -73,6 +73,22 @@ def test_config_file_and_command_line_overrides(data: Path, tmp_path: Path, fmt:
     assert shown["model.width"] == "8"  # the command line wins over the file
 
 
+def test_real_data_gets_the_measured_recipe_by_default(data: Path) -> None:
+    """With --data the `real-data` preset (the recipe benchmarks/accuracy.py measured best) is the
+    default, the synthetic data keeps the plain one, and a flag still wins over the preset."""
+    from cityseg.config import PRESETS
+
+    def shown(args: list) -> dict[str, str]:
+        done = run_cli(["train", *args, "--print-config"])
+        assert done.returncode == 0, done.output
+        return dict(re.findall(r"^(\S+)\s+(\S+)\s*$", done.stdout, re.M))
+
+    real, synthetic = shown(["--data", data]), shown([])
+    assert PRESETS["real-data"] and all(real[k] == str(v) for k, v in PRESETS["real-data"].items())
+    assert synthetic["model.upsample"] == "transpose" and synthetic["train.loss"] == "ce"
+    assert shown(["--data", data, "--upsample", "transpose"])["model.upsample"] == "transpose"
+
+
 def test_a_runs_own_config_json_is_a_config_file(run: Path, data: Path) -> None:
     done = run_cli(["train", "--config", run / "config.json", "--print-config"])
     assert done.returncode == 0, done.output

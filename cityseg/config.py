@@ -245,10 +245,8 @@ def presets_for(*, synthetic: bool, on_cpu: bool, smoke: bool) -> list[str]:
     """The presets a run gets: the measured recipe for real data, or the CPU one for the synthetic
     data on a CPU; then `smoke`."""
     if not synthetic:
-        names = ["real-data"]
-    else:
-        names = ["cpu-synthetic"] if on_cpu else []
-    return names + (["smoke"] if smoke else [])
+        return ["real-data"] + (["smoke"] if smoke else [])
+    return (["cpu-synthetic"] if on_cpu else []) + (["smoke"] if smoke else [])
 
 
 def train_config(layers: list[tuple[str, dict[str, Any]]], *, on_cpu: bool, smoke: bool = False) -> Config:

@@ -25,9 +25,10 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable f
 
 from benchmarks.common import RESULTS, fmt  # noqa: E402
 
-ORDER = ("loader", "end_to_end", "train_step", "mask_kernel", "synth_speed")
-TITLES = {"loader": "Loaders", "end_to_end": "End to end (training)", "train_step": "Train step",
-          "mask_kernel": "Mask kernel", "synth_speed": "Synthetic data generation"}  # fmt: skip
+ORDER = ("accuracy", "loader", "end_to_end", "train_step", "mask_kernel", "synth_speed")
+TITLES = {"accuracy": "Time to accuracy", "loader": "Loaders", "end_to_end": "End to end (training)",
+          "train_step": "Train step", "mask_kernel": "Mask kernel",
+          "synth_speed": "Synthetic data generation"}  # fmt: skip
 PNG_NAME = "loader_images_per_s.png"
 
 Column = tuple[str, str, str]  # key, header, format spec
@@ -124,8 +125,18 @@ def synth_table(results: list[dict[str, Any]]) -> str:
     return markdown_table(results, cols)
 
 
+def accuracy_table(results: list[dict[str, Any]]) -> str:
+    base = results[0]["miou"] if results else None
+    rows = [r | {"change": ", ".join(f"{k}={v}" for k, v in r.get("overrides", {}).items()) or "—",
+                 "delta": None if r is results[0] else r["miou"] - base} for r in results]  # fmt: skip
+    cols: list[Column] = [("label", "recipe", ""), ("change", "change", ""), ("pixel_acc", "val pixel acc", ".4f"),
+                          ("miou", "val mIoU", ".4f"), ("delta", "Δ mIoU vs first", "+.4f"),
+                          ("train_seconds", "train s", ".0f"), ("steps", "steps", ""), ("images_per_s", "img/s", ".1f")]
+    return markdown_table(rows, cols)
+
+
 TABLES: dict[str, Callable[[list[dict[str, Any]]], str]] = {
-    "loader": loader_table, "end_to_end": end_to_end_table, "train_step": train_step_table,
+    "accuracy": accuracy_table, "loader": loader_table, "end_to_end": end_to_end_table, "train_step": train_step_table,
     "mask_kernel": mask_kernel_table, "synth_speed": synth_table,
 }  # fmt: skip
 

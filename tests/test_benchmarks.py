@@ -188,4 +188,14 @@ def test_accuracy_benchmark_writes_curves_table_and_plot(tiny_data: Path, tmp_pa
     delta = doc["results"][1]["miou"] - doc["results"][0]["miou"]
     assert "| dice | train.loss=ce+dice |" in table and f"{delta:+.4f}" in table
     assert out.with_suffix(".png").stat().st_size > 0
-    assert "baseline" in accuracy.RECIPES and "improved" in accuracy.RECIPES
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / out.name).write_text(out.read_text())
+    report_text = report.build(folder, folder / "REPORT.md")
+    assert "### Time to accuracy — cpu" in report_text and "| dice | train.loss=ce+dice | " in report_text
+    assert f"| {delta:+.4f} |" in report_text
+    # `baseline` stays the pre-preset defaults although real data now gets the `real-data` preset.
+    baseline = accuracy.recipe_config("baseline", tiny_data, 2.0, "cpu", tmp_path / "b", "cpu")
+    improved = accuracy.recipe_config("improved", tiny_data, 2.0, "cpu", tmp_path / "i", "cpu")
+    assert (baseline.model.upsample, baseline.train.loss) == ("transpose", "ce")
+    assert (improved.model.upsample, improved.train.loss) == ("bilinear", "ce+dice")

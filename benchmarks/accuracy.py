@@ -45,8 +45,8 @@ from cityseg.options import parse_duration  # noqa: E402
 # defaults from before the measured one became the `real-data` preset (so `baseline` stays the same run).
 BASE = {"data.image_size": 128, "model.width": 16, "data.batch_size": 8, "model.upsample": "transpose",
         "train.loss": "ce"}
-# Each recipe changes one thing from `baseline` (today's defaults at that size), except `improved`,
-# which stacks what won (benchmarks/results/ablation-*.md).
+# Each recipe changes one thing from `baseline`, except `improved` (the `real-data` preset: what won,
+# stacked; benchmarks/results/ablation-cpu.md) and the `improved+...` ones, which add one thing to it.
 RECIPES: dict[str, dict[str, Any]] = {
     "baseline": {},
     "lr1e-2": {"train.lr": 1e-2},

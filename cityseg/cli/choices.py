@@ -4,58 +4,27 @@ from __future__ import annotations
 
 from enum import Enum
 
-
-class Loader(str, Enum):
-    auto = "auto"
-    torch = "torch"
-    dali = "dali"
-    cache = "cache"
+from cityseg.options import CHOICES, COMPILE_MODES
 
 
-class Cache(str, Enum):
-    none = "none"
-    device = "device"
+def choice_enum(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """An enum whose members are `values` (names equal to values), for typer to list and check."""
+    return Enum(name, {value: value for value in values}, type=str)
 
 
-class Upsample(str, Enum):
-    transpose = "transpose"
-    bilinear = "bilinear"
+# The config's choices, from the one table that also checks config files (cityseg/options.py).
+Loader = choice_enum("Loader", CHOICES["data.loader"])
+Cache = choice_enum("Cache", CHOICES["data.cache"])
+Upsample = choice_enum("Upsample", CHOICES["model.upsample"])
+Precision = choice_enum("Precision", CHOICES["train.precision"])
+CompileMode = choice_enum("CompileMode", COMPILE_MODES)
+Schedule = choice_enum("Schedule", CHOICES["train.schedule"])
+Loss = choice_enum("Loss", CHOICES["train.loss"])
+Norm = choice_enum("Norm", CHOICES["model.norm"])
+ClassWeights = choice_enum("ClassWeights", CHOICES["train.class_weights"])
 
 
-class Precision(str, Enum):
-    auto = "auto"
-    bf16_mixed = "bf16-mixed"
-    fp16_mixed = "16-mixed"
-    fp32 = "32"
-
-
-class CompileMode(str, Enum):
-    default = "default"
-    reduce_overhead = "reduce-overhead"
-    max_autotune = "max-autotune"
-    max_autotune_no_cudagraphs = "max-autotune-no-cudagraphs"
-
-
-class Schedule(str, Enum):
-    cosine = "cosine"
-    onecycle = "onecycle"
-
-
-class Loss(str, Enum):
-    ce = "ce"
-    ce_dice = "ce+dice"
-
-
-class Norm(str, Enum):
-    batch = "batch"
-    group = "group"
-
-
-class ClassWeights(str, Enum):
-    none = "none"
-    inverse_sqrt_freq = "inverse-sqrt-freq"
-
-
+# Command-only choices (not config values).
 class Split(str, Enum):
     val = "val"
     train = "train"

@@ -38,6 +38,7 @@ from benchmarks.common import (  # noqa: E402
     print_header,
     print_table,
 )
+from benchmarks.report import accuracy_table  # noqa: E402
 from cityseg.config import PRESETS, train_config  # noqa: E402
 from cityseg.options import parse_duration  # noqa: E402
 
@@ -138,7 +139,6 @@ def markdown(record: dict[str, Any]) -> str:
     """The results as a table: each recipe's figures at the end of the budget, and its change in mIoU
     against the first recipe (the baseline) measured in the same run."""
     rows = record["results"]
-    base = rows[0]["miou"] if rows else None
     cfg = record["config"]
     lines = [f"# Time to accuracy: {record['date'][:10]}, {record['device']}",
              "",
@@ -149,13 +149,7 @@ def markdown(record: dict[str, Any]) -> str:
              f"{rows[0]['val_scored_at_px'] if rows else '?'} px (the labels' native size). Load at start/end: "
              f"{record['machine'].get('load_average_start')} / {record['machine'].get('load_average_end')}.",
              "",
-             "| recipe | change | val pixel acc | val mIoU | Δ mIoU vs first | best mIoU | steps | img/s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        delta = "" if base is None or r is rows[0] else f"{r['miou'] - base:+.4f}"
-        change = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "—"
-        lines.append(f"| {r['label']} | {change} | {r['pixel_acc']:.4f} | {r['miou']:.4f} | {delta} | "
-                     f"{r['best_miou']:.4f} | {r['steps']} | {r['images_per_s'] or 0:.1f} |")
+             accuracy_table(rows)]
     return "\n".join(lines) + "\n"
 
 

@@ -126,12 +126,14 @@ def synth_table(results: list[dict[str, Any]]) -> str:
 
 
 def accuracy_table(results: list[dict[str, Any]]) -> str:
+    """Each recipe at the end of the budget and its change in mIoU against the first (the baseline)."""
     base = results[0]["miou"] if results else None
     rows = [r | {"change": ", ".join(f"{k}={v}" for k, v in r.get("overrides", {}).items()) or "—",
                  "delta": None if r is results[0] else r["miou"] - base} for r in results]  # fmt: skip
     cols: list[Column] = [("label", "recipe", ""), ("change", "change", ""), ("pixel_acc", "val pixel acc", ".4f"),
                           ("miou", "val mIoU", ".4f"), ("delta", "Δ mIoU vs first", "+.4f"),
-                          ("train_seconds", "train s", ".0f"), ("steps", "steps", ""), ("images_per_s", "img/s", ".1f")]
+                          ("best_miou", "best mIoU", ".4f"), ("train_seconds", "train s", ".0f"),
+                          ("steps", "steps", ""), ("images_per_s", "img/s", ".1f")]
     return markdown_table(rows, cols)
 
 

@@ -45,6 +45,7 @@ from cityseg.training.setup import (
     read_init_checkpoint,
     training_runtime,
 )
+from cityseg.training.step import TrainStep
 
 __all__ = ["EXIT_INTERRUPTED", "HookBase", "Interrupted", "Trainer", "TrainingError", "train"]
 
@@ -122,10 +123,11 @@ def run_training(cfg: Config, console: Console, dist_info: DistInfo, run: RunFol
             init_weights_from(model, cfg.model, Path(cfg.train.init_from), init, console)
         optimizer = build_optimizer(model, cfg.train, rt.device)
         clock = TrainClock()
-        parts = Parts(cfg, rt, dist_info, data, model, step_model, optimizer,
-                      build_scheduler(optimizer, cfg.train, len(data.train), clock),
-                      torch.amp.GradScaler(rt.device.type, enabled=rt.needs_grad_scaler),
-                      build_loss(cfg.train, data.train, data.palette.num_classes, rt.device), clock)
+        scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.needs_grad_scaler)
+        loss_fn = build_loss(cfg.train, data.train, data.palette.num_classes, rt.device)
+        step = TrainStep(step_model, model, loss_fn, optimizer, scaler, rt, cfg.train.grad_clip)
+        parts = Parts(cfg, rt, dist_info, data, model, step, optimizer,
+                      build_scheduler(optimizer, cfg.train, len(data.train), clock), scaler, clock)
         hooks = default_hooks(cfg.train, on_step, dist_info.is_main) + extra_hooks
         trainer = Trainer(parts, run, console, hooks)
         if state is not None:

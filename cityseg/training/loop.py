@@ -28,10 +28,11 @@ from cityseg.distributed import DistInfo, any_rank, broadcast_buffers, max_over_
 from cityseg.metrics import SegMetrics, evaluate_model
 from cityseg.progress import StepProgress
 from cityseg.report import RunFolder, versions
-from cityseg.runtime import Runtime, autocast
+from cityseg.runtime import Runtime
 from cityseg.telemetry import EpochMeter
 from cityseg.training.schedule import ProgressLR, TrainClock, tick_function
 from cityseg.training.setup import RunData, TrainingError
+from cityseg.training.step import TrainStep
 
 EXIT_INTERRUPTED = 130
 
@@ -70,11 +71,10 @@ class Parts:
     dist: DistInfo
     data: RunData
     model: nn.Module  # the plain module: checkpoints and validation
-    step_model: nn.Module  # what a step calls: DDP-wrapped and/or compiled
+    step: TrainStep  # one update: forward, loss, backward, optimiser (cityseg/training/step.py)
     optimizer: torch.optim.Optimizer
     scheduler: ProgressLR
     scaler: torch.amp.GradScaler
-    loss_fn: nn.Module
     clock: TrainClock  # training seconds (validation excluded): the time budget's and the schedule's clock
 
 
@@ -209,11 +209,8 @@ class Trainer:
         batch = self.next_batch(batches, interrupt)
         while batch is not None:
             image, target = batch
-            with autocast(self.rt):
-                logits = self.parts.step_model(image)
-                loss = self.parts.loss_fn(logits, target)
-            batch = self.next_batch(batches, interrupt)  # fetch while the forward runs on the GPU
-            self.update(loss)
+            loss = self.parts.step(image, target)
+            batch = self.next_batch(batches, interrupt)  # fetch while the step runs on the GPU
             self.step_in_epoch += 1
             self.global_step += 1
             self.log_step = self.global_step % cfg.log_every == 0 or batch is None
@@ -222,7 +219,7 @@ class Trainer:
             last = now
             self.advance_clock()  # before the schedule reads it: the last step lands on the floor
             self.parts.scheduler.step()
-            self.loss = loss = loss.detach()
+            self.loss = loss
             loss_sum += loss
             nonfinite |= ~torch.isfinite(loss)
             meter.step_done(image.shape[0])
@@ -255,18 +252,6 @@ class Trainer:
         self.step_estimate = max(0.0, synced - self.synced_seconds) / self.steps_since_sync
         self.clock.seconds = self.synced_seconds = synced
         self.steps_since_sync = 0
-
-    def update(self, loss: torch.Tensor) -> None:
-        """Backward, clip, optimiser step (the schedule steps after, in the loop): the scaler only scales
-        under 16-mixed and is a no-op otherwise."""
-        p = self.parts
-        p.optimizer.zero_grad(set_to_none=True)
-        p.scaler.scale(loss).backward()
-        if self.cfg.train.grad_clip > 0:
-            p.scaler.unscale_(p.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        p.scaler.step(p.optimizer)
-        p.scaler.update()
 
     def end_epoch(self, loss_sum: torch.Tensor, stopping: bool) -> dict[str, Any] | None:
         n_batches = len(self.data.train)

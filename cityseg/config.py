@@ -12,6 +12,7 @@ from typing import Any
 from cityseg.errors import OptionError
 
 SPLITS = ("train", "val")  # the Kaggle layout's folders
+AUTO = "auto"  # a setting the run resolves for its device (data.batch_size)
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,9 @@ NO_AUGMENT = AugmentConfig(hflip=0.0)
 class DataConfig:
     data_dir: str | None = None  # Kaggle pair folder with train/ and val/; None = cached synthetic set
     image_size: int = 256  # photos and masks are resized to this square size (mask: nearest)
-    batch_size: int = 16
+    # Images per step (per GPU under DDP), or "auto": on a CUDA GPU the largest batch from 16 to 256 that
+    # fits 80 % of its memory, lr and warm-up scaled from batch 16; 16 on a CPU (cityseg/training/batch_size.py).
+    batch_size: int | str = "auto"
     loader: str = "auto"  # auto | torch | dali (auto: DALI on a GPU machine, the plain loader otherwise)
     workers: int = 2  # DataLoader worker processes / DALI CPU threads
     prefetch: int = 2  # batches prepared ahead per worker (DataLoader) or queue depth (DALI)

@@ -54,12 +54,35 @@ def count(lo: int = 0, hi: int | None = None) -> Number:
     return Number(lo, hi, whole=True)
 
 
+@dataclass(frozen=True)
+class NumberOrAuto(Number):
+    """A Number, or the word `auto` (the run picks the value for its device)."""
+
+    def problem(self, value: Any) -> str | None:
+        if value == "auto":
+            return None
+        return self.expectation() if isinstance(value, str) else super().problem(value)
+
+    def expectation(self) -> str:
+        return super().expectation() + " or auto"
+
+
+def parse_batch_size(text: str | None) -> int | str | None:
+    """`--batch-size 32` -> 32, `--batch-size auto` -> "auto"; anything else is an OptionError."""
+    if text is None or text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise OptionError(f"--batch-size {text}: {RULES['batch_size'].expectation()}") from None
+
+
 SEED_MAX = 2**32 - 1  # numpy's and DALI's seed range; larger seeds overflow torch generators
 
 # Option (parameter) name -> allowed values. The same name means the same thing in every command.
 RULES: dict[str, Number] = {
     "epochs": count(1, 100_000),
-    "batch_size": count(1, 65_536),
+    "batch_size": NumberOrAuto(1, 65_536, whole=True),
     "lr": Number(0, 10, above_lo=True),
     "width": count(1, 512),
     "depth": count(1, 8),

@@ -39,7 +39,15 @@ from cityseg.cli.choices import (
 from cityseg.cli.common import app, console, err_console, fail, given_options
 from cityseg.config import AMP_TO_PRECISION, PRESETS, Config, flatten, get_value, train_config, with_overrides
 from cityseg.errors import OptionError
-from cityseg.options import OPTION_KEYS, check_config, check_options, flag, parse_duration, parse_scale
+from cityseg.options import (
+    OPTION_KEYS,
+    check_config,
+    check_options,
+    flag,
+    parse_batch_size,
+    parse_duration,
+    parse_scale,
+)
 
 DEFAULTS = Config()
 CPU = PRESETS["cpu-synthetic"]
@@ -189,8 +197,9 @@ def train(
     image_size: Annotated[int | None, typer.Option(rich_help_panel=DATA, help=(
         f"Train/val size in pixels, square (default {_d('data.image_size')}; {CPU['data.image_size']} in the CPU "
         "synthetic preset). A multiple of 2**depth."))] = None,
-    batch_size: Annotated[int | None, typer.Option(rich_help_panel=DATA, help=(
-        f"Images per step (default {_d('data.batch_size')})."))] = None,
+    batch_size: Annotated[str | None, typer.Option(rich_help_panel=DATA, callback=parse_batch_size, help=(
+        "Images per step, or auto (default): on a CUDA GPU the largest batch from 16 to 256 that fits 80 % of "
+        "its memory, found once and cached, with lr and warm-up scaled from batch 16; 16 on a CPU."))] = None,
     loader: Annotated[Loader | None, typer.Option(rich_help_panel=SPEED, help=(
         "auto: DALI on a GPU, the plain PyTorch loader otherwise; cache: decode the split once into device "
         "memory and augment there."))] = None,

@@ -30,6 +30,7 @@ from cityseg.palette import Palette
 from cityseg.palette_kmeans import save_palette
 from cityseg.report import RunFolder, device_name, write_json
 from cityseg.runtime import resolve_device
+from cityseg.training.batch_size import resolve_batch_size
 from cityseg.training.hooks import Reporter, default_hooks
 from cityseg.training.loop import EXIT_INTERRUPTED, HookBase, Interrupted, Parts, Trainer
 from cityseg.training.schedule import TrainClock
@@ -108,6 +109,7 @@ def resume_state(run: RunFolder, cfg: Config, console: Console) -> dict[str, Any
 def run_training(cfg: Config, console: Console, dist_info: DistInfo, run: RunFolder, state: dict[str, Any] | None,
                  on_step: Callable[[], None] | None, extra_hooks: list[HookBase]) -> dict[str, Any]:
     rt = training_runtime(cfg.train, dist_info)
+    cfg = resolve_batch_size(cfg, rt, dist_info, console)  # `auto`: the GPU's largest fitting batch (or 16)
     check_training_fits(cfg, rt, dist_info)
     for note in rt.notes:
         console.print(f"note: {note}", style="yellow", soft_wrap=True)

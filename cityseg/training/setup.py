@@ -124,7 +124,8 @@ def prepare_data(cfg: Config, rt: Runtime, dist_info: DistInfo, console: Console
 
 def build_models(cfg: ModelConfig, rt: Runtime, dist_info: DistInfo, sync_bn: bool) -> tuple[nn.Module, nn.Module]:
     """(model, step_model): the plain module (checkpoints, validation) on the device in channels-last,
-    and what a training step calls: wrapped in DDP across ranks, compiled when the runtime says so."""
+    and what a training step calls: wrapped in DDP across ranks. The step compiles it together with
+    the loss (cityseg/training/step.py), so it is not compiled here."""
     model = build_model(cfg).to(rt.device, memory_format=torch.channels_last)
     step_model: nn.Module = model
     if dist_info.enabled:
@@ -134,8 +135,6 @@ def build_models(cfg: ModelConfig, rt: Runtime, dist_info: DistInfo, sync_bn: bo
             step_model = nn.SyncBatchNorm.convert_sync_batchnorm(step_model)
         ids = [rt.device.index] if rt.device.type == "cuda" else None
         step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=ids)  # averages gradients
-    if rt.compile:
-        step_model = torch.compile(step_model, mode=rt.compile_mode)
     return model, step_model
 
 
@@ -168,12 +167,19 @@ def init_weights_from(model: nn.Module, cfg: ModelConfig, path: Path, init: tupl
                               f"unexpected {unexpected[:3]})")
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device, compiled: bool = False
+                    ) -> torch.optim.Optimizer:
+    """AdamW: on CUDA the fused kernel (one launch for all parameters), or, for a step that compiles
+    the optimiser too (`compiled`), the foreach form inductor compiles, capturable so that its step
+    count lives on the device and CUDA graphs can hold it."""
     # No weight decay on BatchNorm and biases (1-d params): decaying them only hurts.
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
+    cuda = device.type == "cuda"
+    if compiled:
+        return torch.optim.AdamW(groups, lr=cfg.lr, foreach=cuda, capturable=cuda)
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=cuda)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int, clock: TrainClock

@@ -88,8 +88,9 @@ def loader_table(results: list[dict[str, Any]]) -> str:
 def train_step_table(results: list[dict[str, Any]]) -> str:
     cols: list[Column] = [("width", "width", ""), ("variant", "variant", ""), ("batch", "batch", ""),
                           ("size", "size", ""), ("median", "ms/step (median)", ".2f"),
-                          ("images_per_s", "images/s", ".2f"),
-                          ("speedup_vs_fp32", "× fp32", ".2f"), ("compile_s", "compile s", ".1f"),
+                          ("images_per_s", "images/s", ".2f"), ("tflops", "TFLOP/s", ".3g"),
+                          ("pct_peak", "% of peak", ".1f"), ("vs_ce", "× CE step", ".3f"),
+                          ("speedup_vs_off", "× eager", ".2f"), ("compile_s", "compile s", ".1f"),
                           ("peak_mem_gib", "peak GiB", ".2f")]
     return markdown_table(results, cols)
 

@@ -1,23 +1,30 @@
-"""Step time of the U-Net training step (forward under autocast, cross-entropy, backward, grad clip,
-AdamW) for widths 32 and 64, in four variants that each add one thing to the previous one:
+"""Images/s of the product's training step (cityseg/training/step.py `TrainStep`, the one the loop
+calls), swept over batch x width x compile mode (x loss):
 
-    python benchmarks/train_step.py                    # GPU: batch 16, 256px; CPU: batch 4, 128px
-    python benchmarks/train_step.py --batch 16 --size 256 --widths 32,64 --json OUT.json
+    python benchmarks/train_step.py                    # GPU: batches 16,64,128 x widths 32,64 x off,default,cudagraphs
+    python benchmarks/train_step.py --batches 16,64 --widths 32 --compile-modes off,cudagraphs,whole --json OUT.json
+    python benchmarks/train_step.py --widths 32 --batches 16 --compile-modes off --losses ce,ce+dice   # CPU: loss cost
     python benchmarks/train_step.py --quick            # tiny sizes, eager compile backend: a smoke test
 
-Variants: `fp32` (NCHW, eager), `channels_last` (eager), `channels_last+bf16` (torch.autocast bf16),
-`channels_last+bf16+compile` (torch.compile of the model, as `cityseg-fast train` does on a GPU).
-The step is the engine's (`cityseg.training.setup.build_optimizer`: fused AdamW on GPU; clip at 1.0); inputs
-are one fixed random batch already on the device (bf16 for the bf16 variants on a GPU, as the loaders
-deliver it), targets random class ids.
+The step is built by the training's own functions (setup.build_models, build_optimizer, losses.build_loss_fn,
+build_scheduler, TrainStep) on the recipe `--data` runs train (cityseg/config.py preset real-data:
+bilinear upsampling, CE + Dice): the precision policy (`auto`: bf16 where native), channels-last,
+cudnn.benchmark on, fused AdamW on CUDA, clipping at 1.0, the LR schedule stepped after each step.
+Inputs are one fixed random batch on the device in the loaders' dtype and layout; 5 % of the target
+pixels are ignore (255).
 
-Timing: the first --warmup steps are timed one by one (compilation, cuDNN autotuning, allocator
-growth) and kept out of the median; then --reps repetitions of --steps steps, each synchronised
-(`torch.cuda.synchronize`) before and after, give ms/step. `compile_s` = time of the warm-up steps
-minus as many median steps: the one-off cost of compiling until the step time is steady, reported
-apart from the step time. On a CPU without native bf16 (AVX512-BF16/AMX; `cpu_bf16_native` in the
-JSON) bf16 autocast is emulated and slower than fp32: the GPU figures are the ones that matter.
-Results: benchmarks/results/train_step-<cpu|gpu>.json (or --json).
+Compile modes: `off` (eager), `default` (torch.compile's default mode: inductor, no CUDA graphs),
+`cudagraphs` (`reduce-overhead`: what training uses on one CUDA GPU by default), `whole` (cudagraphs
+plus clipping and a capturable AdamW compiled with a tensor learning rate). On a CPU, `cudagraphs`
+compiles like `default` (CUDA graphs need CUDA).
+
+Timing: compilation and warm-up stay outside: --warmup untimed steps (timed one by one, reported as
+`first_steps_s` and `compile_s` = their time minus as many median steps), then --reps repetitions of
+--steps steps, synchronised, give ms/step (median). With several --losses, their repetitions
+interleave (ce, ce+dice, ce, ...), so a loaded machine slows both alike; `vs_ce` = the step time over
+the CE step's in the same cell. FLOPs per step (forward + backward, eager, counted once per shape
+with torch.utils.flop_counter) give achieved TFLOP/s and, on a GPU in PEAK_TFLOPS, % of its dense
+bf16 peak. JSON is written after every cell. Results: benchmarks/results/train_step-<cpu|gpu>.json.
 """
 
 from __future__ import annotations
@@ -25,18 +32,17 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
     command_line,
-    cpu_bf16_native,
     default_json,
     finish_record,
     median,
@@ -46,79 +52,145 @@ from benchmarks.common import (  # noqa: E402
     print_table,
     repeat,
 )
+from cityseg.config import PRESETS, Config, with_overrides  # noqa: E402
+from cityseg.distributed import DistInfo  # noqa: E402
+from cityseg.runtime import resolve_runtime  # noqa: E402
+from cityseg.training.losses import build_loss_fn  # noqa: E402
+from cityseg.training.schedule import TrainClock  # noqa: E402
+from cityseg.training.setup import build_models, build_optimizer, build_scheduler  # noqa: E402
+from cityseg.training.step import TrainStep  # noqa: E402
 
-VARIANTS: dict[str, dict[str, bool]] = {
-    "fp32": {"channels_last": False, "amp": False, "compile": False},
-    "channels_last": {"channels_last": True, "amp": False, "compile": False},
-    "channels_last+bf16": {"channels_last": True, "amp": True, "compile": False},
-    "channels_last+bf16+compile": {"channels_last": True, "amp": True, "compile": True},
+# --compile-modes -> (torch.compile mode, compile the optimiser too); None = eager.
+COMPILE_MODES: dict[str, tuple[str, bool] | None] = {
+    "off": None,
+    "default": ("default", False),
+    "cudagraphs": ("reduce-overhead", False),
+    "whole": ("reduce-overhead", True),
 }
+LOSSES = ("ce", "ce+dice")
 NUM_CLASSES = 19
+IGNORED_SHARE = 0.05
+# Dense bf16 tensor-core peaks, TFLOP/s, from NVIDIA's datasheets (SXM parts). Issue 22 quoted ~790
+# for the H200; the datasheet's 989 (the same die as the H100) is used here.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
 
 
-def make_step(width: int, depth: int, variant: dict[str, bool], batch: int, size: int, device: torch.device,
-              backend: str, seed: int) -> Callable[[], None]:
-    """A closure running one full training step on a fixed batch, as the engine's loop does."""
-    from cityseg.config import TrainConfig
-    from cityseg.model import UNet
-    from cityseg.training.setup import build_optimizer
-
-    torch.manual_seed(seed)
-    fmt = torch.channels_last if variant["channels_last"] else torch.contiguous_format
-    model = UNet(num_classes=NUM_CLASSES, width=width, depth=depth).to(device, memory_format=fmt).train()
-    step_model = torch.compile(model, backend=backend) if variant["compile"] else model
-    optimizer = build_optimizer(model, TrainConfig(), device)
-    loss_fn = nn.CrossEntropyLoss(ignore_index=255)
-    dtype = torch.bfloat16 if variant["amp"] and device.type == "cuda" else torch.float32
-    image = torch.randn(batch, 3, size, size, device=device).to(dtype=dtype, memory_format=fmt)
-    target = torch.randint(0, NUM_CLASSES, (batch, size, size), device=device)
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant["amp"]):
-            loss = loss_fn(step_model(image), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-
-    return step
+@dataclass(frozen=True)
+class Cell:
+    width: int
+    depth: int
+    batch: int
+    size: int
 
 
-def measure(width: int, name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    variant = VARIANTS[name]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    step = make_step(width, args.depth, variant, args.batch, args.size, device, args.compile_backend, args.seed)
+def product_config(cell: Cell, loss: str) -> Config:
+    """What `cityseg-fast train --data DIR` trains, at this cell's sizes and with this loss."""
+    cfg = with_overrides(Config(), PRESETS["real-data"], "preset real-data")
+    return with_overrides(cfg, {"model.width": cell.width, "model.depth": cell.depth, "data.image_size": cell.size,
+                                "data.batch_size": cell.batch, "train.loss": loss}, "benchmark")  # fmt: skip
 
-    def rep() -> None:
-        for _ in range(args.steps):
-            step()
 
-    first, reps = repeat(step, device, warmup=args.warmup, reps=0)
-    _, rep_s = repeat(rep, device, warmup=0, reps=args.reps)
-    ms = [s / args.steps * 1e3 for s in rep_s]
-    med = median(ms)
-    overhead = max(0.0, sum(first) - len(first) * med / 1e3)
-    if variant["compile"]:
-        torch._dynamo.reset()  # the next width compiles from scratch, not against this model's guards
-    if device.type == "cuda":
+def build_step(cfg: Config, device: torch.device, compile_mode: str, backend: str
+               ) -> tuple[TrainStep, Callable[[], None]]:
+    """The training's TrainStep and the schedule step that follows it in the loop."""
+    how = COMPILE_MODES[compile_mode]
+    rt = resolve_runtime(device, cfg.train.precision, compile=how is not None, compile_mode=how and how[0])
+    compile_optimizer = bool(how and how[1])
+    model, step_model = build_models(cfg.model, rt, DistInfo(), sync_bn=False)
+    optimizer = build_optimizer(model, cfg.train, device, compiled=compile_optimizer)
+    scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch=1000, clock=TrainClock())
+    scaler = torch.amp.GradScaler(device.type, enabled=rt.needs_grad_scaler)
+    loss_fn = build_loss_fn(cfg.train.loss, None)
+    step = TrainStep(step_model, model, loss_fn, optimizer, scaler, rt, cfg.train.grad_clip,
+                     compile_optimizer=compile_optimizer, compile_backend=backend)
+    return step, scheduler.step
+
+
+def random_batch(cell: Cell, step: TrainStep, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(cell.batch, 3, cell.size, cell.size, generator=g)
+    target = torch.randint(0, NUM_CLASSES, (cell.batch, cell.size, cell.size), generator=g)
+    target[torch.rand(target.shape, generator=g) < IGNORED_SHARE] = 255
+    device = step.rt.device
+    image = image.to(device, step.rt.batch_dtype).contiguous(memory_format=torch.channels_last)
+    return image, target.to(device)
+
+
+def count_flops(cell: Cell, loss: str, device: torch.device) -> float:
+    """FLOPs of one step's forward and backward (eager fp32: the count does not depend on precision
+    or compilation); the optimiser's elementwise work is not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = product_config(cell, loss)
+    rt = resolve_runtime(device, "32", compile=False)
+    model, _ = build_models(cfg.model, rt, DistInfo(), sync_bn=False)
+    step = TrainStep(model, model, build_loss_fn(loss, None), build_optimizer(model, cfg.train, device),
+                     torch.amp.GradScaler(device.type, enabled=False), rt, 0.0)
+    image, target = random_batch(cell, step, 0)
+    with FlopCounterMode(display=False) as counter:
+        step.forward_loss(image.float(), target).backward()
+    return float(counter.get_total_flops())
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+def measure_cell(cell: Cell, compile_mode: str, losses: list[str], args: argparse.Namespace, device: torch.device,
+                 flops: dict[tuple[Cell, str], float]) -> list[dict[str, Any]]:
+    """One row per loss, their timed repetitions interleaved."""
+    gpu = device.type == "cuda"
+    runs = {}
+    for loss in losses:
+        if (cell, loss) not in flops:
+            flops[cell, loss] = count_flops(cell, loss, device)
+        if gpu:
+            torch.cuda.reset_peak_memory_stats(device)
+        step, schedule = build_step(product_config(cell, loss), device, compile_mode, args.compile_backend)
+        image, target = random_batch(cell, step, args.seed)
+
+        def steps(n: int, step: TrainStep = step, schedule: Callable[[], None] = schedule,
+                  batch: tuple[torch.Tensor, torch.Tensor] = (image, target)) -> Callable[[], None]:
+            def run() -> None:
+                for _ in range(n):
+                    step(*batch)
+                    schedule()
+            return run
+
+        first, _ = repeat(steps(1), device, warmup=args.warmup, reps=0)
+        runs[loss] = {"step": step, "run": steps(args.steps), "first": first, "reps": [],
+                      "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if gpu else None}
+    for _ in range(args.reps):
+        for r in runs.values():
+            _, seconds = repeat(r["run"], device, warmup=0, reps=1)
+            r["reps"].append(seconds[0] / args.steps * 1e3)
+    peak = peak_tflops(device)
+    rows = []
+    for loss, r in runs.items():
+        med = median(r["reps"])
+        tflops = flops[cell, loss] / (med / 1e3) / 1e12
+        rows.append({
+            "width": cell.width, "depth": cell.depth, "batch": cell.batch, "size": cell.size, "loss": loss,
+            "compile_mode": compile_mode, "variant": f"{compile_mode} {loss}", "precision": r["step"].rt.precision,
+            "torch_compile_mode": r["step"].mode, "first_steps_s": r["first"],
+            "compile_s": max(0.0, sum(r["first"]) - len(r["first"]) * med / 1e3) if compile_mode != "off" else None,
+            "warmup_overhead_s": max(0.0, sum(r["first"]) - len(r["first"]) * med / 1e3),
+            "reps": r["reps"], "median": med, "unit": "ms/step", "images_per_s": cell.batch / (med / 1e3),
+            "gflop_per_step": flops[cell, loss] / 1e9, "tflops": tflops,
+            "pct_peak": 100 * tflops / peak if peak else None, "peak_mem_gib": r["peak_mem_gib"],
+        })  # fmt: skip
+    ce = next((row["median"] for row in rows if row["loss"] == "ce"), None)
+    for row in rows:
+        row["vs_ce"] = row["median"] / ce if ce else None
+    del runs
+    if compile_mode != "off":
+        torch._dynamo.reset()  # the next cell compiles from scratch, not against this one's guards
+    if gpu:
         torch.cuda.empty_cache()
-    return {
-        "width": width,
-        "depth": args.depth,
-        "variant": name,
-        **variant,
-        "batch": args.batch,
-        "size": args.size,
-        "first_steps_s": first,  # the warm-up steps, one by one
-        "compile_s": overhead if variant["compile"] else None,
-        "warmup_overhead_s": overhead,  # the same quantity for eager variants (cuDNN autotuning, allocator)
-        "reps": ms,
-        "median": med,
-        "unit": "ms/step",
-        "images_per_s": args.batch / (med / 1e3),
-        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-    }
+    return rows
 
 
 def parse_list(text: str) -> list[str]:
@@ -129,63 +201,83 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--widths", default="32,64", help="comma list of U-Net base widths")
     p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--batch", type=int, default=None, help="default 16 on GPU, 4 on CPU")
+    p.add_argument("--batches", "--batch", default=None,
+                   help="comma list of batch sizes (default 16,64,128 GPU; 16 CPU)")
     p.add_argument("--size", type=int, default=None, help="image side; default 256 on GPU, 128 on CPU")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of: " + ", ".join(VARIANTS))
+    p.add_argument("--compile-modes", default=None,
+                   help=f"comma list of {', '.join(COMPILE_MODES)} (default off,default,cudagraphs GPU; off CPU)")
+    p.add_argument("--losses", default="ce+dice", help="comma list of ce, ce+dice (default: the product's ce+dice)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 GPU, 3 CPU)")
     p.add_argument("--steps", type=int, default=None, help="steps per repetition (default 20 GPU, 1 CPU)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions (the median is reported)")
-    p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: a smoke test)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="width 4, depth 2, 32px, batch 2, 1 rep, eager backend")
+    p.add_argument("--quick", action="store_true",
+                   help="width 4, depth 2, 32px, batch 2, 1 rep, off and default with the eager backend, both losses")
     p.add_argument("--json", type=Path, default=None, help="default benchmarks/results/train_step-<cpu|gpu>.json")
     return p
+
+
+def resolve_args(args: argparse.Namespace, gpu: bool) -> argparse.Namespace:
+    if args.quick:
+        args.widths, args.depth, args.compile_backend, args.losses = "4", 2, "eager", "ce,ce+dice"
+        args.size, args.batches, args.warmup, args.steps, args.reps = 32, "2", 1, 1, 1
+        args.compile_modes = args.compile_modes or "off,default"
+    args.batches = args.batches or ("16,64,128" if gpu else "16")
+    args.size = args.size or (256 if gpu else 128)
+    args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 3)
+    args.steps = args.steps or (20 if gpu else 1)
+    args.compile_modes = args.compile_modes or ("off,default,cudagraphs" if gpu else "off")
+    return args
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser().parse_args(argv)
     device = pick_device(args.device)
     gpu = device.type == "cuda"
-    if args.quick:
-        args.widths, args.depth, args.compile_backend = "4", 2, "eager"
-        args.size, args.batch, args.warmup, args.steps, args.reps = 32, 2, 1, 1, 1
-    args.batch = args.batch or (16 if gpu else 4)
-    args.size = args.size or (256 if gpu else 128)
-    args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 3)
-    args.steps = args.steps or (20 if gpu else 1)
-    widths = [int(w) for w in parse_list(args.widths)]
-    names = parse_list(args.variants)
-    if bad := [n for n in names if n not in VARIANTS]:
-        raise SystemExit(f"--variants: unknown {bad}; expected {', '.join(VARIANTS)}")
-    # Off by default, as in the engine; on, cuDNN times its kernels during the warm-up for these fixed shapes.
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    keys = ("depth", "batch", "size", "warmup", "steps", "reps", "compile_backend", "cudnn_benchmark", "seed")
-    config = {k: getattr(args, k) for k in keys} | {"widths": widths, "variants": names, "optimizer": "AdamW",
-                                                    "fused_adamw": gpu, "grad_clip": 1.0}  # fmt: skip
+    args = resolve_args(args, gpu)
+    widths, batches = [int(w) for w in parse_list(args.widths)], [int(b) for b in parse_list(args.batches)]
+    modes, losses = parse_list(args.compile_modes), parse_list(args.losses)
+    if bad := [m for m in modes if m not in COMPILE_MODES]:
+        raise SystemExit(f"--compile-modes: unknown {bad}; expected {', '.join(COMPILE_MODES)}")
+    if bad := [x for x in losses if x not in LOSSES]:
+        raise SystemExit(f"--losses: unknown {bad}; expected {', '.join(LOSSES)}")
+    torch.backends.cudnn.benchmark = True  # as training sets it: fixed shapes, fastest conv algorithms
+    recipe = product_config(Cell(widths[0], args.depth, batches[0], args.size), losses[0])
+    precision = resolve_runtime(device, recipe.train.precision, compile=False).precision
+    keys = ("depth", "size", "warmup", "steps", "reps", "compile_backend", "seed")
+    config = {k: getattr(args, k) for k in keys} | {
+        "widths": widths, "batches": batches, "compile_modes": modes, "losses": losses,
+        "upsample": recipe.model.upsample, "precision": precision, "channels_last": True, "cudnn_benchmark": True,
+        "optimizer": "AdamW",
+        "fused_adamw": gpu, "grad_clip": recipe.train.grad_clip, "peak_tflops": peak_tflops(device)}  # fmt: skip
     out = args.json or default_json("train_step", device)
     record = new_record("train_step", device, command_line("train_step.py", argv), config)
     print_header(record)
-    if not gpu and not cpu_bf16_native() and any(VARIANTS[n]["amp"] for n in names):
-        record["notes"].append("this CPU has no native bf16 (oneDNN): bf16 autocast is emulated, slower than fp32")
-        print(record["notes"][-1])
+    if not gpu and precision == "32":
+        record["notes"].append("CPU: precision auto is fp32 here (no native bf16)")
+    flops: dict[tuple[Cell, str], float] = {}
     for width in widths:
-        for name in names:
-            print(f"  width {width:3d} {name:28s} ...", end=" ", flush=True)
-            row = measure(width, name, args, device)
-            record["results"].append(row)
-            finish_record(record, out, done=False)
-            extra = f"  compile {row['compile_s']:.1f} s" if row["compile_s"] is not None else ""
-            print(f"{row['median']:9.2f} ms/step  {row['images_per_s']:8.1f} images/s{extra}")
-    base = {r["width"]: r["median"] for r in record["results"] if r["variant"] == "fp32"}
+        for batch in batches:
+            cell = Cell(width, args.depth, batch, args.size)
+            for mode in modes:
+                print(f"  width {width:3d} batch {batch:4d} {mode:10s} ...", end=" ", flush=True)
+                rows = measure_cell(cell, mode, losses, args, device, flops)
+                record["results"].extend(rows)
+                finish_record(record, out, done=False)
+                print("  ".join(f"{r['loss']} {r['median']:.2f} ms {r['images_per_s']:.1f} img/s" for r in rows))
+    off = {(r["width"], r["batch"], r["loss"]): r["median"] for r in record["results"] if r["compile_mode"] == "off"}
     for r in record["results"]:
-        r["speedup_vs_fp32"] = base[r["width"]] / r["median"] if r["width"] in base else None
-    print_table(record["results"], [("width", "width", ""), ("variant", "variant", ""), ("median", "ms/step", ".2f"),
-                                    ("images_per_s", "images/s", ".1f"), ("speedup_vs_fp32", "x fp32", ".2f"),
-                                    ("compile_s", "compile s", ".1f")],
-                title=f"batch {args.batch}, {args.size}px, depth {args.depth}, on {record['device']} "
-                      f"(median of {args.reps} x {args.steps} steps)")  # fmt: skip
+        base = off.get((r["width"], r["batch"], r["loss"]))
+        r["speedup_vs_off"] = base / r["median"] if base else None
+    print_table(record["results"], [
+        ("width", "width", ""), ("batch", "batch", ""), ("compile_mode", "compile", ""), ("loss", "loss", ""),
+        ("median", "ms/step", ".2f"), ("images_per_s", "images/s", ".1f"), ("tflops", "TFLOP/s", ".3f"),
+        ("pct_peak", "% peak", ".1f"), ("vs_ce", "x ce", ".3f"), ("speedup_vs_off", "x off", ".2f"),
+        ("compile_s", "compile s", ".1f"), ("peak_mem_gib", "peak GiB", ".2f")],
+        title=f"{args.size}px, depth {args.depth}, {precision}, on {record['device']} "
+              f"(median of {args.reps} x {args.steps} steps)")  # fmt: skip
     finish_record(record, out)
     return record
 

@@ -89,12 +89,14 @@ def test_default_worker_list() -> None:
 
 def test_train_step_json(results: Path) -> None:
     doc = check_layout(results / "train_step-cpu.json", "train_step", reps=1)
-    assert [r["variant"] for r in doc["results"]] == list(train_step.VARIANTS)
+    assert [(r["compile_mode"], r["loss"]) for r in doc["results"]] == [
+        ("off", "ce"), ("off", "ce+dice"), ("default", "ce"), ("default", "ce+dice")]
     for row in doc["results"]:
         assert row["unit"] == "ms/step" and row["images_per_s"] > 0 and len(row["first_steps_s"]) == 1
-        assert (row["compile_s"] is not None) == row["compile"]
-    assert doc["config"]["compile_backend"] == "eager"
-    assert any("emulated" in n for n in doc["notes"]) != common.cpu_bf16_native()
+        assert (row["compile_s"] is not None) == (row["compile_mode"] != "off")
+        assert row["gflop_per_step"] > 0 and row["tflops"] > 0 and row["vs_ce"] > 0
+    assert doc["config"]["compile_backend"] == "eager" and doc["config"]["upsample"] == "bilinear"
+    assert doc["config"]["precision"] == ("bf16-mixed" if common.cpu_bf16_native() else "32")
 
 
 def test_end_to_end_json(results: Path) -> None:

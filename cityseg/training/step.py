@@ -43,13 +43,20 @@ class TrainStep:
 
     def __init__(self, step_model: nn.Module, model: nn.Module, loss_fn: nn.Module,
                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, rt: Runtime,
-                 grad_clip: float, compile_optimizer: bool = False) -> None:
+                 grad_clip: float, compile_optimizer: bool = False, compile_backend: str = "inductor") -> None:
+        """`compile_optimizer`: clipping and AdamW compiled too (build the optimiser with
+        `build_optimizer(..., compiled=True)`); `compile_backend`: torch.compile's backend, where
+        `eager` / `aot_eager` (no code generation, no mode) make quick smoke tests."""
         self.step_model, self.model, self.loss_fn = step_model, model, loss_fn
         self.optimizer, self.scaler, self.rt, self.grad_clip = optimizer, scaler, rt, grad_clip
         distributed = isinstance(step_model, nn.parallel.DistributedDataParallel)
-        self.mode = step_compile_mode(rt, distributed) if rt.compile else None
+        self.mode = step_compile_mode(rt, distributed) if rt.compile and compile_backend == "inductor" else None
         self.cudagraphs = rt.compile and rt.device.type == "cuda" and self.mode in CUDAGRAPH_MODES
-        self.forward_loss = torch.compile(self._forward_loss, mode=self.mode) if rt.compile else self._forward_loss
+
+        def compiled(fn):
+            return torch.compile(fn, mode=self.mode) if self.mode else torch.compile(fn, backend=compile_backend)
+
+        self.forward_loss = compiled(self._forward_loss) if rt.compile else self._forward_loss
         self.lr_tensors: list[torch.Tensor] | None = None
         self.clip_and_step = self._clip_and_step
         if rt.compile and compile_optimizer:
@@ -58,7 +65,7 @@ class TrainStep:
             # A float lr is a constant of the compiled graph (a new value, a recompile); a tensor is
             # an input. Only the optimiser sees the tensors: the schedule and checkpoints keep floats.
             self.lr_tensors = [torch.tensor(float(g["lr"]), device=rt.device) for g in optimizer.param_groups]
-            self.clip_and_step = torch.compile(self._clip_and_step, mode=self.mode)
+            self.clip_and_step = compiled(self._clip_and_step)
 
     def __call__(self, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.cudagraphs:

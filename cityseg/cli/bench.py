@@ -101,7 +101,7 @@ def train(
     size: Annotated[int | None, typer.Option(help="Image side (default 256 GPU, 128 CPU).")] = None,
     quick: Annotated[bool, typer.Option(help="Tiny sizes and the eager compile backend: a smoke test.")] = False,
 ) -> None:
-    """U-Net training-step time: fp32, channels-last, + bf16 autocast, + torch.compile."""
+    """The training step (product recipe): images/s, ms/step, TFLOP/s over batch x width x compile mode."""
     argv = [*_opt("--json", json_out), "--widths", widths, *_opt("--batch", batch), *_opt("--size", size),
             *(["--quick"] if quick else []), *ctx.args]  # fmt: skip
     _run("train_step", argv)

@@ -1,5 +1,5 @@
 """Everything a run is built from, as plain functions that return values: the runtime, the data
-(folder, palette, validated files, loaders), the model (DDP, compile), optimiser, schedule and loss.
+(folder, palette, validated files, loaders), the model (DDP), optimiser, schedule and loss.
 
     rt = training_runtime(cfg, dist_info)
     data = prepare_data(cfg, rt, dist_info, console)

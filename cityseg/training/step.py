@@ -68,10 +68,11 @@ class TrainStep:
             self.clip_and_step = compiled(self._clip_and_step)
 
     def __call__(self, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # Gradients go first: under CUDA graphs they live in the graphs' memory, which this forward reuses.
+        self.optimizer.zero_grad(set_to_none=True)
         if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are dead
         loss = self.forward_loss(image, target)
-        self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.lr_tensors is None:
             self.clip_and_step()

@@ -49,7 +49,7 @@ START=$(date +%s)
 KEEP=${KEEP_DIR:-/tmp/keep}
 DALI_DIR=${DALI_DIR:-$ROOT/.dali}
 SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/cityseg-suite-XXXXXX")  # data and results before packing: never $OUT
-trap 'rm -rf "$SCRATCH"' EXIT
+((PREPARE_ONLY)) || trap 'rm -rf "$SCRATCH"' EXIT  # --prepare-only leaves the pairs it unpacked
 WORK=$SCRATCH/work DATA=$SCRATCH/synth
 mkdir -p "$WORK/logs" "$WORK/warm"
 CACHE=${SUITE_CACHE:-${TMPDIR:-/tmp}/cityseg-suite-cache}  # one inductor + Triton cache for every step
@@ -155,6 +155,15 @@ from benchmarks.common import describe_device, machine, versions
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 print(json.dumps({"device": describe_device(device), "versions": versions(), "machine": machine()}, indent=1))'
   echo "PYTHONPATH=$PYTHONPATH"; echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+  "$PYTHON" -c 'import importlib.util as u
+need = ("nvidia.dali", "cityscapesscripts", "triton", "pynvml", "matplotlib", "torchvision", "pytest", "typer")
+def found(name):
+    try:
+        return u.find_spec(name) is not None
+    except ImportError:  # its parent package is missing
+        return False
+missing = [n for n in need if not found(n)]
+print("cannot import: " + ", ".join(missing) if missing else "every module the suite needs imports")'
   if [[ $DEVICE == cuda ]]; then
     "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' ||
       { echo "no CUDA device visible to torch: run with DRY_RUN=1 on a CPU machine"; return 1; }
@@ -173,7 +182,8 @@ pack() {  # $OUT: the archive, REPORT.md, status.tsv, suite.log; rewritten after
   "$PYTHON" benchmarks/gpu_plan.py --report "$WORK" --status "$OUT/status.tsv" > "$OUT/REPORT.md" 2>/dev/null
   [[ -f $WORK/benchmarks-report.md ]] && cat "$WORK/benchmarks-report.md" >> "$OUT/REPORT.md"
   cp "$OUT/REPORT.md" "$OUT/status.tsv" "$WORK/" 2>/dev/null
-  tar -czf "$OUT/gpu-results.tar.gz.tmp" -C "$WORK" --exclude='*.pt' --exclude='events.out.tfevents*' . &&
+  tar -czf "$OUT/gpu-results.tar.gz.tmp" -C "$WORK" --exclude='*.pt' --exclude='events.out.tfevents*' \
+    --exclude='./warm/*.png' --exclude='./warm/*/*.png' . &&
     mv "$OUT/gpu-results.tar.gz.tmp" "$OUT/gpu-results.tar.gz"
 }
 

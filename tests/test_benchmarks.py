@@ -230,7 +230,8 @@ def test_gpu_plan_fits_the_gpu_tests_in_their_window() -> None:
 
 
 def test_missing_dali_fails_the_dali_tests_only(tmp_path: Path) -> None:
-    """Without DALI, tests/test_dali_loader.py's tests fail naming it; the other modules still run."""
+    """Without DALI, tests/test_dali_loader.py's tests fail naming it; the other modules still run (a
+    module-level import error would have stopped the whole run at collection)."""
     code = ("import sys; sys.modules['nvidia.dali'] = None; import pytest; "
             "sys.exit(pytest.main(sys.argv[1:]))")
     proc = subprocess.run([sys.executable, "-c", code, "-q", "-p", "no:cacheprovider", "-o", "addopts=",
@@ -238,7 +239,8 @@ def test_missing_dali_fails_the_dali_tests_only(tmp_path: Path) -> None:
                            "tests/test_palette.py::test_exact_palette_colours_map_to_their_train_ids"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stdout[-3000:]
-    assert "1 failed, 1 passed" in proc.stdout and "DALI is not importable" in proc.stdout
+    # The DALI test fails in its setup (pytest counts an error), naming the missing module.
+    assert "1 passed, 1 error" in proc.stdout and "DALI is not importable" in proc.stdout
 
 
 def make_fake_dali_parts(tmp_path: Path) -> tuple[Path, Path]:
@@ -262,7 +264,7 @@ def test_gpu_suite_unpacks_dali_and_real_pairs_from_both_runs(tmp_path: Path, ti
     """Run 1 stashed part-0 and real-0.tar in /tmp/keep; run 2 brought part-1 and real-1.tar: the suite
     joins the parts into site-packages with the library path set, and the real pairs into one folder."""
     keep, dali = make_fake_dali_parts(tmp_path)
-    gpu_plan.pack_real(tiny_data, dali, part_mb=0.25)  # tiny parts: the pairs are split across the two
+    gpu_plan.pack_real(tiny_data, dali, part_mb=0.045)  # tiny parts: the pairs are split across the two
     (dali / "real-0.tar").rename(keep / "real-0.tar")
     site = tmp_path / "site"
     env = suite_env(tmp_path, DALI_FORCE_UNPACK="1", DALI_SITE=str(site), DALI_DIR=str(dali), KEEP_DIR=str(keep))

@@ -72,7 +72,15 @@ ENGINE_TEST = {"width": 8, "depth": 3, "image_size": 128, "batch_size": 8, "comp
 # GPU tests: estimated seconds (cold cache, warm cache) per node id or id prefix, and the shards that run
 # at once (one pytest process each: Triton compiles are CPU-bound, the machine has 16 cores). Tests not
 # named here run in the last shard (every GPU-marked test runs: the last shard deselects the others').
-TEST_FILES = ("tests/test_gpu.py", "tests/test_dali_loader.py", "tests/test_mask_kernel.py")
+
+
+def gpu_test_files() -> tuple[str, ...]:
+    """Every test module that carries the gpu marker (a GPU test added anywhere runs in the last shard)."""
+    return tuple(str(p.relative_to(ROOT)) for p in sorted((ROOT / "tests").glob("test_*.py"))
+                 if "pytest.mark.gpu" in p.read_text())
+
+
+TEST_FILES = gpu_test_files()
 PYTEST_START = (15, 8)  # a pytest process: import torch, cityseg, collection (cold machine, warm)
 KERNEL_PARAM = (14, 4)  # one k/max_dist case of test_gpu_matches_reference: 9 Triton variants
 TEST_COSTS: dict[str, tuple[float, float]] = {

@@ -114,7 +114,11 @@ find_real() {  # REAL: REAL_DATA, else real-0.tar + real-1.tar joined, else (dry
   if [[ $REAL == "$DATA" ]]; then echo "real pairs: none here; the synthetic set stands in (dry run)"
   else
     [[ -d $REAL/train && -d $REAL/val ]] || { echo "real pairs: $REAL has no train/ and val/"; return 1; }
-    echo "real pairs: $REAL: $(ls "$REAL/train" | wc -l) train, $(ls "$REAL/val" | wc -l) val"
+    local n_train
+    n_train=$(find "$REAL/train" -name '*.jpg' | wc -l)
+    echo "real pairs: $REAL: $n_train train, $(find "$REAL/val" -name '*.jpg' | wc -l) val:" \
+      "$((n_train / REAL_BATCH)) steps per epoch at batch $REAL_BATCH"
+    ((n_train >= REAL_BATCH)) || { echo "real pairs: fewer train pairs than one batch of $REAL_BATCH"; return 1; }
   fi
   export CITYSEG_REAL_SAMPLE=$REAL  # the real-sample tests run on them too
 }
@@ -127,12 +131,6 @@ unpack() {
   return $rc
 }
 
-if [[ $PREPARE_ONLY == 1 ]]; then
-  unpack; rc=$?
-  echo "PYTHONPATH=$PYTHONPATH"; echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"; echo "REAL=$REAL"
-  exit $rc
-fi
-
 if [[ $DRY_RUN == 1 ]]; then DEVICE=cpu KIND=cpu
 else
   DEVICE=cuda KIND=gpu
@@ -141,6 +139,12 @@ CORES=$(nproc)
 export PYTHON OUT WORK DATA DEVICE KIND CORES ROOT
 REAL=""  # set by the unpack step; the plan is evaluated again after it, so "$REAL" expands to it
 eval "$plan_sh"
+
+if [[ $PREPARE_ONLY == 1 ]]; then
+  unpack; rc=$?
+  echo "PYTHONPATH=$PYTHONPATH"; echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"; echo "REAL=$REAL"
+  exit $rc
+fi
 RESERVE=$((CAP[report] + KILL_GRACE + 5))  # kept for the report and the packing
 printf 'status\tstep\tseconds\tlimit\n' > "$OUT/status.tsv"
 FAILED=0

@@ -269,12 +269,14 @@ def test_gpu_suite_unpacks_dali_and_real_pairs_from_both_runs(tmp_path: Path, ti
     gpu_plan.pack_real(tiny_data, dali, part_mb=0.045)  # tiny parts: the pairs are split across the two
     (dali / "real-0.tar").rename(keep / "real-0.tar")
     site = tmp_path / "site"
-    env = suite_env(tmp_path, DALI_FORCE_UNPACK="1", DALI_SITE=str(site), DALI_DIR=str(dali), KEEP_DIR=str(keep))
+    env = suite_env(tmp_path, DALI_FORCE_UNPACK="1", DALI_SITE=str(site), DALI_DIR=str(dali), KEEP_DIR=str(keep),
+                    PLAN_SET="batch=4")  # 8 train pairs: two batches
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--prepare-only"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert (site / "nvidia" / "fake_dali" / "marker.txt").read_text() == "unpacked"
     assert f"LD_LIBRARY_PATH={site}/nvidia/nvjpeg/lib:{site}/nvidia/nvimgcodec" in proc.stdout
+    assert "real pairs: " in proc.stdout and ": 8 train, 2 val: 2 steps per epoch at batch 4" in proc.stdout
     real = Path(re.search(r"^REAL=(.*)$", proc.stdout, re.M).group(1))
     for split in ("train", "val"):
         assert sorted(p.name for p in (real / split).iterdir()) == sorted(p.name for p in (tiny_data / split).iterdir())

@@ -154,7 +154,9 @@ def sass_instructions(sass: str) -> int:
 
 def kernel_instructions(block: int, out_dtype: torch.dtype, k: int, target=None, num_warps: int = 4) -> dict:
     """SASS instruction count of the kernel as the benchmark launches it (packed loop, no limit),
-    compiled for `target` (default: this GPU) with Triton's own ptxas and disassembler."""
+    compiled for `target` (default: this GPU) with Triton's own ptxas and disassembler. One compile of
+    its own, without the launch's integer specialisations (divisibility by 16): a count within a few
+    instructions of the launched binary's, not that binary itself."""
     import triton
     from triton.compiler import ASTSource
 

@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 540  # the whole suite, unpack to archive: 9 of the machine's 15 minutes
 DRY_BUDGET_S = 3000  # a loaded 2-core CPU: generous, it checks plumbing, not speed
 KILL_GRACE_S = 2  # a step that ignores its timeout's SIGTERM is killed this much later
+PACK_S = 1  # after each step the suite rewrites $OUT (archive, REPORT.md): ~1 s of tar and Python
 MARGIN = 1.2  # cap = estimate x MARGIN: the costs below vary by ~20 % between runs
 TRANSFER_MIB = 64  # what travels with one run: checkout + carried paths (../shared/device/README.md)
 CHECKOUT_MIB = 3  # the checkout itself (~2 MB)
@@ -127,7 +128,7 @@ def gpu_sizes() -> dict[str, object]:
         "synth.val": 32,
         "loader.n": 256,  # images per loader epoch
         "loader.batch": 32,
-        "loader.reps": 3,
+        "loader.reps": 2,
         "loader.workers": "0,4,8,16",
         "loader.threads": 8,
         "kernel.batches": "64",  # 64 x 256^2: the kernel, not the launch, is the cost
@@ -357,7 +358,7 @@ def build_steps(s: dict[str, object], dry: bool) -> list[Step]:
              [["$PYTHON", "benchmarks/train_step.py", *(["--quick"] if dry else step_sweep_args(s)),
                "--device", "$DEVICE", "--json", "$WORK/train_step-$KIND.json"]],
              f"{s['step.configs']} configs ({s['step.compiles']} compiled, from the warm-up's cache)"),
-        Step("report", py + 3, [["$PYTHON", "benchmarks/report.py", "--results", "$WORK", "--out",
+        Step("report", py + 2, [["$PYTHON", "benchmarks/report.py", "--results", "$WORK", "--out",
                                  "$WORK/benchmarks-report.md"]],
              "benchmarks/report.py over the results; the suite then packs $OUT"),
     ]
@@ -385,9 +386,10 @@ def plan(dry: bool, overrides: dict[str, str]) -> tuple[dict[str, object], list[
     steps = build_steps(s, dry)
     errs = problems(s, dry)
     budget = DRY_BUDGET_S if dry else BUDGET_S
-    total = sum(st.cap_s + KILL_GRACE_S for st in steps)
+    total = planned_total(steps)
     if total > budget:
-        errs.append(f"the plan's caps ({total}s with {KILL_GRACE_S}s kill grace each) exceed the budget ({budget}s)")
+        errs.append(f"the plan's caps ({total}s with {KILL_GRACE_S + PACK_S}s kill grace and packing each) "
+                    f"exceed the budget ({budget}s)")
     cold = max(shard_estimates(warm=False))
     if not dry and cold > COLD_TESTS_LIMIT_S:
         errs.append(f"the longest test shard is estimated at {cold:.0f}s from a cold cache "
@@ -398,11 +400,14 @@ def plan(dry: bool, overrides: dict[str, str]) -> tuple[dict[str, object], list[
 # ------------------------------------------------------------------------------------------ output
 
 
+def planned_total(steps: list[Step]) -> int:
+    return sum(st.cap_s + KILL_GRACE_S + PACK_S for st in steps)
+
+
 def print_plan(s: dict[str, object], steps: list[Step], dry: bool) -> None:
     budget = DRY_BUDGET_S if dry else BUDGET_S
-    total = sum(st.cap_s + KILL_GRACE_S for st in steps)
     print(f"plan ({'dry run, CPU' if dry else 'GPU'}): " + " ".join(f"{st.name}={st.cap_s}s" for st in steps)
-          + f" (+{KILL_GRACE_S}s kill grace each) = {total}s of {budget}s")
+          + f" (+{KILL_GRACE_S + PACK_S}s kill grace and packing each) = {planned_total(steps)}s of {budget}s")
     for st in steps:
         est = "" if dry else f" (estimate {st.estimate_s:.0f}s x {MARGIN})"
         print(f"  {st.name:<10} cap {st.cap_s:>4}s{est}: {st.why}")
@@ -423,7 +428,7 @@ def shell_word(word: str) -> str:
 
 
 def print_shell(s: dict[str, object], steps: list[Step], dry: bool) -> None:
-    print(f"BUDGET={DRY_BUDGET_S if dry else BUDGET_S} KILL_GRACE={KILL_GRACE_S}")
+    print(f"BUDGET={DRY_BUDGET_S if dry else BUDGET_S} KILL_GRACE={KILL_GRACE_S} PACK={PACK_S}")
     print("STEPS=(" + " ".join(st.name for st in steps) + ")")
     print("declare -A CAP=(" + " ".join(f"[{st.name}]={st.cap_s}" for st in steps) + ")")
     print("declare -A NCMD=(" + " ".join(f"[{st.name}]={len(st.commands)}" for st in steps) + ")")

@@ -145,7 +145,7 @@ if [[ $PREPARE_ONLY == 1 ]]; then
   echo "PYTHONPATH=$PYTHONPATH"; echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"; echo "REAL=$REAL"
   exit $rc
 fi
-RESERVE=$((CAP[report] + KILL_GRACE + 5))  # kept for the report and the packing
+RESERVE=$((CAP[report] + KILL_GRACE + PACK))  # kept for the report and the last packing
 printf 'status\tstep\tseconds\tlimit\n' > "$OUT/status.tsv"
 FAILED=0
 
@@ -195,7 +195,7 @@ pack() {  # $OUT: the archive, REPORT.md, status.tsv, suite.log; rewritten after
 # the budget; logs in $WORK/logs/NAME[.i].log, their tails here, one line in status.tsv.
 step() {
   local name=$1 n=${NCMD[$1]} cap=${CAP[$1]}
-  local left=$((BUDGET - ($(date +%s) - START) - KILL_GRACE))
+  local left=$((BUDGET - ($(date +%s) - START) - KILL_GRACE - PACK))
   [[ $name == report ]] || left=$((left - RESERVE))
   local limit=$((cap < left ? cap : left))
   if ((limit < 5)); then

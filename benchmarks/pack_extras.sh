@@ -3,7 +3,6 @@
 # with the checkout; benchmarks/gpu_suite.sh puts .dali/extras on PYTHONPATH.
 #
 #   bash benchmarks/pack_extras.sh                  # cityscapesscripts (cityseg/palette.py imports its labels)
-#                                                   # and matplotlib with its dependencies (run folder plots)
 #   bash benchmarks/pack_extras.sh PKG[==V] ...     # and more, if the suite's preflight names them missing
 #
 # Wheels are fetched for the GPU machine's Python 3.12 on x86_64 Linux, without dependencies (name
@@ -16,9 +15,10 @@ PY=${PYTHON:-python3}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-# 2.3.0: the version the project is tested with; matplotlib and what it imports draw the run folder's plots.
-pkgs=("cityscapesscripts==2.3.0" matplotlib kiwisolver contourpy cycler pyparsing fonttools python-dateutil six \
-      "$@")
+# 2.3.0: the version the project is tested with. Nothing else by default: the GPU machine has matplotlib
+# (../shared/device/README.md), and run 2 carries .dali/part-1 (~35 MB) and up to 22 MB of real pairs
+# beside this folder within 64 MiB (benchmarks/gpu_plan.py --plan-only checks the sum).
+pkgs=("cityscapesscripts==2.3.0" "$@")
 mkdir -p "$dest"
 if "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

@@ -1,9 +1,15 @@
-"""Every GPU path, on data generated here (the real sample does not travel to the GPU machine):
-DALI mixed decode with augmentation against the CPU pipeline, the device cache on CUDA, the engine
-with compile + bf16 + channels-last + fused AdamW (no recompiles after warm-up), fp16 with a
-gradient scaler, a one-rank NCCL DDP run, the real NVML sampler, and the mask kernel on
-JPEG-noisy synthetic masks at odd shapes. Skipped without a CUDA GPU; `benchmarks/gpu_suite.sh`
-runs them with the kernel's block size pinned (CITYSEG_KERNEL_BLOCK) to keep Triton compiles few."""
+"""Every GPU path, on data generated here: DALI mixed decode with augmentation against the CPU pipeline,
+the device cache on CUDA, the compiled engine with CUDA graphs (bf16, channels-last, fused AdamW, no
+recompiles after warm-up), fp16 with a gradient scaler, a one-rank NCCL DDP run, the real NVML sampler,
+and the mask kernel on JPEG-noisy synthetic masks at odd shapes. Skipped without a CUDA GPU.
+
+Cost (the GPU suite's plan, benchmarks/gpu_plan.py TEST_COSTS, runs them in shards at once): small
+shapes everywhere; the compiled engine uses `ENGINE_TEST`, the graph the suite's warm-up compiles into
+the shared inductor cache; the kernel's block is pinned there (CITYSEG_KERNEL_BLOCK) to keep Triton
+compiles few.
+
+    pytest -m gpu tests/test_gpu.py
+"""
 
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmarks.gpu_plan import ENGINE_TEST
 from cityseg.checkpoint import load_checkpoint
 from cityseg.config import AugmentConfig, Config, DataConfig, ModelConfig, TrainConfig
 from cityseg.data.contract import IMAGENET_STD
@@ -39,10 +46,12 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def gpu_config(data: Path, out: Path, **train_kw) -> Config:
-    """The end-to-end benchmark's model and shapes: its compile then comes from the inductor cache."""
+    """ENGINE_TEST's model and shapes: with its compile mode, the graph the GPU suite's warm-up compiled."""
+    e = ENGINE_TEST
     return Config(
-        data=DataConfig(data_dir=str(data), image_size=256, batch_size=16, workers=4, skip_validate=True),
-        model=ModelConfig(width=32, depth=4),
+        data=DataConfig(data_dir=str(data), image_size=e["image_size"], batch_size=e["batch_size"], workers=4,
+                        skip_validate=True),
+        model=ModelConfig(width=e["width"], depth=e["depth"], upsample=e["upsample"], norm=e["norm"]),
         train=TrainConfig(**{"epochs": 2, "lr": 3e-3, "warmup_steps": 2, "device": "cuda", "log_every": 4,
                              "out": str(out), **train_kw}),
     )
@@ -87,15 +96,21 @@ def test_device_cache_on_cuda_matches_the_cpu_cache(data: Path, decoder: str) ->
     assert image.device.type == "cuda" and torch.isfinite(image).all() and target.dtype == torch.int64
 
 
-def test_engine_compiled_bf16_channels_last_without_recompiles(data: Path, tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_engine_compiled_cuda_graphs_without_recompiles(data: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile in reduce-overhead mode (CUDA graphs) with bf16 autocast and channels-last inputs:
+    three epochs run on one graph, every step replays it (no recompile, no CUDA-graph skip)."""
     import torch._dynamo.config
+    from torch._dynamo.utils import counters
 
     from cityseg.training import train
 
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # any recompile fails the run
-    summary = train(gpu_config(data, tmp_path / "run", epochs=3, compile=True, precision="bf16-mixed"))
+    counters.clear()
+    summary = train(gpu_config(data, tmp_path / "run", epochs=3, compile=True,
+                               compile_mode=ENGINE_TEST["compile_mode"], precision=ENGINE_TEST["precision"]))
     assert summary["compile"] is True and summary["precision"] == "bf16-mixed"
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])  # CUDA graphs were used
     losses = [json.loads(ln)["loss"] for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0]
     assert summary["final"]["gpu_util"] is not None  # the NVML sampler ran during training
@@ -113,8 +128,8 @@ def test_one_rank_nccl_ddp_run(data: Path, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m", "cityseg",
            "train", "--data", str(data), "--out", str(tmp_path / "run"), "--device", "cuda", "--epochs", "1",
            "--image-size", "128", "--width", "8", "--depth", "3", "--batch-size", "8", "--no-compile",
-           "--skip-validate"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+           "--skip-validate", "--no-tensorboard"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)  # planned: ~30 s
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["ddp"] is True and summary["world_size"] == 1

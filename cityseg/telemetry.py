@@ -13,7 +13,6 @@ from statistics import mean
 
 import torch
 
-
 IMPORTED_AT = time.perf_counter()  # the fallback zero where /proc is missing: cityseg's own import
 
 

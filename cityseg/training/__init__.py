@@ -26,11 +26,10 @@ from cityseg.config import Config
 from cityseg.distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from cityseg.errors import UserError
 from cityseg.model import describe
-from cityseg.outputs import claim_run_folder, is_free, write_text_quietly
+from cityseg.outputs import cache_dir, claim_run_folder, is_free, write_text_quietly
 from cityseg.palette import Palette
 from cityseg.palette_kmeans import save_palette
 from cityseg.report import RunFolder, device_name, write_json
-from cityseg.outputs import cache_dir
 from cityseg.runtime import resolve_device, use_compile_cache
 from cityseg.telemetry import process_start
 from cityseg.training.hooks import Reporter, default_hooks

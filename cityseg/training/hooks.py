@@ -36,7 +36,6 @@ from cityseg.report import (
     plot_curves,
     plot_samples,
     time_to_thresholds,
-    versions,
     write_json,
     write_jsonl,
 )
@@ -227,7 +226,7 @@ class Reporter(HookBase):
             "ddp": t.dist.enabled,
             "data": str(t.data.root),
             "run_dir": str(t.run.root),
-            "versions": versions(),
+            "versions": t.versions,
         }
         if t.dist.is_main:
             write_json(t.run.summary, self.summary)

@@ -121,6 +121,7 @@ class Trainer:
         self.val_models: dict[int, nn.Module] = {}  # compiled validation forwards, by module
         self.compile_cache: dict[str, Any] | None = None  # runtime.use_compile_cache's answer, for the summary
         self.time_zero = "process start"  # what t0 is (training/__init__.py sets it)
+        self.versions = versions()  # once, at start-up: it imports DALI (seconds), which no checkpoint should wait on
         self.stop_reason: str | None = None  # set by a hook (early stop) to end the run after this epoch
         self.meter: EpochMeter | None = None  # the current epoch's timing
         self.loss: torch.Tensor | None = None  # the last step's loss, detached, on the device
@@ -152,7 +153,7 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state()},
             "config": self.cfg.to_dict(),
             "palette": self.data.palette.to_state(),
-            "versions": versions(),
+            "versions": self.versions,
         }
         for hook in self.hooks:
             state.update(hook.state_dict())

@@ -220,10 +220,6 @@ class Trainer:
         elapsed = self.elapsed()
         return {**parts, "other_s": elapsed - sum(parts.values()), "elapsed_s": elapsed}
 
-    def wall_since_first_step(self) -> float:
-        """Run time from the first step (start-up and warm-up of every session left out)."""
-        t = self.timing()
-        return t["elapsed_s"] - t["startup_s"] - t["warmup_s"]
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self, interrupt: dict[str, int | None]) -> list[dict[str, Any]]:
@@ -421,8 +417,9 @@ class Trainer:
                                                self.data.palette.num_classes, self.dist,
                                                on_batch=lambda done: bar.step(done, "", log=done == len(self.data.val)))
         self.times["val_s"] += time.perf_counter() - t
-        record.update(metrics.to_dict(with_confusion=False), val_loss=val_loss, elapsed_s=self.elapsed(),
-                      wall_s=self.wall_since_first_step())
+        now = self.timing()  # wall_s: from the first step, start-up and warm-up of every session left out
+        record.update(metrics.to_dict(with_confusion=False), val_loss=val_loss, elapsed_s=now["elapsed_s"],
+                      wall_s=now["elapsed_s"] - now["startup_s"] - now["warmup_s"])
         return metrics
 
     def next_batch(self, batches: Iterator, interrupt: dict[str, int | None]):

@@ -228,3 +228,11 @@ def test_gpu_fields_cover_the_training_windows_only() -> None:
 def test_process_age_is_read_from_the_kernel() -> None:
     age = process_age_s()
     assert age is None or age > 0
+
+
+def test_auto_leaves_a_validation_to_the_end_of_the_run_when_it_is_near() -> None:
+    cadence = ValCadence.from_option("auto")
+    cadence.validated(cost_s=1.0)
+    cadence.epoch_done(steps=10, clock_s=9.5, wall_s=9.5)
+    assert cadence.due(remaining_s=20.0)
+    assert not cadence.due(remaining_s=3.0)  # the end validates within the interval anyway

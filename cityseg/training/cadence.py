@@ -7,7 +7,9 @@
 `auto` measures what the last validation + checkpoint cost (wall seconds, hooks included) and waits
 until the training since then is `(1 - share) / share` times that (9x for 10 %), so on a GPU whose
 15-step epochs take 0.26 s against a 0.35 s validation it validates every ~13 epochs, and on long
-epochs every epoch. The first epoch is always validated (there is no cost to go by yet).
+epochs every epoch. The first epoch is always validated (there is no cost to go by yet, and it says
+early whether the run learns), and a validation that the end of the run would follow within the
+interval is left to the end.
 """
 
 from __future__ import annotations
@@ -41,14 +43,20 @@ class ValCadence:
         self.clock_s += clock_s
         self.wall_s += wall_s
 
-    def due(self) -> bool:
+    def due(self, remaining_s: float | None = None) -> bool:
+        """Whether this epoch's end validates. `auto` also skips a validation when the run will end
+        (and validate) within the interval anyway (`remaining_s`: training seconds left, if known),
+        so every validation follows at least the interval of training, the last one included."""
         if self.unit == "epochs":
             return self.epochs >= self.every
         if self.unit == "steps":
             return self.steps >= self.every
         if self.unit == "seconds":
             return self.clock_s >= self.every
-        return self.cost_s is None or self.wall_s >= self.cost_s * (1 - AUTO_SHARE) / AUTO_SHARE
+        if self.cost_s is None:
+            return True
+        interval = self.cost_s * (1 - AUTO_SHARE) / AUTO_SHARE
+        return self.wall_s >= interval and (remaining_s is None or remaining_s >= interval)
 
     def validated(self, cost_s: float) -> None:
         self.epochs, self.steps, self.clock_s, self.wall_s = 0, 0, 0.0, 0.0

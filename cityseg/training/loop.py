@@ -267,8 +267,18 @@ class Trainer:
 
     def validation_due(self) -> bool:
         """--val-every says so; measured cadences (`auto`) differ between ranks: any rank decides."""
-        due = self.cadence.due()
+        due = self.cadence.due(self.training_left_s())
         return any_rank(due, self.dist, self.rt.device) if self.cadence.unit == "auto" else due
+
+    def training_left_s(self) -> float:
+        """Seconds of training until the epochs, --max-steps or the budget end, at the last epoch's pace."""
+        steps, _, wall = self.epoch_stats
+        left = (self.cfg.train.epochs - self.epoch) * len(self.data.train) - self.step_in_epoch
+        if self.cfg.train.max_steps:
+            left = min(left, self.cfg.train.max_steps - self.global_step)
+        seconds = left * wall / max(1, steps)
+        budget = self.cfg.train.time_budget_s
+        return seconds if budget is None else min(seconds, budget - self.clock.seconds)
 
     def warm_up(self) -> None:
         """Compile and capture before the clock starts (cityseg/training/warmup.py), every rank, then

@@ -114,12 +114,12 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             finish_record(record, out, done=False)
     record["notes"].append("wall img/s counts from the first step (start-up and warm-up apart, in their own "
                            "columns); in-step img/s counts seconds inside training steps, data waits included")
-    print_table(record["results"], [("val_every", "--val-every", ""), ("images_per_s", "in-step img/s", ".1f"),
-                                    ("wall_images_per_s", "wall img/s", ".1f"), ("wall_over_in_step", "wall/in-step", ".3f"),
-                                    ("validations", "vals", ".0f"), ("startup_s", "startup s", ".1f"),
-                                    ("warmup_s", "warm-up s", ".2f"), ("train_s", "train s", ".1f"),
-                                    ("val_s", "val s", ".2f"), ("checkpoint_s", "ckpt s", ".2f"),
-                                    ("other_s", "other s", ".2f")],
+    columns = [("val_every", "--val-every", ""), ("images_per_s", "in-step img/s", ".1f"),
+               ("wall_images_per_s", "wall img/s", ".1f"), ("wall_over_in_step", "wall/in-step", ".3f"),
+               ("validations", "vals", ".0f"), ("startup_s", "startup s", ".1f"), ("warmup_s", "warm-up s", ".2f"),
+               ("train_s", "train s", ".1f"), ("val_s", "val s", ".2f"), ("checkpoint_s", "ckpt s", ".2f"),
+               ("other_s", "other s", ".2f")]
+    print_table(record["results"], columns,
                 title=f"{args.epochs} epochs of {config['steps_per_epoch']} steps, width {args.width}, batch "
                       f"{args.batch}, {args.size}px, {n_val} val pairs, on {record['device']}")
     finish_record(record, out)

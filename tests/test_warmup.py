@@ -61,8 +61,8 @@ def batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def all_state(model, optimizer, scaler) -> dict[str, torch.Tensor]:
     out = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}  # BatchNorm statistics included
-    for i, (p, st) in enumerate(optimizer.state.items()):
-        out.update({f"opt.{i}.{k}": v.clone() for k, v in st.items()})
+    for i, p in enumerate(model.parameters()):
+        out.update({f"opt.{i}.{k}": v.clone() for k, v in optimizer.state.get(p, {}).items()})
     out["scale"] = scaler.get_scale() * torch.ones(())
     out["rng"] = torch.rand(4)  # the next draw: the RNG stream is where it was
     return out

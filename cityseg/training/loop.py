@@ -43,8 +43,7 @@ from cityseg.training.setup import RunData, TrainingError
 from cityseg.training.step import TrainStep
 from cityseg.training.warmup import warm_up, warmup_calls
 
-# The parts of a session's wall time that `timing()` reports (other_s is the rest), cumulative over
-# resumed sessions; `step_images` are the images trained inside them.
+# The parts of the wall time that `timing()` reports (other_s is the rest), cumulative over resumed sessions.
 TIMED = ("startup_s", "warmup_s", "train_s", "val_s", "checkpoint_s")
 
 EXIT_INTERRUPTED = 130
@@ -220,14 +219,16 @@ class Trainer:
         elapsed = self.elapsed()
         return {**parts, "other_s": elapsed - sum(parts.values()), "elapsed_s": elapsed}
 
-
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self, interrupt: dict[str, int | None]) -> list[dict[str, Any]]:
         """Warm up, then train to the end (all epochs, --max-steps, the budget, or a hook's stop),
         validating at the cadence and at the end; returns the history (one record per validation)."""
         self.call("before_train")
         try:
-            self.warm_up()
+            try:
+                self.warm_up()
+            except torch.OutOfMemoryError:
+                raise self.out_of_memory() from None
             while not self.run_over() and self.stop_reason is None:
                 try:
                     record = self.train_epoch(interrupt)

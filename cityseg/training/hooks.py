@@ -89,6 +89,8 @@ class Progress(HookBase):
 
     def before_epoch(self) -> None:
         t = self.trainer
+        if self.t0 is None:
+            self.t0 = time.perf_counter()
         of = "" if t.cfg.train.epochs == MAX_EPOCHS else f"/{t.cfg.train.epochs}"  # a time budget decides
         self.bar = StepProgress(t.console, f"epoch {t.epoch + 1}{of}", len(t.data.train), t.step_in_epoch).__enter__()
 
@@ -114,7 +116,8 @@ class Progress(HookBase):
         return (total - t.global_step) * (time.perf_counter() - self.t0) / done
 
     def before_train(self) -> None:
-        self.t0, self.first_step = time.perf_counter(), self.trainer.global_step
+        self.t0: float | None = None  # set at the first epoch: the warm-up is not the run's pace
+        self.first_step = self.trainer.global_step
 
     def after_steps(self) -> None:
         self.close()  # before validation's bar and the epoch's report

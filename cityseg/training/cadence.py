@@ -8,9 +8,9 @@
 until the training since then is `(1 - share) / share` times that (19x for 5 %), so on a GPU whose
 15-step epochs take 0.26 s against a 0.35 s validation it validates every ~26 epochs, and on long
 epochs every epoch. 5 % is half the 10 % of wall time the cadence is there to respect: the other half
-is for the validations it cannot move (the first, the last). The first epoch is always validated (there is no cost to go by yet, and it says
-early whether the run learns), and a validation that the end of the run would follow within the
-interval is left to the end.
+is for the validations it cannot move (the first, the last). The first epoch is always validated
+(there is no cost to go by yet, and it says early whether the run learns), and a validation that the
+end of the run would follow within the interval is left to the end.
 """
 
 from __future__ import annotations

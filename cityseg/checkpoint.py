@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,66 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def to_host(value: Any) -> Any:
+    """A copy of `value` with every tensor copied to host memory: what a background write may pickle
+    while training goes on changing the originals in place (the only moment the GPU waits)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: to_host(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_host(v) for v in value)
+    return value
+
+
+class CheckpointWriter:
+    """Writes checkpoints in background threads: `submit` hands over a host copy of the state, after
+    waiting only for the previous write of the same file (best.pt never waits for last.pt); `join`
+    waits for every write. A failed write is raised by the next `submit` or `join` as
+    `on_error(path, error)` (a one-line error); the previous file is intact (`save_checkpoint`)."""
+
+    def __init__(self, on_error: Callable[[Path, BaseException], BaseException]) -> None:
+        self.on_error = on_error
+        self._threads: dict[Path, threading.Thread] = {}
+        self._failures: list[tuple[Path, BaseException]] = []
+
+    def submit(self, state: dict[str, Any], path: str | os.PathLike) -> None:
+        path = Path(path)
+        self._wait(self._threads.pop(path, None))
+        host = to_host(state)
+        thread = threading.Thread(target=self._write, args=(host, path), name=f"write-{path.name}")
+        self._threads[path] = thread
+        thread.start()
+
+    def _write(self, state: dict[str, Any], path: Path) -> None:
+        try:
+            save_checkpoint(state, path)
+        except (OSError, RuntimeError) as e:  # disk full, permissions, torch.save's own errors
+            self._failures.append((path, e))
+
+    def join(self) -> None:
+        while self._threads:
+            self._wait(self._threads.pop(next(iter(self._threads))))
+        self._wait(None)
+
+    def _wait(self, thread: threading.Thread | None) -> None:
+        if thread is not None:
+            thread.join()
+        if self._failures:
+            path, error = self._failures.pop(0)
+            self._failures.clear()
+            raise self.on_error(path, error)
+
+
+SLIM_KEYS = ("model", "config", "palette", "versions", "epoch", "step_in_epoch", "global_step", "best_miou")
+
+
+def weights_only_state(state: dict[str, Any]) -> dict[str, Any]:
+    """What eval, predict, export and --init-from read (weights, config, palette, position): no
+    optimiser, schedule or history, so best.pt is a third of last.pt with AdamW."""
+    return {k: state[k] for k in SLIM_KEYS if k in state}
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -99,6 +99,10 @@ class TrainConfig:
     sync_bn: bool = False  # DDP on GPUs: synchronise BatchNorm statistics across ranks
     seed: int = 0
     patience: int = 0  # stop after this many validations without a better mIoU; 0 = never
+    # Validate (and write best.pt / last.pt) every N epochs, `Nsteps`, or `30s` of training, at the end of
+    # the epoch where it falls due; `auto` keeps validation and checkpoints under 10 % of the wall time.
+    # The end of the run (epochs, budget, --max-steps, target) and a signal always validate.
+    val_every: str = "auto"
     log_every: int = 20  # steps between progress updates that read the loss (each one syncs the GPU)
     tensorboard: bool = True  # event files in the run folder (rank 0)
     max_steps: int = 0  # stop after this many steps in total (0 = run all epochs); --smoke sets it

@@ -145,6 +145,30 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+VAL_EVERY_HELP = "auto, N (epochs), Nsteps, or a training time such as 30s / 2m"
+
+
+def parse_val_every(text: str) -> tuple[str, float]:
+    """`--val-every` -> (unit, amount): `auto` -> ("auto", 0); `2` -> ("epochs", 2); `300steps` ->
+    ("steps", 300); `30s` / `2m` / `1h` -> ("seconds", 30 / 120 / 3600) of training time."""
+    t = str(text).strip().lower()
+    if t == "auto":
+        return "auto", 0.0
+    units = {"steps": ("steps", 1), "step": ("steps", 1), "epochs": ("epochs", 1), "epoch": ("epochs", 1),
+             "s": ("seconds", 1), "m": ("seconds", 60), "h": ("seconds", 3600)}
+    suffix = next((u for u in sorted(units, key=len, reverse=True) if t.endswith(u)), "")
+    unit, scale = units.get(suffix, ("epochs", 1))
+    number = t[: len(t) - len(suffix)].strip()
+    try:
+        amount = float(number) * scale
+    except ValueError:
+        amount = float("nan")
+    whole = unit == "seconds" or amount == int(amount) if math.isfinite(amount) else False
+    if not (math.isfinite(amount) and amount > 0 and whole):
+        raise OptionError(f"--val-every {text}: expected {VAL_EVERY_HELP}")
+    return unit, amount
+
+
 def parse_scale(text: str) -> tuple[float, float]:
     """`--scale LO,HI` -> (lo, hi) with 0 < lo <= hi <= 4."""
     try:
@@ -173,6 +197,7 @@ OPTION_KEYS: dict[str, str | tuple[str, ...]] = {
     "max_steps": "train.max_steps", "out": "train.out", "time_budget": "train.time_budget_s",
     "target_acc": "train.target_acc", "schedule": "train.schedule", "loss": "train.loss", "ema": "train.ema",
     "norm": "model.norm", "tensorboard": "train.tensorboard", "init_from": "train.init_from",
+    "val_every": "train.val_every",
 }
 # Config keys checked with the rule of the option that sets them (a config file's values too).
 KEY_OPTIONS: dict[str, str] = {key: option for option, keys in OPTION_KEYS.items() if option in RULES
@@ -211,6 +236,7 @@ def check_config(cfg: Config) -> None:
         value = get_value(cfg, key)
         if value not in choices:
             raise OptionError(f"{key} {value!r}: expected one of {', '.join(choices)}")
+    parse_val_every(cfg.train.val_every)
     mode = cfg.train.compile_mode
     if mode is not None and mode not in COMPILE_MODES:
         raise OptionError(f"--compile-mode {mode}: expected one of {', '.join(COMPILE_MODES)}")

@@ -81,14 +81,15 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({cpu_model()}, {os.cpu_count()} cores)"
 
 
-def time_to_thresholds(history: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Seconds of run time until val pixel accuracy first reached each threshold (None = never)."""
+def time_to_thresholds(history: list[dict[str, Any]], key: str = "elapsed_s") -> dict[str, float | None]:
+    """Seconds (the records' `key`: run time by default) until val pixel accuracy first reached each
+    threshold (None = never)."""
     reached: dict[str, float | None] = {f"{t:.2f}": None for t in ACC_THRESHOLDS}
     for record in history:
         for t in ACC_THRESHOLDS:
-            key = f"{t:.2f}"
-            if reached[key] is None and (record.get("pixel_acc") or 0.0) >= t:
-                reached[key] = record["elapsed_s"]
+            name = f"{t:.2f}"
+            if reached[name] is None and (record.get("pixel_acc") or 0.0) >= t:
+                reached[name] = record.get(key)
     return reached
 
 

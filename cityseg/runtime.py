@@ -16,12 +16,15 @@ no Triton: compilation is turned off there (and the mask mapping uses the lookup
 from __future__ import annotations
 
 import os
+from collections.abc import MutableMapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from cityseg.errors import OptionError
 from cityseg.options import CHOICES, COMPILE_MODES
+from cityseg.outputs import cache_dir
 
 PRECISIONS = CHOICES["train.precision"]
 TRITON_MIN_CAPABILITY = (7, 0)
@@ -151,3 +154,22 @@ def free_memory(device: torch.device) -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # no /proc (macOS): free pages
+
+
+# Where compiled code is kept between runs, under the cityseg cache folder: inductor's FX-graph and
+# autotuning caches, and Triton's kernel cache (the mask kernel; inductor keeps its own Triton kernels
+# under its folder). A warm cache turns a 45-56 s first step on an H200 into ~6 s.
+COMPILE_CACHE_VARS = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
+
+
+def use_compile_cache(env: MutableMapping[str, str] | None = None, root: Path | None = None) -> dict[str, object]:
+    """Point the inductor and Triton caches at `root` (default $CITYSEG_CACHE/compile) unless the user
+    set their own; call before anything compiles (and before loader workers start, so they inherit it).
+    Returns {"dir": inductor's cache folder, "warm": whether it already held something}."""
+    env = os.environ if env is None else env
+    root = root or cache_dir() / "compile"
+    for var, name in COMPILE_CACHE_VARS.items():
+        env.setdefault(var, str(root / name))  # a folder the user chose stays theirs
+    folder = Path(env["TORCHINDUCTOR_CACHE_DIR"])
+    warm = folder.is_dir() and any(folder.iterdir())
+    return {"dir": str(folder), "warm": warm}

@@ -1,5 +1,6 @@
 """Throughput telemetry: images/s after warm-up, the share of step time spent waiting for data, and
-GPU utilisation / memory / power sampled by a pynvml thread (n/a without an NVIDIA GPU)."""
+GPU utilisation / memory / power sampled by a pynvml thread (n/a without an NVIDIA GPU); and when
+this process started, the zero of the run's honest timing (`process_start`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,31 @@ from statistics import mean
 
 import torch
 
+IMPORTED_AT = time.perf_counter()  # the fallback zero where /proc is missing: cityseg's own import
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started, from the kernel (/proc/self/stat field 22, in clock ticks
+    since boot, against /proc/uptime); None without /proc (macOS)."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)", which may hold spaces
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_start() -> tuple[float, str]:
+    """(the process's start on the `time.perf_counter` clock, what that zero is): the kernel's
+    process start (interpreter start-up and imports included, 10 ms resolution), else the moment
+    `cityseg.telemetry` was imported."""
+    age = process_age_s()
+    if age is None:
+        return IMPORTED_AT, "import of cityseg"
+    return time.perf_counter() - age, "process start"
+
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
@@ -22,12 +48,13 @@ def synchronize(device: torch.device) -> None:
 class EpochMeter:
     """Wall time split into waiting for the next batch and everything else, per epoch.
 
-    The first `warmup_steps` steps (compile, cuDNN autotuning, worker start-up) are kept out of
-    images/s; the clock for it starts after a device sync at the end of the warm-up.
+    Training compiles and autotunes before its clock starts (cityseg/training/warmup.py), so by
+    default every step counts; `warmup_steps` > 0 keeps the first steps out of images/s (their clock
+    starts after a device sync at the end of them), for a loop without that warm-up.
     """
 
     device: torch.device
-    warmup_steps: int = 5
+    warmup_steps: int = 0
     clock: Callable[[], float] = time.perf_counter  # tests pass a fake one
     steps: int = 0
     images: int = 0
@@ -218,10 +245,10 @@ class GpuSampler:
         """Index to pass to `summary(since=...)` for the samples taken from now on."""
         return len(self.samples)
 
-    def summary(self, since: int = 0) -> dict[str, float | None]:
-        """Mean utilisation, power and SM activity, peak memory, over the samples since `since`;
-        a field no sample had is None."""
-        window = self.samples[since:]
+    def summary(self, since: int = 0, windows: list[tuple[int, int]] | None = None) -> dict[str, float | None]:
+        """Mean utilisation, power and SM activity, peak memory, over the samples since `since` (or
+        those inside `windows`, (start, end) marks: training steps only); a field no sample had is None."""
+        window = self.samples[since:] if windows is None else [s for a, b in windows for s in self.samples[a:b]]
         columns = [[s[i] for s in window if s[i] is not None] for i in range(1, 5)]
         util, mem, power, sm = columns
         return {

@@ -199,7 +199,7 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     best.pt is never corrupt, metrics.jsonl holds each epoch once, and the final weights are those of
     a run never interrupted."""
     dataset = make_pair_dataset(tmp_path / "data", n_train=40, n_val=4)  # 20 steps an epoch
-    args = ["train", "--data", dataset, *TINY, "--epochs", "12"]
+    args = ["train", "--data", dataset, *TINY, "--epochs", "12", "--val-every", "1"]  # a checkpoint every epoch
     straight = run_cli([*args, "--out", tmp_path / "straight"], timeout=300)
     assert straight.returncode == 0, straight.output
     out = tmp_path / "run"

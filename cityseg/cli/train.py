@@ -57,7 +57,7 @@ DATA, MODEL, TRAIN, SPEED, OUTPUT, AUG = "Data", "Model", "Training", "Speed", "
 
 # What `--resume` applies: how long to go on and how to run, never what the run is (that is in last.pt).
 RESUME_APPLIES = {"epochs", "max_steps", "time_budget", "target_acc", "device", "workers", "prefetch", "precision",
-                  "amp", "compile", "compile_mode", "log_every", "skip_validate", "tensorboard"}
+                  "amp", "compile", "compile_mode", "log_every", "skip_validate", "tensorboard", "val_every"}
 # Options that are not config values.
 COMMAND_ONLY = {"resume", "config", "print_config", "smoke", "nproc"}
 
@@ -268,6 +268,11 @@ def train(
     ema: Annotated[float | None, typer.Option(rich_help_panel=TRAIN, help=(
         "Decay of an exponential moving average of the weights (e.g. 0.999): validated and saved in place of "
         "the raw weights; 0 = off (default)."))] = None,
+    val_every: Annotated[str | None, typer.Option(rich_help_panel=TRAIN, help=(
+        "Validate, and write best.pt / last.pt, every N epochs (2), steps (300steps) or seconds of training (30s, "
+        "2m), at the end of the epoch where it falls due. Default auto: as often as keeps validation and "
+        "checkpoints under 10 % of the wall time (every epoch when epochs are long). The end of the run and "
+        "Ctrl-C always validate."))] = None,
     patience: Annotated[int | None, typer.Option(rich_help_panel=TRAIN, help=(
         "Early stop after N epochs without a better val mIoU; 0 = never (default)."))] = None,
     seed: Annotated[int | None, typer.Option(rich_help_panel=TRAIN, help=(
@@ -331,7 +336,12 @@ def train(
     console.print(Text.assemble(
         ("done", "bold green"),
         f": val pixel acc {final['pixel_acc']:.4f}, mIoU {fmt(final['miou'], '.4f')}, "
-        f"{fmt(summary['images_per_s'])} img/s, run folder {summary['run_dir']}"), soft_wrap=True)
+        f"{fmt(summary['images_per_s'])} img/s in steps ({fmt(summary['wall_images_per_s'])} img/s of wall time), "
+        f"run folder {summary['run_dir']}"), soft_wrap=True)
+    console.print(
+        "time: " + "  ".join(f"{k[:-2]} {summary[k]:.1f}s" for k in
+                             ("startup_s", "warmup_s", "train_s", "val_s", "checkpoint_s", "other_s", "elapsed_s"))
+        + f"  (from the {summary['time_zero']})", soft_wrap=True)
 
 
 def run_training(cfg: Config, on_step=None) -> dict:

@@ -10,6 +10,7 @@ Under torchrun every rank calls `train`; rank 0 alone prints and writes.
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager, nullcontext
 from dataclasses import replace
@@ -25,11 +26,12 @@ from cityseg.config import Config
 from cityseg.distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from cityseg.errors import UserError
 from cityseg.model import describe
-from cityseg.outputs import claim_run_folder, is_free, write_text_quietly
+from cityseg.outputs import cache_dir, claim_run_folder, is_free, write_text_quietly
 from cityseg.palette import Palette
 from cityseg.palette_kmeans import save_palette
 from cityseg.report import RunFolder, device_name, write_json
-from cityseg.runtime import resolve_device
+from cityseg.runtime import resolve_device, use_compile_cache
+from cityseg.telemetry import process_start
 from cityseg.training.batch_size import resolve_batch_size
 from cityseg.training.hooks import Reporter, default_hooks
 from cityseg.training.loop import EXIT_INTERRUPTED, HookBase, Interrupted, Parts, Trainer
@@ -50,6 +52,17 @@ from cityseg.training.step import TrainStep
 
 __all__ = ["EXIT_INTERRUPTED", "HookBase", "Interrupted", "Trainer", "TrainingError", "train"]
 
+_trained_before = False  # a later train() in this process counts from its own call, not the process start
+
+
+def time_zero() -> tuple[float, str]:
+    """(perf_counter zero, its name) that elapsed_s and startup_s count from: the process start for
+    the first run of a process (interpreter and imports included: what a user waits), the call of
+    `train()` for later ones."""
+    global _trained_before
+    first, _trained_before = not _trained_before, True
+    return process_start() if first else (time.perf_counter(), "start of train()")
+
 
 def train(cfg: Config, console: Console | None = None, on_step: Callable[[], None] | None = None,
           hooks: list[HookBase] | None = None) -> dict[str, Any]:
@@ -58,11 +71,12 @@ def train(cfg: Config, console: Console | None = None, on_step: Callable[[], Non
     Raises a `UserError` (one-line message) for what the user can fix, and `Interrupted` after saving
     last.pt on Ctrl-C/SIGTERM. `on_step` is called after every step (torch.profiler's `step`);
     `hooks` are added after the default ones."""
+    zero = time_zero()
     dist_info = init_distributed(resolve_device(cfg.train.device).type)
     # Markup off: paths and file names are printed as given, a `[tag]` in one included.
     console = (console or Console(markup=False, highlight=False)) if dist_info.is_main else Console(quiet=True)
     try:
-        return _train(cfg, console, dist_info, on_step, hooks or [])
+        return _train(cfg, console, dist_info, on_step, hooks or [], zero)
     finally:
         cleanup(dist_info)
 
@@ -78,7 +92,7 @@ def default_run_dir() -> Path:
 
 
 def _train(cfg: Config, console: Console, dist_info: DistInfo, on_step: Callable[[], None] | None,
-           extra_hooks: list[HookBase]) -> dict[str, Any]:
+           extra_hooks: list[HookBase], zero: tuple[float, str]) -> dict[str, Any]:
     # The default name holds a timestamp: take rank 0's so every rank writes to one folder.
     root = Path(cfg.train.resume or broadcast_object(cfg.train.out or str(default_run_dir()), dist_info))
     # Rank 0 holds the folder for the run's life: a second run or resume there is refused.
@@ -87,7 +101,7 @@ def _train(cfg: Config, console: Console, dist_info: DistInfo, on_step: Callable
         run = RunFolder(root)
         try:
             state = resume_state(run, cfg, console) if cfg.train.resume else None
-            return run_training(cfg, console, dist_info, run, state, on_step, extra_hooks)
+            return run_training(cfg, console, dist_info, run, state, on_step, extra_hooks, zero)
         except UserError as e:
             if dist_info.is_main:  # the run folder says why the run ended (alone, if it ended before training)
                 write_text_quietly(run.root / "error.log", f"{e}\n")
@@ -107,10 +121,14 @@ def resume_state(run: RunFolder, cfg: Config, console: Console) -> dict[str, Any
 
 
 def run_training(cfg: Config, console: Console, dist_info: DistInfo, run: RunFolder, state: dict[str, Any] | None,
-                 on_step: Callable[[], None] | None, extra_hooks: list[HookBase]) -> dict[str, Any]:
+                 on_step: Callable[[], None] | None, extra_hooks: list[HookBase], zero: tuple[float, str]
+                 ) -> dict[str, Any]:
     rt = training_runtime(cfg.train, dist_info)
     cfg = resolve_batch_size(cfg, rt, dist_info, console)  # `auto`: the GPU's largest fitting batch (or 16)
     check_training_fits(cfg, rt, dist_info)
+    # Before anything compiles and before loader workers start (they inherit it); only where something
+    # compiles (torch.compile, or the Triton mask kernel on a GPU): a CPU eager run changes nothing.
+    compile_cache = use_compile_cache(root=cache_dir() / "compile") if rt.compile or rt.device.type == "cuda" else None
     for note in rt.notes:
         console.print(f"note: {note}", style="yellow", soft_wrap=True)
     init = read_init_checkpoint(Path(cfg.train.init_from), cfg.model) if cfg.train.init_from and not state else None
@@ -131,7 +149,8 @@ def run_training(cfg: Config, console: Console, dist_info: DistInfo, run: RunFol
         parts = Parts(cfg, rt, dist_info, data, model, step, optimizer,
                       build_scheduler(optimizer, cfg.train, len(data.train), clock), scaler, clock)
         hooks = default_hooks(cfg.train, on_step, dist_info.is_main) + extra_hooks
-        trainer = Trainer(parts, run, console, hooks)
+        trainer = Trainer(parts, run, console, hooks, started_at=zero[0])
+        trainer.time_zero, trainer.compile_cache = zero[1], compile_cache
         if state is not None:
             trainer.load_state_dict(state)
         console.print(describe(model))
@@ -140,6 +159,9 @@ def run_training(cfg: Config, console: Console, dist_info: DistInfo, run: RunFol
             f"loader {data.loader_kind}  ranks {dist_info.world_size}  "
             f"data {data.root} ({len(data.train_files)} train / {len(data.val_files)} val)", soft_wrap=True,
         )
+        if compile_cache is not None:
+            warmth = "warm" if compile_cache["warm"] else "cold: the first run of these shapes compiles longer"
+            console.print(f"compile cache {compile_cache['dir']} ({warmth})", soft_wrap=True)
         with graceful_interrupts() as interrupt:
             if dist_info.is_main:
                 run.create()

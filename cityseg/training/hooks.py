@@ -1,14 +1,17 @@
 """The side concerns of training, one hook each (see `HookBase` in loop.py for the events):
 
-- `Telemetry`   starts/stops the NVML sampler and adds the GPU fields to each epoch's record
+- `Telemetry`   starts/stops the NVML sampler and adds the GPU fields of the training steps (not of
+  validation or checkpoints) to each record
 - `Progress`    the per-epoch bar in a terminal, plain lines with ETA everywhere else
 - `EMA`         an exponential moving average of the weights, validated and saved (--ema)
-- `BestModel`   keeps the best val mIoU, writes best.pt, stops early after `patience` epochs
+- `BestModel`   keeps the best val mIoU, writes best.pt (weights, no optimiser), stops early after
+  `patience` validations
 - `TargetAccuracy` ends the run at the first validation that reaches --target-acc
-- `Checkpointer` writes last.pt after every epoch
+- `Checkpointer` writes last.pt at every validation (the --val-every cadence)
 - `MetricsWriter` metrics.jsonl (after last.pt, so a kill in between is mended on resume) and the
   console report of each epoch (per-class IoU table and one line)
-- `Reporter`    at the end: summary.json, curves.png, samples.png, gpu_timeline.png
+- `Reporter`    at the end: summary.json (timing breakdown included), curves.png, samples.png,
+  gpu_timeline.png
 - `TensorBoard` event files in the run folder (rank 0)
 - `StepCallback` calls a function after every step (torch.profiler's `step`)
 Hooks run in list order; the order in `default_hooks` is the one these notes assume.
@@ -33,7 +36,6 @@ from cityseg.report import (
     plot_curves,
     plot_samples,
     time_to_thresholds,
-    versions,
     write_json,
     write_jsonl,
 )
@@ -43,8 +45,13 @@ from cityseg.training.loop import HookBase
 
 
 class Telemetry(HookBase):
+    """GPU fields over the training steps only: each epoch's steps are a window of samples (from
+    `before_epoch` to `after_steps`); a record gets the windows since the previous record."""
+
     def before_train(self) -> None:
         self.gpu = GpuSampler(self.trainer.rt.device).start()
+        self.windows: list[tuple[int, int]] = []  # since the last record
+        self.all_windows: list[tuple[int, int]] = []  # the whole session, for the summary
 
     def after_train(self) -> None:
         self.gpu.stop()
@@ -52,10 +59,19 @@ class Telemetry(HookBase):
     def before_epoch(self) -> None:
         self.mark = self.gpu.mark()
 
+    def after_steps(self) -> None:
+        window = (self.mark, self.gpu.mark())
+        self.windows.append(window)
+        self.all_windows.append(window)
+
     def after_epoch(self, record: dict[str, Any], metrics: SegMetrics) -> None:
-        record.update(self.gpu.summary(since=self.mark))
+        record.update(self.gpu.summary(windows=self.windows))
+        self.windows = []
         if self.gpu.problem:
             record["gpu_sampler_problem"] = self.gpu.problem
+
+    def training_summary(self) -> dict[str, float | None]:
+        return self.gpu.summary(windows=self.all_windows)
 
     def live(self) -> str:
         """images/s, data wait and GPU utilisation so far this epoch, for the progress line."""
@@ -73,6 +89,8 @@ class Progress(HookBase):
 
     def before_epoch(self) -> None:
         t = self.trainer
+        if self.t0 is None:
+            self.t0 = time.perf_counter()
         of = "" if t.cfg.train.epochs == MAX_EPOCHS else f"/{t.cfg.train.epochs}"  # a time budget decides
         self.bar = StepProgress(t.console, f"epoch {t.epoch + 1}{of}", len(t.data.train), t.step_in_epoch).__enter__()
 
@@ -98,10 +116,11 @@ class Progress(HookBase):
         return (total - t.global_step) * (time.perf_counter() - self.t0) / done
 
     def before_train(self) -> None:
-        self.t0, self.first_step = time.perf_counter(), self.trainer.global_step
+        self.t0: float | None = None  # set at the first epoch: the warm-up is not the run's pace
+        self.first_step = self.trainer.global_step
 
-    def after_epoch(self, record: dict[str, Any], metrics: SegMetrics) -> None:
-        self.close()  # before the hooks after this one print the epoch's report
+    def after_steps(self) -> None:
+        self.close()  # before validation's bar and the epoch's report
 
     def after_train(self) -> None:
         self.close()  # an epoch left mid-way (signal, error)
@@ -113,7 +132,8 @@ class Progress(HookBase):
 
 
 class BestModel(HookBase):
-    """Best val mIoU so far -> best.pt; `patience` epochs without a better one end the run."""
+    """Best val mIoU so far -> best.pt (what eval, predict, export and --init-from read: no optimiser
+    state); `patience` validations without a better one end the run."""
 
     def __init__(self, patience: int) -> None:
         self.patience = patience
@@ -124,7 +144,7 @@ class BestModel(HookBase):
         improved = record["miou"] is not None and record["miou"] > self.best_miou
         if improved:
             self.best_miou, self.epochs_since_best = record["miou"], 0
-            t.save(t.run.best)
+            t.save(t.run.best, weights_only=True)
         else:
             self.epochs_since_best += 1
         if self.patience and self.epochs_since_best >= self.patience:
@@ -138,6 +158,8 @@ class BestModel(HookBase):
 
 
 class Checkpointer(HookBase):
+    """last.pt, everything --resume needs, at each validation (the --val-every cadence)."""
+
     def after_epoch(self, record: dict[str, Any], metrics: SegMetrics) -> None:
         self.trainer.save(self.trainer.run.last)
 
@@ -172,16 +194,27 @@ class Reporter(HookBase):
         if not t.completed:  # stopped by a signal or an error: last.pt holds the run, no summary yet
             return
         history = t.history
-        timed_images = sum(r["timed_images"] for r in history)
-        timed_seconds = sum(r["timed_seconds"] for r in history)
+        timing = t.timing()
+        images = t.global_step * t.cfg.data.batch_size * t.dist.world_size
+        wall = timing["elapsed_s"] - timing["startup_s"] - timing["warmup_s"]
         self.summary = {
             "final": history[-1],
             "best": max(history, key=lambda r: r["miou"] if r["miou"] is not None else -1.0),
+            # when each val pixel accuracy was first seen: from the process start (what a user waits),
+            # from the first step (wall), and on the training clock (what the budget counts)
             "time_to_pixel_acc_s": time_to_thresholds(history),
-            "images_per_s": timed_images / timed_seconds if timed_seconds > 0 else None,
-            "epochs": len(history),
+            "time_to_pixel_acc_from_first_step_s": time_to_thresholds(history, "wall_s"),
+            "time_to_pixel_acc_train_clock_s": time_to_thresholds(history, "train_s"),
+            "images_per_s": images / timing["train_s"] if timing["train_s"] > 0 else None,  # inside training steps
+            "wall_images_per_s": images / wall if wall > 0 else None,  # from the first step, pauses included
+            "images_trained": images,
+            **timing,
+            "time_zero": t.time_zero,  # what elapsed_s counts from: "process start" (or "start of train()")
+            "compile_cache": t.compile_cache,
+            "gpu_training": self.telemetry.training_summary(),
+            "epochs": history[-1]["epoch"],
+            "validations": len(history),
             "steps": t.global_step,
-            "elapsed_s": t.elapsed(),
             "train_seconds": t.clock.seconds,
             "target_acc": t.cfg.train.target_acc,
             "target_reached_train_s": next((r["train_s"] for r in history if t.cfg.train.target_acc is not None
@@ -196,7 +229,7 @@ class Reporter(HookBase):
             "ddp": t.dist.enabled,
             "data": str(t.data.root),
             "run_dir": str(t.run.root),
-            "versions": versions(),
+            "versions": t.versions,
         }
         if t.dist.is_main:
             write_json(t.run.summary, self.summary)

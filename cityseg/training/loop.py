@@ -7,6 +7,13 @@ else (checkpoints, early stop, progress, metrics files, telemetry, profiling) is
 A hook (detectron2's `HookBase`) sees the trainer and is called around training, epochs and steps;
 it keeps its own state in the checkpoint through `state_dict` / `load_state_dict`, whose keys are
 top-level keys of the checkpoint (so files written before hooks existed still load).
+
+Before the first step `fit` warms up (cityseg/training/warmup.py: compile, capture, autotune, then
+every bit of state restored), so the clock that the budget, the schedule and --target-acc read counts
+training only. Validation, and with it best.pt / last.pt (`after_epoch`), comes at the `--val-every`
+cadence (cityseg/training/cadence.py) and always at the end of the run and on a signal; checkpoints
+are written by a background thread. Where the time went (start-up, warm-up, training, validation,
+checkpoints) is kept in `timing()`, from the process start.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from cityseg.checkpoint import save_checkpoint
+from cityseg.checkpoint import CheckpointWriter, weights_only_state
 from cityseg.config import Config
 from cityseg.distributed import DistInfo, any_rank, broadcast_buffers, max_over_ranks, sum_over_ranks, weights_agree
 from cityseg.metrics import SegMetrics, evaluate_model
@@ -30,9 +37,14 @@ from cityseg.progress import StepProgress
 from cityseg.report import RunFolder, versions
 from cityseg.runtime import Runtime
 from cityseg.telemetry import EpochMeter
+from cityseg.training.cadence import ValCadence
 from cityseg.training.schedule import ProgressLR, TrainClock, tick_function
 from cityseg.training.setup import RunData, TrainingError
 from cityseg.training.step import TrainStep
+from cityseg.training.warmup import warm_up, warmup_calls
+
+# The parts of the wall time that `timing()` reports (other_s is the rest), cumulative over resumed sessions.
+TIMED = ("startup_s", "warmup_s", "train_s", "val_s", "checkpoint_s")
 
 EXIT_INTERRUPTED = 130
 
@@ -54,6 +66,7 @@ class HookBase:
     def after_train(self) -> None: ...
     def before_epoch(self) -> None: ...
     def after_step(self) -> None: ...
+    def after_steps(self) -> None: ...  # the epoch's last step is done (before any validation)
     def after_epoch(self, record: dict[str, Any], metrics: SegMetrics) -> None: ...
 
     def state_dict(self) -> dict[str, Any]:
@@ -79,7 +92,8 @@ class Parts:
 
 
 class Trainer:
-    def __init__(self, parts: Parts, run: RunFolder, console: Console, hooks: list[HookBase]) -> None:
+    def __init__(self, parts: Parts, run: RunFolder, console: Console, hooks: list[HookBase],
+                 started_at: float | None = None) -> None:
         self.parts, self.run, self.console = parts, run, console
         self.cfg, self.rt, self.dist, self.data = parts.cfg, parts.rt, parts.dist, parts.data
         self.model = parts.model
@@ -95,7 +109,18 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.partial = {"loss_sum": 0.0, "steps": 0}  # the loss of an epoch left mid-way (max-steps, signal)
         self.elapsed_before = 0.0  # run time of earlier sessions of a resumed run
-        self.t0 = time.perf_counter()
+        # This session's zero on the perf_counter clock: the process start (training/__init__.py)
+        self.t0 = time.perf_counter() if started_at is None else started_at
+        self.times = dict.fromkeys(TIMED, 0.0)  # this session's
+        self.times_before = dict.fromkeys(TIMED, 0.0)  # earlier sessions'
+        self.first_batch_at: float | None = None  # this session's first batch ready: the first step starts
+        self.epoch_stats = (0, 0.0, 0.0)  # the last epoch's steps, training-clock and wall seconds
+        self.cadence = ValCadence.from_option(parts.cfg.train.val_every)
+        self.writer = CheckpointWriter(self.write_error)
+        self.val_models: dict[int, nn.Module] = {}  # compiled validation forwards, by module
+        self.compile_cache: dict[str, Any] | None = None  # runtime.use_compile_cache's answer, for the summary
+        self.time_zero = "process start"  # what t0 is (training/__init__.py sets it)
+        self.versions = versions()  # once, at start-up: it imports DALI (seconds), which no checkpoint should wait on
         self.stop_reason: str | None = None  # set by a hook (early stop) to end the run after this epoch
         self.meter: EpochMeter | None = None  # the current epoch's timing
         self.loss: torch.Tensor | None = None  # the last step's loss, detached, on the device
@@ -122,10 +147,12 @@ class Trainer:
             "elapsed_s": self.elapsed(),
             "train_seconds": self.clock.seconds,
             "partial": self.partial,
+            "timing": self.timing(),
+            "cadence": self.cadence.state_dict(),
             "rng": {"torch": torch.get_rng_state()},
             "config": self.cfg.to_dict(),
             "palette": self.data.palette.to_state(),
-            "versions": versions(),
+            "versions": self.versions,
         }
         for hook in self.hooks:
             state.update(hook.state_dict())
@@ -144,43 +171,83 @@ class Trainer:
         self.global_step = state["global_step"]
         self.history = list(state["history"])
         self.elapsed_before = state["elapsed_s"]
+        self.times_before = {k: float(state.get("timing", {}).get(k, 0.0)) for k in TIMED}
+        self.cadence.load_state_dict(state.get("cadence", {}))
         self.partial = dict(state["partial"])
         torch.set_rng_state(state["rng"]["torch"])
         for hook in self.hooks:
             hook.load_state_dict(state)
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, weights_only: bool = False) -> None:
+        """Hand a host copy of the state to the background writer (the previous write is waited for
+        first): the device waits only for that copy. `weights_only`: what best.pt needs."""
         if not self.dist.is_main:  # every rank holds the same weights; one writer
             return
+        t = time.perf_counter()
         try:
-            save_checkpoint(self.state_dict(), path)
-        except OSError as e:
-            raise TrainingError(
-                f"{path}: could not write checkpoint ({e.strerror or e}); the previous checkpoint is kept"
-            ) from None
+            state = self.state_dict()
+            self.writer.submit(weights_only_state(state) if weights_only else state, path)
+        finally:
+            self.times["checkpoint_s"] += time.perf_counter() - t
+
+    @staticmethod
+    def write_error(path: Path, e: BaseException) -> TrainingError:
+        lines = str(e).splitlines()
+        reason = getattr(e, "strerror", None) or (lines[0] if lines else type(e).__name__)
+        return TrainingError(f"{path}: could not write checkpoint ({reason}); the previous checkpoint is kept")
+
+    def finish_writes(self) -> None:
+        t = time.perf_counter()
+        try:
+            self.writer.join()
+        finally:
+            self.times["checkpoint_s"] += time.perf_counter() - t
 
     def elapsed(self) -> float:
+        """Run time from the process start, earlier sessions of a resumed run included."""
         return self.elapsed_before + time.perf_counter() - self.t0
+
+    def timing(self) -> dict[str, float]:
+        """Where the run's wall time went, cumulative over sessions; the parts add up to elapsed_s.
+        startup_s: process start to the first batch ready (warm-up excluded); warmup_s: compile and
+        capture; train_s: training steps (data waits included); val_s: validation; checkpoint_s: the
+        time checkpoints held training up (host copy, waiting on the writer); other_s: the rest
+        (reports, TensorBoard, samples)."""
+        parts = {k: self.times_before[k] + self.times[k] for k in TIMED}
+        if self.first_batch_at is None:  # still starting up
+            parts["startup_s"] += time.perf_counter() - self.t0 - self.times["warmup_s"]
+        elapsed = self.elapsed()
+        return {**parts, "other_s": elapsed - sum(parts.values()), "elapsed_s": elapsed}
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self, interrupt: dict[str, int | None]) -> list[dict[str, Any]]:
-        """Train to the end (all epochs, --max-steps, or a hook's stop); returns the history."""
-        self.t0 = time.perf_counter()
+        """Warm up, then train to the end (all epochs, --max-steps, the budget, or a hook's stop),
+        validating at the cadence and at the end; returns the history (one record per validation)."""
         self.call("before_train")
         try:
-            while (self.epoch < self.cfg.train.epochs and not self.out_of_steps() and not self.out_of_time()
-                   and self.stop_reason is None):
+            try:
+                self.warm_up()
+            except torch.OutOfMemoryError:
+                raise self.out_of_memory() from None
+            while not self.run_over() and self.stop_reason is None:
                 try:
                     record = self.train_epoch(interrupt)
                 except torch.OutOfMemoryError:
                     raise self.out_of_memory() from None
                 if record is None:  # interrupted mid-epoch: last.pt holds the position
                     raise Interrupted(self.run.root, interrupt["signum"] or signal.SIGINT)
-                metrics = self.validate(record)
-                self.history.append(record)
-                self.call("after_epoch", record, metrics)
-                if self.stop_requested(interrupt):  # arrived during the last step or validation
+                self.cadence.epoch_done(*self.epoch_stats)
+                signalled = self.stop_requested(interrupt)
+                if signalled or self.run_over() or self.validation_due():
+                    t = time.perf_counter()
+                    metrics = self.validate(record)
+                    self.history.append(record)
+                    self.cadence.validated(self.cadence.cost_s or 0.0)
+                    self.call("after_epoch", record, metrics)
+                    self.cadence.cost_s = time.perf_counter() - t  # validation, checkpoints and reports
+                if signalled or self.stop_requested(interrupt):  # arrived during the last step or validation
                     raise Interrupted(self.run.root, interrupt["signum"] or signal.SIGINT)
+            self.finish_writes()  # the last write's time is in the summary, its error before it
             if not weights_agree(self.model, self.dist, self.rt.device):
                 raise TrainingError("DDP ranks ended with different weights: a rank diverged (please report this)")
             if not self.history:
@@ -189,14 +256,69 @@ class Trainer:
                 self.console.print(self.stop_reason)
             self.completed = True
         finally:
-            self.call("after_train")
+            try:
+                self.call("after_train")
+            finally:
+                self.finish_writes()  # last.pt / best.pt are on disk when fit returns, or it says why not
         return self.history
+
+    def run_over(self) -> bool:
+        """The epochs, --max-steps or the budget are spent: the end of the run validates."""
+        return self.epoch >= self.cfg.train.epochs or self.out_of_steps() or self.out_of_time()
+
+    def validation_due(self) -> bool:
+        """--val-every says so; measured cadences (`auto`) differ between ranks: any rank decides."""
+        due = self.cadence.due(self.training_left_s())
+        return any_rank(due, self.dist, self.rt.device) if self.cadence.unit == "auto" else due
+
+    def training_left_s(self) -> float:
+        """Seconds of training until the epochs, --max-steps or the budget end, at the last epoch's pace."""
+        steps, _, wall = self.epoch_stats
+        left = (self.cfg.train.epochs - self.epoch) * len(self.data.train) - self.step_in_epoch
+        if self.cfg.train.max_steps:
+            left = min(left, self.cfg.train.max_steps - self.global_step)
+        seconds = left * wall / max(1, steps)
+        budget = self.cfg.train.time_budget_s
+        return seconds if budget is None else min(seconds, budget - self.clock.seconds)
+
+    def warm_up(self) -> None:
+        """Compile and capture before the clock starts (cityseg/training/warmup.py), every rank, then
+        wait for the slowest: the first step of every rank starts together."""
+        p, t = self.parts, time.perf_counter()
+        val = self.data.val
+        forwards = [self.val_forward()] if self.rt.compile else []
+        warm_up(p.step, warmup_calls(self.rt, p.step), self.model, p.optimizer, p.scaler, self.rt,
+                self.data.train.spec, self.data.palette, forwards, val.spec, self.val_batch_sizes())
+        max_over_ranks(0.0, self.dist, self.rt.device)  # a barrier
+        self.times["warmup_s"] += time.perf_counter() - t
+
+    def val_forward(self) -> nn.Module:
+        """What validation calls: the scored model (an EMA's average, perhaps), compiled with static
+        shapes where training is compiled, so it runs training's kernels at training's precision."""
+        model = self.eval_model
+        if not self.rt.compile:
+            return model
+        if id(model) not in self.val_models:
+            self.val_models[id(model)] = torch.compile(model, mode=self.rt.compile_mode, dynamic=False)
+        return self.val_models[id(model)]
+
+    def val_batch_sizes(self) -> list[int]:
+        """The batch sizes validation meets on this rank's shard: full batches and the last one."""
+        n, ws, bs = len(self.data.val_files), self.dist.world_size, self.data.val.spec.batch_size
+        sizes = set()
+        for shard in {n // ws, -(-n // ws)}:
+            if shard:
+                sizes.add(min(bs, shard))
+                if shard % bs:
+                    sizes.add(shard % bs)
+        return sorted(sizes, reverse=True)
 
     def train_epoch(self, interrupt: dict[str, int | None]) -> dict[str, Any] | None:
         """Steps to the end of the epoch (or --max-steps, or a signal); None when a signal stopped
         it mid-epoch (last.pt is saved), else the epoch's record for metrics.jsonl."""
         cfg = self.cfg.train
         loader = self.data.train
+        started, steps_before, clock_before = time.perf_counter(), self.global_step, self.clock.seconds
         self.model.train()
         loader.set_epoch(self.epoch, self.step_in_epoch)
         self.meter = meter = EpochMeter(self.rt.device)
@@ -204,9 +326,15 @@ class Trainer:
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.rt.device)
         stopping = False
         self.call("before_epoch")
+        session_start = self.first_batch_at is None
         last = self.tick()
         batches = iter(loader)
         batch = self.next_batch(batches, interrupt)
+        if session_start:  # workers and pipelines starting up are start-up, not training
+            self.first_batch_at = started = time.perf_counter()
+            self.times["startup_s"] += started - self.t0 - self.times["warmup_s"]
+            self.meter = meter = EpochMeter(self.rt.device)
+            last = self.tick()
         while batch is not None:
             image, target = batch
             loss = self.parts.step(image, target)
@@ -233,8 +361,13 @@ class Trainer:
                 break
             if self.out_of_steps() or self.out_of_time():
                 break
+        self.call("after_steps")
         self.check_finite(nonfinite)
-        return self.end_epoch(loss_sum, stopping)
+        record = self.end_epoch(loss_sum, stopping)
+        wall = time.perf_counter() - started
+        self.times["train_s"] += wall
+        self.epoch_stats = (self.global_step - steps_before, self.clock.seconds - clock_before, wall)
+        return record
 
     def advance_clock(self) -> None:
         """The training clock the budget and the schedule read. One process: its own measured time.
@@ -285,13 +418,19 @@ class Trainer:
         return record
 
     def validate(self, record: dict[str, Any]) -> SegMetrics:
-        """Score the val split into `record` (rank 0's BatchNorm statistics on every rank first)."""
+        """Score the val split into `record` (rank 0's BatchNorm statistics on every rank first), with
+        when it was known three ways: `elapsed_s` from the process start, `wall_s` from the first step,
+        `train_s` on the training clock."""
+        t = time.perf_counter()
         broadcast_buffers(self.eval_model, self.dist)
         with StepProgress(self.console, f"val after epoch {record['epoch']}", len(self.data.val)) as bar:
-            metrics, val_loss = evaluate_model(self.eval_model, self.data.val, self.rt,
+            metrics, val_loss = evaluate_model(self.val_forward(), self.data.val, self.rt,
                                                self.data.palette.num_classes, self.dist,
                                                on_batch=lambda done: bar.step(done, "", log=done == len(self.data.val)))
-        record.update(metrics.to_dict(with_confusion=False), val_loss=val_loss, elapsed_s=self.elapsed())
+        self.times["val_s"] += time.perf_counter() - t
+        now = self.timing()  # wall_s: from the first step, start-up and warm-up of every session left out
+        record.update(metrics.to_dict(with_confusion=False), val_loss=val_loss, elapsed_s=now["elapsed_s"],
+                      wall_s=now["elapsed_s"] - now["startup_s"] - now["warmup_s"])
         return metrics
 
     def next_batch(self, batches: Iterator, interrupt: dict[str, int | None]):

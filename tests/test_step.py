@@ -161,3 +161,15 @@ def test_compiled_optimizer_refuses_the_fp16_scaler() -> None:
     scaler = torch.amp.GradScaler("cpu", enabled=True)
     with pytest.raises(ValueError, match="scaler"):
         TrainStep(model, model, nn.MSELoss(), opt, scaler, rt, 1.0, compile_optimizer=True)
+
+
+def test_warm_up_runs_the_step_as_often_as_its_resolved_mode_needs() -> None:
+    """The default CUDA mode is CUDA graphs although `--compile-mode` is unset: the warm-up must ask
+    the step (record, warm, replay = 3 calls), not the runtime's unset mode (1 call)."""
+    from cityseg.training.warmup import warmup_calls
+
+    rt = resolve_runtime("cpu", "32", compile=False)
+    step = tiny_step(rt)
+    assert warmup_calls(rt, step) == 1
+    step.cudagraphs = True  # what a step built on one CUDA GPU with the default mode holds
+    assert warmup_calls(rt, step) == 3

@@ -67,6 +67,14 @@ class TrainStep:
             self.lr_tensors = [torch.tensor(float(g["lr"]), device=rt.device) for g in optimizer.param_groups]
             self.clip_and_step = compiled(self._clip_and_step)
 
+    @property
+    def warmup_calls(self) -> int:
+        """Calls before the step is compiled and captured (cityseg/training/warmup.py reads it): under
+        CUDA graphs torch records on the 1st call, warms the tree on the 2nd and replays from the 3rd;
+        otherwise the first call compiles everything. The mode is this step's resolved one (CUDA graphs
+        by default on one GPU), which `rt.compile_mode` alone does not say."""
+        return 3 if self.cudagraphs else 1
+
     def __call__(self, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # Gradients go first: under CUDA graphs they live in the graphs' memory, which this forward reuses.
         self.optimizer.zero_grad(set_to_none=True)

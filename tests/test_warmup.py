@@ -4,7 +4,6 @@ slow first step (a cold compile) no longer eats a time budget."""
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -121,28 +120,43 @@ def test_a_run_with_warm_up_trains_the_same_weights(tmp_path: Path, monkeypatch:
     assert cold["global_step"] == warm["global_step"] == 8
 
 
+class StepClock:
+    """The training clock, made exact: every reading is 1/8 s after the last, so every step takes
+    1/8 s, and a slow call adds its delay. No wall-clock time is measured or asserted."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 0.125
+        return self.now
+
+
 def test_slow_first_step_still_trains_for_its_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The first call of the step takes DELAY s (a cold compile); the budget is half that. The warm-up
-    takes the slow call, so the run still trains many steps, and its clock never saw the delay."""
+    takes the slow call, so the run trains its whole budget (8 steps of 1/8 s); without the warm-up the
+    slow step alone spends the budget (one step, the schedule at its floor: what the issue saw)."""
     delay, budget = 2.0, 1.0
     real_call, calls = TrainStep.__call__, [0]
 
     def slow_first_call(self, image, target):
         calls[0] += 1
         if calls[0] == 1:
-            time.sleep(delay)
+            clock.now += delay
         return real_call(self, image, target)
 
     monkeypatch.setattr(TrainStep, "__call__", slow_first_call)
     data = make_pair_dataset(tmp_path / "data", n_train=8, n_val=2)
+    clock = StepClock()
+    monkeypatch.setattr(loop, "tick_function", lambda kind: clock)
     summary = train(config(data, tmp_path / "run", epochs=10_000, time_budget_s=budget, val_every="auto"))
-    assert summary["warmup_s"] >= delay  # the slow call was the warm-up's
-    assert summary["train_seconds"] >= budget and summary["steps"] >= 2
-    # before warm-up existed the slow step alone spent the budget: one step, the schedule at its floor
-    calls[0] = 0
+    assert calls[0] == summary["steps"] + 1  # one call was the warm-up's
+    assert summary["steps"] == 8 and summary["train_seconds"] == budget  # the delay is not on the clock
+
+    calls[0], clock = 0, StepClock()
     monkeypatch.setattr(loop, "warm_up", no_warm_up)
     cold = train(config(data, tmp_path / "cold", epochs=10_000, time_budget_s=budget, val_every="auto"))
-    assert cold["steps"] == 1
+    assert cold["steps"] == 1 and cold["train_seconds"] == delay + 0.125
 
 
 def test_synthetic_batch_has_the_loaders_layout() -> None:

@@ -60,6 +60,22 @@ def test_resume_continues_exactly(pair_dataset: Path, tmp_path: Path) -> None:
         assert_same_weights(final_weights(straight), final_weights(split))
 
 
+@pytest.mark.timeout(120)
+def test_a_resume_position_past_the_epoch_still_ends_it(pair_dataset: Path, tmp_path: Path) -> None:
+    """A checkpoint whose position lies past its epoch's last batch (what a wrong resume offset
+    produces) ends that epoch at once: the run finishes instead of spinning (a hang before the fix)."""
+    run = tmp_path / "run"
+    train(tiny_config(pair_dataset, run, max_steps=5))  # 4 steps an epoch: one step into epoch 2
+    last = run / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    state["step_in_epoch"] = 4 + 3
+    save_checkpoint(state, last)
+    summary = train(tiny_config(pair_dataset, run, resume=str(run)))
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["partial"]) for r in records] == [(1, False), (2, True), (2, False)]
+    assert summary["steps"] == 5  # no batch of the finished epoch was run again
+
+
 def test_run_folder_is_complete(pair_dataset: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     summary = train(tiny_config(pair_dataset, run, epochs=1))

@@ -61,12 +61,14 @@ class CliProcess:
     """A started `cityseg-fast ARGS` process whose output is collected line by line."""
 
     def __init__(self, args: list[str | os.PathLike], *, cwd: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
-        if not CLI.is_file():
+                 env: dict[str, str] | None = None, program: list[str] | None = None) -> None:
+        """`program`: run `program ARGS` instead (e.g. torchrun's launcher), under the same checks."""
+        if program is None and not CLI.is_file():
             pytest.fail(f"{CLI} is missing: the tests need the package installed (pip install -e '.[test]')")
-        self.command = "cityseg-fast " + " ".join(str(a) for a in args)
+        argv = [*(program or [str(CLI)]), *map(str, args)]
+        self.command = " ".join(["cityseg-fast"] if program is None else program) + " " + " ".join(map(str, args))
         self.proc = subprocess.Popen(
-            [str(CLI), *map(str, args)], cwd=cwd, env={**os.environ, **(env or {})}, text=True,
+            argv, cwd=cwd, env={**os.environ, **(env or {})}, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
         )
         self.last_output = time.monotonic()
@@ -152,3 +154,12 @@ def run_cli(args: list[str | os.PathLike], *, timeout: float = 180.0, cwd: Path 
             env: dict[str, str] | None = None) -> Finished:
     """Run `cityseg-fast ARGS` to its end (see `CliProcess.finish`)."""
     return CliProcess(args, cwd=cwd, env=env).finish(timeout)
+
+
+def torchrun(args: list[str | os.PathLike], *, launcher: list[str] | None = None, timeout: float = 600.0,
+             env: dict[str, str] | None = None) -> Finished:
+    """`python -m torch.distributed.run LAUNCHER -m cityseg ARGS` to its end, with `run_cli`'s hard
+    timeout and leftover-process check (the ranks and their loader workers included)."""
+    program = [sys.executable, "-m", "torch.distributed.run", *(launcher or ["--standalone", "--nproc-per-node=2"]),
+               "-m", "cityseg"]
+    return CliProcess(args, env=env, program=program, cwd=Path(__file__).resolve().parents[1]).finish(timeout)

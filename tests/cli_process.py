@@ -27,6 +27,9 @@ import pytest
 CLI = Path(sys.executable).parent / "cityseg-fast"
 # A finished command must be gone, children included, this long after its last line of output.
 EXIT_GRACE_S = 10.0
+# torchrun's launcher polls its ranks every few seconds and then closes its rendezvous store: on a
+# loaded 2-core machine it exits 11-13 s after the ranks' last line (measured).
+TORCHRUN_EXIT_GRACE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -124,9 +127,9 @@ class CliProcess:
                 os.kill(pid, signal.SIGKILL)
         self.proc.wait()
 
-    def finish(self, timeout: float) -> Finished:
+    def finish(self, timeout: float, grace: float = EXIT_GRACE_S) -> Finished:
         """Wait for the exit (at most `timeout` s in all), then for every child to be gone by
-        EXIT_GRACE_S after the last output line."""
+        `grace` s after the last output line."""
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -135,17 +138,17 @@ class CliProcess:
         exited = time.monotonic()
         for reader in self.readers:
             reader.join(timeout=5)
-        deadline = self.last_output + EXIT_GRACE_S
+        deadline = self.last_output + grace
         if exited > deadline:
             pytest.fail(f"`{self.command}` took {exited - self.last_output:.0f} s to exit after its last output "
-                        f"line (limit {EXIT_GRACE_S:.0f} s):\n{self.tail()}")
+                        f"line (limit {grace:.0f} s):\n{self.tail()}")
         left = session_members(self.proc.pid)
         while left and time.monotonic() < deadline:
             time.sleep(0.1)
             left = session_members(self.proc.pid)
         if left:
             self.kill_all()
-            pytest.fail(f"`{self.command}` left processes {left} running {EXIT_GRACE_S:.0f} s after its last "
+            pytest.fail(f"`{self.command}` left processes {left} running {grace:.0f} s after its last "
                         f"output line:\n{self.tail()}")
         return Finished(self.command, self.proc.returncode, "".join(self.stdout), "".join(self.stderr))
 
@@ -162,4 +165,5 @@ def torchrun(args: list[str | os.PathLike], *, launcher: list[str] | None = None
     timeout and leftover-process check (the ranks and their loader workers included)."""
     program = [sys.executable, "-m", "torch.distributed.run", *(launcher or ["--standalone", "--nproc-per-node=2"]),
                "-m", "cityseg"]
-    return CliProcess(args, env=env, program=program, cwd=Path(__file__).resolve().parents[1]).finish(timeout)
+    return CliProcess(args, env=env, program=program, cwd=Path(__file__).resolve().parents[1]).finish(
+        timeout, grace=TORCHRUN_EXIT_GRACE_S)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cityseg.checkpoint import load_checkpoint
-from tests.cli_process import CliProcess, run_cli
+from tests.cli_process import TORCHRUN_EXIT_GRACE_S, CliProcess, run_cli
 from tests.conftest import ROOT, make_pair_dataset
 
 TINY = ["--device", "cpu", "--no-compile", "--image-size", "32", "--width", "4", "--depth", "2", "--batch-size", "2"]
@@ -214,7 +214,8 @@ def test_two_nodes_on_this_machine(data: Path, tmp_path: Path) -> None:
     program = [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "cityseg"]
     nodes = [CliProcess(args, cwd=ROOT, env={"GLOO_SOCKET_IFNAME": "lo"}, program=program) for _ in range(2)]
     try:
-        outputs = [node.finish(timeout=300) for node in nodes]  # a hung node is killed, its session too
+        # a hung node is killed, its whole session too
+        outputs = [node.finish(timeout=300, grace=TORCHRUN_EXIT_GRACE_S) for node in nodes]
     finally:
         for node in nodes:
             if node.proc.poll() is None:

@@ -154,9 +154,9 @@ class CliProcess:
 
 
 def run_cli(args: list[str | os.PathLike], *, timeout: float = 180.0, cwd: Path | None = None,
-            env: dict[str, str] | None = None) -> Finished:
+            env: dict[str, str] | None = None, grace: float = EXIT_GRACE_S) -> Finished:
     """Run `cityseg-fast ARGS` to its end (see `CliProcess.finish`)."""
-    return CliProcess(args, cwd=cwd, env=env).finish(timeout)
+    return CliProcess(args, cwd=cwd, env=env).finish(timeout, grace)
 
 
 def torchrun(args: list[str | os.PathLike], *, launcher: list[str] | None = None, timeout: float = 600.0,

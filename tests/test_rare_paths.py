@@ -57,7 +57,7 @@ def test_fp16_scaler_state_survives_a_checkpoint(tmp_path: Path) -> None:
         update(scaler, loss_scale)
     saved = scaler.state_dict()
     assert saved["scale"] == 2.0**9 and saved["_growth_tracker"] == 2
-    save_checkpoint({"model": {}, "config": {}, "scaler": saved}, tmp_path / "last.pt")
+    save_checkpoint({"model": {"w": weights.detach()}, "config": {}, "scaler": saved}, tmp_path / "last.pt")
     restored = torch.amp.GradScaler("cpu")
     restored.load_state_dict(load_checkpoint(tmp_path / "last.pt")["scaler"])
     assert restored.state_dict() == saved
@@ -113,8 +113,8 @@ class LossWeights(HookBase):
 
 def test_class_weights_are_inverse_sqrt_frequencies_of_the_train_masks(tmp_path: Path) -> None:
     """--class-weights inverse-sqrt-freq: the loss's weight of class c is 1/sqrt(share of c in the train
-    masks), scaled to mean 1 over the classes present, 0 for absent ones (counted here by hand)."""
-    data = make_pair_dataset(tmp_path / "data", n_train=2, n_val=1)  # 32 blocks: some classes absent
+    masks), scaled to mean 1 over the classes present (counted here by hand)."""
+    data = make_pair_dataset(tmp_path / "data", n_train=2, n_val=1)
     hook = LossWeights()
     train(config(data, tmp_path / "run", class_weights="inverse-sqrt-freq", epochs=1, loss="ce"), hooks=[hook])
     p = cityscapes_palette()
@@ -128,7 +128,7 @@ def test_class_weights_are_inverse_sqrt_frequencies_of_the_train_masks(tmp_path:
     want[present] /= want[present].mean()
     assert hook.weight is not None
     torch.testing.assert_close(hook.weight.double(), want, rtol=1e-5, atol=1e-6)
-    assert 0 < present.sum() < 19  # a mix of present and absent classes: both branches checked
+    assert want.max() > 2 * want[present].min()  # frequencies differ enough for a wrong formula to show
 
 
 @pytest.mark.timeout(600)  # inductor compiles C++ on a loaded CPU

@@ -153,9 +153,10 @@ def test_train_options_reach_the_run(run_a: tuple[Path, str]) -> None:
 
 
 @pytest.mark.timeout(900)  # torch.compile with inductor on a loaded CPU
-def test_train_options_that_exclude_the_first_run(data: Path, tmp_path: Path) -> None:
+def test_train_options_that_exclude_the_first_run(clean: Path, tmp_path: Path) -> None:
     out = tmp_path / "b"
-    done = run_cli(["train", "--data", data, "--out", out, *flags(TRAIN_B)], timeout=800)
+    # torch.compile's worker processes take their time to go on a loaded machine: 30 s, not 10
+    done = run_cli(["train", "--data", clean, "--out", out, *flags(TRAIN_B)], timeout=800, grace=30)
     assert done.returncode == 0, done.output
     assert_config_holds(out, TRAIN_B)
     summary = json.loads((out / "summary.json").read_text())
@@ -233,7 +234,7 @@ def test_check_data_options(data: Path) -> None:
     assert "within 60" in done.stdout
 
 
-def test_bench_train_e2e_kernel_quickest(data: Path, tmp_path: Path) -> None:
+def test_bench_train_e2e_kernel_quickest(tmp_path: Path) -> None:
     """bench train / e2e / kernel once each at their quickest sizes, each result file holding what was asked."""
     train_json, e2e_json, kernel_json = tmp_path / "train.json", tmp_path / "e2e.json", tmp_path / "kernel.json"
     # torch.compile's worker processes take their time to go on a loaded machine: 30 s, not 10
@@ -241,7 +242,8 @@ def test_bench_train_e2e_kernel_quickest(data: Path, tmp_path: Path) -> None:
                     "--json", train_json], timeout=300, grace=30)
     assert done.returncode == 0, done.output
     assert {row["width"] for row in json.loads(train_json.read_text())["results"]} == {4}
-    done = run_cli(["bench", "e2e", "--data", data, "--steps", "2", "--loaders", "torch", "--json", e2e_json],
+    many = make_pair_dataset(tmp_path / "data", n_train=64, n_val=2, size=32)  # 6 steps > 5 warm-up, in one epoch
+    done = run_cli(["bench", "e2e", "--data", many, "--steps", "6", "--loaders", "torch", "--json", e2e_json],
                    timeout=300)
     assert done.returncode == 0, done.output
     assert [row["loader"] for row in json.loads(e2e_json.read_text())["results"]] == ["torch"]

@@ -75,12 +75,19 @@ class CliProcess:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
         )
         self.last_output = time.monotonic()
+        self.exited_at: float | None = None  # when it exited, seen by a thread: a later finish() is not late
+        self.waiter = threading.Thread(target=self._wait, daemon=True)
+        self.waiter.start()
         self.stdout: list[str] = []
         self.stderr: list[str] = []
         self.readers = [threading.Thread(target=self._read, args=(s, out), daemon=True)
                         for s, out in ((self.proc.stdout, self.stdout), (self.proc.stderr, self.stderr))]
         for reader in self.readers:
             reader.start()
+
+    def _wait(self) -> None:
+        self.proc.wait()
+        self.exited_at = time.monotonic()
 
     def _read(self, stream, lines: list[str]) -> None:
         for line in stream:
@@ -135,7 +142,8 @@ class CliProcess:
         except subprocess.TimeoutExpired:
             self.kill_all()
             pytest.fail(f"`{self.command}` did not exit within {timeout:.0f} s (hung); last output:\n{self.tail()}")
-        exited = time.monotonic()
+        self.waiter.join(timeout=5)
+        exited = self.exited_at or time.monotonic()
         for reader in self.readers:
             reader.join(timeout=5)
         deadline = self.last_output + grace

@@ -234,6 +234,7 @@ def test_check_data_options(data: Path) -> None:
     assert "within 60" in done.stdout
 
 
+@pytest.mark.timeout(900)  # three benchmark processes, one compiling
 def test_bench_train_e2e_kernel_quickest(tmp_path: Path) -> None:
     """bench train / e2e / kernel once each at their quickest sizes, each result file holding what was asked."""
     train_json, e2e_json, kernel_json = tmp_path / "train.json", tmp_path / "e2e.json", tmp_path / "kernel.json"

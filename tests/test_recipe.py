@@ -157,6 +157,10 @@ def test_dice_ce_loss() -> None:
     loss = DiceCELoss(smooth=0.0)(wrong, target).item()
     # uniform 1/3 everywhere: CE = ln 3; Dice per class = 2 * (1/3) / (3 * 1/3 + 1) = 1/3
     assert loss == pytest.approx(math.log(3) + (1 - 1 / 3), rel=1e-5)
+    # 4 classes, class 3 absent from the targets: Dice is averaged over the 3 present ones only.
+    # uniform 1/4: CE = ln 4; Dice per present class = 2 * (1/4) / (3 * 1/4 + 1) = 2/7
+    loss = DiceCELoss(smooth=0.0)(torch.zeros(1, 4, 2, 2), target).item()
+    assert loss == pytest.approx(math.log(4) + (1 - 2 / 7), rel=1e-5)
 
 
 def test_group_norm_and_one_cycle_train(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -214,8 +215,18 @@ def test_two_nodes_on_this_machine(data: Path, tmp_path: Path) -> None:
     program = [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "cityseg"]
     nodes = [CliProcess(args, cwd=ROOT, env={"GLOO_SOCKET_IFNAME": "lo"}, program=program) for _ in range(2)]
     try:
-        # a hung node is killed, its whole session too
-        outputs = [node.finish(timeout=300, grace=TORCHRUN_EXIT_GRACE_S) for node in nodes]
+        deadline = time.monotonic() + 300
+        for node in nodes:
+            node.proc.wait(max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass  # finish() below names the hung node and kills its whole session
+    # The launchers wait for each other at torchrun's exit barrier: each is done once the last line of
+    # either has appeared (the other node's rank may still be writing the run's files).
+    last = max(node.last_output for node in nodes)
+    for node in nodes:
+        node.last_output = last
+    try:
+        outputs = [node.finish(timeout=5, grace=TORCHRUN_EXIT_GRACE_S) for node in nodes]
     finally:
         for node in nodes:
             if node.proc.poll() is None:

@@ -1,20 +1,60 @@
 """Shared fixtures: tiny pair datasets written in the Kaggle format, the real sample (skipped when
-absent), and a per-session cache folder for synthetic data."""
+absent), and the session's cache folder (below: never ~/.cache)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
+from importlib.metadata import version
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
-
-from cityseg.data.contract import LoaderSpec
-from cityseg.palette import cityscapes_palette
-
 ROOT = Path(__file__).resolve().parents[1]
+# The code that writes into $CITYSEG_CACHE (lookup tables, synthetic sets): the cache folder is keyed by it.
+CACHE_PRODUCERS = ("kernels", "cityseg/palette.py", "cityseg/outputs.py", "cityseg/data/synth")
+
+
+def cache_key() -> str:
+    """A hash of the source of every cache producer, and of the interpreter and packages that ran it."""
+    digest = hashlib.sha256(f"{sys.version} torch {version('torch')} numpy {version('numpy')}".encode())
+    for name in CACHE_PRODUCERS:
+        path = ROOT / name
+        for source in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(str(source.relative_to(ROOT)).encode() + b"\0" + source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# Set before anything imports cityseg (pytest imports this module before every test module): the tests'
+# caches live under .pytest_cache in a folder keyed by the code that fills it, never in ~/.cache. A
+# table built by other code (an older checkout, a planted bug's undo) is never read, and a session
+# after no change to that code reuses the tables (a table is ~35 CPU-seconds to build on 2 cores).
+# Subprocess tests inherit these variables.
+SESSION_CACHE = ROOT / ".pytest_cache" / "cityseg" / cache_key()
+os.environ["CITYSEG_CACHE"] = str(SESSION_CACHE / "cityseg")
+os.environ["XDG_CACHE_HOME"] = str(SESSION_CACHE / "xdg")  # pip, torch hub, fontconfig, ...
+os.environ["MPLCONFIGDIR"] = str(SESSION_CACHE / "matplotlib")  # else ~/.cache/matplotlib or ~/.matplotlib
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(SESSION_CACHE / "inductor")  # else /tmp/torchinductor_$USER
+os.environ["TRITON_CACHE_DIR"] = str(SESSION_CACHE / "triton")  # else ~/.triton/cache
+os.environ["TORCH_HOME"] = str(SESSION_CACHE / "torch")  # else ~/.cache/torch
+
+import numpy as np  # noqa: E402  (after the cache folder is set)
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from cityseg.data.contract import LoaderSpec  # noqa: E402
+from cityseg.palette import cityscapes_palette  # noqa: E402
+
+
+def pytest_sessionstart(session) -> None:
+    """Build the two lookup tables every training run uses (the palette's, and the far-colour probe
+    of the data check) before the first test, when their code changed: their cost counts against no
+    test's deadline."""
+    from cityseg.data.loaders import FAR_COLOR_DIST
+    from cityseg.palette import far_share, lookup_table
+
+    lookup_table(cityscapes_palette())
+    far_share(torch.zeros(1, 3, dtype=torch.uint8), cityscapes_palette(), FAR_COLOR_DIST)
 
 
 def real_sample_dir() -> Path | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
@@ -81,11 +81,12 @@ CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
 }
 
 
-def assert_one_line_error(output: str, path: Path, fragment: str) -> None:
+def assert_one_line_error(output: str, path: Path, fragment: str, prefix: str = "") -> None:
+    """No traceback, and exactly one line names `path`: it starts with `prefix` and says `fragment`."""
     assert "Traceback" not in output, output
     lines = [ln for ln in output.splitlines() if str(path) in ln]
-    assert lines, output
-    assert any(fragment in ln for ln in lines), output
+    assert len(lines) == 1, output
+    assert lines[0].startswith(prefix) and fragment in lines[0], output
 
 
 @pytest.fixture
@@ -118,7 +119,7 @@ def test_train_stops_with_one_line(dataset: Path, tmp_path: Path, case: str, loa
     result = CliRunner().invoke(app, ["train", "--data", str(dataset), "--out", str(out), *LOADERS[loader], *skip,
                                       *TINY])
     assert result.exit_code == 2, result.output
-    assert_one_line_error(result.output, bad, fragment)
+    assert_one_line_error(result.output, bad, fragment, prefix="error: ")
     assert fragment in (out / "error.log").read_text()
     if not skip:  # found before training: nothing of a run was written
         assert [p.name for p in out.iterdir()] == ["error.log"]
@@ -146,7 +147,7 @@ def test_corrupt_jpeg_met_mid_epoch_without_validation(dataset: Path, tmp_path: 
             "--skip-validate", "--epochs", "1", *TINY]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
-    assert_one_line_error(result.output, bad, "truncated")
+    assert_one_line_error(result.output, bad, "truncated", prefix="error: ")
 
 
 # -- fuzzing ---------------------------------------------------------------------------------------
@@ -160,6 +161,11 @@ def test_fuzz_random_bytes_give_clean_errors(tmp_path: Path, data: bytes) -> Non
         validate_pair(path)
     except PairError as e:
         assert str(e).startswith(str(path)) and "\n" not in str(e)
+        return
+    # Accepted: then the bytes must really be a whole RGB image twice as wide as tall (Pillow decodes it).
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        assert image.mode == "RGB" and image.width == 2 * image.height
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -167,6 +173,8 @@ def test_fuzz_random_bytes_give_clean_errors(tmp_path: Path, data: bytes) -> Non
     h=st.integers(1, 48), w=st.integers(1, 96), mode=st.sampled_from(["RGB", "L", "CMYK", "RGBA", "P"]),
     fmt=st.sampled_from(["JPEG", "PNG"]), cut=st.integers(0, 3),
 )
+@example(h=16, w=32, mode="RGB", fmt="JPEG", cut=0)  # whole RGB 2:1 pairs, which random draws rarely hit
+@example(h=1, w=2, mode="RGB", fmt="PNG", cut=0)
 def test_fuzz_image_shapes_validator_and_loader_agree(tmp_path: Path, h: int, w: int, mode: str, fmt: str,
                                                       cut: int) -> None:
     """Random shapes, modes and truncations: the validator accepts exactly the RGB 2:1 pairs, and
@@ -184,6 +192,7 @@ def test_fuzz_image_shapes_validator_and_loader_agree(tmp_path: Path, h: int, w:
         info = validate_pair(path)
     except PairError as e:
         assert "\n" not in str(e)
+        assert not (mode == "RGB" and w == 2 * h and cut == 0), f"a whole RGB 2:1 pair was refused: {e}"
         return
     assert mode == "RGB" and w == 2 * h and cut == 0
     photo, target = PairDataset([path], cityscapes_palette(), image_size=16, augment=None).load(0)
@@ -193,6 +202,7 @@ def test_fuzz_image_shapes_validator_and_loader_agree(tmp_path: Path, h: int, w:
 # -- interrupted runs ------------------------------------------------------------------------------
 # Ctrl-C and SIGTERM mid-epoch: tests/e2e/test_commands.py.
 
+@pytest.mark.timeout(900)  # a 12-epoch run, then the same run killed three times
 def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     """SIGKILL to the whole process (workers too), each time after the run made progress, also while
     checkpoints are written (every epoch here): the run always resumes from a loadable checkpoint,

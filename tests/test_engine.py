@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
+import random
 import subprocess
 import sys
 import time
@@ -60,6 +60,22 @@ def test_resume_continues_exactly(pair_dataset: Path, tmp_path: Path) -> None:
         assert_same_weights(final_weights(straight), final_weights(split))
 
 
+@pytest.mark.timeout(120)
+def test_a_resume_position_past_the_epoch_still_ends_it(pair_dataset: Path, tmp_path: Path) -> None:
+    """A checkpoint whose position lies past its epoch's last batch (what a wrong resume offset
+    produces) ends that epoch at once: the run finishes instead of spinning (a hang before the fix)."""
+    run = tmp_path / "run"
+    train(tiny_config(pair_dataset, run, max_steps=5))  # 4 steps an epoch: one step into epoch 2
+    last = run / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    state["step_in_epoch"] = 4 + 3
+    save_checkpoint(state, last)
+    summary = train(tiny_config(pair_dataset, run, resume=str(run)))
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["partial"]) for r in records] == [(1, False), (2, True), (2, False)]
+    assert summary["steps"] == 5  # no batch of the finished epoch was run again
+
+
 def test_run_folder_is_complete(pair_dataset: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     summary = train(tiny_config(pair_dataset, run, epochs=1))
@@ -113,40 +129,59 @@ def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_checkpoint_survives_sigkill_mid_write(tmp_path: Path) -> None:
-    """A process killed while rewriting a checkpoint over and over never leaves a broken file."""
+    """A process killed while rewriting a checkpoint over and over never leaves a broken file. Killed
+    until a kill lands inside a write (its temporary file is left behind: the proof), the checkpoint
+    still loads whole, at any moment and after each kill."""
     path = tmp_path / "best.pt"
     save_checkpoint({"model": {"w": torch.zeros(1)}, "config": {}}, path)
     code = (
         "import torch, sys; from cityseg.checkpoint import save_checkpoint\n"
-        "for i in range(10**6):\n"
+        "for i in range(1, 10**6):\n"
         "    save_checkpoint({'model': {'w': torch.full((200_000,), float(i))}, 'config': {}}, sys.argv[1])\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=ROOT)
-    try:
-        for _ in range(20):
-            time.sleep(0.15)
-            state = load_checkpoint(path)  # must load at any moment
-            assert state["model"]["w"].numel() in (1, 200_000)
-    finally:
-        proc.kill()
-        proc.wait()
-    state = load_checkpoint(path)
-    assert state["model"]["w"].unique().numel() == 1
+    rng = random.Random(0)
+    hit_a_write = False
+    for _ in range(20):
+        proc = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=ROOT)
+        try:
+            before = load_checkpoint(path)["model"]["w"][0].item()
+            t0 = time.monotonic()
+            while load_checkpoint(path)["model"]["w"][0].item() == before:  # wrote at least once
+                assert proc.poll() is None and time.monotonic() - t0 < 60
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.2))
+        finally:
+            proc.kill()
+            proc.wait()
+        leftovers = list(tmp_path.glob(".best.pt.*.tmp"))
+        state = load_checkpoint(path)
+        assert state["model"]["w"].numel() == 200_000 and state["model"]["w"].unique().numel() == 1
+        for tmp in leftovers:
+            hit_a_write |= tmp.stat().st_size > 0
+            tmp.unlink()
+        if hit_a_write:
+            break
+    assert hit_a_write, "no kill landed inside a write in 20 tries"
 
 
 class Exploit:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("echo pwned > /tmp/cityseg-pwned",))
+        return (os.system, (f"echo pwned > {self.marker}",))
 
 
 def test_crafted_pickle_checkpoint_is_refused(tmp_path: Path) -> None:
+    """A checkpoint whose unpickling would run a shell command is refused, and the command never ran."""
+    marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
-    with open(path, "wb") as f:
-        pickle.dump({"model": {}, "config": {}, "x": Exploit()}, f)
-    torch.save({"model": {}, "config": {}, "x": Exploit()}, path)
+    torch.save({"model": {}, "config": {}, "x": Exploit(marker)}, path)
     with pytest.raises(CheckpointError, match="refused to load"):
         load_checkpoint(path)
-    assert not Path("/tmp/cityseg-pwned").exists()
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the file does carry the payload: a plain unpickle runs it
+    assert marker.read_text().strip() == "pwned"
 
 
 def test_resume_with_other_model_config_names_fields(pair_dataset: Path, tmp_path: Path) -> None:

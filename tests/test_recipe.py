@@ -18,7 +18,7 @@ from cityseg.data.pairs import list_split, read_pair
 from cityseg.inference.evaluate import evaluate_checkpoint
 from cityseg.inference.predict import preprocess
 from cityseg.palette import IGNORE_INDEX, map_colors_reference
-from cityseg.training import train
+from cityseg.training import schedule, train
 from cityseg.training.losses import DiceCELoss
 from cityseg.training.schedule import ProgressLR, TrainClock, onecycle
 from tests.cli_process import run_cli
@@ -82,17 +82,33 @@ def test_onecycle_shape() -> None:
     assert onecycle(1.0, 0.01) == pytest.approx(0.01)
 
 
-def test_budgeted_run_ends_annealed_and_resumes(tmp_path: Path) -> None:
-    data = make_pair_dataset(tmp_path / "data", n_train=8, n_val=2)
+class FakeCPUClock:
+    """The training clock's CPU-time source, replaced: every read advances it by `step_s`, and the
+    loop reads it once per step (plus once at each epoch's start), so a step costs exactly `step_s`
+    training seconds whatever the machine's load."""
+
+    def __init__(self, step_s: float) -> None:
+        self.now, self.step_s = 0.0, step_s
+
+    def __call__(self) -> float:
+        self.now += self.step_s
+        return self.now
+
+
+def test_budgeted_run_ends_annealed_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1.5 s budget at 0.1 s a step is 15 steps, ending on the schedule's floor; resumed with a 3 s
+    budget it runs 15 more."""
+    monkeypatch.setattr(schedule, "cpu_seconds", FakeCPUClock(0.1))
+    data = make_pair_dataset(tmp_path / "data", n_train=8, n_val=2)  # 4 steps an epoch
     run = tmp_path / "run"
-    summary = train(config(data, run, time_budget_s=1.5, epochs=10_000, min_lr_ratio=0.05))
-    final = summary["final"]
-    assert summary["train_seconds"] >= 1.5 and final["lr"] == pytest.approx(1e-2 * 0.05)
+    summary = train(config(data, run, time_budget_s=1.5, epochs=10_000, min_lr_ratio=0.05, clock="cpu"))
+    assert summary["steps"] == 15 and summary["train_seconds"] == pytest.approx(1.5)
+    assert summary["final"]["lr"] == pytest.approx(1e-2 * 0.05)
     assert (run / "checkpoints" / "best.pt").is_file()
-    more = train(replace(config(data, run, time_budget_s=3.0, epochs=10_000, min_lr_ratio=0.05),
-                         train=replace(config(data, run).train, resume=str(run), time_budget_s=3.0, epochs=10_000,
-                                       min_lr_ratio=0.05)))
-    assert more["train_seconds"] >= 3.0 and more["steps"] > summary["steps"]
+    budget = dict(time_budget_s=3.0, epochs=10_000, min_lr_ratio=0.05, clock="cpu")
+    more = train(config(data, run, resume=str(run), **budget))
+    assert more["steps"] == 30 and more["train_seconds"] == pytest.approx(3.0)
+    assert more["final"]["lr"] == pytest.approx(1e-2 * 0.05)
 
 
 def test_target_accuracy_stops_at_the_first_epoch_that_reaches_it(tmp_path: Path) -> None:
@@ -141,12 +157,25 @@ def test_dice_ce_loss() -> None:
     loss = DiceCELoss(smooth=0.0)(wrong, target).item()
     # uniform 1/3 everywhere: CE = ln 3; Dice per class = 2 * (1/3) / (3 * 1/3 + 1) = 1/3
     assert loss == pytest.approx(math.log(3) + (1 - 1 / 3), rel=1e-5)
+    # 4 classes, class 3 absent from the targets: Dice is averaged over the 3 present ones only.
+    # uniform 1/4: CE = ln 4; Dice per present class = 2 * (1/4) / (3 * 1/4 + 1) = 2/7
+    loss = DiceCELoss(smooth=0.0)(torch.zeros(1, 4, 2, 2), target).item()
+    assert loss == pytest.approx(math.log(4) + (1 - 2 / 7), rel=1e-5)
 
 
 def test_group_norm_and_one_cycle_train(tmp_path: Path) -> None:
-    data = make_pair_dataset(tmp_path / "data", n_train=8, n_val=2)
-    cfg = config(data, tmp_path / "run", schedule="onecycle", loss="ce+dice")
-    summary = train(replace(cfg, model=replace(cfg.model, norm="group")))
+    """The learning rate each epoch ends on is one-cycle's at that share of the run's steps; the model
+    normalises with GroupNorm only, so in train mode a sample's output does not depend on its batch
+    (BatchNorm's would)."""
+    data = make_pair_dataset(tmp_path / "data", n_train=8, n_val=2)  # 4 steps an epoch, 8 in all
+    cfg = config(data, tmp_path / "run", schedule="onecycle", loss="ce+dice", epochs=2, min_lr_ratio=0.05)
+    train(replace(cfg, model=replace(cfg.model, norm="group")))
+    lrs = [json.loads(ln)["lr"] for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([1e-2 * onecycle(4 / 8, 0.05), 1e-2 * onecycle(8 / 8, 0.05)])
     model, cfg, _, _ = load_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
-    assert cfg.model.norm == "group" and any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
-    assert math.isfinite(summary["final"]["loss"])
+    norm_kinds = (torch.nn.GroupNorm, torch.nn.modules.batchnorm._NormBase)
+    norms = [type(m) for m in model.modules() if isinstance(m, norm_kinds)]
+    assert cfg.model.norm == "group" and norms and set(norms) == {torch.nn.GroupNorm}
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.train()(x)[:1], model(x[:1]), rtol=1e-4, atol=1e-5)

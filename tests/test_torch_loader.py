@@ -32,7 +32,11 @@ def test_contract_shapes_dtypes_layout(pair_dataset: Path) -> None:
     assert image.is_contiguous(memory_format=torch.channels_last)
     assert target.shape == (4, 32, 32) and target.dtype == torch.int64
     assert set(target.unique().tolist()) <= set(range(19)) | {IGNORE_INDEX}
-    assert -3 < image.mean().item() < 3  # normalised, not 0..255
+    # normalised with the ImageNet statistics, channel by channel, as pretrained-style inputs expect
+    photos = torch.stack([torch.from_numpy(read_pair(f)[0].copy()) for f in list_split(pair_dataset, "train")[:4]])
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    reference = ((photos.float() / 255 - mean) / std).permute(0, 3, 1, 2)
+    torch.testing.assert_close(image, reference, rtol=0, atol=1e-5)
 
 
 def test_unaugmented_batch_equals_direct_decode(pair_dataset: Path) -> None:

@@ -359,7 +359,8 @@ class Trainer:
             if (self.log_step or not self.dist.enabled) and self.stop_requested(interrupt):
                 stopping = True
                 break
-            if self.out_of_steps() or self.out_of_time():
+            # A position past the loader's length (a wrong resume offset) must end the epoch, not spin.
+            if self.out_of_steps() or self.out_of_time() or self.step_in_epoch >= len(loader):
                 break
         self.call("after_steps")
         self.check_finite(nonfinite)
@@ -391,7 +392,7 @@ class Trainer:
         ws = self.dist.world_size
         self.partial["loss_sum"] += sum_over_ranks([loss_sum.item()], self.dist, self.rt.device)[0] / ws
         self.partial["steps"] = self.step_in_epoch
-        finished = self.step_in_epoch == n_batches
+        finished = self.step_in_epoch >= n_batches  # never skipped, even from a position past the end
         if stopping and not finished:
             self.save(self.run.last)
             return None

@@ -86,6 +86,7 @@ def test_a_run_folder_with_other_files_is_refused(data: Path, tmp_path: Path) ->
     assert snapshot(out) == before
 
 
+@pytest.mark.timeout(600)
 def test_two_runs_cannot_share_a_folder(tmp_path: Path) -> None:
     long_data = make_pair_dataset(tmp_path / "data", n_train=200, n_val=4)
     out = tmp_path / "run"

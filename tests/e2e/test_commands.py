@@ -208,6 +208,7 @@ def test_bench_loader(data: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)
 def test_train_with_no_flags_at_all(tmp_path: Path) -> None:
     """What a new user types first: the synthetic default data, the CPU preset, about 5 minutes."""
     done = run_cli(["train"], cwd=tmp_path, env={"CITYSEG_CACHE": str(tmp_path / "cache")}, timeout=1200)

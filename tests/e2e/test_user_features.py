@@ -10,13 +10,14 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from cityseg.checkpoint import load_checkpoint
-from tests.cli_process import CliProcess, run_cli
+from tests.cli_process import TORCHRUN_EXIT_GRACE_S, CliProcess, run_cli
 from tests.conftest import ROOT, make_pair_dataset
 
 TINY = ["--device", "cpu", "--no-compile", "--image-size", "32", "--width", "4", "--depth", "2", "--batch-size", "2"]
@@ -144,6 +145,7 @@ def readme_python_snippet() -> str:
     return re.search(r"<!-- python-api -->\n```python\n(.*?)```", text, re.S).group(1)
 
 
+@pytest.mark.timeout(600)  # its subprocess alone may take 300 s
 def test_the_readme_python_api_snippet_runs_as_written(tmp_path: Path) -> None:
     done = run_cli(["synth", "--out", tmp_path / "data" / "synth", "--train", "16", "--val", "4", "--size", "64"])
     assert done.returncode == 0, done.output
@@ -201,18 +203,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.timeout(600)
 def test_two_nodes_on_this_machine(data: Path, tmp_path: Path) -> None:
     """Two torchrun launchers (--nnodes 2, one process each) meeting at a localhost c10d rendezvous:
-    both finish, the run has 2 ranks, and the engine's end-of-run check found identical weights."""
+    both finish, leaving no process behind, the run has 2 ranks, and the engine's end-of-run check
+    found identical weights."""
     port = free_port()
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "cityseg-test",
-              "-m", "cityseg", "train", "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1", *TINY]
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
-    nodes = [subprocess.Popen(launch, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    outputs = [node.communicate(timeout=300) for node in nodes]
-    for node, (_, err) in zip(nodes, outputs, strict=True):
-        assert node.returncode == 0, err[-3000:]
+    launcher = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                f"127.0.0.1:{port}", "--rdzv-id", "cityseg-test"]
+    args = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1", *TINY]
+    program = [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "cityseg"]
+    nodes = [CliProcess(args, cwd=ROOT, env={"GLOO_SOCKET_IFNAME": "lo"}, program=program) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 300
+        for node in nodes:
+            node.proc.wait(max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass  # finish() below names the hung node and kills its whole session
+    # The launchers wait for each other at torchrun's exit barrier: each is done once the last line of
+    # either has appeared (the other node's rank may still be writing the run's files).
+    last = max(node.last_output for node in nodes)
+    for node in nodes:
+        node.last_output = last
+    try:
+        outputs = [node.finish(timeout=5, grace=TORCHRUN_EXIT_GRACE_S) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.proc.poll() is None:
+                node.kill_all()
+    for done in outputs:
+        assert done.returncode == 0, done.output[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["ddp"] is True

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from cityseg.config import Config, ConfigError, flatten, with_overrides
-from cityseg.errors import UserError
+from cityseg.errors import OptionError, UserError
 from cityseg.model import build_model
+from cityseg.options import check_config, palette_problem
 from cityseg.palette import Palette
 
 
@@ -72,6 +73,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     weights = state["model"]
     if not isinstance(weights, dict) or not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise CheckpointError(f"{path}: damaged checkpoint: 'model' is not a set of weight tensors")
+    for name, tensor in weights.items():  # NaN/inf weights would score (and predict) garbage silently
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: damaged checkpoint: weight {name[:80]!r} holds NaN or infinite values")
     return state
 
 
@@ -81,9 +85,14 @@ def read_config(state: dict[str, Any], path: Path) -> Config:
     if not isinstance(tree, dict) or not all(isinstance(tree.get(k), dict) for k in ("data", "model", "train")):
         raise CheckpointError(f"{path}: damaged checkpoint: its config is not the data/model/train sections")
     try:
-        return with_overrides(Config(), flatten(tree), "config")
+        cfg = with_overrides(Config(), flatten(tree), "config")
     except ConfigError as e:
         raise CheckpointError(f"{path}: config not readable by this version of cityseg-fast ({e})") from None
+    try:  # the same ranges and choices as the command line's: a width of 100000 is refused, not allocated
+        check_config(cfg, read_files=False)
+    except OptionError as e:
+        raise CheckpointError(f"{path}: damaged checkpoint: its config has {e}") from None
+    return cfg
 
 
 def read_palette(state: dict[str, Any], path: Path) -> Palette:
@@ -91,6 +100,9 @@ def read_palette(state: dict[str, Any], path: Path) -> Palette:
     data = state.get("palette")
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: checkpoint has no palette (class colours and names)")
+    problem = palette_problem(data)
+    if problem:
+        raise CheckpointError(f"{path}: damaged palette in checkpoint: {problem}")
     try:
         palette = Palette.from_state(data)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:

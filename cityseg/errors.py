@@ -18,3 +18,14 @@ class OptionError(UserError):
 
 class OutputError(UserError):
     """An output path that cannot be written, or that holds something we must not overwrite."""
+
+
+MAX_LINE = 1000  # characters of an error line: a megabyte-long value in a file must not flood the terminal
+
+
+def capped(text: str, limit: int = MAX_LINE) -> str:
+    """`text` on one line and at most about `limit` characters (its start and end kept)."""
+    text = " ".join(str(text).splitlines())
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit * 3 // 4]} ... {text[-limit // 4:]} ({len(text)} characters)"

@@ -16,14 +16,15 @@ from typer._click.core import Context, ParameterSource
 from typer._click.exceptions import ClickException
 from typer.core import TyperGroup
 
-from cityseg.errors import UserError
+from cityseg.errors import UserError, capped
+from cityseg.outputs import path_error
 
 console = Console(markup=False, highlight=False)
 err_console = Console(stderr=True, markup=False, highlight=False)
 
 
 def print_error(message: str) -> None:
-    err_console.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
+    err_console.print(Text.assemble(("error:", "bold red"), " ", capped(message)), soft_wrap=True)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -41,6 +42,10 @@ class OneLineErrors(TyperGroup):
             return super().invoke(ctx)
         except UserError as e:
             fail(str(e))
+        except OSError as e:  # a path the OS refuses outright (too long), wherever it was opened
+            if path_error(e) is None:
+                raise
+            fail(path_error(e))
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         standalone = kwargs.pop("standalone_mode", True)

@@ -13,7 +13,6 @@ config key by OPTION_KEYS. Nothing here imports torch: `--help` answers at once.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import asdict
@@ -39,7 +38,15 @@ from cityseg.cli.choices import (
 from cityseg.cli.common import app, console, err_console, fail, given_options
 from cityseg.config import AMP_TO_PRECISION, PRESETS, Config, flatten, get_value, train_config, with_overrides
 from cityseg.errors import OptionError
-from cityseg.options import OPTION_KEYS, check_config, check_options, flag, parse_duration, parse_scale
+from cityseg.options import (
+    OPTION_KEYS,
+    check_config,
+    check_options,
+    flag,
+    parse_duration,
+    parse_scale,
+    read_config_file,
+)
 
 DEFAULTS = Config()
 CPU = PRESETS["cpu-synthetic"]
@@ -77,45 +84,6 @@ def config_values(given: dict[str, Any]) -> dict[str, Any]:
         keys = OPTION_KEYS[name]
         for key in (keys if isinstance(keys, tuple) else (keys,)):
             values[key] = value
-    return values
-
-
-def read_config_file(path: Path) -> dict[str, Any]:
-    """A TOML, YAML or JSON file (a run's config.json too) as {config key: value}. The run folder
-    (`train.out`) and `train.resume` are command-line choices and not taken from a file."""
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise OptionError(f"--config {path}: cannot read it ({e.strerror or e})") from None
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".toml":
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
-                import tomli as tomllib
-
-            tree = tomllib.loads(text)
-        elif suffix in (".yaml", ".yml"):
-            import yaml
-
-            tree = yaml.safe_load(text)
-        elif suffix == ".json":
-            tree = json.loads(text)
-        else:
-            raise OptionError(f"--config {path}: expected a .toml, .yaml/.yml or .json file")
-    except OptionError:
-        raise
-    except Exception as e:  # noqa: BLE001 - every parser's syntax error becomes one line
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise OptionError(f"--config {path}: not valid {suffix[1:].upper()} ({first})") from None
-    if not isinstance(tree, dict):
-        raise OptionError(f"--config {path}: expected sections such as [train] or keys such as train.lr")
-    values = flatten(tree)
-    for key in ("train.out", "train.resume"):
-        values.pop(key, None)
-    if "data.data_dir" in values and values["data.data_dir"] is not None:  # relative to the file, like a path in it
-        values["data.data_dir"] = str((path.parent / values["data.data_dir"]).absolute())
     return values
 
 

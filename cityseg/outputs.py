@@ -77,8 +77,10 @@ def check_not_inside(path: Path, inputs: list[tuple[Path, str]] = ()) -> None:
     real = _real(path)
     for source, what in inputs:
         src = _real(Path(source))
-        if real == src or src in real.parents:
-            raise OutputError(f"{path}: is inside {what} {source}: an output must not replace or join an input; "
+        if real == src:
+            raise OutputError(f"{path}: is {what}: an output must never replace an input; choose another path")
+        if src in real.parents:
+            raise OutputError(f"{path}: is inside {what} {source}: an output must not be written among the inputs; "
                               "choose another path")
     split = dataset_split_of(path)
     if split is not None:
@@ -146,11 +148,34 @@ def output_file(path: Path, what: str) -> Path:
     return path
 
 
+ERROR_LOG_HEADER = "# cityseg-fast: why this run ended (a new run in this folder replaces this file)\n"
+
+
 def is_free(folder: Path) -> bool:
-    """A folder a new run may use: missing, empty, or holding only what a failed start leaves."""
+    """A folder a new run may use: missing, empty, or holding only what a failed start leaves (a
+    lock, and an error.log that cityseg-fast wrote: a user's own error.log is theirs)."""
     if not folder.exists():
         return True
-    return folder.is_dir() and {p.name for p in folder.iterdir()} <= LEFTOVERS
+    return folder.is_dir() and {p.name for p in folder.iterdir()} <= LEFTOVERS and not _foreign_error_log(folder)
+
+
+def _foreign_error_log(folder: Path) -> bool:
+    log = folder / "error.log"
+    if not (log.exists() or log.is_symlink()):
+        return False
+    try:
+        with open(log, encoding="utf-8", errors="replace") as f:
+            return f.readline(len(ERROR_LOG_HEADER) + 1) != ERROR_LOG_HEADER
+    except OSError:
+        return True
+
+
+def write_error_log(folder: Path, message: str) -> bool:
+    """FOLDER/error.log saying why the run ended (best effort, never raises); never replaces an
+    error.log that cityseg-fast did not write."""
+    if _foreign_error_log(folder):
+        return False
+    return write_text_quietly(folder / "error.log", f"{ERROR_LOG_HEADER}{message}\n")
 
 
 @contextlib.contextmanager

@@ -339,6 +339,8 @@ def profile(
     steps: Annotated[int, typer.Option(help="Training steps recorded (after 1 skipped and 2 warm-up steps).")] = 10,
     out: Annotated[Path, typer.Option(help="Folder for trace.json, top_ops.txt, gpu_timeline.png and the run "
                                       "(OUT/run: a new run folder).")] = Path("profile"),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace trace.json, top_ops.txt and "
+                                            "gpu_timeline.png if OUT holds them.")] = False,
 ) -> None:
     """Profile training steps with torch.profiler. Any `train` option may follow, e.g.
     `cityseg-fast profile --steps 20 --data DIR --batch-size 32`."""
@@ -356,5 +358,5 @@ def profile(
     check_config(cfg)
     from cityseg.profiling import profile_training
 
-    profile_training(cfg, steps, out, console, run_training)
+    profile_training(cfg, steps, out, console, run_training, overwrite=overwrite)
 

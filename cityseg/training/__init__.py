@@ -25,7 +25,7 @@ from cityseg.config import Config
 from cityseg.distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from cityseg.errors import UserError
 from cityseg.model import describe
-from cityseg.outputs import claim_run_folder, is_free, write_text_quietly
+from cityseg.outputs import claim_run_folder, is_free, write_error_log
 from cityseg.palette import Palette
 from cityseg.palette_kmeans import save_palette
 from cityseg.report import RunFolder, device_name, write_json
@@ -89,7 +89,7 @@ def _train(cfg: Config, console: Console, dist_info: DistInfo, on_step: Callable
             return run_training(cfg, console, dist_info, run, state, on_step, extra_hooks)
         except UserError as e:
             if dist_info.is_main:  # the run folder says why the run ended (alone, if it ended before training)
-                write_text_quietly(run.root / "error.log", f"{e}\n")
+                write_error_log(run.root, str(e))
             raise
 
 

@@ -7,8 +7,12 @@ on POSIX), so a reader only ever sees the old or the new checkpoint. Loads use
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +33,63 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed write (disk full, Ctrl-C) leaves the old file intact
-        raise
+    with signals_deferred():  # a signal during the write acts once the new file is in place
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a failed write (disk full, Ctrl-C) leaves the old file intact
+            raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT/SIGTERM arriving in the block are held and handed to the previous handlers after it,
+    so a second Ctrl-C or SIGTERM cannot cut a checkpoint write short (main thread only: Python runs
+    signal handlers there, so a save in another thread is never interrupted by one)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    # SIGCHLD too: torch's handler raises in the main thread when a loader worker dies.
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)}
+    previous = {s: h for s, h in previous.items() if h is not None}  # installed outside Python: leave alone
+    for s in previous:
+        signal.signal(s, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        for s in held:
+            _deliver(s, previous[s])
+
+
+def _deliver(signum: int, handler: Any) -> None:
+    if callable(handler):
+        handler(signum, None)
+    elif handler == signal.SIG_DFL and signum != signal.SIGCHLD:
+        os.kill(os.getpid(), signum)  # the default action, as if it had arrived now
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete the temp files (.NAME.PID.tmp) of checkpoint writes that a kill (SIGKILL, power loss)
+    left in `folder`. Call it while holding the run folder (`outputs.claim_run_folder`): no other
+    process writes there then, so every such file but this process's own is stale."""
+    removed = []
+    for tmp in Path(folder).glob(".*.pt.*.tmp"):
+        if tmp.name.rsplit(".", 2)[-2] != str(os.getpid()):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typer._click.core import Context, ParameterSource
 from typer._click.exceptions import ClickException
 from typer.core import TyperGroup
 
-from cityseg.errors import UserError, capped
+from cityseg.errors import InterruptedNow, UserError, capped, signals_raise
 from cityseg.outputs import path_error
 
 console = Console(markup=False, highlight=False)
@@ -39,7 +39,11 @@ class OneLineErrors(TyperGroup):
 
     def invoke(self, ctx: Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with signals_raise():  # SIGTERM as Ctrl-C: one line and 143 (130), never a silent death
+                return super().invoke(ctx)
+        except KeyboardInterrupt as e:
+            err_console.print("interrupted")
+            raise typer.Exit(e.exit_code if isinstance(e, InterruptedNow) else 130) from None
         except UserError as e:
             fail(str(e))
         except OSError as e:  # a path the OS refuses outright (too long), wherever it was opened

@@ -297,14 +297,15 @@ def run_training(cfg: Config, on_step=None) -> dict:
     """Train; a signal ends the process with 130 (SIGINT) or 128 + its number, after saving."""
     import signal
 
+    from cityseg.errors import InterruptedNow
     from cityseg.training import EXIT_INTERRUPTED, Interrupted
     from cityseg.training import train as run
 
     try:
         return run(cfg, console, on_step=on_step)
-    except KeyboardInterrupt:  # before training started, or a second Ctrl-C: nothing more to save
+    except KeyboardInterrupt as e:  # before training started, or a second signal: nothing more to save
         err_console.print("interrupted")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        raise typer.Exit(e.exit_code if isinstance(e, InterruptedNow) else EXIT_INTERRUPTED) from None
     except Interrupted as e:
         err_console.print(str(e), soft_wrap=True)
         raise typer.Exit(EXIT_INTERRUPTED if e.signum == signal.SIGINT else 128 + e.signum) from None

@@ -25,7 +25,7 @@ from torch import nn
 from cityseg.checkpoint import save_checkpoint
 from cityseg.config import Config
 from cityseg.distributed import DistInfo, any_rank, broadcast_buffers, max_over_ranks, sum_over_ranks, weights_agree
-from cityseg.metrics import SegMetrics, evaluate_model
+from cityseg.metrics import LoaderFailed, SegMetrics, evaluate_model
 from cityseg.progress import StepProgress
 from cityseg.report import RunFolder, versions
 from cityseg.runtime import Runtime
@@ -154,9 +154,10 @@ class Trainer:
             return
         try:
             save_checkpoint(self.state_dict(), path)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError ("unexpected pos")
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:160]
             raise TrainingError(
-                f"{path}: could not write checkpoint ({e.strerror or e}); the previous checkpoint is kept"
+                f"{path}: could not write checkpoint ({reason}; disk full?); the previous checkpoint is kept"
             ) from None
 
     def elapsed(self) -> float:
@@ -167,16 +168,25 @@ class Trainer:
         """Train to the end (all epochs, --max-steps, or a hook's stop); returns the history."""
         self.t0 = time.perf_counter()
         self.call("before_train")
+        unvalidated = self.partial.pop("unvalidated", None)  # a signal cut the last session's validation short
         try:
-            while (self.epoch < self.cfg.train.epochs and not self.out_of_steps() and not self.out_of_time()
-                   and self.stop_reason is None):
+            while unvalidated is not None or (self.epoch < self.cfg.train.epochs and not self.out_of_steps()
+                                              and not self.out_of_time() and self.stop_reason is None):
+                if unvalidated is not None:
+                    self.call("before_epoch")  # hooks see every epoch they are told the end of
                 try:
-                    record = self.train_epoch(interrupt)
+                    record = unvalidated or self.train_epoch(interrupt)
                 except torch.OutOfMemoryError:
                     raise self.out_of_memory() from None
+                unvalidated = None
                 if record is None:  # interrupted mid-epoch: last.pt holds the position
                     raise Interrupted(self.run.root, interrupt["signum"] or signal.SIGINT)
-                metrics = self.validate(record)
+                try:
+                    metrics = self.validate(record)
+                except LoaderFailed:
+                    if interrupt["signum"] is None:
+                        raise
+                    raise self.interrupted_in_validation(record, interrupt["signum"]) from None
                 self.history.append(record)
                 self.call("after_epoch", record, metrics)
                 if self.stop_requested(interrupt):  # arrived during the last step or validation
@@ -191,6 +201,14 @@ class Trainer:
         finally:
             self.call("after_train")
         return self.history
+
+    def interrupted_in_validation(self, record: dict[str, Any], signum: int) -> Interrupted:
+        """A signal to the whole process group ended the val loader's workers: the epoch's training
+        is done, so last.pt keeps it with its record, and --resume validates it first."""
+        self.partial["unvalidated"] = record
+        self.save(self.run.last)
+        del self.partial["unvalidated"]
+        return Interrupted(self.run.root, signum)
 
     def train_epoch(self, interrupt: dict[str, int | None]) -> dict[str, Any] | None:
         """Steps to the end of the epoch (or --max-steps, or a signal); None when a signal stopped

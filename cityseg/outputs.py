@@ -49,13 +49,15 @@ def user_path(path: str | os.PathLike) -> Path:
 
 
 def path_error(e: OSError) -> str | None:
-    """The one line for an OSError about a path the OS refuses outright (a name or a path too long),
-    else None: any command may meet one, wherever the path is opened."""
-    if e.errno != errno.ENAMETOOLONG:
-        return None
+    """The one line for an OSError any command may meet wherever it opens a file (a name or path
+    the OS refuses as too long, a full disk), else None."""
     name = str(e.filename or "")
     shown = name if len(name) <= 120 else f"{name[:60]}...{name[-40:]} ({len(name)} characters)"
-    return f"{shown}: path too long for the file system (a name over 255 bytes or a path over 4096)"
+    if e.errno == errno.ENAMETOOLONG:
+        return f"{shown}: path too long for the file system (a name over 255 bytes or a path over 4096)"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{shown or 'a file'}: no space left on the device (or over quota) while writing it"
+    return None
 
 
 def _real(path: Path) -> Path:

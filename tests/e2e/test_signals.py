@@ -111,3 +111,37 @@ def test_a_second_signal_inside_a_save_waits_for_the_file(tmp_path: Path) -> Non
         signal.signal(signal.SIGTERM, previous)
     assert seen == [2]  # the handler ran after the new checkpoint was in place
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_full_disk_inside_torch_save_is_one_training_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.save reports a full disk as RuntimeError ("unexpected pos"), not OSError: the run must end
+    with its one line, the previous checkpoint kept and no temp file left."""
+    from types import SimpleNamespace
+
+    from cityseg.training import TrainingError
+    from cityseg.training.loop import Trainer
+
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(1)}, "n": 1}, path)
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed\nunexpected pos 64 vs 128")
+
+    monkeypatch.setattr(torch, "save", full)
+    trainer = SimpleNamespace(dist=SimpleNamespace(is_main=True), state_dict=lambda: {"model": {}, "n": 2})
+    with pytest.raises(TrainingError, match="could not write checkpoint.*previous checkpoint is kept"):
+        Trainer.save(trainer, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["n"] == 1
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_second_sigterm_exits_143_without_a_traceback(data: Path, tmp_path: Path) -> None:
+    proc = CliProcess(["train", "--data", data, "--out", tmp_path / "run", "--epochs", "1", *TINY])
+    proc.wait_for_output("epoch 1/1 step 4/4", timeout=240)
+    proc.signal(signal.SIGTERM)
+    proc.signal(signal.SIGTERM)  # "now": whatever it lands in, it is a SIGTERM's exit
+    done = proc.finish(timeout=120)
+    assert_interrupted(done, 143)
+    assert "interrupted" in done.stderr, done.output

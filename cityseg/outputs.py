@@ -180,16 +180,22 @@ def write_error_log(folder: Path, message: str) -> bool:
     return write_text_quietly(folder / "error.log", f"{ERROR_LOG_HEADER}{message}\n")
 
 
+def check_new_run_folder(folder: Path) -> None:
+    """OutputError unless a new run may use `folder` (see `is_free`)."""
+    if not is_free(folder):
+        if folder.exists() and not folder.is_dir():
+            raise OutputError(f"{folder}: cannot create the run folder: a file is in the way")
+        raise OutputError(f"{folder}: already holds files (another run's?): choose a new --out, "
+                          f"or continue that run with --resume {folder}")
+
+
 @contextlib.contextmanager
 def claim_run_folder(folder: Path, *, resume: bool) -> Iterator[Path]:
     """Hold `folder` for one run: a new run needs a free folder (see `is_free`), and a lock on
     FOLDER/.lock, held until the block ends, refuses a second run or resume in the same folder."""
     folder = Path(folder)
-    if not resume and not is_free(folder):
-        if folder.exists() and not folder.is_dir():
-            raise OutputError(f"{folder}: cannot create the run folder: a file is in the way")
-        raise OutputError(f"{folder}: already holds files (another run's?): choose a new --out, "
-                          f"or continue that run with --resume {folder}")
+    if not resume:
+        check_new_run_folder(folder)
     ensure_dir(folder, "run folder")
     fd = _lock(folder / LOCK_NAME, folder)
     try:

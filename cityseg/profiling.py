@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 
 from cityseg.config import Config
-from cityseg.outputs import new_output_files
+from cityseg.outputs import check_new_run_folder, new_output_files
 from cityseg.telemetry import fmt, plot_gpu_timeline
 
 SKIP, WARMUP = 1, 2  # first step (allocations, compile) skipped, then two warm-up steps not recorded
@@ -34,7 +34,7 @@ def profile_training(cfg: Config, steps: int, out: Path, console: Console, run: 
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     total = SKIP + WARMUP + steps
     cfg = replace(cfg, train=replace(cfg.train, max_steps=total, epochs=max(cfg.train.epochs, 1_000)))
-    # OUT/run is a new run folder: the engine refuses one in use.
+    check_new_run_folder(out / "run")  # an earlier profile's run is never replaced (the engine claims it)
     new_output_files([out / name for name in OUTPUTS], "profile", overwrite=overwrite)
     schedule = torch.profiler.schedule(wait=SKIP, warmup=WARMUP, active=steps, repeat=1)
     with torch.profiler.profile(activities=activities, schedule=schedule) as prof:

@@ -7,18 +7,21 @@ on POSIX), so a reader only ever sees the old or the new checkpoint. Loads use
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from cityseg.config import Config, ConfigError, flatten, with_overrides
-from cityseg.errors import UserError
+from cityseg.errors import OptionError, UserError
 from cityseg.model import build_model
+from cityseg.options import check_config, palette_problem
 from cityseg.palette import Palette
 
 
@@ -30,15 +33,16 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed write (disk full, Ctrl-C) leaves the old file intact
-        raise
+    with signals_deferred():  # a signal during the write acts once the new file is in place
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a failed write (disk full, Ctrl-C) leaves the old file intact
+            raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
@@ -106,6 +110,48 @@ def weights_only_state(state: dict[str, Any]) -> dict[str, Any]:
     return {k: state[k] for k in SLIM_KEYS if k in state}
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT/SIGTERM arriving in the block are held and handed to the previous handlers after it,
+    so a second Ctrl-C or SIGTERM cannot cut a checkpoint write short (main thread only: Python runs
+    signal handlers there, so a save in another thread is never interrupted by one)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    # SIGCHLD too: torch's handler raises in the main thread when a loader worker dies.
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)}
+    previous = {s: h for s, h in previous.items() if h is not None}  # installed outside Python: leave alone
+    for s in previous:
+        signal.signal(s, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        for s in held:
+            _deliver(s, previous[s])
+
+
+def _deliver(signum: int, handler: Any) -> None:
+    if callable(handler):
+        handler(signum, None)
+    elif handler == signal.SIG_DFL and signum != signal.SIGCHLD:
+        os.kill(os.getpid(), signum)  # the default action, as if it had arrived now
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete the temp files (.NAME.PID.tmp) of checkpoint writes that a kill (SIGKILL, power loss)
+    left in `folder`. Call it while holding the run folder (`outputs.claim_run_folder`): no other
+    process writes there then, so every such file but this process's own is stale."""
+    removed = []
+    for tmp in Path(folder).glob(".*.pt.*.tmp"):
+        if tmp.name.rsplit(".", 2)[-2] != str(os.getpid()):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """The raw state of a cityseg-fast checkpoint: readable, weights only, with `model` and `config`.
     Use `read_config`, `read_palette`, `read_training_checkpoint` and `load_from_checkpoint` to check
@@ -134,6 +180,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     weights = state["model"]
     if not isinstance(weights, dict) or not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise CheckpointError(f"{path}: damaged checkpoint: 'model' is not a set of weight tensors")
+    for name, tensor in weights.items():  # NaN/inf weights would score (and predict) garbage silently
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: damaged checkpoint: weight {name[:80]!r} holds NaN or infinite values")
     return state
 
 
@@ -143,9 +192,14 @@ def read_config(state: dict[str, Any], path: Path) -> Config:
     if not isinstance(tree, dict) or not all(isinstance(tree.get(k), dict) for k in ("data", "model", "train")):
         raise CheckpointError(f"{path}: damaged checkpoint: its config is not the data/model/train sections")
     try:
-        return with_overrides(Config(), flatten(tree), "config")
+        cfg = with_overrides(Config(), flatten(tree), "config")
     except ConfigError as e:
         raise CheckpointError(f"{path}: config not readable by this version of cityseg-fast ({e})") from None
+    try:  # the same ranges and choices as the command line's: a width of 100000 is refused, not allocated
+        check_config(cfg, read_files=False)
+    except OptionError as e:
+        raise CheckpointError(f"{path}: damaged checkpoint: its config has {e}") from None
+    return cfg
 
 
 def read_palette(state: dict[str, Any], path: Path) -> Palette:
@@ -153,6 +207,9 @@ def read_palette(state: dict[str, Any], path: Path) -> Palette:
     data = state.get("palette")
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: checkpoint has no palette (class colours and names)")
+    problem = palette_problem(data)
+    if problem:
+        raise CheckpointError(f"{path}: damaged palette in checkpoint: {problem}")
     try:
         palette = Palette.from_state(data)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:

@@ -9,7 +9,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from cityseg.errors import OptionError
+from cityseg.errors import OptionError, capped
 
 SPLITS = ("train", "val")  # the Kaggle layout's folders
 AUTO = "auto"  # a setting the run resolves for its device (data.batch_size)
@@ -211,10 +211,10 @@ def with_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> Confi
         if key == "train.amp" and value in AMP_TO_PRECISION:  # config files written before --precision
             key, value = "train.precision", AMP_TO_PRECISION[value]
         if key not in types_by_key:
-            raise ConfigError(f"{source}: unknown config key {key!r}")
+            raise ConfigError(f"{source}: unknown config key {capped(repr(key), 100)}")
         ok, value = _accepts(types_by_key[key], value)
         if not ok:
-            raise ConfigError(f"{source}: {key} = {value!r}: expected {_type_name(types_by_key[key])}")
+            raise ConfigError(f"{source}: {key} = {capped(repr(value), 100)}: expected {_type_name(types_by_key[key])}")
         *sections, leaf = key.split(".")
         node = tree
         for section in sections:

@@ -2,10 +2,15 @@
 impossible request. The CLI prints `str(error)` as a single line (no traceback) and exits 2 (1 for
 `check-data`'s findings); any other exception is a bug and keeps its traceback.
 
-This module imports nothing, so every layer (kernels aside) can raise these.
+This module imports nothing of the package, so every layer (kernels aside) can raise these. It also
+holds what a signal raises outside the training loop (`InterruptedNow`, `signals_raise`).
 """
 
 from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
 
 
 class UserError(Exception):
@@ -18,3 +23,45 @@ class OptionError(UserError):
 
 class OutputError(UserError):
     """An output path that cannot be written, or that holds something we must not overwrite."""
+
+
+MAX_LINE = 1000  # characters of an error line: a megabyte-long value in a file must not flood the terminal
+
+
+def capped(text: str, limit: int = MAX_LINE) -> str:
+    """`text` on one line and at most about `limit` characters (its start and end kept)."""
+    text = " ".join(str(text).splitlines())
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit * 3 // 4]} ... {text[-limit // 4:]} ({len(text)} characters)"
+
+
+class InterruptedNow(KeyboardInterrupt):
+    """SIGINT or SIGTERM that ends the command at once: at start-up, at the end of a run, in a
+    command without a loop to stop, or a second signal. Inside the training loop the first signal
+    is a flag instead (last.pt is saved); a checkpoint save defers both until its file is whole."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = int(signum)
+        super().__init__(signal.Signals(signum).name)
+
+    @property
+    def exit_code(self) -> int:
+        """130 for Ctrl-C (SIGINT), 128 + the number for the others (143 for SIGTERM), as a shell reports."""
+        return 128 + self.signum
+
+
+@contextlib.contextmanager
+def signals_raise() -> Iterator[None]:
+    """SIGINT and SIGTERM raise `InterruptedNow` in the main thread while the block runs (SIGTERM
+    would otherwise kill the process without a word); the previous handlers come back after."""
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise InterruptedNow(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

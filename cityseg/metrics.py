@@ -9,7 +9,7 @@ Rows are truth, columns prediction: cell [t, p] counts pixels of class t predict
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,6 +196,25 @@ def iou_table(metrics: SegMetrics, class_names: Sequence[str], title: str = "Per
     return table
 
 
+class LoaderFailed(Exception):
+    """The loader stopped mid-way (e.g. its worker processes died of a signal sent to the whole
+    process group): raised by `evaluate_model` with the loader's error as its cause, so a caller
+    that knows a signal arrived can save and stop instead of failing."""
+
+
+def _batches(loader) -> Iterator:
+    """`loader`'s batches; an error from the loader itself (not from the model) is a LoaderFailed."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise LoaderFailed(f"the loader stopped: {type(e).__name__}: {e}") from e
+        yield batch
+
+
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, loader, runtime: Runtime, num_classes: int,
                    dist_info: DistInfo | None = None,
@@ -206,24 +225,30 @@ def evaluate_model(model: torch.nn.Module, loader, runtime: Runtime, num_classes
 
     Targets larger than the logits (scored at the labels' native size while the model runs smaller)
     are met by upsampling the logits bilinearly before the argmax. `on_batch(batches done)` after each
-    batch (a progress bar)."""
+    batch (a progress bar). A failing loader raises `LoaderFailed`."""
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX, device=runtime.device)
     loss_sum = torch.zeros((), device=runtime.device)
     batches = 0
-    for image, target in loader:
-        with autocast(runtime):
-            logits = model(image)
-        logits = logits.float()
-        if logits.shape[-2:] != target.shape[-2:]:
-            logits = torch.nn.functional.interpolate(logits, size=target.shape[-2:], mode="bilinear",
-                                                     align_corners=False)
-        loss_sum += torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
-        cm.update(logits.argmax(1), target)
-        batches += 1
-        if on_batch is not None:
-            on_batch(batches)
+    try:
+        for image, target in _batches(loader):
+            with autocast(runtime):
+                logits = model(image)
+            logits = logits.float()
+            if logits.shape[-2:] != target.shape[-2:]:
+                logits = torch.nn.functional.interpolate(logits, size=target.shape[-2:], mode="bilinear",
+                                                         align_corners=False)
+            loss_sum += torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+            cm.update(logits.argmax(1), target)
+            batches += 1
+            if on_batch is not None:
+                on_batch(batches)
+    except RuntimeError as e:
+        # torch's SIGCHLD handler reports a dead worker wherever the main thread is, the model included.
+        if "DataLoader worker" not in str(e):
+            raise
+        raise LoaderFailed(f"the loader stopped: {e}") from e
     cm.all_reduce()
     model.train(was_training)
     total, count = sum_over_ranks([loss_sum.item(), batches], dist_info or DistInfo(), runtime.device)

@@ -10,13 +10,17 @@ deep inside torch that names no option.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cityseg.config import Config, get_value
-from cityseg.errors import OptionError
+from cityseg.errors import OptionError, capped
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,8 @@ RULES: dict[str, Number] = {
     "val_pairs": count(1, 1_000_000),
     "pair_size": count(16, 4096),
 }
+
+PALETTE_MAX = 64  # centres and classes of a palette: the Triton kernel unrolls its loop over centres
 
 # `--workers` where it counts threads, of which there must be one.
 THREADS = {"workers": count(1, 256)}
@@ -205,7 +211,8 @@ KEY_OPTIONS: dict[str, str] = {key: option for option, keys in OPTION_KEYS.items
 KEY_OPTIONS.update({"data.synth_train": "train_pairs", "data.synth_val": "val_pairs", "data.synth_seed": "seed"})
 KEY_RULES: dict[str, Number] = {"train.min_lr_ratio": Number(0, 1), "data.hw_decoder_load": Number(0, 1),
                                  "train.ema": Number(0, 0.99999), "train.time_budget_s": Number(0, 1e7, above_lo=True),
-                                 "train.target_acc": Number(0, 1, above_lo=True)}
+                                 "train.target_acc": Number(0, 1, above_lo=True),
+                                 "model.num_classes": count(1, PALETTE_MAX)}
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.loader": ("auto", "torch", "dali", "cache"),
     "data.cache": ("none", "device"),
@@ -220,9 +227,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def check_config(cfg: Config) -> None:
+def check_config(cfg: Config, *, read_files: bool = True) -> None:
     """Every value of a resolved config within its range and choices, and the sizes consistent:
-    one OptionError naming the option (and the config key) before anything is built."""
+    one OptionError naming the option (and the config key) before anything is built. The same
+    check applies to a config read from a checkpoint (`read_files=False`: its palette travels inside)."""
+    check_palette_spec(cfg.data.palette)
+    if read_files and cfg.data.palette.endswith(".json") and cfg.train.resume is None:
+        read_palette_file(Path(cfg.data.palette))  # resume takes the palette saved in last.pt
     for key, option in KEY_OPTIONS.items():
         value = get_value(cfg, key)
         problem = None if value is None else RULES[option].problem(value)
@@ -252,3 +263,201 @@ def check_config(cfg: Config) -> None:
         nearest = f"{lower} or {upper}" if lower else f"{upper}"
         raise OptionError(f"--image-size {size}: a U-Net of --depth {depth} needs a multiple of 2**{depth} = "
                           f"{2**depth} (nearest: {nearest})")
+
+
+# -- palettes: `--palette` and the palette JSON file, a checkpoint's palette alike -------------------
+
+MAX_PALETTE_FILE = 1 << 20  # bytes: a palette of 64 centres is a few kB
+
+
+def check_palette_spec(spec: str) -> None:
+    """`--palette` is cityscapes, kmeans:K (K in 2..PALETTE_MAX) or a .json file name."""
+    if spec == "cityscapes" or spec.endswith(".json"):
+        return
+    if spec.startswith("kmeans:"):
+        k = spec.removeprefix("kmeans:")
+        if not (k.isascii() and k.isdigit()) or not 2 <= int(k) <= PALETTE_MAX:
+            raise OptionError(f"--palette {capped(spec, 100)}: expected kmeans:K with K a whole number from 2 to "
+                              f"{PALETTE_MAX}")
+        return
+    raise OptionError(f"--palette {capped(spec, 100)}: expected cityscapes, kmeans:K (K from 2 to {PALETTE_MAX}) "
+                      "or a palette .json file (e.g. a run's palette.json)")
+
+
+def read_palette_file(path: Path) -> dict[str, Any]:
+    """The checked content of a palette JSON file (see `palette_problem`), or one OptionError naming it."""
+    text = read_small_text(path, "--palette", MAX_PALETTE_FILE)
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise OptionError(f"--palette {path}: not valid JSON ({capped(str(e), 200)})") from None
+    problem = palette_problem(data)
+    if problem:
+        raise OptionError(f"--palette {path}: not a usable palette: {problem}")
+    return data
+
+
+def read_small_text(path: Path, option: str, limit: int) -> str:
+    """A regular UTF-8 text file of at most `limit` bytes, checked before reading (a FIFO would block,
+    /dev/zero never ends); any problem is one OptionError naming `option` and the file."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise OptionError(f"{option} {path}: file not found") from None
+    except OSError as e:
+        raise OptionError(f"{option} {path}: cannot read it ({e.strerror or e})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise OptionError(f"{option} {path}: is a folder, not a file")
+    if not stat.S_ISREG(info.st_mode):
+        raise OptionError(f"{option} {path}: not a regular file (a pipe or a device); give a file")
+    if info.st_size > limit:
+        raise OptionError(f"{option} {path}: {info.st_size:,} bytes, more than the {limit:,} such a file may have")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as e:
+        raise OptionError(f"{option} {path}: cannot read it ({e.strerror or e})") from None
+    if len(raw) > limit:  # grew since the stat
+        raise OptionError(f"{option} {path}: more than the {limit:,} bytes such a file may have")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise OptionError(f"{option} {path}: not UTF-8 text (byte {e.start})") from None
+
+
+def _plain(value: Any) -> Any:
+    """Tensors and arrays (a checkpoint's palette) as lists, like a JSON file's."""
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+def _rgb_rows(rows: Any, what: str) -> str | None:
+    if not isinstance(rows, list) or not rows:
+        return f"{what}: expected a non-empty list of [R, G, B]"
+    for row in rows:
+        if not isinstance(row, list) or len(row) != 3:
+            return f"{what}: expected [R, G, B] triples, got {capped(repr(row), 60)}"
+        for v in row:
+            problem = count(0, 255).problem(v)
+            if problem:
+                return f"{what}: {capped(repr(v), 40)}: {problem.replace('expected', 'expected colour values as')}"
+    return None
+
+
+def palette_problem(data: Any) -> str | None:
+    """What is wrong with a palette's content (a JSON file's, or a checkpoint's state), else None:
+    1..PALETTE_MAX centres as whole RGB values, one class id (or 255, void) per centre, one name and
+    one colour per class, max_dist empty or a distance as `--max-color-dist` allows."""
+    if not isinstance(data, dict):
+        return f"expected an object with centers, classes, names and colors, got a {type(data).__name__}"
+    missing = sorted({"centers", "classes", "names", "colors"} - data.keys())
+    if missing:
+        return f"missing {', '.join(missing)}"
+    centers, classes, names, colors = (_plain(data[k]) for k in ("centers", "classes", "names", "colors"))
+    problem = _rgb_rows(centers, "centers") or _rgb_rows(colors, "colors")
+    if problem:
+        return problem
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and len(n) <= 100 for n in names):
+        return "names: expected a non-empty list of class names (at most 100 characters each)"
+    if len(centers) > PALETTE_MAX or len(names) > PALETTE_MAX:
+        return f"{len(centers)} centres and {len(names)} classes: at most {PALETTE_MAX} of each"
+    if len(colors) != len(names):
+        return f"{len(names)} names but {len(colors)} colours"
+    if not isinstance(classes, list) or len(classes) != len(centers):
+        return f"classes: expected one class id per centre ({len(centers)})"
+    for c in classes:
+        if isinstance(c, bool) or not isinstance(c, int) or not (0 <= c < len(names) or c == 255):
+            return f"classes: {capped(repr(c), 40)}: expected a class id from 0 to {len(names) - 1}, or 255 (void)"
+    max_dist = _plain(data.get("max_dist"))
+    problem = None if max_dist is None else RULES["max_color_dist"].problem(max_dist)
+    if problem:
+        return f"max_dist {capped(repr(max_dist), 40)}: {problem}"
+    return None
+
+
+# -- config files: `train --config FILE` ---------------------------------------------------------------
+
+MAX_CONFIG_FILE = 1 << 20  # bytes: a full config is about 2 kB
+MAX_CONFIG_DEPTH = 8  # sections: data.augment.hflip is 3 deep
+MAX_YAML_ALIASES = 20  # a "billion laughs" file is a few hundred bytes of aliases of aliases; configs need few
+CONFIG_SUFFIXES = (".toml", ".yaml", ".yml", ".json")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A TOML, YAML or JSON file (a run's config.json too) as {config key: value}; the suffix, kind and
+    size are checked before reading, the text must be UTF-8, YAML is read safely with few aliases.
+    The run folder (`train.out`) and `train.resume` are command-line choices and not taken from a file;
+    `data.data_dir` is relative to the file. Any problem is one OptionError naming the file."""
+    from cityseg.config import flatten
+
+    suffix = path.suffix.lower()
+    if suffix not in CONFIG_SUFFIXES:
+        raise OptionError(f"--config {path}: expected a .toml, .yaml/.yml or .json file")
+    text = read_small_text(path, "--config", MAX_CONFIG_FILE)
+    try:
+        tree = _parse_config(text, suffix)
+    except OptionError as e:
+        raise OptionError(f"--config {path}: {e}") from None
+    except RecursionError:
+        raise OptionError(f"--config {path}: nested too deeply (at most {MAX_CONFIG_DEPTH} levels)") from None
+    except Exception as e:  # noqa: BLE001 - every parser's syntax error becomes one line
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise OptionError(f"--config {path}: not valid {suffix[1:].upper()} ({capped(first, 200)})") from None
+    if not isinstance(tree, dict):
+        raise OptionError(f"--config {path}: expected sections such as [train] or keys such as train.lr")
+    if _depth(tree) > MAX_CONFIG_DEPTH:
+        raise OptionError(f"--config {path}: nested too deeply (at most {MAX_CONFIG_DEPTH} levels)")
+    values = flatten(tree)
+    for key in ("train.out", "train.resume"):
+        values.pop(key, None)
+    data_dir = values.get("data.data_dir")
+    if isinstance(data_dir, str):  # relative to the file, like a path in it; another type is refused later
+        values["data.data_dir"] = str((path.parent / data_dir).absolute())
+    return values
+
+
+def _parse_config(text: str, suffix: str) -> Any:
+    if suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
+            import tomli as tomllib
+        return tomllib.loads(text)
+    if suffix == ".json":
+        return json.loads(text)
+    import yaml
+
+    loader = _alias_limited_loader(yaml)(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _alias_limited_loader(yaml: Any) -> type:
+    """yaml.SafeLoader (plain types only, never `!!python` objects) that refuses a document with
+    more than MAX_YAML_ALIASES aliases: a few hundred bytes of nested aliases expand to gigabytes."""
+
+    class AliasLimitedLoader(yaml.SafeLoader):
+        aliases = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                self.aliases += 1
+                if self.aliases > MAX_YAML_ALIASES:
+                    raise OptionError(f"more than {MAX_YAML_ALIASES} YAML aliases (*name): refused")
+            return super().compose_node(parent, index)
+
+    return AliasLimitedLoader
+
+
+def _depth(tree: Any) -> int:
+    """Nesting depth of dicts and lists, counted without recursion (a deep file must not crash this)."""
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > MAX_CONFIG_DEPTH:
+            return deepest
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest

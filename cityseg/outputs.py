@@ -1,9 +1,20 @@
-"""The one safe way to create what a command writes: folders and files whose problems (a file in the
-way, no permission, a full disk) are one-line `OutputError`s naming the path, and run folders that
-two runs can never share.
+"""The one output policy of every command, and the safe way to create what a command writes.
+
+The policy:
+- a file a command writes is created exclusively: a file already at that name is refused by name
+  unless the user passed `--overwrite` (`new_output_file`, `new_output_files`);
+- an output inside an input is refused by name whatever `--overwrite` says: the checkpoint being
+  read, a dataset split (DIR/train, DIR/val), a folder of inputs (`check_not_inside`);
+- paths are resolved (symlinks included) before any such check, so a symlinked split or parent
+  cannot hide what it points to;
+- relative paths mean the user's working directory, also for subprocesses (`user_path`).
+Problems (a file in the way, no permission, a full disk, a name too long) are one-line
+`OutputError`s naming the path; run folders are claimed so that two runs can never share one.
 
     with claim_run_folder(Path("runs/a"), resume=False):   # refuses a folder holding anything else
         ...                                                 # the folder is locked for the run's life
+    json_path = new_output_file(Path("m.json"), "metrics JSON", overwrite=False,
+                                inputs=[(ckpt, "the checkpoint being read")])
 """
 
 from __future__ import annotations
@@ -22,12 +33,89 @@ LOCK_NAME = ".lock"
 LEFTOVERS = {LOCK_NAME, "error.log"}
 
 
+SPLITS = ("train", "val")  # a dataset's split folders (the Kaggle layout)
+
+
 def cache_dir() -> Path:
-    """$CITYSEG_CACHE, else ~/.cache/cityseg: the lookup tables and the synthetic sets live there."""
-    return Path(os.environ.get("CITYSEG_CACHE", Path.home() / ".cache" / "cityseg"))
+    """$CITYSEG_CACHE, else ~/.cache/cityseg (an empty value too: never the current folder): the
+    lookup tables and the synthetic sets live there."""
+    return Path(os.environ.get("CITYSEG_CACHE") or Path.home() / ".cache" / "cityseg").absolute()
+
+
+def user_path(path: str | os.PathLike) -> Path:
+    """`path` as the user meant it: relative to their working directory (before any subprocess
+    with another cwd sees it), `~` expanded."""
+    return Path(path).expanduser().absolute()
+
+
+def path_error(e: OSError) -> str | None:
+    """The one line for an OSError any command may meet wherever it opens a file (a name or path
+    the OS refuses as too long, a full disk), else None."""
+    name = str(e.filename or "")
+    shown = name if len(name) <= 120 else f"{name[:60]}...{name[-40:]} ({len(name)} characters)"
+    if e.errno == errno.ENAMETOOLONG:
+        return f"{shown}: path too long for the file system (a name over 255 bytes or a path over 4096)"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{shown or 'a file'}: no space left on the device (or over quota) while writing it"
+    return None
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def dataset_split_of(path: Path) -> Path | None:
+    """The dataset split folder (DIR/train or DIR/val of a folder holding both) that `path` is in
+    or is, symlinks resolved; None if none."""
+    for folder in (_real(path), *_real(path).parents):
+        if folder.name in SPLITS and all((folder.parent / s).is_dir() for s in SPLITS):
+            return folder
+    return None
+
+
+def check_not_inside(path: Path, inputs: list[tuple[Path, str]] = ()) -> None:
+    """Refuse an output that is, or is inside, one of `inputs` ((path, what it is)), or inside a
+    dataset split: `--overwrite` does not allow these."""
+    real = _real(path)
+    for source, what in inputs:
+        src = _real(Path(source))
+        if real == src:
+            raise OutputError(f"{path}: is {what}: an output must never replace an input; choose another path")
+        if src in real.parents:
+            raise OutputError(f"{path}: is inside {what} {source}: an output must not be written among the inputs; "
+                              "choose another path")
+    split = dataset_split_of(path)
+    if split is not None:
+        raise OutputError(f"{path}: is inside the dataset split {split}: files written there would become "
+                          "(bad) pairs of the dataset; choose another path")
+
+
+def new_output_file(path: Path, what: str, *, overwrite: bool = False,
+                    inputs: list[tuple[Path, str]] = ()) -> Path:
+    """A file this command is about to create (see the module's policy): its folder is created; an
+    existing file at that name is refused unless `overwrite`, an input always."""
+    return new_output_files([path], what, overwrite=overwrite, inputs=inputs)[0]
+
+
+def new_output_files(paths: list[Path], what: str, *, overwrite: bool = False,
+                     inputs: list[tuple[Path, str]] = ()) -> list[Path]:
+    """`new_output_file` for several files, all checked before any is written."""
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        check_not_inside(path, inputs)
+        if path.is_dir():
+            raise OutputError(f"{path}: is a folder; give a file name for the {what}")
+        if (path.exists() or path.is_symlink()) and not overwrite:
+            raise OutputError(f"{path}: already exists and would be replaced by the {what}: choose another "
+                              "name, or pass --overwrite to replace it")
+    for folder in {p.parent for p in paths}:
+        ensure_dir(folder, f"folder of the {what}")
+    return paths
 
 
 def _reason(e: OSError) -> str:
+    if e.errno == errno.ENAMETOOLONG:
+        return "name too long for the file system"
     if e.errno in (errno.EEXIST, errno.ENOTDIR):
         return "a file is in the way (a file, not a folder, has that name or is one of its parents)"
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -52,7 +140,9 @@ def ensure_dir(path: Path, what: str) -> Path:
 
 
 def output_file(path: Path, what: str) -> Path:
-    """A file about to be written: its folder is created; a folder in its place is refused."""
+    """A file about to be written, replaced if it exists (for files of the command's own folders,
+    e.g. a run's; a user-named output goes through `new_output_file`): its folder is created; a
+    folder in its place is refused."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{path}: is a folder; give a file name for the {what}")
@@ -60,11 +150,43 @@ def output_file(path: Path, what: str) -> Path:
     return path
 
 
+ERROR_LOG_HEADER = "# cityseg-fast: why this run ended (a new run in this folder replaces this file)\n"
+
+
 def is_free(folder: Path) -> bool:
-    """A folder a new run may use: missing, empty, or holding only what a failed start leaves."""
+    """A folder a new run may use: missing, empty, or holding only what a failed start leaves (a
+    lock, and an error.log that cityseg-fast wrote: a user's own error.log is theirs)."""
     if not folder.exists():
         return True
-    return folder.is_dir() and {p.name for p in folder.iterdir()} <= LEFTOVERS
+    return folder.is_dir() and {p.name for p in folder.iterdir()} <= LEFTOVERS and not _foreign_error_log(folder)
+
+
+def _foreign_error_log(folder: Path) -> bool:
+    log = folder / "error.log"
+    if not (log.exists() or log.is_symlink()):
+        return False
+    try:
+        with open(log, encoding="utf-8", errors="replace") as f:
+            return f.readline(len(ERROR_LOG_HEADER) + 1) != ERROR_LOG_HEADER
+    except OSError:
+        return True
+
+
+def write_error_log(folder: Path, message: str) -> bool:
+    """FOLDER/error.log saying why the run ended (best effort, never raises); never replaces an
+    error.log that cityseg-fast did not write."""
+    if _foreign_error_log(folder):
+        return False
+    return write_text_quietly(folder / "error.log", f"{ERROR_LOG_HEADER}{message}\n")
+
+
+def check_new_run_folder(folder: Path) -> None:
+    """OutputError unless a new run may use `folder` (see `is_free`)."""
+    if not is_free(folder):
+        if folder.exists() and not folder.is_dir():
+            raise OutputError(f"{folder}: cannot create the run folder: a file is in the way")
+        raise OutputError(f"{folder}: already holds files (another run's?): choose a new --out, "
+                          f"or continue that run with --resume {folder}")
 
 
 @contextlib.contextmanager
@@ -72,11 +194,8 @@ def claim_run_folder(folder: Path, *, resume: bool) -> Iterator[Path]:
     """Hold `folder` for one run: a new run needs a free folder (see `is_free`), and a lock on
     FOLDER/.lock, held until the block ends, refuses a second run or resume in the same folder."""
     folder = Path(folder)
-    if not resume and not is_free(folder):
-        if folder.exists() and not folder.is_dir():
-            raise OutputError(f"{folder}: cannot create the run folder: a file is in the way")
-        raise OutputError(f"{folder}: already holds files (another run's?): choose a new --out, "
-                          f"or continue that run with --resume {folder}")
+    if not resume:
+        check_new_run_folder(folder)
     ensure_dir(folder, "run folder")
     fd = _lock(folder / LOCK_NAME, folder)
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,10 @@ def map_colors_reference(
 
 
 _LUTS: dict[tuple[str, str], torch.Tensor] = {}  # (palette key, device) -> table
+LUT_FORMAT = b"cityseg-lut 1"  # the first line of a cached table; bump when the file layout changes
+LUT_SIZE = 1 << 24
+SPOT_CHECKS = 1 << 16  # random colours compared with the reference on every load (a few ms)
+_SAID: set[str] = set()  # cache notes already printed by this process
 
 
 def lookup_table(palette: Palette, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -101,23 +106,82 @@ def lookup_table(palette: Palette, device: torch.device | str = "cpu") -> torch.
     if key not in _LUTS:
         cpu = (palette.key(), "cpu")
         if cpu not in _LUTS:
-            _LUTS[cpu] = _load_or_build_lut(palette, cache_dir() / f"lut-{palette.key()}.npy")
+            _LUTS[cpu] = _load_or_build_lut(palette, cache_dir() / f"lut-{palette.key()}.bin")
         _LUTS[key] = _LUTS[cpu].to(device)
     return _LUTS[key]
 
 
+@functools.cache
+def _builder_digest() -> str:
+    """What builds a table: the source of kernels/mask_to_class.py (build_lut and the reference it
+    runs) and the file layout. A new version of either makes every older cached table stale."""
+    import kernels.mask_to_class as builder
+
+    return hashlib.sha256(LUT_FORMAT + Path(builder.__file__).read_bytes()).hexdigest()
+
+
+def _lut_header(palette: Palette, table: np.ndarray) -> bytes:
+    """The first line of a cached table: what built it (code and palette) and its content's digest."""
+    made_by = hashlib.sha256(f"{_builder_digest()} {palette.key()}".encode()).hexdigest()
+    return LUT_FORMAT + f" {made_by} {hashlib.sha256(table.tobytes()).hexdigest()}\n".encode()
+
+
+def _read_cached_lut(palette: Palette, path: Path) -> tuple[np.ndarray | None, str]:
+    """(the verified table, "") or (None, why it is not usable). Verified: the header names this code
+    and palette, the content matches its digest, and random colours map as the reference maps them
+    (a table written by someone else with a matching digest is still caught)."""
+    try:
+        with open(path, "rb") as f:
+            header = f.readline(256)
+            table = np.frombuffer(f.read(LUT_SIZE + 1), dtype=np.uint8)
+    except FileNotFoundError:
+        return None, ""
+    except OSError as e:
+        return None, f"unreadable ({e.strerror or e})"
+    if not header.startswith(LUT_FORMAT) or table.size != LUT_SIZE:
+        return None, "not a lookup table of this version (corrupt or truncated)"
+    if header != _lut_header(palette, table):
+        return None, "built by another version or for another palette, or corrupt"
+    if not _agrees_with_reference(table, palette):
+        return None, "its classes differ from the reference mapping (tampered with)"
+    return table, ""
+
+
+def _agrees_with_reference(table: np.ndarray, palette: Palette) -> bool:
+    """Random colours (unpredictable: drawn from the OS each time) plus every centre's colour map to
+    the same class in `table` as in the reference."""
+    rng = np.random.default_rng(int.from_bytes(os.urandom(8), "little"))
+    codes = rng.integers(0, LUT_SIZE, SPOT_CHECKS)
+    c = palette.centers.to(torch.int64).numpy()
+    codes = np.concatenate([codes, (c[:, 0] << 16) | (c[:, 1] << 8) | c[:, 2]])
+    rgb = torch.from_numpy(np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], axis=1).astype(np.uint8))
+    want = map_colors_reference(rgb, palette.centers, palette.classes, palette.max_dist).numpy()
+    return bool(np.array_equal(table[codes], want.astype(np.uint8)))
+
+
+def _say_once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        print(f"note: {message}", file=sys.stderr, flush=True)
+
+
 def _load_or_build_lut(palette: Palette, path: Path) -> torch.Tensor:
-    if path.exists():
-        table = np.load(path)
-        if table.shape == (1 << 24,) and table.dtype == np.uint8:
-            return torch.from_numpy(table)
+    table, problem = _read_cached_lut(palette, path)
+    if table is not None:
+        return torch.from_numpy(table.copy())
     table = build_lut(palette.centers, palette.classes, palette.max_dist).numpy()
+    if problem:
+        _say_once(f"{path}: cached colour lookup table {problem}: rebuilt")
     ensure_dir(path.parent, "cache folder ($CITYSEG_CACHE, default ~/.cache/cityseg)")
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            np.save(f, table)
+            f.write(_lut_header(palette, table))
+            f.write(table.tobytes())
         os.replace(tmp, path)  # atomic: DataLoader workers racing to build it never read half a file
+    except IsADirectoryError:  # a folder holds the name: keep it, use the table from memory
+        tmp.unlink(missing_ok=True)
+        _say_once(f"{path}: a folder is in the way of the colour lookup table: used without caching it")
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise OutputError(f"{path}: cannot write the colour lookup table into the cache folder "

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from cityseg.options import PALETTE_MAX, check_palette_spec, read_palette_file
 from cityseg.palette import Palette, cityscapes_palette
 
-MAX_K = 64  # the kernel unrolls its loop over centres; 64 bounds compile time and registers
+MAX_K = PALETTE_MAX  # the kernel unrolls its loop over centres; 64 bounds compile time and registers
 
 
 def _nearest(x: torch.Tensor, centers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,17 +116,11 @@ def save_palette(palette: Palette, path: str | Path) -> None:
 
 
 def load_palette(path: str | Path) -> Palette:
-    """Read a palette written by `save_palette`."""
-    data = json.loads(Path(path).read_text())
-    missing = {"centers", "classes", "names", "colors"} - data.keys()
-    if missing:
-        raise ValueError(f"{path}: not a palette file (missing {', '.join(sorted(missing))})")
-    centers = torch.tensor(data["centers"], dtype=torch.float32).reshape(-1, 3)
-    classes = torch.tensor(data["classes"], dtype=torch.int64)
-    colors = torch.tensor(data["colors"], dtype=torch.uint8).reshape(-1, 3)
-    if classes.shape != (centers.shape[0],) or colors.shape[0] != len(data["names"]):
-        raise ValueError(f"{path}: inconsistent palette ({centers.shape[0]} centres, {classes.shape[0]} classes)")
-    return Palette(centers, classes, tuple(data["names"]), colors, data.get("max_dist"))
+    """Read a palette written by `save_palette`, checked (`options.palette_problem`): a bad file is
+    one OptionError naming it."""
+    data = read_palette_file(Path(path))
+    return Palette(torch.tensor(data["centers"], dtype=torch.float32), torch.tensor(data["classes"], dtype=torch.int64),
+                   tuple(data["names"]), torch.tensor(data["colors"], dtype=torch.uint8), data.get("max_dist"))
 
 
 def parse_palette_spec(
@@ -136,21 +131,13 @@ def parse_palette_spec(
 ) -> Palette:
     """`--palette` value -> Palette: "cityscapes", "kmeans:K" (K in 2..64, learned from
     `sample_masks_fn()`, uint8 (N, H, W, 3), called only for this case), or a saved palette .json.
-    `max_dist` overrides a saved palette's threshold when given."""
+    `max_dist` overrides a saved palette's threshold when given. A bad value is an OptionError."""
+    check_palette_spec(spec)
     if spec == "cityscapes":
         return cityscapes_palette(max_dist)
     if spec.startswith("kmeans:"):
-        value = spec.removeprefix("kmeans:")
-        if not (value.isascii() and value.isdigit()) or not 2 <= int(value) <= MAX_K:
-            raise ValueError(f"bad palette {spec!r}: expected kmeans:K with K an integer in 2..{MAX_K}")
-        return kmeans_palette(sample_masks_fn(), int(value), seed=seed, max_dist=max_dist)
-    if spec.endswith(".json"):
-        if not Path(spec).is_file():
-            raise ValueError(f"palette file {spec!r} not found")
-        palette = load_palette(spec)
-        if max_dist is None:
-            return palette
-        return Palette(palette.centers, palette.classes, palette.names, palette.colors, max_dist)
-    raise ValueError(
-        f"unknown palette {spec!r}: expected 'cityscapes', 'kmeans:K' (K in 2..{MAX_K}) or a palette .json file"
-    )
+        return kmeans_palette(sample_masks_fn(), int(spec.removeprefix("kmeans:")), seed=seed, max_dist=max_dist)
+    palette = load_palette(spec)
+    if max_dist is None:
+        return palette
+    return Palette(palette.centers, palette.classes, palette.names, palette.colors, max_dist)

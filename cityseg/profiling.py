@@ -15,21 +15,27 @@ import torch
 from rich.console import Console
 
 from cityseg.config import Config
-from cityseg.outputs import ensure_dir
+from cityseg.outputs import check_new_run_folder, new_output_files
 from cityseg.telemetry import fmt, plot_gpu_timeline
 
 SKIP, WARMUP = 1, 2  # first step (allocations, compile) skipped, then two warm-up steps not recorded
 
 
-def profile_training(cfg: Config, steps: int, out: Path, console: Console, run: Callable) -> dict:
-    """Train for SKIP + WARMUP + steps steps with the profiler stepping along; print the top ops."""
+OUTPUTS = ("trace.json", "top_ops.txt", "gpu_timeline.png")
+
+
+def profile_training(cfg: Config, steps: int, out: Path, console: Console, run: Callable,
+                     overwrite: bool = False) -> dict:
+    """Train for SKIP + WARMUP + steps steps with the profiler stepping along; print the top ops.
+    OUT's files are new (or `overwrite`), checked before training starts."""
     cuda = cfg.train.device.startswith("cuda") or (cfg.train.device == "auto" and torch.cuda.is_available())
     activities = [torch.profiler.ProfilerActivity.CPU]
     if cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     total = SKIP + WARMUP + steps
     cfg = replace(cfg, train=replace(cfg.train, max_steps=total, epochs=max(cfg.train.epochs, 1_000)))
-    ensure_dir(out, "profile folder")  # OUT/run is a new run folder: the engine refuses one in use
+    check_new_run_folder(out / "run")  # an earlier profile's run is never replaced (the engine claims it)
+    new_output_files([out / name for name in OUTPUTS], "profile", overwrite=overwrite)
     schedule = torch.profiler.schedule(wait=SKIP, warmup=WARMUP, active=steps, repeat=1)
     with torch.profiler.profile(activities=activities, schedule=schedule) as prof:
         summary = run(cfg, on_step=prof.step)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cityseg.errors import OptionError
 from cityseg.palette_kmeans import kmeans_centers, kmeans_palette, load_palette, parse_palette_spec, save_palette
 from kernels.mask_to_class import mask_to_class, mask_to_class_reference
 
@@ -83,7 +84,7 @@ def test_parse_palette_spec(tmp_path):
     loaded = parse_palette_spec(str(tmp_path / "palette.json"), sample, max_dist=9.0)
     assert torch.equal(loaded.centers, learned.centers) and loaded.max_dist == 9.0
     for bad in ("kmeans", "kmeans:", "kmeans:x", "kmeans:1", "kmeans:65", "kmeans:-3", "voc", "missing.json"):
-        with pytest.raises(ValueError):
+        with pytest.raises(OptionError):
             parse_palette_spec(bad, sample)
 
 

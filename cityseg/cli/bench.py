@@ -15,12 +15,15 @@ source checkout beside this package (an editable install), not in the installed 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from cityseg.outputs import new_output_file, user_path
 
 ROOT = Path(__file__).resolve().parents[2]
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -77,17 +80,36 @@ def loader(
     _run("loader", argv)
 
 
+def kernel_json(json_out: Path | None, cpu_only: bool, overwrite: bool) -> Path:
+    """Where `bench kernel` writes: --json resolved against the user's folder (not the checkout the
+    script runs from), as a new file unless --overwrite. Without --json: the checkout's
+    benchmarks/results/ when run from inside the checkout (its published figures, meant to be
+    refreshed), else mask_kernel-<cpu|gpu>.json in the current folder."""
+    if json_out is None:
+        import torch
+
+        name = f"mask_kernel-{'gpu' if torch.cuda.is_available() and not cpu_only else 'cpu'}.json"
+        cwd = Path.cwd().resolve()
+        if cwd == ROOT or ROOT in cwd.parents:
+            return ROOT / "benchmarks" / "results" / name
+        json_out = Path(name)
+    return new_output_file(user_path(json_out), "benchmark result", overwrite=overwrite)
+
+
 @bench_app.command(context_settings=PASS_THROUGH)
 def kernel(
     ctx: typer.Context,
     json_out: JsonOpt = None,
     full: Annotated[bool, typer.Option(help="Also batch 256.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the result file if it exists.")] = False,
 ) -> None:
     """Mask -> class ids: Triton vs torch on a GPU; lookup table vs reference vs cdist on a CPU."""
-    # mask_kernel.py reads sys.argv itself: run it as its own process.
-    argv = [*_opt("--json", json_out), *(["--full"] if full else []), *ctx.args]
+    _script("common")  # the checkout must be there
+    out = kernel_json(json_out, "--cpu" in ctx.args, overwrite)
+    # mask_kernel.py reads sys.argv itself: run it as its own process, in the user's folder.
+    argv = ["--json", str(out), *(["--full"] if full else []), *ctx.args]
     typer.echo("$ python benchmarks/mask_kernel.py " + " ".join(argv))
-    rc = subprocess.call([sys.executable, str(ROOT / "benchmarks" / "mask_kernel.py"), *argv], cwd=ROOT)
+    rc = subprocess.call([sys.executable, str(ROOT / "benchmarks" / "mask_kernel.py"), *argv], cwd=os.getcwd())
     if rc:
         raise typer.Exit(rc)
 
@@ -158,7 +180,7 @@ def run_all(
     import torch
 
     kind = common.device_kind(common.pick_device())
-    folder = json_out or common.RESULTS
+    folder = user_path(json_out) if json_out else common.RESULTS  # the subprocess below runs elsewhere
     folder.mkdir(parents=True, exist_ok=True)
     _run("loader", [*_opt("--data", data), "--json", str(folder / f"loader-{kind}.json")])
     kernel_json = folder / f"mask_kernel-{'gpu' if torch.cuda.is_available() else 'cpu'}.json"

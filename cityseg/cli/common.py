@@ -16,14 +16,15 @@ from typer._click.core import Context, ParameterSource
 from typer._click.exceptions import ClickException
 from typer.core import TyperGroup
 
-from cityseg.errors import UserError
+from cityseg.errors import InterruptedNow, UserError, capped, signals_raise
+from cityseg.outputs import path_error
 
 console = Console(markup=False, highlight=False)
 err_console = Console(stderr=True, markup=False, highlight=False)
 
 
 def print_error(message: str) -> None:
-    err_console.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
+    err_console.print(Text.assemble(("error:", "bold red"), " ", capped(message)), soft_wrap=True)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -38,9 +39,17 @@ class OneLineErrors(TyperGroup):
 
     def invoke(self, ctx: Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with signals_raise():  # SIGTERM as Ctrl-C: one line and 143 (130), never a silent death
+                return super().invoke(ctx)
+        except KeyboardInterrupt as e:
+            err_console.print("interrupted")
+            raise typer.Exit(e.exit_code if isinstance(e, InterruptedNow) else 130) from None
         except UserError as e:
             fail(str(e))
+        except OSError as e:  # a path the OS refuses outright (too long), wherever it was opened
+            if path_error(e) is None:
+                raise
+            fail(path_error(e))
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         standalone = kwargs.pop("standalone_mode", True)

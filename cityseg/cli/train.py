@@ -13,7 +13,6 @@ config key by OPTION_KEYS. Nothing here imports torch: `--help` answers at once.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import asdict
@@ -47,6 +46,7 @@ from cityseg.options import (
     parse_batch_size,
     parse_duration,
     parse_scale,
+    read_config_file,
 )
 
 DEFAULTS = Config()
@@ -85,45 +85,6 @@ def config_values(given: dict[str, Any]) -> dict[str, Any]:
         keys = OPTION_KEYS[name]
         for key in (keys if isinstance(keys, tuple) else (keys,)):
             values[key] = value
-    return values
-
-
-def read_config_file(path: Path) -> dict[str, Any]:
-    """A TOML, YAML or JSON file (a run's config.json too) as {config key: value}. The run folder
-    (`train.out`) and `train.resume` are command-line choices and not taken from a file."""
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise OptionError(f"--config {path}: cannot read it ({e.strerror or e})") from None
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".toml":
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
-                import tomli as tomllib
-
-            tree = tomllib.loads(text)
-        elif suffix in (".yaml", ".yml"):
-            import yaml
-
-            tree = yaml.safe_load(text)
-        elif suffix == ".json":
-            tree = json.loads(text)
-        else:
-            raise OptionError(f"--config {path}: expected a .toml, .yaml/.yml or .json file")
-    except OptionError:
-        raise
-    except Exception as e:  # noqa: BLE001 - every parser's syntax error becomes one line
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise OptionError(f"--config {path}: not valid {suffix[1:].upper()} ({first})") from None
-    if not isinstance(tree, dict):
-        raise OptionError(f"--config {path}: expected sections such as [train] or keys such as train.lr")
-    values = flatten(tree)
-    for key in ("train.out", "train.resume"):
-        values.pop(key, None)
-    if "data.data_dir" in values and values["data.data_dir"] is not None:  # relative to the file, like a path in it
-        values["data.data_dir"] = str((path.parent / values["data.data_dir"]).absolute())
     return values
 
 
@@ -348,14 +309,15 @@ def run_training(cfg: Config, on_step=None) -> dict:
     """Train; a signal ends the process with 130 (SIGINT) or 128 + its number, after saving."""
     import signal
 
+    from cityseg.errors import InterruptedNow
     from cityseg.training import EXIT_INTERRUPTED, Interrupted
     from cityseg.training import train as run
 
     try:
         return run(cfg, console, on_step=on_step)
-    except KeyboardInterrupt:  # before training started, or a second Ctrl-C: nothing more to save
+    except KeyboardInterrupt as e:  # before training started, or a second signal: nothing more to save
         err_console.print("interrupted")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        raise typer.Exit(e.exit_code if isinstance(e, InterruptedNow) else EXIT_INTERRUPTED) from None
     except Interrupted as e:
         err_console.print(str(e), soft_wrap=True)
         raise typer.Exit(EXIT_INTERRUPTED if e.signum == signal.SIGINT else 128 + e.signum) from None
@@ -390,6 +352,8 @@ def profile(
     steps: Annotated[int, typer.Option(help="Training steps recorded (after 1 skipped and 2 warm-up steps).")] = 10,
     out: Annotated[Path, typer.Option(help="Folder for trace.json, top_ops.txt, gpu_timeline.png and the run "
                                       "(OUT/run: a new run folder).")] = Path("profile"),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace trace.json, top_ops.txt and "
+                                            "gpu_timeline.png if OUT holds them.")] = False,
 ) -> None:
     """Profile training steps with torch.profiler. Any `train` option may follow, e.g.
     `cityseg-fast profile --steps 20 --data DIR --batch-size 32`."""
@@ -407,5 +371,5 @@ def profile(
     check_config(cfg)
     from cityseg.profiling import profile_training
 
-    profile_training(cfg, steps, out, console, run_training)
+    profile_training(cfg, steps, out, console, run_training, overwrite=overwrite)
 

@@ -19,6 +19,8 @@ from cityseg.cli.common import app, console
 from cityseg.options import THREADS, check_options
 
 CkptOpt = Annotated[Path, typer.Option(help="Checkpoint (best.pt or last.pt of a run).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace output files that already exist "
+                                            "(never an input: the checkpoint, a dataset split).")]
 
 
 @app.command("eval")
@@ -36,13 +38,15 @@ def evaluate_cmd(
     native: Annotated[bool, typer.Option("--native/--model-size", help="Score against the masks at their own size "
                                          "(default; logits upsampled to it) or resized to the model's input "
                                          "size.")] = True,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Score a checkpoint on a split: pixel accuracy, mIoU and the per-class IoU table."""
     check_options({"batch_size": batch_size, "workers": workers})
     from cityseg.inference.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(ckpt, data, split=split.value, batch_size=batch_size, device=device,
-                                 workers=workers, json_out=json_out, console=console, tta=tta.value, native=native)
+                                 workers=workers, json_out=json_out, console=console, tta=tta.value, native=native,
+                                 overwrite=overwrite)
     console.print(f"pixel acc {result['pixel_acc']:.4f}  mIoU {result['miou']:.4f}")
 
 
@@ -62,6 +66,7 @@ def predict_cmd(
     workers: Annotated[int, typer.Option(help="Threads decoding inputs and encoding PNGs.")] = 4,
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable or invalid inputs (listed and counted at the "
                                            "end) instead of stopping at the first.")] = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Segment photos with a checkpoint: class-id, colour and overlay PNGs per image."""
     check_options({"batch_size": batch_size})
@@ -69,7 +74,8 @@ def predict_cmd(
     from cityseg.inference.predict import Predictor, run_predict
 
     predictor = Predictor(ckpt, device=device, tta=tta.value, batch_size=batch_size)
-    result = run_predict(predictor, inputs, out, pairs=pairs, workers=workers, skip_bad=skip_bad, console=console)
+    result = run_predict(predictor, inputs, out, pairs=pairs, workers=workers, skip_bad=skip_bad, console=console,
+                         overwrite=overwrite)
     skipped = f", skipped {len(result['skipped'])}" if result["skipped"] else ""
     console.print(Text.assemble(("done", "bold green"), f": {result['images']} images{skipped} -> {result['out']}"))
     if "metrics" in result:
@@ -86,6 +92,7 @@ def export_cmd(
                                                    "size.")] = None,
     check: Annotated[bool, typer.Option("--check/--no-check", help="Compare the export's argmax with "
                                         "PyTorch's on random inputs (ONNX: needs onnxruntime).")] = True,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Export a checkpoint's model to ONNX or TorchScript (float32, NCHW, free batch size)."""
     check_options({"image_size": image_size})
@@ -95,7 +102,7 @@ def export_cmd(
 
     from cityseg.inference.export import check_parity, export_model, load_export_model, read_metadata
 
-    path = export_model(ckpt, fmt.value, out, image_size=image_size)
+    path = export_model(ckpt, fmt.value, out, image_size=image_size, overwrite=overwrite)
     console.print(Text.assemble(("wrote", "bold green"), f" {path} ({path.stat().st_size / 1e6:.1f} MB, {fmt.value})"))
     if not check:
         return

@@ -16,7 +16,7 @@ from cityseg.checkpoint import load_from_checkpoint
 from cityseg.data.loaders import build_loader, resolve_data_dir, split_files
 from cityseg.inference.tta import FlipTTA, resolve_tta
 from cityseg.metrics import evaluate_model, iou_table
-from cityseg.outputs import output_file
+from cityseg.outputs import new_output_files
 from cityseg.progress import StepProgress
 from cityseg.report import plot_confusion, write_json
 from cityseg.runtime import inference_runtime, resolve_device
@@ -34,19 +34,25 @@ def evaluate_checkpoint(
     console: Console | None = None,
     tta: str | None = None,
     native: bool | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Pixel accuracy, mIoU, per-class IoU and confusion matrix of `ckpt` on `data/split`, scored at
-    the masks' own size (`native`, the default of the run's config) or at the model's input size."""
+    the masks' own size (`native`, the default of the run's config) or at the model's input size.
+    `json_out` and its heat map (JSON_OUT stem + .confusion.png) are new files (or `overwrite`),
+    never the checkpoint or inside the dataset: checked before the evaluation."""
     console = console or Console(markup=False)
-    if json_out is not None:
-        output_file(Path(json_out), "metrics JSON")  # a bad path fails now, not after the evaluation
     where = resolve_device(device)
     model, cfg, palette, _ = load_from_checkpoint(ckpt, where)
     rt = inference_runtime(where, cfg.train.precision)
     data_dir = str(Path(data).absolute()) if data else cfg.data.data_dir
     data_cfg = replace(cfg.data, batch_size=batch_size, workers=workers, data_dir=data_dir,
                        val_native=cfg.data.val_native if native is None else native)
-    files, _ = split_files(resolve_data_dir(data_cfg), split, validate=not data_cfg.skip_validate, workers=workers)
+    root = resolve_data_dir(data_cfg)
+    if json_out is not None:  # a bad path fails now, not after the evaluation
+        heat_map = Path(json_out).with_suffix(".confusion.png")
+        new_output_files([Path(json_out), heat_map], "metrics JSON", overwrite=overwrite,
+                         inputs=[(Path(ckpt), "the checkpoint being read"), (root, "the dataset being scored")])
+    files, _ = split_files(root, split, validate=not data_cfg.skip_validate, workers=workers)
     tta = resolve_tta(tta)
     if tta == "flip":
         model = FlipTTA(model)
@@ -63,5 +69,5 @@ def evaluate_checkpoint(
               "tta": tta, "class_names": list(palette.names)}
     if json_out is not None:
         write_json(Path(json_out), result)
-        plot_confusion(metrics.confusion, palette.names, Path(json_out).with_suffix(".confusion.png"))
+        plot_confusion(metrics.confusion, palette.names, heat_map)
     return result

@@ -31,9 +31,10 @@ from cityseg.checkpoint import load_from_checkpoint
 from cityseg.config import Config
 from cityseg.data.contract import IMAGENET_MEAN, IMAGENET_STD
 from cityseg.errors import UserError
-from cityseg.model import check_input_size
-from cityseg.outputs import output_file
+from cityseg.model import check_input_size, parameter_count
+from cityseg.outputs import new_output_file
 from cityseg.palette import Palette
+from cityseg.runtime import free_memory
 
 Format = Literal["onnx", "torchscript"]
 FORMATS: tuple[str, ...] = ("onnx", "torchscript")
@@ -64,26 +65,55 @@ def load_export_model(ckpt: str | os.PathLike) -> tuple[nn.Module, Config, Palet
     return model.to(memory_format=torch.contiguous_format).float().eval(), cfg, palette
 
 
-def export_model(ckpt: str | os.PathLike, fmt: str, out: str | os.PathLike, image_size: int | None = None) -> Path:
-    """Write the checkpoint's model to `out` as `fmt` ("onnx" | "torchscript"); returns `out`."""
+def export_model(ckpt: str | os.PathLike, fmt: str, out: str | os.PathLike, image_size: int | None = None,
+                 overwrite: bool = False) -> Path:
+    """Write the checkpoint's model to `out` as `fmt` ("onnx" | "torchscript"); returns `out`. `out`
+    is a new file (or `overwrite`), never the checkpoint itself."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt}: expected onnx or torchscript")
     if fmt == "onnx":
         require_onnx()
-    ckpt, out = Path(ckpt), output_file(Path(out), "export")
+    ckpt = Path(ckpt)
+    out = new_output_file(Path(out), "export", overwrite=overwrite, inputs=[(ckpt, "the checkpoint being read")])
     model, cfg, palette = load_export_model(ckpt)
     size = image_size or cfg.data.image_size
     try:
         check_input_size(size, size, cfg.model.depth)
     except ValueError as e:
         raise ExportError(f"--image-size {size}: {e}") from None
+    check_export_fits(cfg, size)
     meta = export_metadata(palette, size, ckpt)
     example = torch.zeros(2, 3, size, size)  # batch 2: a batch of 1 would let torch.export specialise N
-    if fmt == "torchscript":
-        export_torchscript(model, example, out, meta)
-    else:
-        export_onnx(model, example, out, meta)
+    try:
+        if fmt == "torchscript":
+            export_torchscript(model, example, out, meta)
+        else:
+            export_onnx(model, example, out, meta)
+    except (torch.OutOfMemoryError, MemoryError):  # the estimate is a lower bound
+        out.unlink(missing_ok=True)
+        raise ExportError(f"--image-size {size}: out of memory while exporting; try a smaller size") from None
     return out
+
+
+# Full-resolution tensors alive at once in an eval forward pass, per unit of width, besides the
+# input (3 channels) and the logits (C): the decoder's last level holds the skip, the upsampled
+# tensor, their concatenation and the block's output. A lower bound, so it refuses only what cannot fit.
+LIVE_WIDTHS = 5
+
+
+def export_bytes(width: int, depth: int, upsample: str, num_classes: int, size: int, batch: int = 2) -> int:
+    """A lower bound on the memory exporting (tracing a batch of `batch`) takes, in bytes (float32)."""
+    params = parameter_count(width, depth, upsample, num_classes)
+    return 4 * params + 4 * batch * size * size * (3 + LIVE_WIDTHS * width + num_classes)
+
+
+def check_export_fits(cfg: Config, size: int) -> None:
+    """Refuse, before allocating, an --image-size whose forward pass cannot fit in free memory."""
+    m = cfg.model
+    need, free = export_bytes(m.width, m.depth, m.upsample, m.num_classes, size), free_memory(torch.device("cpu"))
+    if need > free:
+        raise ExportError(f"--image-size {size}: exporting needs at least {need / 2**30:,.1f} GiB but "
+                          f"{free / 2**30:,.1f} GiB of memory is free: choose a smaller --image-size")
 
 
 def require_onnx() -> None:

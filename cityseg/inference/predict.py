@@ -40,7 +40,7 @@ from cityseg.inference.inputs import InputImage, list_inputs, load_input, output
 from cityseg.inference.overlay import OUTPUT_KINDS, write_outputs
 from cityseg.inference.tta import FlipTTA, resolve_tta
 from cityseg.metrics import ConfusionMatrix, SegMetrics, iou_table
-from cityseg.outputs import ensure_dir
+from cityseg.outputs import ensure_dir, new_output_files
 from cityseg.palette import IGNORE_INDEX, Palette, map_colors
 from cityseg.report import plot_confusion, write_json
 from cityseg.runtime import autocast, inference_runtime, resolve_device
@@ -138,8 +138,11 @@ def run_predict(
     workers: int = 4,
     skip_bad: bool = False,
     console: Console | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Predict every input and write its three PNGs; with `pairs`, score and write metrics.json.
+    Every output is checked first (`outputs.new_output_files`): a file already there is refused
+    unless `overwrite`; `out_dir` inside a `pairs` input folder or a dataset split always.
 
     Threads decode the next batch and encode the last batch's PNGs while the model runs (Pillow
     releases the GIL in both). Returns {"images", "skipped", "out", "metrics" (pairs only)}.
@@ -154,6 +157,11 @@ def run_predict(
             if (out_dir / f"{name}_{kind}.png").resolve() in inputs_by_path:
                 raise OutputError(f"{out_dir / f'{name}_{kind}.png'}: an input would be overwritten by an output; "
                                   "choose another --out")
+    planned = [out_dir / f"{name}_{kind}.png" for _, name in jobs for kind in OUTPUT_KINDS]
+    planned += [out_dir / "metrics.json", out_dir / "confusion.png"] if pairs else []
+    # Pair folders are datasets: predictions dropped there would become (bad) pairs.
+    inputs = [(Path(p), "the --pairs input folder") for p in inputs if pairs and Path(p).is_dir()]
+    new_output_files(planned, "predictions", overwrite=overwrite, inputs=inputs)
     ensure_dir(out_dir, "output folder")
     palette = predictor.palette
     cm = ConfusionMatrix(palette.num_classes, ignore_index=IGNORE_INDEX) if pairs else None

@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from cityseg.checkpoint import CheckpointError, config_mismatch, read_training_checkpoint
+from cityseg.checkpoint import CheckpointError, config_mismatch, read_training_checkpoint, remove_stale_temps
 from cityseg.config import Config
 from cityseg.distributed import DistInfo, broadcast_object, cleanup, init_distributed
-from cityseg.errors import UserError
+from cityseg.errors import InterruptedNow, UserError
 from cityseg.model import describe
-from cityseg.outputs import cache_dir, claim_run_folder, is_free, write_text_quietly
+from cityseg.outputs import cache_dir, claim_run_folder, is_free, write_error_log
 from cityseg.palette import Palette
 from cityseg.palette_kmeans import save_palette
 from cityseg.report import RunFolder, device_name, write_json
@@ -104,11 +104,12 @@ def _train(cfg: Config, console: Console, dist_info: DistInfo, on_step: Callable
             return run_training(cfg, console, dist_info, run, state, on_step, extra_hooks, zero)
         except UserError as e:
             if dist_info.is_main:  # the run folder says why the run ended (alone, if it ended before training)
-                write_text_quietly(run.root / "error.log", f"{e}\n")
+                write_error_log(run.root, str(e))
             raise
 
 
 def resume_state(run: RunFolder, cfg: Config, console: Console) -> dict[str, Any]:
+    remove_stale_temps(run.last.parent)  # what a kill mid-save left (the folder is ours: locked)
     state = read_training_checkpoint(run.last)
     saved = state["config"]["model"]
     wanted = {k: v for k, v in cfg.to_dict()["model"].items() if k != "num_classes"}  # set by the palette
@@ -179,7 +180,7 @@ def graceful_interrupts() -> Iterator[dict[str, int | None]]:
 
     def handler(signum, frame):  # noqa: ARG001
         if flag["signum"] is not None:  # a second Ctrl-C means now
-            raise KeyboardInterrupt
+            raise InterruptedNow(signum)
         flag["signum"] = signum
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}

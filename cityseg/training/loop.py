@@ -32,7 +32,7 @@ from torch import nn
 from cityseg.checkpoint import CheckpointWriter, weights_only_state
 from cityseg.config import Config
 from cityseg.distributed import DistInfo, any_rank, broadcast_buffers, max_over_ranks, sum_over_ranks, weights_agree
-from cityseg.metrics import SegMetrics, evaluate_model
+from cityseg.metrics import LoaderFailed, SegMetrics, evaluate_model
 from cityseg.progress import StepProgress
 from cityseg.report import RunFolder, versions
 from cityseg.runtime import Runtime
@@ -192,9 +192,11 @@ class Trainer:
 
     @staticmethod
     def write_error(path: Path, e: BaseException) -> TrainingError:
+        """torch.save reports a full disk as a RuntimeError ("unexpected pos"), the OS as an OSError."""
         lines = str(e).splitlines()
-        reason = getattr(e, "strerror", None) or (lines[0] if lines else type(e).__name__)
-        return TrainingError(f"{path}: could not write checkpoint ({reason}); the previous checkpoint is kept")
+        reason = getattr(e, "strerror", None) or (lines[0][:160] if lines else type(e).__name__)
+        return TrainingError(f"{path}: could not write checkpoint ({reason}; disk full?); "
+                             "the previous checkpoint is kept")
 
     def finish_writes(self) -> None:
         t = time.perf_counter()
@@ -224,23 +226,33 @@ class Trainer:
         """Warm up, then train to the end (all epochs, --max-steps, the budget, or a hook's stop),
         validating at the cadence and at the end; returns the history (one record per validation)."""
         self.call("before_train")
+        unvalidated = self.partial.pop("unvalidated", None)  # a signal cut the last session's validation short
         try:
             try:
                 self.warm_up()
             except torch.OutOfMemoryError:
                 raise self.out_of_memory() from None
-            while not self.run_over() and self.stop_reason is None:
+            while unvalidated is not None or (not self.run_over() and self.stop_reason is None):
+                if unvalidated is not None:
+                    self.call("before_epoch")  # hooks see every epoch they are told the end of
                 try:
-                    record = self.train_epoch(interrupt)
+                    record = unvalidated or self.train_epoch(interrupt)
                 except torch.OutOfMemoryError:
                     raise self.out_of_memory() from None
+                resumed, unvalidated = unvalidated is not None, None
                 if record is None:  # interrupted mid-epoch: last.pt holds the position
                     raise Interrupted(self.run.root, interrupt["signum"] or signal.SIGINT)
-                self.cadence.epoch_done(*self.epoch_stats)
+                if not resumed:  # a record validated late (its epoch trained last session) has no timing here
+                    self.cadence.epoch_done(*self.epoch_stats)
                 signalled = self.stop_requested(interrupt)
-                if signalled or self.run_over() or self.validation_due():
+                if resumed or signalled or self.run_over() or self.validation_due():
                     t = time.perf_counter()
-                    metrics = self.validate(record)
+                    try:
+                        metrics = self.validate(record)
+                    except LoaderFailed:
+                        if interrupt["signum"] is None:
+                            raise
+                        raise self.interrupted_in_validation(record, interrupt["signum"]) from None
                     self.history.append(record)
                     self.cadence.validated(self.cadence.cost_s or 0.0)
                     self.call("after_epoch", record, metrics)
@@ -312,6 +324,14 @@ class Trainer:
                 if shard % bs:
                     sizes.add(shard % bs)
         return sorted(sizes, reverse=True)
+
+    def interrupted_in_validation(self, record: dict[str, Any], signum: int) -> Interrupted:
+        """A signal to the whole process group ended the val loader's workers: the epoch's training
+        is done, so last.pt keeps it with its record, and --resume validates it first."""
+        self.partial["unvalidated"] = record
+        self.save(self.run.last)
+        del self.partial["unvalidated"]
+        return Interrupted(self.run.root, signum)
 
     def train_epoch(self, interrupt: dict[str, int | None]) -> dict[str, Any] | None:
         """Steps to the end of the epoch (or --max-steps, or a signal); None when a signal stopped

@@ -302,7 +302,8 @@ def test_predict_output_names_never_collide(run: Path, tmp_path: Path) -> None:
     done = run_cli(["predict", "--ckpt", best, photos / "a", photos, "--out", out, "--device", "cpu"])
     assert done.returncode == 0, done.output
     assert len(list(out.glob("*_overlay.png"))) == 3
-    again = run_cli(["predict", "--ckpt", best, photos, "--out", out, "--device", "cpu"])  # outputs are no inputs
+    again = run_cli(["predict", "--ckpt", best, photos, "--out", out, "--device", "cpu",  # outputs are no inputs
+                     "--overwrite"])  # replacing the first run's outputs is asked for
     assert again.returncode == 0 and "2 images" in again.stdout, again.output
 
 

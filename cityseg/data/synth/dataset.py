@@ -23,7 +23,10 @@ PARTIAL = "synth.partial"  # written first: a folder with it is ours, if not (ye
 def _write_one(split_dir: Path, split: str, seed: int, size: int, index: int) -> None:
     # The bytes of encode_pair(*render_pair(...)), without the round trip through arrays.
     data = _jpeg(_pair_image(_render(pair_rng(seed, split, index), size)), JPEG_QUALITY)
-    (split_dir / f"{index}.jpg").write_bytes(data)
+    path = split_dir / f"{index}.jpg"
+    if path.is_symlink():  # replace the link, never write through it into a file elsewhere
+        path.unlink()
+    path.write_bytes(data)
 
 
 def write_split(out_dir: Path, split: str, n: int, seed: int, size: int = 256, workers: int = 1) -> Path:
@@ -88,6 +91,15 @@ def check_synth_target(out_dir: Path) -> None:
     if not ((out_dir / MARKER).is_file() or (out_dir / PARTIAL).is_file()):
         raise OutputError(f"{out_dir}: not empty and not a set written by `cityseg-fast synth` (no {MARKER}): "
                           "refusing to write into it; choose a new or empty folder")
+    # The marker vouches for this folder only: a split that resolves elsewhere (a symlink to a real
+    # dataset) is not ours, and writing through it would replace someone's pairs.
+    real = Path(os.path.realpath(out_dir))
+    for split in SPLITS:
+        target = out_dir / split
+        resolved = Path(os.path.realpath(target))
+        if target.is_symlink() or (target.exists() and resolved.parent != real):
+            raise OutputError(f"{target}: is a link to {resolved}, outside this synthetic set: refusing to write "
+                              "through it; remove the link or choose a new folder")
 
 
 def _complete(folder: Path, meta: dict) -> bool:

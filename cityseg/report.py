@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: CI and servers have no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -106,6 +107,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     axes[2].set_title("val mIoU")
     for ax in axes:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no tick at 1.5
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -125,9 +127,26 @@ def plot_samples(
             ax.set_axis_off()
             if i == 0:
                 ax.set_title(title)
-    fig.tight_layout()
+    handles = legend_handles(torch.cat([truths.flatten(), preds.flatten()]), palette)
+    columns = min(4, max(1, len(handles)))
+    rows = -(-len(handles) // columns)
+    fig.tight_layout(rect=(0, 0.32 * rows / (3 * n), 1, 1))  # room below the pictures for the legend
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=columns, fontsize=8, frameon=False)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def legend_handles(class_ids: torch.Tensor, palette: Palette) -> list:
+    """One colour patch per class present in `class_ids` (ignore drawn black), in class order."""
+    from matplotlib.patches import Patch
+
+    present = torch.unique(class_ids.to(torch.int64)).tolist()
+    handles = [Patch(facecolor=(palette.colors[c].float() / 255).tolist(), edgecolor="grey", label=palette.names[c])
+               for c in present if 0 <= c < palette.num_classes]
+    if any(c >= palette.num_classes for c in present):
+        handles.append(Patch(facecolor="black", edgecolor="grey", label="ignored"))
+    return handles
 
 
 class RunFolder:

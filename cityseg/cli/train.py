@@ -366,8 +366,13 @@ def run_training(cfg: Config, on_step=None) -> dict:
 
     try:
         return run(cfg, console, on_step=on_step)
-    except KeyboardInterrupt:  # before training started, or a second Ctrl-C: nothing more to save
-        err_console.print("interrupted")
+    except KeyboardInterrupt as e:  # before training started, or a second Ctrl-C: nothing more to save
+        run_dir = getattr(e, "run_dir", None)
+        if run_dir is not None and (Path(run_dir) / "checkpoints" / "last.pt").is_file():
+            err_console.print(f"interrupted; resume from the last saved epoch with: cityseg-fast train --resume "
+                              f"{run_dir}", soft_wrap=True)
+        else:
+            err_console.print("interrupted")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except Interrupted as e:
         err_console.print(str(e), soft_wrap=True)

@@ -34,10 +34,12 @@ def evaluate_checkpoint(
     console: Console | None = None,
     tta: str | None = None,
     native: bool | None = None,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Pixel accuracy, mIoU, per-class IoU and confusion matrix of `ckpt` on `data/split`, scored at
-    the masks' own size (`native`, the default of the run's config) or at the model's input size."""
-    console = console or Console(markup=False)
+    the masks' own size (`native`, the default of the run's config) or at the model's input size.
+    Quiet unless `verbose` (the progress bar and the per-class table) or given a `console`."""
+    console = console or Console(markup=False, highlight=False, quiet=not verbose)
     if json_out is not None:
         output_file(Path(json_out), "metrics JSON")  # a bad path fails now, not after the evaluation
     where = resolve_device(device)
@@ -56,8 +58,9 @@ def evaluate_checkpoint(
             metrics, loss = evaluate_model(model, loader, rt, palette.num_classes,
                                            on_batch=lambda done: bar.step(done, "", log=done % 20 == 0))
         scored_at = loader.spec.label_size
-    console.print(iou_table(metrics, palette.names, title=f"{ckpt} on {split} ({len(files)} images, scored at "
-                                                          f"{scored_at} px)"))
+    # The title on its own line (wrapped at spaces, if at all), not squeezed into the table's width.
+    console.print(f"{ckpt} on {split} ({len(files)} images, scored at {scored_at} px)", soft_wrap=True)
+    console.print(iou_table(metrics, palette.names, title=f"{split}: per-class IoU"))
     result = {**metrics.to_dict(), "loss": loss, "checkpoint": str(ckpt), "split": split, "images": len(files),
               "scored_at_px": scored_at,
               "tta": tta, "class_names": list(palette.names)}

@@ -14,9 +14,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: CI and servers have no display
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from cityseg.palette import Palette, colorize  # noqa: E402
 
@@ -119,7 +119,10 @@ def plot_samples(
 ) -> None:
     """Rows of photo | truth | prediction. photos: (N, H, W, 3) uint8; truths/preds: (N, H, W) ids."""
     n = photos.shape[0]
-    fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n), squeeze=False)
+    handles = legend_handles(torch.cat([truths.flatten(), preds.flatten()]), palette)
+    columns = min(5, max(1, len(handles)))
+    legend_inches = 0.2 * -(-len(handles) // columns) + 0.2 if handles else 0.0  # rows of the colour legend
+    fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n + legend_inches), squeeze=False)
     for i in range(n):
         panels = (photos[i], colorize(truths[i], palette), colorize(preds[i], palette))
         for ax, img, title in zip(axes[i], panels, ("photo", "truth", "prediction"), strict=True):
@@ -127,11 +130,8 @@ def plot_samples(
             ax.set_axis_off()
             if i == 0:
                 ax.set_title(title)
-    handles = legend_handles(torch.cat([truths.flatten(), preds.flatten()]), palette)
-    columns = min(4, max(1, len(handles)))
-    rows = -(-len(handles) // columns)
-    fig.tight_layout(rect=(0, 0.32 * rows / (3 * n), 1, 1))  # room below the pictures for the legend
-    if handles:
+    fig.tight_layout(rect=(0, legend_inches / (3 * n + legend_inches), 1, 1))
+    if handles:  # which colour is which class: the classes present in truth or prediction
         fig.legend(handles=handles, loc="lower center", ncol=columns, fontsize=8, frameon=False)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -44,6 +44,7 @@ _API = {
     "Predictor": ("cityseg.inference.predict", "Predictor"),
     "load_from_checkpoint": ("cityseg.checkpoint", "load_from_checkpoint"),
     "UserError": ("cityseg.errors", "UserError"),
+    "write_synth_dataset": ("cityseg.data.synth.dataset", "write_dataset"),  # `cityseg-fast synth`
 }
 __all__ = ["__version__", *_API]
 

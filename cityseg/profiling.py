@@ -6,6 +6,7 @@ writes PROFILE_DIR/trace.json (open in chrome://tracing or Perfetto), top_ops.tx
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import replace
@@ -27,6 +28,8 @@ def profile_training(cfg: Config, steps: int, out: Path, console: Console, run: 
     activities = [torch.profiler.ProfilerActivity.CPU]
     if cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
+    else:  # the profiler's C++ side otherwise prints "gpuGetDeviceCount failed" on every CPU run
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     total = SKIP + WARMUP + steps
     cfg = replace(cfg, train=replace(cfg.train, max_steps=total, epochs=max(cfg.train.epochs, 1_000)))
     ensure_dir(out, "profile folder")  # OUT/run is a new run folder: the engine refuses one in use

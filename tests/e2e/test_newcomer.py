@@ -142,3 +142,26 @@ def test_init_from_fine_tunes_at_the_checkpoints_image_size(data: Path, tmp_path
     assert "checkpoint's image size, 32 px" in shown.stderr
     resized = run_cli(["train", "--data", data, "--init-from", ckpt, "--image-size", "64", "--print-config"])
     assert printed(resized)["data.image_size"] == 64 and "image size" not in resized.stderr
+
+
+def test_a_double_ctrl_c_still_names_the_run_to_resume(data: Path, tmp_path: Path) -> None:
+    """The second Ctrl-C stops at once (no save), but last.pt of the last finished epoch is there:
+    the resume command is printed, not a bare "interrupted"."""
+    out = tmp_path / "run"
+    proc = CliProcess(["train", "--data", data, "--out", out, "--epochs", "50", "--image-size", "64",
+                       "--log-every", "1", *TINY])
+    proc.wait_for_output("epoch 1: mean loss", timeout=240)
+    proc.wait_for_output("epoch 2/50 step 1/4", timeout=120)
+    proc.signal(signal.SIGINT)
+    proc.signal(signal.SIGINT)  # both reach the handler before the step in flight ends
+    done = proc.finish(timeout=180)
+    assert done.returncode == 130, done.output
+    assert f"cityseg-fast train --resume {out}" in done.stderr, done.output
+    assert (out / "checkpoints" / "last.pt").is_file()
+
+
+def test_profile_on_a_cpu_prints_no_cuda_error(data: Path, tmp_path: Path) -> None:
+    done = run_cli(["profile", "--steps", "1", "--out", tmp_path / "prof", "--data", data, "--image-size", "32",
+                    *TINY], timeout=300)
+    assert done.returncode == 0, done.output
+    assert "gpuGetDeviceCount" not in done.output and "ERROR:" not in done.output, done.stderr

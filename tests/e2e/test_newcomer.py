@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -148,15 +149,17 @@ def test_a_double_ctrl_c_still_names_the_run_to_resume(data: Path, tmp_path: Pat
     """The second Ctrl-C stops at once (no save), but last.pt of the last finished epoch is there:
     the resume command is printed, not a bare "interrupted"."""
     out = tmp_path / "run"
-    proc = CliProcess(["train", "--data", data, "--out", out, "--epochs", "50", "--image-size", "64",
-                       "--log-every", "1", *TINY])
-    proc.wait_for_output("epoch 1: mean loss", timeout=240)
+    # Steps long enough (256 px, width 32) that the second Ctrl-C lands inside the step the first one let finish.
+    proc = CliProcess(["train", "--data", data, "--out", out, "--epochs", "50", "--log-every", "1",
+                       *TINY, "--image-size", "256", "--width", "32"])
+    proc.wait_for_output("epoch 1: mean loss", timeout=300)
     proc.wait_for_output("epoch 2/50 step 1/4", timeout=120)
     proc.signal(signal.SIGINT)
-    proc.signal(signal.SIGINT)  # both reach the handler before the step in flight ends
+    time.sleep(0.2)  # two signals at once would be one (a pending signal is not queued twice)
+    proc.signal(signal.SIGINT)
     done = proc.finish(timeout=180)
     assert done.returncode == 130, done.output
-    assert f"cityseg-fast train --resume {out}" in done.stderr, done.output
+    assert f"resume from the last saved epoch with: cityseg-fast train --resume {out}" in done.stderr, done.output
     assert (out / "checkpoints" / "last.pt").is_file()
 
 

@@ -1,0 +1,24 @@
+"""The live bar in a terminal leaves room at the right of its line for the "^C" a terminal echoes on
+Ctrl-C: on a full-width line the echo wraps, the bar's final redraw lands one line lower, and the bar
+shows twice."""
+
+from __future__ import annotations
+
+import io
+import re
+
+from rich.console import Console
+
+from cityseg.progress import ECHO_ROOM, StepProgress
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def test_the_live_bar_leaves_room_for_the_ctrl_c_echo() -> None:
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=80, color_system=None)
+    with StepProgress(console, "epoch 12/100", total=371) as bar:
+        bar.step(140, "step loss 0.812  14.2 img/s  wait 3%  gpu n/a  run eta 0:12:05  " + "x" * 60)
+    lines = [ANSI.sub("", part) for line in out.getvalue().split("\n") for part in line.split("\r")]
+    assert any("epoch 12/100" in line for line in lines)
+    assert max(len(line.rstrip()) for line in lines) <= 80 - ECHO_ROOM, lines

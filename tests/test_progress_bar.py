@@ -22,3 +22,20 @@ def test_the_live_bar_leaves_room_for_the_ctrl_c_echo() -> None:
     lines = [ANSI.sub("", part) for line in out.getvalue().split("\n") for part in line.split("\r")]
     assert any("epoch 12/100" in line for line in lines)
     assert max(len(line.rstrip()) for line in lines) <= 80 - ECHO_ROOM, lines
+
+
+def test_the_epoch_bar_ends_before_the_validation_bar_starts(tmp_path) -> None:
+    """In a terminal, the finished epoch bar stays above the validation bar (it used to be redrawn
+    below it: the epoch's bar was still live while validation ran)."""
+    from cityseg import Config, DataConfig, ModelConfig, TrainConfig, train
+    from tests.conftest import make_pair_dataset
+
+    data = make_pair_dataset(tmp_path / "data", n_train=8, n_val=4)
+    cfg = Config(data=DataConfig(data_dir=str(data), image_size=32, batch_size=2, workers=0),
+                 model=ModelConfig(width=4, depth=2),
+                 train=TrainConfig(epochs=1, device="cpu", compile=False, tensorboard=False, out=str(tmp_path / "run")))
+    out = io.StringIO()
+    train(cfg, console=Console(file=out, force_terminal=True, width=120, color_system=None))
+    text = ANSI.sub("", out.getvalue())
+    assert "epoch 1/1" in text and "val after epoch 1" in text
+    assert text.rindex("epoch 1/1") < text.index("val after epoch 1"), text

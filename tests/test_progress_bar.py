@@ -39,3 +39,18 @@ def test_the_epoch_bar_ends_before_the_validation_bar_starts(tmp_path) -> None:
     text = ANSI.sub("", out.getvalue())
     assert "epoch 1/1" in text and "val after epoch 1" in text
     assert text.rindex("epoch 1/1") < text.index("val after epoch 1"), text
+
+
+def test_the_per_class_table_keeps_its_title_and_caption_on_one_line() -> None:
+    import torch
+
+    from cityseg.metrics import ConfusionMatrix, iou_table
+
+    cm = ConfusionMatrix(19, ignore_index=255)
+    cm.update(torch.zeros(1, 4, 4, dtype=torch.int64), torch.zeros(1, 4, 4, dtype=torch.int64))
+    title = "runs/20261204-101010/checkpoints/best.pt on val (500 images, scored at 256 px)"
+    console = Console(width=100, record=True)
+    console.print(iou_table(cm.compute(), [f"class {i}" for i in range(19)], title=title))
+    lines = [line.strip() for line in console.export_text().splitlines()]
+    assert title in lines
+    assert "18 classes absent from truth and prediction: excluded from mIoU" in lines

@@ -3,7 +3,7 @@
     from cityseg import Config, DataConfig, ModelConfig, TrainConfig, Predictor, evaluate, train
     cfg = Config(data=DataConfig(data_dir="DIR", image_size=128), model=ModelConfig(width=16),
                  train=TrainConfig(epochs=2, out="runs/a"))
-    summary = train(cfg)                                    # the run folder of `cityseg-fast train`
+    summary = train(cfg)                     # quiet; train(cfg, verbose=True) shows the progress
     scores = evaluate("runs/a/checkpoints/best.pt", data="DIR")
     ids = Predictor("runs/a/checkpoints/best.pt").predict_batch([photo])   # photo: (H, W, 3) uint8
 
@@ -11,6 +11,7 @@ The names are loaded on first use (torch and the training code only when asked f
 the package, and `cityseg-fast --help`, stay fast.
 """
 
+import logging
 import os
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
@@ -20,6 +21,10 @@ from typing import Any
 # measured on 2 cores with one busy, a U-Net step took 2.0-2.5 s with spinning, 0.08-0.14 s with
 # passive waiting. Must be set before torch loads its OpenMP runtime; the user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# A library says nothing unless asked: records go to the "cityseg" logger, shown once the
+# application configures logging (e.g. logging.basicConfig(level=logging.INFO)).
+logging.getLogger("cityseg").addHandler(logging.NullHandler())
 
 try:
     __version__ = version("cityseg-fast")
@@ -39,6 +44,7 @@ _API = {
     "Predictor": ("cityseg.inference.predict", "Predictor"),
     "load_from_checkpoint": ("cityseg.checkpoint", "load_from_checkpoint"),
     "UserError": ("cityseg.errors", "UserError"),
+    "write_synth_dataset": ("cityseg.data.synth.dataset", "write_dataset"),  # `cityseg-fast synth`
 }
 __all__ = ["__version__", *_API]
 

@@ -176,7 +176,7 @@ def iou_table(metrics: SegMetrics, class_names: Sequence[str], title: str = "Per
     _check_names(class_names, metrics.num_classes)
     truth = metrics.truth_pixels
     total = sum(truth)
-    table = Table(title=title)
+    table = Table(title=title, min_width=len(title))  # the title on one line where the terminal allows
     table.add_column("class")
     table.add_column("IoU %", justify="right")
     table.add_column("truth px %", justify="right")
@@ -193,6 +193,7 @@ def iou_table(metrics: SegMetrics, class_names: Sequence[str], title: str = "Per
     if excluded:
         classes = "class" if excluded == 1 else "classes"
         table.caption = f"{excluded} {classes} absent from truth and prediction: excluded from mIoU"
+        table.min_width = max(table.min_width or 0, len(table.caption))
     return table
 
 

@@ -120,7 +120,7 @@ THREADS = {"workers": count(1, 256)}
 
 # Parameters whose flag is not `--` + the name with dashes.
 FLAGS = {"json_out": "--json", "fmt": "--format", "train_pairs": "--train", "val_pairs": "--val",
-         "pair_size": "--size"}
+         "pair_size": "--size", "set_values": "--set"}
 
 
 def flag(name: str) -> str:

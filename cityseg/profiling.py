@@ -6,6 +6,7 @@ writes PROFILE_DIR/trace.json (open in chrome://tracing or Perfetto), top_ops.tx
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import replace
@@ -32,6 +33,8 @@ def profile_training(cfg: Config, steps: int, out: Path, console: Console, run: 
     activities = [torch.profiler.ProfilerActivity.CPU]
     if cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
+    else:  # the profiler's C++ side otherwise prints "gpuGetDeviceCount failed" on every CPU run
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     total = SKIP + WARMUP + steps
     cfg = replace(cfg, train=replace(cfg.train, max_steps=total, epochs=max(cfg.train.epochs, 1_000)))
     check_new_run_folder(out / "run")  # an earlier profile's run is never replaced (the engine claims it)

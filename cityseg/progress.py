@@ -13,13 +13,27 @@ import time
 from datetime import timedelta
 from types import TracebackType
 
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.constrain import Constrain
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 
 def format_eta(seconds: float | None) -> str:
     return "?" if seconds is None else str(timedelta(seconds=round(max(0.0, seconds))))
+
+
+# Columns a live bar leaves free at the right: a terminal echoes Ctrl-C as "^C" where the cursor is,
+# at the end of the bar's line; on a full-width line that wraps, the bar's next redraw lands one line
+# lower, and the bar shows twice.
+ECHO_ROOM = 3
+
+
+class _NarrowProgress(Progress):
+    def get_renderable(self) -> RenderableType:
+        renderable = super().get_renderable()
+        live = getattr(self, "live", None)  # None while Progress.__init__ builds its Live
+        return renderable if live is None else Constrain(renderable, width=max(20, live.console.width - ECHO_ROOM))
 
 
 class StepProgress:
@@ -30,7 +44,7 @@ class StepProgress:
         self.start_done, self.t0 = done, time.perf_counter()
         self.bar: Progress | None = None
         if console.is_terminal:
-            self.bar = Progress(
+            self.bar = _NarrowProgress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=console, transient=False,
             )

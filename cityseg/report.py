@@ -16,6 +16,7 @@ matplotlib.use("Agg")  # headless: CI and servers have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from cityseg.palette import Palette, colorize  # noqa: E402
 
@@ -107,6 +108,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     axes[2].set_title("val mIoU")
     for ax in axes:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no tick at 1.5
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -118,7 +120,10 @@ def plot_samples(
 ) -> None:
     """Rows of photo | truth | prediction. photos: (N, H, W, 3) uint8; truths/preds: (N, H, W) ids."""
     n = photos.shape[0]
-    fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n), squeeze=False)
+    handles = legend_handles(torch.cat([truths.flatten(), preds.flatten()]), palette)
+    columns = min(5, max(1, len(handles)))
+    legend_inches = 0.2 * -(-len(handles) // columns) + 0.2 if handles else 0.0  # rows of the colour legend
+    fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n + legend_inches), squeeze=False)
     for i in range(n):
         panels = (photos[i], colorize(truths[i], palette), colorize(preds[i], palette))
         for ax, img, title in zip(axes[i], panels, ("photo", "truth", "prediction"), strict=True):
@@ -126,9 +131,23 @@ def plot_samples(
             ax.set_axis_off()
             if i == 0:
                 ax.set_title(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, legend_inches / (3 * n + legend_inches), 1, 1))
+    if handles:  # which colour is which class: the classes present in truth or prediction
+        fig.legend(handles=handles, loc="lower center", ncol=columns, fontsize=8, frameon=False)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def legend_handles(class_ids: torch.Tensor, palette: Palette) -> list:
+    """One colour patch per class present in `class_ids` (ignore drawn black), in class order."""
+    from matplotlib.patches import Patch
+
+    present = torch.unique(class_ids.to(torch.int64)).tolist()
+    handles = [Patch(facecolor=(palette.colors[c].float() / 255).tolist(), edgecolor="grey", label=palette.names[c])
+               for c in present if 0 <= c < palette.num_classes]
+    if any(c >= palette.num_classes for c in present):
+        handles.append(Patch(facecolor="black", edgecolor="grey", label="ignored"))
+    return handles
 
 
 class RunFolder:

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 bench_app = typer.Typer(
+    context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
     help="Benchmarks: loaders, mask kernel, train step, end to end; JSON under benchmarks/results/.",
 )

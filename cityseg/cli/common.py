@@ -11,6 +11,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.text import Text
 from typer._click.core import Context, ParameterSource
 from typer._click.exceptions import ClickException
@@ -52,6 +53,7 @@ class OneLineErrors(TyperGroup):
             fail(path_error(e))
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
+        tidy_help(self)
         standalone = kwargs.pop("standalone_mode", True)
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
@@ -64,8 +66,57 @@ class OneLineErrors(TyperGroup):
         sys.exit(code or 0)
 
 
+# Choice lists longer than this show as a placeholder in the type column, their values in the help
+# text: the type column is narrow, and a long list there broke mid-word at 80 columns.
+MAX_CHOICE_LABEL = 16
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}  # `-h` on every command (subcommands inherit it)
+
+
+def tidy_help(command: Any) -> None:
+    """Make every command's help read right, once: help texts are escaped (they go through Rich
+    markup, which took `[data]` for a style tag and dropped it), on/off flags show no value
+    placeholder, and a long choice list moves from the narrow type column into the help text."""
+    if getattr(command, "_help_tidied", False):
+        return
+    command._help_tidied = True
+    if command.help:
+        command.help = escape(command.help)
+    make_help_option = command.get_help_option  # built per invocation, not one of `params`
+
+    def get_help_option(ctx: Context) -> Any:
+        option = make_help_option(ctx)
+        if option is not None:
+            tidy_param(option)
+        return option
+
+    command.get_help_option = get_help_option
+    for param in command.params:
+        tidy_param(param)
+    for sub in getattr(command, "commands", {}).values():
+        tidy_help(sub)
+
+
+def tidy_param(param: Any) -> None:
+    help_text = getattr(param, "help", None) or ""
+    descriptor = getattr(param, "type_descriptor", None)
+    if getattr(param, "is_flag", False):
+        param.metavar = ""  # a switch takes no value
+    elif descriptor is not None and descriptor.is_list and not descriptor.is_choice and param.metavar is None:
+        # `<list[Path]>` is Python, not usage: each value is a path (the name already ends in "...")
+        element = f"<{param.bare_type().removeprefix('list[').removesuffix(']').lower()}>"
+        param.display_type_rich = lambda ctx: element  # noqa: ARG005
+    elif descriptor is not None and descriptor.is_choice and param.metavar is None:
+        values = [getattr(c, "value", c) for c in descriptor.choices]
+        if len("|".join(values)) + 2 > MAX_CHOICE_LABEL:
+            param.metavar = "<choice>"
+            help_text = f"{help_text} One of: {', '.join(values)}.".strip()
+    if hasattr(param, "help"):
+        param.help = escape(help_text) if help_text else param.help
+
+
 app = typer.Typer(
     cls=OneLineErrors,
+    context_settings=HELP_OPTIONS,
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode="rich",

@@ -13,6 +13,7 @@ config key by OPTION_KEYS. Nothing here imports torch: `--help` answers at once.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import asdict
@@ -21,7 +22,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 from rich.text import Text
 
 from cityseg.cli.choices import (
@@ -36,7 +36,7 @@ from cityseg.cli.choices import (
     Upsample,
 )
 from cityseg.cli.common import app, console, err_console, fail, given_options
-from cityseg.config import AMP_TO_PRECISION, PRESETS, Config, flatten, get_value, train_config, with_overrides
+from cityseg.config import AMP_TO_PRECISION, PRESETS, Config, get_value, train_config, with_overrides
 from cityseg.errors import OptionError
 from cityseg.options import (
     OPTION_KEYS,
@@ -59,7 +59,7 @@ DATA, MODEL, TRAIN, SPEED, OUTPUT, AUG = "Data", "Model", "Training", "Speed", "
 RESUME_APPLIES = {"epochs", "max_steps", "time_budget", "target_acc", "device", "workers", "prefetch", "precision",
                   "amp", "compile", "compile_mode", "log_every", "skip_validate", "tensorboard", "val_every"}
 # Options that are not config values.
-COMMAND_ONLY = {"resume", "config", "print_config", "smoke", "nproc"}
+COMMAND_ONLY = {"resume", "config", "print_config", "smoke", "nproc", "set_values"}
 
 
 def _d(key: str) -> Any:
@@ -88,6 +88,24 @@ def config_values(given: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+def parse_set_values(items: list[str]) -> dict[str, Any]:
+    """`--set train.min_lr_ratio=0.05 --set data.augment.scale=[0.5,2]` -> {config key: value}; each
+    value is read as YAML (numbers, true/false, null, [lists]); keys and types are checked later by
+    the same rules as a config file's."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise OptionError(f"--set {item}: expected KEY=VALUE with a config key, e.g. train.min_lr_ratio=0.05")
+        try:
+            values[key.strip()] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise OptionError(f"--set {item}: the value is not a number, true/false, null, text or [list]") from None
+    return values
+
+
 def resolve_config(given: dict[str, Any]) -> Config:
     """The run's Config from the typed options (see the module docstring); --resume starts from the
     config saved in the run's last.pt and applies only RESUME_APPLIES, refusing the rest."""
@@ -95,11 +113,17 @@ def resolve_config(given: dict[str, Any]) -> Config:
     if resume is not None:
         return resumed_config(Path(resume).absolute(), given)
     layers = []
-    if given.get("init_from") is not None:  # the architecture of the checkpoint, unless flags change it
+    if given.get("init_from") is not None:  # the checkpoint's architecture and size, unless flags change them
         layers.append(("--init-from", checkpoint_architecture(Path(given["init_from"]))))
     if given.get("config") is not None:
         layers.append((str(given["config"]), read_config_file(Path(given["config"]))))
     layers.append(("command line", config_values(given)))
+    if given.get("set_values"):
+        layers.append(("--set", parse_set_values(given["set_values"])))
+    if given.get("init_from") is not None and "data.image_size" not in {k for _, v in layers[1:] for k in v}:
+        size = layers[0][1]["data.image_size"]
+        err_console.print(f"--init-from: training at the checkpoint's image size, {size} px "
+                          "(--image-size changes it)", soft_wrap=True)
     device = {k: v for _, values in layers for k, v in values.items()}.get("train.device", "auto")
     on_cpu = device == "cpu" or (device == "auto" and not cuda_available())
     return train_config(layers, on_cpu=on_cpu, smoke=bool(given.get("smoke")))
@@ -108,14 +132,16 @@ def resolve_config(given: dict[str, Any]) -> Config:
 def checkpoint_architecture(path: Path) -> dict[str, Any]:
     from cityseg.checkpoint import load_checkpoint, read_config
 
-    model = read_config(load_checkpoint(path), path).model
-    return {f"model.{k}": v for k, v in asdict(model).items() if k != "num_classes"}
+    saved = read_config(load_checkpoint(path), path)
+    # The image size too: a model trained at 64 px is fine-tuned at 64 px unless --image-size says otherwise,
+    # not silently at a preset's size.
+    return {**{f"model.{k}": v for k, v in asdict(saved.model).items() if k != "num_classes"},
+            "data.image_size": saved.data.image_size}
 
 
 def resumed_config(run: Path, given: dict[str, Any]) -> Config:
     refused = sorted(flag(n) for n in given if n not in RESUME_APPLIES | COMMAND_ONLY)
-    if given.get("config") is not None:
-        refused.insert(0, "--config")
+    refused[:0] = [flag(n) for n in ("config", "set_values") if given.get(n)]
     if refused:
         allowed = ", ".join(sorted(flag(n) for n in RESUME_APPLIES))
         raise OptionError(f"--resume {run}: {', '.join(refused)} would change the run it continues (its settings "
@@ -142,141 +168,148 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def print_config(cfg: Config) -> None:
-    table = Table(title="config", show_header=False, box=None, pad_edge=False)
-    for key, value in flatten(cfg.to_dict()).items():
-        table.add_row(key, Text(str(value)))
-    console.print(table)
+# Keys a config file does not carry: the run folder and --resume are command-line choices.
+NOT_IN_FILE = ("train.out", "train.resume")
+SYNTHETIC_ONLY = ("data.synth_train", "data.synth_val", "data.synth_seed")  # unused with --data
 
 
-@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def config_text(cfg: Config) -> str:
+    """The config as YAML that `--config` reads back to the same config: sections, no keys that do
+    not apply (the run folder, --resume, the synthetic set's sizes when a data folder is given)."""
+    import yaml
+
+    drop = set(NOT_IN_FILE) | (set(SYNTHETIC_ONLY) if cfg.data.data_dir is not None else set())
+    tree = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists: plain YAML
+    for key in drop:
+        *sections, leaf = key.split(".")
+        node = tree
+        for section in sections:
+            node = node[section]
+        node.pop(leaf, None)
+    header = "# cityseg-fast train --config FILE reads this back (the run folder, --out, is not part of it)\n"
+    return header + yaml.safe_dump(tree, sort_keys=False, default_flow_style=None)
+
+
+@app.command()
 def train(
     ctx: typer.Context,
     data: Annotated[Path | None, typer.Option(rich_help_panel=DATA, help=(
-        "Dataset folder with train/ and val/ Kaggle pairs (512x256 JPEG: photo | colour mask), or the unpacked "
-        "Kaggle archive above it. Default: a cached synthetic city set, generated on first use."))] = None,
+        "Folder with train/ and val/ Kaggle pairs (512x256 JPEG: photo | colour mask), or the unpacked archive "
+        "above it. Default: a cached synthetic city set."))] = None,
     image_size: Annotated[int | None, typer.Option(rich_help_panel=DATA, help=(
-        f"Train/val size in pixels, square (default {_d('data.image_size')}; {CPU['data.image_size']} in the CPU "
-        "synthetic preset). A multiple of 2**depth."))] = None,
+        f"Square train/val size in pixels, a multiple of 2**depth (default {_d('data.image_size')}; "
+        f"{CPU['data.image_size']} for synthetic data on a CPU; the checkpoint's with --init-from)."))] = None,
     batch_size: Annotated[str | None, typer.Option(rich_help_panel=DATA, callback=parse_batch_size, help=(
         "Images per step, or auto (default): on a CUDA GPU the largest batch from 16 to 256 that fits 80 % of "
         "its memory, found once and cached, with lr and warm-up scaled from batch 16; 16 on a CPU."))] = None,
     loader: Annotated[Loader | None, typer.Option(rich_help_panel=SPEED, help=(
-        "auto: DALI on a GPU, the plain PyTorch loader otherwise; cache: decode the split once into device "
-        "memory and augment there."))] = None,
+        "auto: DALI on a GPU, else torch (the plain loader); cache: decode once into device memory."))] = None,
     cache: Annotated[Cache | None, typer.Option(rich_help_panel=SPEED, help=(
-        "device: the same as --loader cache (kept for older commands)."))] = None,
+        "device: the same as --loader cache."))] = None,
     workers: Annotated[int | None, typer.Option(rich_help_panel=SPEED, help=(
-        f"Loader worker processes (torch) or threads (DALI) (default {_d('data.workers')})."))] = None,
+        f"Loader processes (torch) or threads (DALI) (default {_d('data.workers')})."))] = None,
     prefetch: Annotated[int | None, typer.Option(rich_help_panel=SPEED, help=(
         f"Batches prefetched per worker / DALI queue depth (default {_d('data.prefetch')})."))] = None,
     palette: Annotated[str | None, typer.Option(rich_help_panel=DATA, help=(
-        "Mask colours -> classes: cityscapes (default) | kmeans:K | a saved palette .json."))] = None,
+        "Mask colours -> classes: cityscapes (default), kmeans:K or a palette .json."))] = None,
     max_color_dist: Annotated[float | None, typer.Option(rich_help_panel=DATA, help=(
-        "Mask pixels farther than this (RGB distance) from every class colour are ignored (default: none)."
-    ))] = None,
+        "Ignore mask pixels farther than this (RGB) from every class colour (default: none)."))] = None,
     skip_validate: Annotated[bool, typer.Option("--skip-validate", rich_help_panel=DATA, help=(
-        "Skip decoding every file before training (mask colours are still checked on a sample); the loader "
-        "reports a bad file when it meets it."))] = False,
+        "Do not decode every file first; the loader reports a bad file when it meets it."))] = False,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", rich_help_panel=DATA, help=(
-        "Train on the valid files, leaving bad ones out (and saying how many), instead of stopping at the first."
-    ))] = False,
+        "Leave bad files out (and say how many) instead of stopping at the first."))] = False,
     hflip: Annotated[float | None, typer.Option(rich_help_panel=AUG, help=(
         f"Horizontal flip probability (default {_d('data.augment.hflip')})."))] = None,
     rotate: Annotated[float | None, typer.Option(rich_help_panel=AUG, help=(
-        "Random rotation range in degrees, ± (default 0)."))] = None,
+        "Random rotation range, ± degrees (default 0)."))] = None,
     scale: Annotated[str | None, typer.Option(rich_help_panel=AUG, help=(
         "Random zoom range LO,HI, then a crop back to size (default 1,1)."))] = None,
     jitter: Annotated[float | None, typer.Option(rich_help_panel=AUG, help=(
-        "Colour jitter strength for brightness, contrast and saturation, photo only (default 0)."))] = None,
+        "Brightness, contrast and saturation jitter, photo only (default 0)."))] = None,
     hue: Annotated[float | None, typer.Option(rich_help_panel=AUG, help=(
-        "Random hue shift range in turns, photo only (default 0, at most 0.5)."))] = None,
+        "Hue shift range in turns, photo only (default 0, at most 0.5)."))] = None,
     width: Annotated[int | None, typer.Option(rich_help_panel=MODEL, help=(
-        f"U-Net base width, doubled per stage (default {_d('model.width')}; {CPU['model.width']} in the CPU "
-        "synthetic preset)."))] = None,
+        f"Base width, doubled per stage (default {_d('model.width')}; {CPU['model.width']} for synthetic data "
+        "on a CPU)."))] = None,
     depth: Annotated[int | None, typer.Option(rich_help_panel=MODEL, help=(
-        f"U-Net downsamplings (default {_d('model.depth')})."))] = None,
+        f"Downsamplings (default {_d('model.depth')})."))] = None,
     upsample: Annotated[Upsample | None, typer.Option(rich_help_panel=MODEL, help=(
-        "Decoder upsampling: a learned transposed conv, or bilinear + 1x1 conv (default bilinear with --data, "
-        "the measured recipe; transpose for the synthetic data)."))] = None,
+        "Decoder: transposed conv, or bilinear + 1x1 conv (default bilinear with --data, transpose for "
+        "synthetic data)."))] = None,
     norm: Annotated[Norm | None, typer.Option(rich_help_panel=MODEL, help=(
-        "Normalisation layers: BatchNorm (default) or GroupNorm with 8 groups (independent of the batch size)."
-    ))] = None,
+        "BatchNorm (default) or GroupNorm with 8 groups."))] = None,
     epochs: Annotated[int | None, typer.Option(rich_help_panel=TRAIN, help=(
-        f"Epochs to train (default {_d('train.epochs')}; {CPU['train.epochs']} in the CPU synthetic preset). "
-        "With --resume: the new budget of that run."))] = None,
+        f"Epochs (default {_d('train.epochs')}; {CPU['train.epochs']} for synthetic data on a CPU)."))] = None,
     lr: Annotated[float | None, typer.Option(rich_help_panel=TRAIN, help=(
         f"Peak AdamW learning rate (default {_d('train.lr'):g})."))] = None,
     weight_decay: Annotated[float | None, typer.Option(rich_help_panel=TRAIN, help=(
         f"AdamW weight decay, not on norms and biases (default {_d('train.weight_decay'):g})."))] = None,
     warmup_steps: Annotated[int | None, typer.Option(rich_help_panel=TRAIN, help=(
-        f"Linear LR warm-up steps before the cosine decay (default {_d('train.warmup_steps')})."))] = None,
+        f"Linear LR warm-up steps (default {_d('train.warmup_steps')})."))] = None,
     grad_clip: Annotated[float | None, typer.Option(rich_help_panel=TRAIN, help=(
-        f"Max gradient norm; 0 disables (default {_d('train.grad_clip')})."))] = None,
+        f"Max gradient norm, 0 = off (default {_d('train.grad_clip')})."))] = None,
     class_weights: Annotated[ClassWeights | None, typer.Option(rich_help_panel=TRAIN, help=(
-        "Loss weights per class (default none)."))] = None,
+        "Loss weight per class (default none)."))] = None,
     time_budget: Annotated[str | None, typer.Option(rich_help_panel=TRAIN, help=(
-        "Train for this much time (e.g. 1200, 20m, 1.5h; validation not counted): the learning rate decays over "
-        "it and the run ends annealed when it is spent, with a normal best.pt/last.pt. --epochs, if given, may "
-        "end it sooner."))] = None,
+        "Train this long (1200, 20m, 1.5h; validation not counted), the LR decaying over it."))] = None,
     target_acc: Annotated[float | None, typer.Option(rich_help_panel=TRAIN, help=(
-        "Stop once val pixel accuracy reaches this (e.g. 0.90); summary.json records when."))] = None,
+        "Stop once val pixel accuracy reaches this (e.g. 0.90)."))] = None,
     schedule: Annotated[Schedule | None, typer.Option(rich_help_panel=TRAIN, help=(
-        "LR shape: warm-up + cosine (default) or one-cycle."))] = None,
+        "LR shape (default cosine, after the warm-up)."))] = None,
     loss: Annotated[Loss | None, typer.Option(rich_help_panel=TRAIN, help=(
-        "ce, or ce+dice: cross-entropy plus soft Dice over the classes present (default ce+dice with --data, the "
-        "measured recipe; ce for the synthetic data)."))] = None,
+        "Cross-entropy, or plus soft Dice (default ce+dice with --data, ce for synthetic data)."))] = None,
     ema: Annotated[float | None, typer.Option(rich_help_panel=TRAIN, help=(
-        "Decay of an exponential moving average of the weights (e.g. 0.999): validated and saved in place of "
-        "the raw weights; 0 = off (default)."))] = None,
+        "Validate and save an average of the weights with this decay (e.g. 0.999; default 0 = off)."))] = None,
     val_every: Annotated[str | None, typer.Option(rich_help_panel=TRAIN, help=(
         "Validate, and write best.pt / last.pt, every N epochs (2), steps (300steps) or seconds of training (30s, "
         "2m), at the end of the epoch where it falls due. Default auto: as often as keeps validation and "
         "checkpoints under 10 % of the wall time (every epoch when epochs are long). The end of the run and "
         "Ctrl-C always validate."))] = None,
     patience: Annotated[int | None, typer.Option(rich_help_panel=TRAIN, help=(
-        "Early stop after N epochs without a better val mIoU; 0 = never (default)."))] = None,
+        "Stop after N epochs without a better val mIoU (default 0 = never)."))] = None,
     seed: Annotated[int | None, typer.Option(rich_help_panel=TRAIN, help=(
-        "Seed for weights, shuffling and augmentation (default 0)."))] = None,
+        "Seed for weights, order and augmentation (default 0)."))] = None,
     max_steps: Annotated[int | None, typer.Option(rich_help_panel=TRAIN, help=(
-        "Stop after this many steps in total, saving a resumable last.pt (0 = all epochs, default)."))] = None,
-    device: Annotated[str | None, typer.Option(rich_help_panel=SPEED, help=(
-        "auto (default) | cpu | cuda | cuda:N."))] = None,
-    precision: Annotated[Precision | None, typer.Option(rich_help_panel=SPEED, help=(
-        "auto (default): bf16 autocast where the device has native bf16 (Ampere+ GPUs, AMX/AVX512-BF16 CPUs), "
-        "fp16 + gradient scaling on older GPUs, fp32 on other CPUs."))] = None,
-    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", rich_help_panel=SPEED, help=(
-        "Older switch: --amp = --precision bf16-mixed, --no-amp = --precision 32."))] = None,
-    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", rich_help_panel=SPEED, help=(
-        "torch.compile the model. Default: on for GPUs that Triton supports (compute capability >= 7.0), "
-        "off for CPU."))] = None,
-    compile_mode: Annotated[CompileMode | None, typer.Option(rich_help_panel=SPEED, help=(
-        "torch.compile mode (default: torch's default)."))] = None,
-    nproc: Annotated[int, typer.Option(rich_help_panel=SPEED, help=(
-        "Processes (GPUs) on this machine: launches torchrun with DDP (NCCL on GPU, gloo on CPU). "
-        "Several machines: call torchrun yourself (see README)."))] = 1,
-    sync_bn: Annotated[bool, typer.Option("--sync-bn", rich_help_panel=SPEED, help=(
-        "DDP on GPUs: synchronise BatchNorm statistics across ranks."))] = False,
-    out: Annotated[Path | None, typer.Option(rich_help_panel=OUTPUT, help=(
-        "Run folder: new, or empty (default runs/<date-time>)."))] = None,
-    init_from: Annotated[Path | None, typer.Option(rich_help_panel=OUTPUT, help=(
-        "Start a new run from this checkpoint's weights (fine-tuning): new optimiser, schedule and run folder; "
-        "its architecture unless flags change it; another class count re-initialises only the head."))] = None,
-    resume: Annotated[Path | None, typer.Option(rich_help_panel=OUTPUT, help=(
-        "Continue the run in this folder from checkpoints/last.pt, with its saved config; only --epochs, "
-        "--max-steps and how-to-run options (--device, --workers, ...) may be given with it."))] = None,
-    tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", rich_help_panel=OUTPUT, help=(
-        "TensorBoard event files in the run folder (default on): tensorboard --logdir runs/"))] = None,
-    log_every: Annotated[int | None, typer.Option(rich_help_panel=OUTPUT, help=(
-        f"Steps between loss readouts and progress lines (default {_d('train.log_every')}; each syncs the GPU)."
+        "Stop after this many steps, with a resumable last.pt (default 0 = all epochs)."))] = None,
+    set_values: Annotated[list[str] | None, typer.Option("--set", metavar="<key=value>", rich_help_panel=TRAIN, help=(
+        "Any config key, e.g. --set train.min_lr_ratio=0.05 (repeatable; checked like a config file)."
     ))] = None,
+    device: Annotated[str | None, typer.Option(rich_help_panel=SPEED, help=(
+        "auto (default), cpu, cuda or cuda:N."))] = None,
+    precision: Annotated[Precision | None, typer.Option(rich_help_panel=SPEED, help=(
+        "auto: bf16 where the device computes it natively, fp16 + loss scaling on older GPUs, else fp32."
+    ))] = None,
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", rich_help_panel=SPEED, help=(
+        "Older spellings of --precision bf16-mixed / 32."))] = None,
+    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", rich_help_panel=SPEED, help=(
+        "torch.compile (default: on for GPUs of compute capability >= 7.0, off on a CPU)."))] = None,
+    compile_mode: Annotated[CompileMode | None, typer.Option(rich_help_panel=SPEED, help=(
+        "torch.compile mode (default: torch's)."))] = None,
+    nproc: Annotated[int, typer.Option(rich_help_panel=SPEED, help=(
+        "Processes (GPUs) on this machine, launched with torchrun (DDP). Several machines: see README."
+    ))] = 1,
+    sync_bn: Annotated[bool, typer.Option("--sync-bn", rich_help_panel=SPEED, help=(
+        "DDP on GPUs: synchronise BatchNorm statistics."))] = False,
+    out: Annotated[Path | None, typer.Option(rich_help_panel=OUTPUT, help=(
+        "Run folder: new or empty (default runs/<date-time>)."))] = None,
+    init_from: Annotated[Path | None, typer.Option(rich_help_panel=OUTPUT, help=(
+        "Fine-tune: a new run from this checkpoint's weights, architecture and image size (--image-size may "
+        "change the size; architecture flags are refused); another class count re-initialises the head."
+    ))] = None,
+    resume: Annotated[Path | None, typer.Option(rich_help_panel=OUTPUT, help=(
+        "Continue this run folder from its last.pt and saved config; only --epochs, --max-steps, "
+        "--time-budget, --target-acc and how-to-run options (--device, --workers, ...) apply."))] = None,
+    tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", rich_help_panel=OUTPUT, help=(
+        "TensorBoard event files in the run folder (default on)."))] = None,
+    log_every: Annotated[int | None, typer.Option(rich_help_panel=OUTPUT, help=(
+        f"Steps between loss readouts and progress lines (default {_d('train.log_every')})."))] = None,
     config: Annotated[Path | None, typer.Option(rich_help_panel=OUTPUT, help=(
-        "Read options from a TOML, YAML or JSON file (sections [data], [model], [train] with config keys, "
-        "as in a run's config.json); options typed on the command line override it."))] = None,
+        "Options from a TOML, YAML or JSON file ([data], [model], [train] sections, as --print-config "
+        "prints); options typed here win."))] = None,
     print_config_only: Annotated[bool, typer.Option("--print-config", rich_help_panel=OUTPUT, help=(
-        "Print the resolved config and exit."))] = False,
+        "Print the resolved config as YAML (a --config file) and exit."))] = False,
     smoke: Annotated[bool, typer.Option("--smoke", rich_help_panel=OUTPUT, help=(
-        "A few steps end to end on a tiny set: checks the install and writes a complete run folder."))] = False,
+        "A few steps on a tiny set: checks the install."))] = False,
 ) -> None:
     """Train a U-Net and write a run folder (config, metrics, checkpoints, curves, samples)."""
     given = given_options(ctx)
@@ -287,8 +320,8 @@ def train(
     console.quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 speaks for all
     cfg = resolve_config(given)
     check_config(cfg)
-    print_config(cfg)
     if print_config_only:
+        sys.stdout.write(config_text(cfg))  # not through Rich: exactly the file's text, never wrapped
         return
     summary = run_training(cfg)
     from cityseg.telemetry import fmt
@@ -316,7 +349,12 @@ def run_training(cfg: Config, on_step=None) -> dict:
     try:
         return run(cfg, console, on_step=on_step)
     except KeyboardInterrupt as e:  # before training started, or a second signal: nothing more to save
-        err_console.print("interrupted")
+        run_dir = getattr(e, "run_dir", None)
+        if run_dir is not None and (Path(run_dir) / "checkpoints" / "last.pt").is_file():
+            err_console.print(f"interrupted; resume from the last saved epoch with: cityseg-fast train --resume "
+                              f"{run_dir}", soft_wrap=True)
+        else:
+            err_console.print("interrupted")
         raise typer.Exit(e.exit_code if isinstance(e, InterruptedNow) else EXIT_INTERRUPTED) from None
     except Interrupted as e:
         err_console.print(str(e), soft_wrap=True)

@@ -35,12 +35,14 @@ def evaluate_checkpoint(
     tta: str | None = None,
     native: bool | None = None,
     overwrite: bool = False,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Pixel accuracy, mIoU, per-class IoU and confusion matrix of `ckpt` on `data/split`, scored at
     the masks' own size (`native`, the default of the run's config) or at the model's input size.
     `json_out` and its heat map (JSON_OUT stem + .confusion.png) are new files (or `overwrite`),
-    never the checkpoint or inside the dataset: checked before the evaluation."""
-    console = console or Console(markup=False)
+    never the checkpoint or inside the dataset: checked before the evaluation.
+    Quiet unless `verbose` (the progress bar and the per-class table) or given a `console`."""
+    console = console or Console(markup=False, highlight=False, quiet=not verbose)
     where = resolve_device(device)
     model, cfg, palette, _ = load_from_checkpoint(ckpt, where)
     rt = inference_runtime(where, cfg.train.precision)
@@ -62,8 +64,9 @@ def evaluate_checkpoint(
             metrics, loss = evaluate_model(model, loader, rt, palette.num_classes,
                                            on_batch=lambda done: bar.step(done, "", log=done % 20 == 0))
         scored_at = loader.spec.label_size
-    console.print(iou_table(metrics, palette.names, title=f"{ckpt} on {split} ({len(files)} images, scored at "
-                                                          f"{scored_at} px)"))
+    # The title on its own line (wrapped at spaces, if at all), not squeezed into the table's width.
+    console.print(f"{ckpt} on {split} ({len(files)} images, scored at {scored_at} px)", soft_wrap=True)
+    console.print(iou_table(metrics, palette.names, title=f"{split}: per-class IoU"))
     result = {**metrics.to_dict(), "loss": loss, "checkpoint": str(ckpt), "split": split, "images": len(files),
               "scored_at_px": scored_at,
               "tta": tta, "class_names": list(palette.names)}

@@ -65,16 +65,21 @@ def time_zero() -> tuple[float, str]:
 
 
 def train(cfg: Config, console: Console | None = None, on_step: Callable[[], None] | None = None,
-          hooks: list[HookBase] | None = None) -> dict[str, Any]:
+          hooks: list[HookBase] | None = None, *, verbose: bool = False) -> dict[str, Any]:
     """Run (or resume, with `cfg.train.resume`) training as configured; returns summary.json's content.
 
+    Quiet by default, as a library should be: `verbose=True` shows the progress bars and per-epoch
+    tables of `cityseg-fast train` (which passes its own `console`), and each epoch's one-line result
+    goes to the "cityseg" logger (`logging.basicConfig(level=logging.INFO)` shows it).
     Raises a `UserError` (one-line message) for what the user can fix, and `Interrupted` after saving
     last.pt on Ctrl-C/SIGTERM. `on_step` is called after every step (torch.profiler's `step`);
     `hooks` are added after the default ones."""
     zero = time_zero()
     dist_info = init_distributed(resolve_device(cfg.train.device).type)
     # Markup off: paths and file names are printed as given, a `[tag]` in one included.
-    console = (console or Console(markup=False, highlight=False)) if dist_info.is_main else Console(quiet=True)
+    console = console or Console(markup=False, highlight=False, quiet=not verbose)
+    if not dist_info.is_main:
+        console = Console(quiet=True)
     try:
         return _train(cfg, console, dist_info, on_step, hooks or [], zero)
     finally:
@@ -95,17 +100,42 @@ def _train(cfg: Config, console: Console, dist_info: DistInfo, on_step: Callable
            extra_hooks: list[HookBase], zero: tuple[float, str]) -> dict[str, Any]:
     # The default name holds a timestamp: take rank 0's so every rank writes to one folder.
     root = Path(cfg.train.resume or broadcast_object(cfg.train.out or str(default_run_dir()), dist_info))
+    created = missing_folders(root) if dist_info.is_main else []
     # Rank 0 holds the folder for the run's life: a second run or resume there is refused.
     claim = claim_run_folder(root, resume=bool(cfg.train.resume)) if dist_info.is_main else nullcontext()
-    with claim:
-        run = RunFolder(root)
+    try:
+        with claim:
+            run = RunFolder(root)
+            try:
+                state = resume_state(run, cfg, console) if cfg.train.resume else None
+                return run_training(cfg, console, dist_info, run, state, on_step, extra_hooks, zero)
+            except UserError as e:
+                if dist_info.is_main and run.config.is_file():  # a run that started says why it ended
+                    write_error_log(run.root, str(e))
+                raise
+            except KeyboardInterrupt as e:  # a second Ctrl-C: stopped at once; say where the run is
+                e.run_dir = root  # type: ignore[attr-defined]
+                raise
+    finally:
+        remove_if_empty(created)  # a start that failed (bad data, bad option) leaves no empty run folder
+
+
+def missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for path in (folder.absolute(), *folder.absolute().parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    for path in folders:  # deepest first; a folder that holds anything stays
         try:
-            state = resume_state(run, cfg, console) if cfg.train.resume else None
-            return run_training(cfg, console, dist_info, run, state, on_step, extra_hooks, zero)
-        except UserError as e:
-            if dist_info.is_main:  # the run folder says why the run ended (alone, if it ended before training)
-                write_error_log(run.root, str(e))
-            raise
+            path.rmdir()
+        except OSError:
+            return
 
 
 def resume_state(run: RunFolder, cfg: Config, console: Console) -> dict[str, Any]:

@@ -19,6 +19,8 @@ Hooks run in list order; the order in `default_hooks` is the one these notes ass
 
 from __future__ import annotations
 
+import logging
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -41,7 +43,9 @@ from cityseg.report import (
 )
 from cityseg.runtime import autocast
 from cityseg.telemetry import GpuSampler, fmt, plot_gpu_timeline
-from cityseg.training.loop import HookBase
+from cityseg.training.loop import HookBase, Interrupted
+
+log = logging.getLogger("cityseg.training")
 
 
 class Telemetry(HookBase):
@@ -97,9 +101,11 @@ class Progress(HookBase):
     def after_step(self) -> None:
         t = self.trainer
         if t.log_step:  # the loop read the loss (a device sync) on this step
-            self.loss_text = f"loss {t.loss_value:.3f}  "
+            self.loss_text = f"step loss {t.loss_value:.3f}  "  # this step's; the epoch line gives the mean
         self.bar.step(t.step_in_epoch, f"{self.loss_text}{self.telemetry.live()}  run eta {format_eta(self.run_eta())}",
                       log=t.log_step)
+        if t.step_in_epoch == len(t.data.train) or t.out_of_steps() or t.out_of_time():
+            self.close()  # the epoch's last step: its bar ends above the validation bar, not below it
 
     def run_eta(self) -> float | None:
         """Seconds left in the whole run: the time budget's rest, or the remaining steps of all epochs
@@ -175,15 +181,16 @@ class MetricsWriter(HookBase):
         if t.dist.is_main:
             append_jsonl(t.run.metrics, record)
         t.console.print(iou_table(metrics, t.data.palette.names, title=f"val after epoch {record['epoch']}"))
-        t.console.print(
-            f"epoch {record['epoch']}: loss {record['loss']:.4f}  val pixel acc {record['pixel_acc']:.4f}  "
-            f"mIoU {fmt(record['miou'], '.4f')}  {record['images_per_s']:.1f} img/s  "
-            f"data wait {record['data_wait_share']:.0%}", soft_wrap=True
-        )
+        line = (f"epoch {record['epoch']}: mean loss {record['loss']:.4f}  val pixel acc {record['pixel_acc']:.4f}  "
+                f"mIoU {fmt(record['miou'], '.4f')}  {record['images_per_s']:.1f} img/s  "
+                f"data wait {record['data_wait_share']:.0%}")
+        t.console.print(line, soft_wrap=True)
+        log.info(line)
 
 
 class Reporter(HookBase):
-    """The run's summary (also what `train()` returns) and its pictures, written at the end."""
+    """The run's summary (also what `train()` returns) and its pictures, written at the end, also
+    when a signal ended the run ("completed": false): an interrupted run keeps its curves."""
 
     def __init__(self, telemetry: Telemetry) -> None:
         self.telemetry = telemetry
@@ -191,13 +198,17 @@ class Reporter(HookBase):
 
     def after_train(self) -> None:
         t = self.trainer
-        if not t.completed:  # stopped by a signal or an error: last.pt holds the run, no summary yet
+        # Called while fit's exception unwinds: a signal's `Interrupted` still gets its summary and pictures
+        # (of the epochs done); an error does not (error.log says why), nor a second Ctrl-C (now means now).
+        interrupted = isinstance(sys.exc_info()[1], Interrupted)
+        if not t.history or not (t.completed or interrupted):
             return
         history = t.history
         timing = t.timing()
         images = t.global_step * t.cfg.data.batch_size * t.dist.world_size
         wall = timing["elapsed_s"] - timing["startup_s"] - timing["warmup_s"]
         self.summary = {
+            "completed": t.completed,
             "final": history[-1],
             "best": max(history, key=lambda r: r["miou"] if r["miou"] is not None else -1.0),
             # when each val pixel accuracy was first seen: from the process start (what a user waits),
@@ -233,24 +244,45 @@ class Reporter(HookBase):
         }
         if t.dist.is_main:
             write_json(t.run.summary, self.summary)
-            plot_curves(history, t.run.curves)
-            self.write_samples()
-            samples = self.telemetry.gpu.samples
-            if samples:
-                plot_gpu_timeline(samples, t.run.root / "gpu_timeline.png")
+            try:
+                plot_curves(history, t.run.curves)
+                self.write_samples()
+                samples = self.telemetry.gpu.samples
+                if samples:
+                    plot_gpu_timeline(samples, t.run.root / "gpu_timeline.png")
+            except Exception as e:  # noqa: BLE001 - interrupted: the resume hint must still come
+                if not interrupted:
+                    raise
+                t.console.print(f"pictures not drawn: {e}", soft_wrap=True)
 
-    @torch.no_grad()
-    def write_samples(self, n: int = 4) -> None:
+    def write_samples(self) -> None:
         t = self.trainer
-        t.model.eval()
+        draw_samples(t, first_val_batch(t), t.run.samples)
+
+
+def first_val_batch(t: Any, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `n` val images and targets. The global RNG is left as it was (a loader's iterator
+    draws its seed from it): drawing pictures must not change what a resumed run would see."""
+    with torch.random.fork_rng(devices=[]):
         image, target = next(iter(t.data.val))
-        image, target = image[:n], target[:n]
+    return image[:n], target[:n]
+
+
+@torch.no_grad()
+def draw_samples(t: Any, batch: tuple[torch.Tensor, torch.Tensor], path: Any) -> None:
+    """Photo / truth / prediction of `batch`, predicted in eval mode, scored size, to `path`."""
+    was_training = t.model.training
+    t.model.eval()
+    try:
+        image, target = batch
         with autocast(t.rt):
             logits = t.model(image).float()
         if logits.shape[-2:] != target.shape[-2:]:  # labels scored at their native size
             logits = torch.nn.functional.interpolate(logits, size=target.shape[-2:], mode="bilinear")
             image = torch.nn.functional.interpolate(image.float(), size=target.shape[-2:], mode="bilinear")
-        plot_samples(denormalize(image), target.cpu(), logits.argmax(1).cpu(), t.data.palette, t.run.samples)
+        plot_samples(denormalize(image), target.cpu(), logits.argmax(1).cpu(), t.data.palette, path)
+    finally:
+        t.model.train(was_training)
 
 
 class EMA(HookBase):
@@ -321,6 +353,7 @@ class TensorBoard(HookBase):
 
     def after_epoch(self, record: dict[str, Any], metrics: SegMetrics) -> None:
         t, step = self.trainer, record["step"]
+        self.add_samples(step)
         self.writer.add_scalar("train/epoch_loss", record["loss"], step)
         for key in self.SCALARS:
             if record.get(key) is not None:
@@ -331,13 +364,21 @@ class TensorBoard(HookBase):
                 self.writer.add_scalar(f"val_iou/{name}", iou, step)
         self.writer.flush()
 
-    def after_train(self) -> None:
+    def add_samples(self, step: int) -> None:
+        """The samples picture (photo / truth / prediction of a few val images) after each epoch."""
         t = self.trainer
-        if t.completed and t.run.samples.is_file():  # drawn by Reporter, which runs before this hook
-            from PIL import Image
+        if getattr(self, "batch", None) is None:  # the same images every epoch: one extra val read per run
+            self.batch = first_val_batch(t)
+        picture_file = t.run.root / ".samples-tensorboard.png"
+        draw_samples(t, self.batch, picture_file)
+        from PIL import Image
 
-            image = torch.from_numpy(np.array(Image.open(t.run.samples).convert("RGB"))).permute(2, 0, 1)
-            self.writer.add_image("samples", image, t.global_step)
+        with Image.open(picture_file) as picture:
+            image = torch.from_numpy(np.array(picture.convert("RGB"))).permute(2, 0, 1)
+        picture_file.unlink()
+        self.writer.add_image("samples", image, step)
+
+    def after_train(self) -> None:
         self.writer.close()
 
 

@@ -61,7 +61,7 @@ def test_loop_and_benchmark_call_the_same_step(tmp_path: Path, monkeypatch: pyte
                                  augment=AugmentConfig(hflip=0)),
                  model=ModelConfig(width=4, depth=2),
                  train=TrainConfig(epochs=1, device="cpu", precision="32", compile=False, out=str(tmp_path / "run"))))
-    assert calls == ["CrossEntropyLoss"] * 2  # 4 pairs, batch 2
+    assert calls == ["CrossEntropyLoss"] * (1 + 2)  # the warm-up's one eager call, then 4 pairs at batch 2
     calls.clear()
     cell = bench.Cell(width=4, depth=2, batch=2, size=32)
     step, _ = bench.build_step(bench.product_config(cell, "ce+dice"), torch.device("cpu"), "off", "inductor")

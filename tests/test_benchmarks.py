@@ -157,6 +157,7 @@ def suite_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SUITE_DEADLINE_S + 120)  # its subprocess has its own, shorter deadline
 def test_gpu_suite_dry_run(tmp_path: Path) -> None:
     """The suite's every step on a CPU at tiny sizes, from its own plan: only the GPU parts are left
     untested. $OUT ends with the few files a GPU run returns, everything else in one archive."""
@@ -206,6 +207,7 @@ def test_gpu_plan_only_checks_its_relations() -> None:
     assert unknown.returncode == 1 and "error: --set nonsense: unknown size" in unknown.stderr
 
 
+@pytest.mark.timeout(420)  # its subprocess has its own, shorter deadline
 def test_gpu_suite_stops_on_a_contradicting_plan(tmp_path: Path) -> None:
     env = suite_env(tmp_path, DRY_RUN="1", PLAN_SET="synth.train=2")
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh")], env=env, capture_output=True,
@@ -214,6 +216,7 @@ def test_gpu_suite_stops_on_a_contradicting_plan(tmp_path: Path) -> None:
     assert "loader.n=8 > synth.train=2" in proc.stdout + proc.stderr
 
 
+@pytest.mark.timeout(720)  # its subprocess has its own, shorter deadline
 def test_gpu_plan_fits_the_gpu_tests_in_their_window() -> None:
     """Every shard's estimate from a cold cache is within 150 s, every GPU test the plan names exists
     (a renamed test would leave its shard empty), and the last shard runs whatever the others do not."""
@@ -233,6 +236,7 @@ def test_gpu_plan_fits_the_gpu_tests_in_their_window() -> None:
     assert [last[i + 1] for i, w in enumerate(last) if w == "--deselect"] == named
 
 
+@pytest.mark.timeout(720)  # its subprocess has its own, shorter deadline
 def test_missing_dali_fails_the_dali_tests_only(tmp_path: Path) -> None:
     """Without DALI, tests/test_dali_loader.py's tests fail naming it; the other modules still run (a
     module-level import error would have stopped the whole run at collection)."""
@@ -264,6 +268,7 @@ def make_fake_dali_parts(tmp_path: Path) -> tuple[Path, Path]:
     return keep, dali
 
 
+@pytest.mark.timeout(420)  # its subprocess has its own, shorter deadline
 def test_gpu_suite_unpacks_dali_and_real_pairs_from_both_runs(tmp_path: Path, tiny_data: Path) -> None:
     """Run 1 stashed part-0 and real-0.tar in /tmp/keep; run 2 brought part-1 and real-1.tar: the suite
     joins the parts into site-packages with the library path set, and the real pairs into one folder."""

@@ -65,7 +65,7 @@ def test_group_sigterm_during_validation_keeps_the_epoch(data: Path, tmp_path: P
 def test_a_signal_at_start_up_exits_cleanly(data: Path, tmp_path: Path, signum: int, code: int) -> None:
     """Sent while the command still validates the data files and builds its loaders."""
     proc = CliProcess(["train", "--data", data, "--out", tmp_path / "run", "--epochs", "1", *TINY])
-    proc.wait_for_output("config", timeout=120)  # the resolved config is printed before any file is read
+    proc.wait_for(tmp_path / "run" / ".lock", timeout=120)  # the run folder is claimed before any file is read
     proc.signal(signum, group=True)
     done = proc.finish(timeout=120)
     assert_interrupted(done, code)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from cityseg.checkpoint import load_checkpoint, load_from_checkpoint
@@ -170,7 +171,7 @@ def test_amp_switch_sets_the_precision(data: Path, tmp_path: Path) -> None:
     """--amp is the older spelling of --precision bf16-mixed (--no-amp of 32: every TINY run uses it)."""
     done = run_cli(["train", "--data", data, "--out", tmp_path / "run", "--amp", "--print-config"], timeout=120)
     assert done.returncode == 0, done.output
-    assert any(line.split()[:2] == ["train.precision", "bf16-mixed"] for line in done.stdout.splitlines()), done.stdout
+    assert yaml.safe_load(done.stdout)["train"]["precision"] == "bf16-mixed", done.stdout  # --print-config is YAML
 
 
 def test_eval_options(run_a: tuple[Path, str], clean: Path, tmp_path: Path) -> None:

@@ -104,7 +104,10 @@ def test_max_steps_stops_there(data: Path, tmp_path: Path) -> None:
 
 
 def test_early_stop_ends_the_run(data: Path, tmp_path: Path) -> None:
-    done = run_cli(["train", "--data", data, "--out", tmp_path / "run", "--epochs", "40", "--patience", "1", *TINY])
+    """--patience counts validations: with one each epoch, a run of tiny epochs stops well before 40
+    (the default cadence would validate these short epochs too seldom to show it)."""
+    done = run_cli(["train", "--data", data, "--out", tmp_path / "run", "--epochs", "40", "--patience", "1",
+                    "--val-every", "1", *TINY])
     assert done.returncode == 0, done.output
     assert "early stop" in done.stdout
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs"] < 40

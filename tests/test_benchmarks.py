@@ -242,7 +242,9 @@ def test_missing_dali_fails_the_dali_tests_only(tmp_path: Path) -> None:
     module-level import error would have stopped the whole run at collection)."""
     code = ("import sys; sys.modules['nvidia.dali'] = None; import pytest; "
             "sys.exit(pytest.main(sys.argv[1:]))")
+    # Its own --basetemp: a nested session in /tmp/pytest-of-USER would rotate out the outer session's folders.
     proc = subprocess.run([sys.executable, "-c", code, "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+                           "--basetemp", str(tmp_path / "basetemp"),
                            "tests/test_dali_loader.py::test_single_shard_epoch_length",
                            "tests/test_palette.py::test_exact_palette_colours_map_to_their_train_ids"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -200,8 +200,8 @@ def train(
         f"Square train/val size in pixels, a multiple of 2**depth (default {_d('data.image_size')}; "
         f"{CPU['data.image_size']} for synthetic data on a CPU; the checkpoint's with --init-from)."))] = None,
     batch_size: Annotated[str | None, typer.Option(rich_help_panel=DATA, callback=parse_batch_size, help=(
-        "Images per step, or auto (default): on a CUDA GPU the largest batch from 16 to 256 that fits 80 % of "
-        "its memory, found once and cached, with lr and warm-up scaled from batch 16; 16 on a CPU."))] = None,
+        "Images per step, or auto (default): on a CUDA GPU the largest batch 16-256 fitting 80 % of its memory "
+        "(cached; lr and warm-up scaled from 16); 16 on a CPU."))] = None,
     loader: Annotated[Loader | None, typer.Option(rich_help_panel=SPEED, help=(
         "auto: DALI on a GPU, else torch (the plain loader); cache: decode once into device memory."))] = None,
     cache: Annotated[Cache | None, typer.Option(rich_help_panel=SPEED, help=(
@@ -261,10 +261,8 @@ def train(
     ema: Annotated[float | None, typer.Option(rich_help_panel=TRAIN, help=(
         "Validate and save an average of the weights with this decay (e.g. 0.999; default 0 = off)."))] = None,
     val_every: Annotated[str | None, typer.Option(rich_help_panel=TRAIN, help=(
-        "Validate, and write best.pt / last.pt, every N epochs (2), steps (300steps) or seconds of training (30s, "
-        "2m), at the end of the epoch where it falls due. Default auto: as often as keeps validation and "
-        "checkpoints under 10 % of the wall time (every epoch when epochs are long). The end of the run and "
-        "Ctrl-C always validate."))] = None,
+        "Validate and write best.pt/last.pt every N epochs (2), steps (300steps) or training seconds (30s, 2m). "
+        "Default auto: keeps them under 10 % of wall time. The run's end and Ctrl-C always validate."))] = None,
     patience: Annotated[int | None, typer.Option(rich_help_panel=TRAIN, help=(
         "Stop after N epochs without a better val mIoU (default 0 = never)."))] = None,
     seed: Annotated[int | None, typer.Option(rich_help_panel=TRAIN, help=(

@@ -194,9 +194,9 @@ class Trainer:
     def write_error(path: Path, e: BaseException) -> TrainingError:
         """torch.save reports a full disk as a RuntimeError ("unexpected pos"), the OS as an OSError."""
         lines = str(e).splitlines()
-        reason = getattr(e, "strerror", None) or (lines[0][:160] if lines else type(e).__name__)
-        return TrainingError(f"{path}: could not write checkpoint ({reason}; disk full?); "
-                             "the previous checkpoint is kept")
+        strerror = getattr(e, "strerror", None)  # the OS names its reason; torch.save's own error does not
+        reason = strerror or f"{lines[0][:160] if lines else type(e).__name__}; disk full?"
+        return TrainingError(f"{path}: could not write checkpoint ({reason}); the previous checkpoint is kept")
 
     def finish_writes(self) -> None:
         t = time.perf_counter()

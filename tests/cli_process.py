@@ -175,3 +175,13 @@ def torchrun(args: list[str | os.PathLike], *, launcher: list[str] | None = None
                "-m", "cityseg"]
     return CliProcess(args, env=env, program=program, cwd=Path(__file__).resolve().parents[1]).finish(
         timeout, grace=TORCHRUN_EXIT_GRACE_S)
+
+
+def assert_one_line(done: Finished, *fragments: str, code: int = 2) -> None:
+    """Exit `code`, exactly one `error:` line holding every fragment, no traceback."""
+    assert done.returncode == code, done.output
+    assert "Traceback" not in done.output, done.output
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, done.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]

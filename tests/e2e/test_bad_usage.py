@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cityseg.checkpoint import load_checkpoint
-from tests.cli_process import CliProcess, run_cli
+from tests.cli_process import CliProcess, assert_one_line, run_cli
 from tests.conftest import make_pair_dataset, write_pair
 
 TINY = ["--device", "cpu", "--no-compile", "--image-size", "32", "--width", "4", "--depth", "2", "--batch-size", "2"]
@@ -23,14 +23,6 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def assert_one_line(done, *fragments: str, code: int = 2) -> None:
-    """Exit `code`, exactly one `error:` line holding every fragment, no traceback."""
-    assert done.returncode == code, done.output
-    assert "Traceback" not in done.output, done.output
-    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1, done.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from cityseg.checkpoint import save_checkpoint
 from cityseg.config import Config, DataConfig, ModelConfig
 from cityseg.model import build_model
 from cityseg.palette import cityscapes_palette
-from tests.cli_process import run_cli
+from tests.cli_process import assert_one_line, run_cli
 
 TINY = ["--device", "cpu", "--no-compile", "--image-size", "32", "--width", "4", "--depth", "2", "--batch-size", "2"]
 LONG = "x" * 300  # one component over NAME_MAX (255)
@@ -26,13 +26,6 @@ def digests(folder: Path) -> dict[str, str]:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def assert_one_line(done, *fragments: str, code: int = 2) -> None:
-    assert done.returncode == code, done.output
-    assert "Traceback" not in done.output, done.output
-    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1, done.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_process import run_cli
+from tests.cli_process import assert_one_line, run_cli
 from tests.conftest import ROOT
 
 TINY = ["--device", "cpu", "--no-compile", "--image-size", "32", "--width", "4", "--depth", "2", "--batch-size", "2"]
@@ -27,13 +27,6 @@ def digests(*folders: Path) -> dict[str, str]:
     return out
 
 
-def assert_one_line(done, *fragments: str, code: int = 2) -> None:
-    assert done.returncode == code, done.output
-    assert "Traceback" not in done.output, done.output
-    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1, done.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from cityseg.config import Config, ConfigError, flatten, with_overrides
 from cityseg.errors import OptionError, UserError
 from cityseg.model import build_model
 from cityseg.options import check_config, palette_problem
+from cityseg.outputs import atomic_file
 from cityseg.palette import Palette
 
 
@@ -32,17 +33,10 @@ class CheckpointError(UserError):
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with signals_deferred():  # a signal during the write acts once the new file is in place
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a failed write (disk full, Ctrl-C) leaves the old file intact
-            raise
+    # A signal during the write acts once the new file is in place; a failed write (disk full) leaves
+    # the old file intact and no temp file behind.
+    with signals_deferred(), atomic_file(path, fsync=True) as f:
+        torch.save(state, f)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable

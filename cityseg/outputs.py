@@ -25,6 +25,7 @@ import fcntl
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from cityseg.errors import OutputError
 
@@ -120,8 +121,8 @@ def _reason(e: OSError) -> str:
         return "a file is in the way (a file, not a folder, has that name or is one of its parents)"
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return "permission denied"
-    if e.errno == errno.ENOSPC:
-        return "no space left on the device"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on the device (or over quota)"
     return e.strerror or str(e)
 
 
@@ -234,6 +235,47 @@ def _lock(lock_path: Path, folder: Path) -> int:
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             return fd
         os.close(fd)  # its owner removed it as we opened it: take the new one
+
+
+def temp_beside(path: Path) -> Path:
+    """Where an atomic write of `path` goes first: hidden, in the same folder (so the rename is
+    atomic), named with the writer's pid (so `--resume` can tell a dead writer's leftovers)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, fsync: bool = False) -> Iterator[BinaryIO]:
+    """A binary file that replaces `path` when the block ends without error (readers never see half
+    a file); on any error, a signal included, the temp file is removed and `path` left as it was.
+    OSErrors pass through as they are (wrap in `writing` for a one-line error naming `path`)."""
+    path = Path(path)
+    tmp = temp_beside(path)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def writing(path: Path | str, what: str) -> Iterator[None]:
+    """Turn an OSError met while writing `path` into one `OutputError` naming it: a full disk's
+    write error names no file, and the user must learn which one (and why)."""
+    try:
+        yield
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write the {what}: {_reason(e)}") from None
+
+
+def atomic_write(path: Path, content: str | bytes, what: str) -> None:
+    """Replace `path` with `content` atomically; a failure is one line naming `path`."""
+    with writing(path, what), atomic_file(Path(path)) as f:
+        f.write(content.encode() if isinstance(content, str) else content)
 
 
 def write_text_quietly(path: Path, text: str) -> bool:

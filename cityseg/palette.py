@@ -26,7 +26,7 @@ import torch
 from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 
 from cityseg.errors import OutputError
-from cityseg.outputs import cache_dir, ensure_dir
+from cityseg.outputs import atomic_file, cache_dir, ensure_dir
 from kernels.mask_to_class import build_lut, mask_to_class, mask_to_class_lut, mask_to_class_reference
 
 IGNORE_INDEX = 255
@@ -173,17 +173,13 @@ def _load_or_build_lut(palette: Palette, path: Path) -> torch.Tensor:
     if problem:
         _say_once(f"{path}: cached colour lookup table {problem}: rebuilt")
     ensure_dir(path.parent, "cache folder ($CITYSEG_CACHE, default ~/.cache/cityseg)")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with atomic_file(path) as f:  # DataLoader workers racing to build it never read half a file
             f.write(_lut_header(palette, table))
             f.write(table.tobytes())
-        os.replace(tmp, path)  # atomic: DataLoader workers racing to build it never read half a file
     except IsADirectoryError:  # a folder holds the name: keep it, use the table from memory
-        tmp.unlink(missing_ok=True)
         _say_once(f"{path}: a folder is in the way of the colour lookup table: used without caching it")
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise OutputError(f"{path}: cannot write the colour lookup table into the cache folder "
                           f"($CITYSEG_CACHE): {e.strerror or e}") from None
     return torch.from_numpy(table)

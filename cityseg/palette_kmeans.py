@@ -13,13 +13,13 @@ prediction map masks exactly as training did:
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from cityseg.options import PALETTE_MAX, check_palette_spec, read_palette_file
+from cityseg.outputs import atomic_write, ensure_dir
 from cityseg.palette import Palette, cityscapes_palette
 
 MAX_K = PALETTE_MAX  # the kernel unrolls its loop over centres; 64 bounds compile time and registers
@@ -109,10 +109,8 @@ def save_palette(palette: Palette, path: str | Path) -> None:
         "colors": palette.colors.tolist(),
         "max_dist": palette.max_dist,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    ensure_dir(path.parent, "folder of the palette file")
+    atomic_write(path, json.dumps(data, indent=1), "palette file")
 
 
 def load_palette(path: str | Path) -> Palette:

@@ -17,7 +17,8 @@ from rich.console import Console
 
 from cityseg.config import Config
 from cityseg.outputs import check_new_run_folder, new_output_files
-from cityseg.telemetry import fmt, plot_gpu_timeline
+from cityseg.report import plot_gpu_timeline
+from cityseg.telemetry import fmt
 
 SKIP, WARMUP = 1, 2  # first step (allocations, compile) skipped, then two warm-up steps not recorded
 

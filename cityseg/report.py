@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from cityseg.outputs import atomic_file, atomic_write, writing  # noqa: E402
 from cityseg.palette import Palette, colorize  # noqa: E402
 
 ACC_THRESHOLDS = (0.80, 0.85, 0.90, 0.94)
@@ -36,23 +37,29 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(json_safe(data), indent=2) + "\n")
-    os.replace(tmp, path)
+def write_json(path: Path, data: Any, what: str = "JSON file") -> None:
+    """Replace `path` atomically; a failure (a full disk) is one line naming it."""
+    atomic_write(path, json.dumps(json_safe(data), indent=2) + "\n", what)
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     """Replace `path` with one JSON line per record, atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(json_safe(r)) + "\n" for r in records))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(json_safe(r)) + "\n" for r in records), "metrics file")
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
+    with writing(path, "metrics file"), open(path, "a") as f:
         f.write(json.dumps(json_safe(record)) + "\n")
         f.flush()
+
+
+def save_figure(fig: Any, path: Path, what: str) -> None:
+    """Write a matplotlib figure as PNG atomically and close it; a failure is one line naming `path`."""
+    try:
+        with writing(path, what), atomic_file(path) as f:
+            fig.savefig(f, format="png", dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def versions() -> dict[str, str | None]:
@@ -111,8 +118,24 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no tick at 1.5
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, "training curves")
+
+
+def plot_gpu_timeline(samples: list[tuple], path: Path) -> None:
+    """GPU utilisation (and SM activity where measured) over time; says n/a without samples."""
+    fig, ax = plt.subplots(figsize=(8, 3))
+    if samples:
+        t = [s[0] for s in samples]
+        for column, label in ((1, "GPU utilisation %"), (4, "SM activity %")):
+            if any(s[column] is not None for s in samples):  # None (unsupported) plots as a gap
+                ax.plot(t, [float("nan") if s[column] is None else s[column] for s in samples], label=label)
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no GPU samples (n/a: no NVIDIA GPU / NVML)", ha="center", va="center")
+    ax.set_xlabel("seconds")
+    ax.set_ylim(0, 105)
+    fig.tight_layout()
+    save_figure(fig, path, "GPU timeline")
 
 
 def plot_samples(
@@ -134,8 +157,7 @@ def plot_samples(
     fig.tight_layout(rect=(0, legend_inches / (3 * n + legend_inches), 1, 1))
     if handles:  # which colour is which class: the classes present in truth or prediction
         fig.legend(handles=handles, loc="lower center", ncol=columns, fontsize=8, frameon=False)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, "sample predictions")
 
 
 def legend_handles(class_ids: torch.Tensor, palette: Palette) -> list:
@@ -197,5 +219,4 @@ def plot_confusion(confusion: Sequence[Sequence[int]] | torch.Tensor, names: Seq
                         color="white" if norm[t, p] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, "confusion picture")

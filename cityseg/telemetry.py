@@ -265,26 +265,3 @@ class GpuSampler:
 def fmt(value: float | None, spec: str = ".1f", unit: str = "") -> str:
     """Format a telemetry value, `n/a` for None."""
     return "n/a" if value is None else f"{value:{spec}}{unit}"
-
-
-def plot_gpu_timeline(samples: list[tuple], path) -> None:
-    """GPU utilisation (and SM activity where measured) over time; says n/a without samples."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 3))
-    if samples:
-        t = [s[0] for s in samples]
-        for column, label in ((1, "GPU utilisation %"), (4, "SM activity %")):
-            if any(s[column] is not None for s in samples):  # None (unsupported) plots as a gap
-                ax.plot(t, [float("nan") if s[column] is None else s[column] for s in samples], label=label)
-        ax.legend()
-    else:
-        ax.text(0.5, 0.5, "no GPU samples (n/a: no NVIDIA GPU / NVML)", ha="center", va="center")
-    ax.set_xlabel("seconds")
-    ax.set_ylim(0, 105)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -4,8 +4,12 @@ checkpoint writes, the compile cache, and the timing breakdown that adds up."""
 from __future__ import annotations
 
 import errno
+import itertools
 import json
+import os
+import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,12 +18,13 @@ import torch
 import cityseg.checkpoint as checkpoint
 from cityseg.checkpoint import CheckpointWriter, load_checkpoint, load_from_checkpoint
 from cityseg.config import NO_AUGMENT, Config, DataConfig, ModelConfig, TrainConfig
-from cityseg.errors import OptionError
+from cityseg.errors import InterruptedNow, OptionError
 from cityseg.options import parse_val_every
 from cityseg.runtime import use_compile_cache
 from cityseg.telemetry import GpuSampler, process_age_s
 from cityseg.training import TrainingError, train
 from cityseg.training.cadence import AUTO_SHARE, ValCadence
+from cityseg.training.loop import Interrupted, Trainer
 from cityseg.training.setup import read_init_checkpoint
 from tests.cli_process import run_cli
 from tests.conftest import make_pair_dataset
@@ -121,6 +126,54 @@ def test_end_of_budget_validates(data: Path, tmp_path: Path) -> None:
     assert summary["validations"] == 1 and summary["train_seconds"] >= 0.5
     assert (run / "checkpoints" / "best.pt").is_file() and (run / "checkpoints" / "last.pt").is_file()
     assert load_checkpoint(run / "checkpoints" / "last.pt")["global_step"] == summary["steps"]
+
+
+def signal_at_step(step: int) -> Callable[[], None]:
+    """An `on_step` that sends this process a Ctrl-C after training step `step` (counted per session)."""
+    done = itertools.count(1)
+    return lambda: os.kill(os.getpid(), signal.SIGINT) if next(done) == step else None
+
+
+def test_a_signal_mid_epoch_validates_what_was_trained(data: Path, tmp_path: Path) -> None:
+    """Ctrl-C one step into epoch 2 (2 steps an epoch; the cadence never falls due): that partial epoch is
+    scored and best.pt written before the exit, and --resume finishes with the uninterrupted run's weights."""
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    train(config(data, straight, val_every="100"))
+    with pytest.raises(Interrupted):
+        train(config(data, run, val_every="100"), on_step=signal_at_step(3))
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["partial"], r["step"]) for r in records] == [(2, True, 3)]
+    assert records[0]["pixel_acc"] is not None
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert (last["epoch"], last["step_in_epoch"]) == (1, 1) and "unvalidated" not in last["partial"]
+    assert load_checkpoint(run / "checkpoints" / "best.pt")["global_step"] == 3
+    train(config(data, run, val_every="100", resume=str(run)))
+    assert epochs_validated(run) == [2, 5]
+    final = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+    reference = load_checkpoint(straight / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def test_a_second_signal_during_that_validation_keeps_the_position(data: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The position is saved before the signal's validation starts: a second Ctrl-C inside it stops at
+    once and loses nothing; --resume scores the partial epoch first, then trains on from inside it."""
+    run = tmp_path / "run"
+    validate = Trainer.validate
+
+    def interrupted_validation(self: Trainer, record: dict) -> object:
+        os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C
+        return validate(self, record)
+
+    monkeypatch.setattr(Trainer, "validate", interrupted_validation)
+    with pytest.raises(InterruptedNow):
+        train(config(data, run, val_every="100"), on_step=signal_at_step(3))
+    monkeypatch.undo()
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert (last["epoch"], last["step_in_epoch"], last["global_step"]) == (1, 1, 3)
+    assert last["partial"]["unvalidated"]["epoch"] == 2 and not (run / "checkpoints" / "best.pt").exists()
+    summary = train(config(data, run, val_every="100", resume=str(run)))
+    assert epochs_validated(run) == [2, 5] and summary["steps"] == 10
 
 
 def test_best_pt_holds_weights_not_optimiser_state(data: Path, tmp_path: Path) -> None:

@@ -6,7 +6,10 @@ printed, not interpreted); styling goes through `Text` and `style=`, never throu
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import typer
@@ -34,13 +37,35 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+@contextlib.contextmanager
+def thread_errors_in_one_line() -> Iterator[None]:
+    """A background thread's OSError (a full disk under TensorBoard's event writer) is no traceback:
+    a thread that keeps it for its owner (`thread.exception`, re-raised in the main thread, which
+    names the file) stays silent; another gets one note. Anything else is a bug: traceback kept."""
+    default = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is None or not issubclass(args.exc_type, OSError):
+            default(args)
+        elif getattr(args.thread, "exception", None) is not args.exc_value:
+            name = args.thread.name if args.thread is not None else "?"
+            err_console.print(f"note: background thread {name} stopped: {capped(str(args.exc_value))}", soft_wrap=True)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = default
+
+
 class OneLineErrors(TyperGroup):
     """Usage errors (a bad flag, a missing option, a value of the wrong type) and every `UserError`
     print as one `error: ...` line and exit 2; anything else is a bug and keeps its traceback."""
 
     def invoke(self, ctx: Context) -> Any:
         try:
-            with signals_raise():  # SIGTERM as Ctrl-C: one line and 143 (130), never a silent death
+            # SIGTERM as Ctrl-C: one line and 143 (130), never a silent death
+            with signals_raise(), thread_errors_in_one_line():
                 return super().invoke(ctx)
         except KeyboardInterrupt as e:
             err_console.print("interrupted")

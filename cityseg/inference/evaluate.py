@@ -71,6 +71,6 @@ def evaluate_checkpoint(
               "scored_at_px": scored_at,
               "tta": tta, "class_names": list(palette.names)}
     if json_out is not None:
-        write_json(Path(json_out), result)
+        write_json(Path(json_out), result, "metrics JSON")
         plot_confusion(metrics.confusion, palette.names, heat_map)
     return result

@@ -212,6 +212,6 @@ def write_pair_metrics(metrics: SegMetrics, predictor: Predictor, out_dir: Path,
     console.print(iou_table(metrics, names, title=f"{predictor.ckpt} on {images} pairs (photo size)"))
     result = {**metrics.to_dict(), "images": images, "checkpoint": str(predictor.ckpt), "tta": predictor.tta,
               "class_names": list(names)}
-    write_json(out_dir / "metrics.json", result)
+    write_json(out_dir / "metrics.json", result, "metrics JSON")
     plot_confusion(metrics.confusion, names, out_dir / "confusion.png")
     return result

@@ -197,7 +197,7 @@ def run_training(cfg: Config, console: Console, dist_info: DistInfo, run: RunFol
             if dist_info.is_main:
                 run.create()
                 save_palette(data.palette, run.root / "palette.json")  # `--palette RUN/palette.json` reuses it
-                write_json(run.config, cfg.to_dict())  # written once Ctrl-C is handled: tests wait on it
+                write_json(run.config, cfg.to_dict(), "run config")  # written once Ctrl-C is handled: tests wait on it
             trainer.fit(interrupt)
         return next(h for h in hooks if isinstance(h, Reporter)).summary
 

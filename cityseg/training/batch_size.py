@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,7 +31,7 @@ from rich.console import Console
 
 from cityseg.config import AUTO, Config
 from cityseg.distributed import DistInfo, broadcast_object
-from cityseg.outputs import cache_dir
+from cityseg.outputs import atomic_file, cache_dir
 from cityseg.runtime import Runtime
 
 REFERENCE_BATCH = 16  # the default lr and warm-up were tuned here; auto's answer on a CPU
@@ -107,13 +106,12 @@ def read_cache(path: Path) -> dict[str, Any]:
 def write_cache(path: Path, key: str, batch: int) -> None:
     """Add `key` atomically (a temp file renamed over the old one); a read-only cache is not an error."""
     entries = read_cache(path) | {key: batch}
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        with atomic_file(path) as f:
+            f.write(json.dumps(entries, indent=1, sort_keys=True).encode())
     except OSError:
-        tmp.unlink(missing_ok=True)
+        pass
 
 
 def cuda_trial(cfg: Config, rt: Runtime) -> Callable[[int], float]:

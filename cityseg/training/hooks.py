@@ -31,18 +31,20 @@ import torch
 from cityseg.config import MAX_EPOCHS, TrainConfig
 from cityseg.data.contract import denormalize
 from cityseg.metrics import SegMetrics, iou_table
+from cityseg.outputs import writing
 from cityseg.progress import StepProgress, format_eta
 from cityseg.report import (
     append_jsonl,
     device_name,
     plot_curves,
+    plot_gpu_timeline,
     plot_samples,
     time_to_thresholds,
     write_json,
     write_jsonl,
 )
 from cityseg.runtime import autocast
-from cityseg.telemetry import GpuSampler, fmt, plot_gpu_timeline
+from cityseg.telemetry import GpuSampler, fmt
 from cityseg.training.loop import HookBase, Interrupted
 
 log = logging.getLogger("cityseg.training")
@@ -243,7 +245,7 @@ class Reporter(HookBase):
             "versions": t.versions,
         }
         if t.dist.is_main:
-            write_json(t.run.summary, self.summary)
+            write_json(t.run.summary, self.summary, "run summary")
             try:
                 plot_curves(history, t.run.curves)
                 self.write_samples()
@@ -338,20 +340,31 @@ class TensorBoard(HookBase):
     SCALARS = ("val_loss", "pixel_acc", "miou", "images_per_s", "data_wait_share", "gpu_util", "gpu_mem_gib",
                "gpu_power_w", "sm_activity")
 
+    def events(self) -> Any:
+        """Where the writer's errors surface (its thread writes; a full disk shows at the next call):
+        one line naming the event files."""
+        return writing(self.trainer.run.root / "events.out.tfevents.*", "TensorBoard event file")
+
     def before_train(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         t = self.trainer
         # purge_step: a resumed run rewrites what a killed session logged after its last checkpoint
-        self.writer = SummaryWriter(str(t.run.root), purge_step=t.global_step + 1 if t.global_step else None)
+        with self.events():
+            self.writer = SummaryWriter(str(t.run.root), purge_step=t.global_step + 1 if t.global_step else None)
 
     def after_step(self) -> None:
         t = self.trainer
         if t.log_step:
-            self.writer.add_scalar("train/loss", t.loss_value, t.global_step)
-            self.writer.add_scalar("train/lr", t.parts.optimizer.param_groups[0]["lr"], t.global_step)
+            with self.events():
+                self.writer.add_scalar("train/loss", t.loss_value, t.global_step)
+                self.writer.add_scalar("train/lr", t.parts.optimizer.param_groups[0]["lr"], t.global_step)
 
     def after_epoch(self, record: dict[str, Any], metrics: SegMetrics) -> None:
+        with self.events():
+            self.write_epoch(record)
+
+    def write_epoch(self, record: dict[str, Any]) -> None:
         t, step = self.trainer, record["step"]
         self.add_samples(step)
         self.writer.add_scalar("train/epoch_loss", record["loss"], step)
@@ -379,7 +392,9 @@ class TensorBoard(HookBase):
         self.writer.add_image("samples", image, step)
 
     def after_train(self) -> None:
-        self.writer.close()
+        if getattr(self, "writer", None) is not None:  # None: creating it failed
+            with self.events():
+                self.writer.close()
 
 
 class StepCallback(HookBase):

@@ -240,11 +240,13 @@ class Trainer:
                 except torch.OutOfMemoryError:
                     raise self.out_of_memory() from None
                 resumed, unvalidated = unvalidated is not None, None
-                if record is None:  # interrupted mid-epoch: last.pt holds the position
-                    raise Interrupted(self.run.root, interrupt["signum"] or signal.SIGINT)
                 if not resumed:  # a record validated late (its epoch trained last session) has no timing here
                     self.cadence.epoch_done(*self.epoch_stats)
                 signalled = self.stop_requested(interrupt)
+                if signalled and not resumed:
+                    # Mid-epoch or at its end: the position is on disk before validation starts, so a
+                    # second signal or a SIGKILL during it loses nothing (--resume validates it first).
+                    self.save_unvalidated(record)
                 if resumed or signalled or self.run_over() or self.validation_due():
                     t = time.perf_counter()
                     try:
@@ -252,7 +254,7 @@ class Trainer:
                     except LoaderFailed:
                         if interrupt["signum"] is None:
                             raise
-                        raise self.interrupted_in_validation(record, interrupt["signum"]) from None
+                        raise self.interrupted_in_validation(record, interrupt["signum"], signalled) from None
                     self.history.append(record)
                     self.cadence.validated(self.cadence.cost_s or 0.0)
                     self.call("after_epoch", record, metrics)
@@ -325,17 +327,22 @@ class Trainer:
                     sizes.add(shard % bs)
         return sorted(sizes, reverse=True)
 
-    def interrupted_in_validation(self, record: dict[str, Any], signum: int) -> Interrupted:
-        """A signal to the whole process group ended the val loader's workers: the epoch's training
-        is done, so last.pt keeps it with its record, and --resume validates it first."""
+    def save_unvalidated(self, record: dict[str, Any]) -> None:
+        """last.pt with the position reached and the record not yet scored: --resume validates it first."""
         self.partial["unvalidated"] = record
         self.save(self.run.last)
         del self.partial["unvalidated"]
+
+    def interrupted_in_validation(self, record: dict[str, Any], signum: int, saved: bool) -> Interrupted:
+        """A signal to the whole process group ended the val loader's workers: the training that
+        record covers is done, so last.pt keeps it (unless saved just before) and --resume validates it."""
+        if not saved:
+            self.save_unvalidated(record)
         return Interrupted(self.run.root, signum)
 
-    def train_epoch(self, interrupt: dict[str, int | None]) -> dict[str, Any] | None:
-        """Steps to the end of the epoch (or --max-steps, or a signal); None when a signal stopped
-        it mid-epoch (last.pt is saved), else the epoch's record for metrics.jsonl."""
+    def train_epoch(self, interrupt: dict[str, int | None]) -> dict[str, Any]:
+        """Steps to the end of the epoch (or --max-steps, the budget, or a signal); the record for
+        metrics.jsonl, `partial` when the epoch was left mid-way (last.pt then resumes inside it)."""
         cfg = self.cfg.train
         loader = self.data.train
         started, steps_before, clock_before = time.perf_counter(), self.global_step, self.clock.seconds
@@ -344,7 +351,6 @@ class Trainer:
         self.meter = meter = EpochMeter(self.rt.device)
         loss_sum = torch.zeros((), device=self.rt.device)
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.rt.device)
-        stopping = False
         self.call("before_epoch")
         session_start = self.first_batch_at is None
         last = self.tick()
@@ -377,14 +383,13 @@ class Trainer:
             self.call("after_step")
             # Ranks agree on stopping only at log steps (a sync); alone, every step is free.
             if (self.log_step or not self.dist.enabled) and self.stop_requested(interrupt):
-                stopping = True
                 break
             # A position past the loader's length (a wrong resume offset) must end the epoch, not spin.
             if self.out_of_steps() or self.out_of_time() or self.step_in_epoch >= len(loader):
                 break
         self.call("after_steps")
         self.check_finite(nonfinite)
-        record = self.end_epoch(loss_sum, stopping)
+        record = self.end_epoch(loss_sum)
         wall = time.perf_counter() - started
         self.times["train_s"] += wall
         self.epoch_stats = (self.global_step - steps_before, self.clock.seconds - clock_before, wall)
@@ -407,21 +412,18 @@ class Trainer:
         self.clock.seconds = self.synced_seconds = synced
         self.steps_since_sync = 0
 
-    def end_epoch(self, loss_sum: torch.Tensor, stopping: bool) -> dict[str, Any] | None:
+    def end_epoch(self, loss_sum: torch.Tensor) -> dict[str, Any]:
         n_batches = len(self.data.train)
         ws = self.dist.world_size
         self.partial["loss_sum"] += sum_over_ranks([loss_sum.item()], self.dist, self.rt.device)[0] / ws
         self.partial["steps"] = self.step_in_epoch
         finished = self.step_in_epoch >= n_batches  # never skipped, even from a position past the end
-        if stopping and not finished:
-            self.save(self.run.last)
-            return None
         stats = self.meter.summary()
         # Throughput adds up over ranks; the data-wait share is their mean.
         ips, wait = sum_over_ranks([stats["images_per_s"], stats["data_wait_share"]], self.dist, self.rt.device)
         record = {
             "epoch": self.epoch + 1,
-            "partial": not finished,  # stopped by --max-steps or the budget: last.pt resumes inside it
+            "partial": not finished,  # stopped by --max-steps, the budget or a signal: last.pt resumes inside it
             "step": self.global_step,
             "train_s": self.clock.seconds,
             "loss": self.partial["loss_sum"] / max(1, self.partial["steps"]),

@@ -153,10 +153,14 @@ def test_ctrl_c_mid_epoch_saves_and_resume_equals_an_uninterrupted_run(
     assert "Traceback" not in stderr and f"--resume {run}" in stderr
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert state["epoch"] == 0 and 10 <= state["step_in_epoch"] < 150  # mid-epoch
+    # What was trained before the signal is scored (a partial epoch) before the exit.
+    [scored] = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert scored["partial"] and scored["step"] == state["global_step"] and scored["pixel_acc"] is not None
     done = run_cli(["train", "--resume", run])
     assert done.returncode == 0, done.output
     assert_same_weights(weights(uninterrupted), weights(run))
-    assert [json.loads(ln)["epoch"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["partial"]) for r in records] == [(1, True), (1, False)]
 
 
 @pytest.mark.parametrize("group", [False, True], ids=["kill-pid", "kill-group"])

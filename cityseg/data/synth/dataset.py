@@ -13,8 +13,8 @@ from pathlib import Path
 
 from cityseg.data.synth.render import GENERATOR_VERSION, JPEG_QUALITY, SPLITS, _jpeg, _pair_image, _render, pair_rng
 from cityseg.errors import OutputError
+from cityseg.outputs import atomic_write, ensure_dir
 from cityseg.outputs import cache_dir as default_cache_dir
-from cityseg.outputs import ensure_dir
 
 MARKER = "synth.json"  # written last: a folder without it is an interrupted generation
 PARTIAL = "synth.partial"  # written first: a folder with it is ours, if not (yet) complete
@@ -75,9 +75,7 @@ def write_dataset(out_dir: Path, n_train: int, n_val: int, seed: int, size: int 
     (out_dir / MARKER).unlink(missing_ok=True)  # an old marker must not vouch for a half-rewritten folder
     write_split(out_dir, "train", n_train, seed, size, workers)
     write_split(out_dir, "val", n_val, seed, size, workers)
-    tmp = out_dir / f"{MARKER}.tmp"
-    tmp.write_text(json.dumps(_meta(n_train, n_val, seed, size), indent=1) + "\n")
-    os.replace(tmp, out_dir / MARKER)
+    atomic_write(out_dir / MARKER, json.dumps(_meta(n_train, n_val, seed, size), indent=1) + "\n", "dataset marker")
     (out_dir / PARTIAL).unlink()
     return out_dir
 

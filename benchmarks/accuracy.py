@@ -40,7 +40,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.report import accuracy_table  # noqa: E402
 from cityseg.config import PRESETS, train_config  # noqa: E402
-from cityseg.options import parse_duration  # noqa: E402
+from cityseg.settings import parse_duration  # noqa: E402
 
 # What 2 CPU cores train in minutes: the sizes the baseline was measured at, and the recipe
 # defaults from before the measured one became the `real-data` preset (so `baseline` stays the same run).

@@ -4,6 +4,8 @@
     cfg = Config(data=DataConfig(data_dir="DIR", image_size=128), model=ModelConfig(width=16),
                  train=TrainConfig(epochs=2, out="runs/a"))
     summary = train(cfg)                     # quiet; train(cfg, verbose=True) shows the progress
+    run = resolve_run({"data.data_dir": "DIR", "train.epochs": 2})   # as `cityseg-fast train` resolves it
+    summary = train(run)                     # presets, checks, resume rules: the CLI's config
     scores = evaluate("runs/a/checkpoints/best.pt", data="DIR")
     ids = Predictor("runs/a/checkpoints/best.pt").predict_batch([photo])   # photo: (H, W, 3) uint8
 
@@ -39,6 +41,8 @@ _API = {
     "TrainConfig": ("cityseg.config", "TrainConfig"),
     "AugmentConfig": ("cityseg.config", "AugmentConfig"),
     "train_config": ("cityseg.config", "train_config"),
+    "resolve_run": ("cityseg.resolve", "resolve_run"),
+    "ResolvedRun": ("cityseg.resolve", "ResolvedRun"),
     "train": ("cityseg.training", "train"),
     "evaluate": ("cityseg.inference.evaluate", "evaluate_checkpoint"),
     "Predictor": ("cityseg.inference.predict", "Predictor"),

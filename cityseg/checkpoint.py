@@ -13,12 +13,13 @@ import pickle
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cityseg.config import Config, ConfigError, flatten, with_overrides
+from cityseg.config import Config, ConfigError, ModelConfig, flatten, with_overrides
 from cityseg.errors import OptionError, UserError
 from cityseg.model import build_model
 from cityseg.options import check_config, palette_problem
@@ -95,7 +96,7 @@ class CheckpointWriter:
             raise self.on_error(path, error)
 
 
-SLIM_KEYS = ("model", "config", "palette", "versions", "epoch", "step_in_epoch", "global_step", "best_miou")
+SLIM_KEYS = ("model", "config", "palette", "versions", "epoch", "step_in_epoch", "global_step")
 
 
 def weights_only_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -212,8 +213,27 @@ def read_palette(state: dict[str, Any], path: Path) -> Palette:
 
 
 TRAINING_STATE = {"optimizer": dict, "scheduler": dict, "epoch": int, "step_in_epoch": int, "global_step": int,
-                  "best_miou": float, "epochs_since_best": int, "history": list, "elapsed_s": float,
-                  "partial": dict, "rng": dict}
+                  "history": list, "elapsed_s": float, "partial": dict, "rng": dict}
+BEST_MODEL_STATE = {"best_miou": float, "epochs_since_best": int}  # the BestModel hook's, resume needs it
+
+
+def hook_state(state: dict[str, Any], hook: str) -> dict[str, Any]:
+    """A training hook's part of a checkpoint: under `hooks.<class name>`; checkpoints written before
+    hooks had their own key kept theirs at the top level (the whole state is then handed over)."""
+    hooks = state.get("hooks")
+    return hooks.get(hook, {}) if isinstance(hooks, dict) else state
+
+
+def check_init_architecture(state: dict, path: Path, cfg: ModelConfig) -> ModelConfig:
+    """The `--init-from` checkpoint's model config (its content `state`, read from `path`), refused
+    before anything is built unless its architecture is this run's; the class count may differ."""
+    saved = read_config(state, path).model
+    diffs = config_mismatch({k: v for k, v in asdict(saved).items() if k != "num_classes"},
+                            {k: v for k, v in asdict(cfg).items() if k != "num_classes"})
+    if diffs:
+        raise CheckpointError(f"{path}: --init-from needs the same architecture: {'; '.join(diffs)} "
+                              "(leave --width/--depth/--upsample/--norm unset to take the checkpoint's)")
+    return saved
 
 
 def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -221,11 +241,15 @@ def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     optimiser, schedule and position in the run."""
     path = Path(path)
     state = load_checkpoint(path)
-    for key, kind in TRAINING_STATE.items():
-        value = state.get(key)
+    best = hook_state(state, "BestModel")
+    if not isinstance(best, dict):
+        raise CheckpointError(f"{path}: cannot resume from it: its 'hooks' are damaged")
+    for key, kind in [*TRAINING_STATE.items(), *BEST_MODEL_STATE.items()]:
+        holder = best if key in BEST_MODEL_STATE else state
+        value = holder.get(key)
         ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
         if value is None or isinstance(value, bool) or not ok:
-            problem = "missing" if key not in state else f"not a {kind.__name__}"
+            problem = "missing" if key not in holder else f"not a {kind.__name__}"
             raise CheckpointError(f"{path}: cannot resume from it: its {key!r} is {problem} "
                                   "(a damaged checkpoint, or weights only: start a new run with --init-from)")
     read_config(state, path)

@@ -10,6 +10,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cityseg.errors import OptionError, capped
+from cityseg.settings import (
+    AUG,
+    COMPILE_MODES,
+    DATA,
+    MAX_EPOCHS,
+    MODEL,
+    OUTPUT,
+    PALETTE_MAX,
+    SEED_MAX,
+    SPEED,
+    Number,
+    NumberOrAuto,
+    Setting,
+    count,
+    parse_batch_size,
+    parse_duration,
+    parse_scale,
+    setting,
+)
 
 SPLITS = ("train", "val")  # the Kaggle layout's folders
 AUTO = "auto"  # a setting the run resolves for its device (data.batch_size)
@@ -20,13 +39,17 @@ class AugmentConfig:
     """Training-time augmentation; validation never augments. Geometric draws are shared by photo
     and mask (mask: nearest, fill 255); colour jitter touches the photo only."""
 
-    hflip: float = 0.5  # probability of a horizontal flip
-    rotate_deg: float = 0.0  # rotation drawn uniformly in [-deg, +deg]
-    scale: tuple[float, float] = (1.0, 1.0)  # zoom drawn in [lo, hi], then centre-jittered crop back to size
-    brightness: float = 0.0  # factor drawn in [1 - b, 1 + b]
-    contrast: float = 0.0  # factor drawn in [1 - c, 1 + c]
-    saturation: float = 0.0  # factor drawn in [1 - s, 1 + s]
-    hue: float = 0.0  # shift drawn in [-h, +h], in turns (max 0.5)
+    hflip: float = setting(0.5, "Horizontal flip probability.", flag="--hflip", panel=AUG, rule=Number(0, 1))
+    rotate_deg: float = setting(0.0, "Random rotation range, ± degrees.", flag="--rotate", panel=AUG,
+                                rule=Number(0, 180))
+    scale: tuple[float, float] = setting((1.0, 1.0), "Random zoom range LO,HI, then a crop back to size.",
+                                         flag="--scale", panel=AUG, parse=parse_scale, shown="1,1")
+    # Colour factors drawn in [1 - x, 1 + x]; one flag sets the three.
+    brightness: float = setting(0.0, "Brightness, contrast and saturation jitter, photo only.", flag="--jitter",
+                                panel=AUG, rule=Number(0, 1), also=("data.augment.contrast", "data.augment.saturation"))
+    contrast: float = setting(0.0, "Contrast jitter (--jitter sets it).", rule=Number(0, 1))
+    saturation: float = setting(0.0, "Saturation jitter (--jitter sets it).", rule=Number(0, 1))
+    hue: float = setting(0.0, "Hue shift range in turns, photo only.", flag="--hue", panel=AUG, rule=Number(0, 0.5))
 
     @property
     def geometric(self) -> bool:
@@ -42,73 +65,114 @@ NO_AUGMENT = AugmentConfig(hflip=0.0)
 
 @dataclass(frozen=True)
 class DataConfig:
-    data_dir: str | None = None  # Kaggle pair folder with train/ and val/; None = cached synthetic set
-    image_size: int = 256  # photos and masks are resized to this square size (mask: nearest)
-    # Images per step (per GPU under DDP), or "auto": on a CUDA GPU the largest batch from 16 to 256 that
-    # fits 80 % of its memory, lr and warm-up scaled from batch 16; 16 on a CPU (cityseg/training/batch_size.py).
-    batch_size: int | str = "auto"
-    loader: str = "auto"  # auto | torch | dali (auto: DALI on a GPU machine, the plain loader otherwise)
-    workers: int = 2  # DataLoader worker processes / DALI CPU threads
-    prefetch: int = 2  # batches prepared ahead per worker (DataLoader) or queue depth (DALI)
-    cache: str = "none"  # none | device: decode the split once into device memory and augment there
-    hw_decoder_load: float = 0.65  # share of JPEG decoding on the A100/H100 hardware decoder (DALI GPU)
-    palette: str = "cityscapes"  # cityscapes | kmeans:K (K centres learned from a sample of masks)
-    max_color_dist: float | None = None  # mask pixels farther than this from every class colour -> 255
+    data_dir: str | None = setting(
+        None, "Folder with train/ and val/ Kaggle pairs (512x256 JPEG: photo | colour mask), or the unpacked "
+        "archive above it.", flag="--data", panel=DATA, path=True, shown="a cached synthetic city set")
+    image_size: int = setting(
+        256, "Square train/val size in pixels, a multiple of 2**depth (the checkpoint's with --init-from).",
+        flag="--image-size", panel=DATA, rule=count(16, 8192))
+    batch_size: int | str = setting(
+        AUTO, "Images per step, or auto: on a CUDA GPU the largest batch 16-256 fitting 80 % "
+        "of its memory (cached; lr and warm-up scaled from 16); 16 on a CPU.", flag="--batch-size", panel=DATA,
+        rule=NumberOrAuto(1, 65_536, whole=True), parse=parse_batch_size)
+    loader: str = setting(
+        "auto", "auto: DALI on a GPU, else torch (the plain loader); cache: decode once into device memory.",
+        flag="--loader", panel=SPEED, choices=("auto", "torch", "dali", "cache"))
+    workers: int = setting(2, "Loader worker processes (torch) / CPU threads (DALI).", flag="--workers",
+                           panel=SPEED, rule=count(0, 256), resume=True)
+    prefetch: int = setting(2, "Batches prefetched per worker / DALI queue depth.", flag="--prefetch",
+                            panel=SPEED, rule=count(1, 64), resume=True)
+    cache: str = setting("none", "device: the older spelling of --loader cache.", flag="--cache", panel=SPEED,
+                         choices=("none", "device"))
+    hw_decoder_load: float = setting(0.65, "Share of JPEG decoding on the A100/H100 hardware decoder (DALI GPU).",
+                                     rule=Number(0, 1))
+    palette: str = setting("cityscapes", "Mask colours -> classes: cityscapes, kmeans:K or a palette .json.",
+                           flag="--palette", panel=DATA)
+    max_color_dist: float | None = setting(
+        None, "Ignore mask pixels farther than this (RGB) from every class colour.", flag="--max-color-dist",
+        panel=DATA, rule=Number(0, 442, above_lo=True))  # 442 > sqrt(3) * 255: every colour is near
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # Score validation against the masks at their own size (256 px for the Kaggle files), the model's
     # logits upsampled to it, whatever image_size the model runs at: a small image_size cannot flatter
     # the figures by scoring against nearest-downsampled masks.
-    val_native: bool = True
-    skip_validate: bool = False  # skip the up-front pair validation (faster start, cruder errors)
-    skip_bad: bool = False  # leave bad files out (and say how many) instead of stopping
-    synth_train: int = 2000  # size of the synthetic train split used when data_dir is None
-    synth_val: int = 200  # size of the synthetic val split used when data_dir is None
-    synth_seed: int = 0
+    val_native: bool = setting(True, "Score validation at the masks' own size.")
+    skip_validate: bool = setting(False, "Do not decode every file first; the loader reports a bad file when it "
+                                  "meets it.", flag="--skip-validate", panel=DATA, resume=True)
+    skip_bad: bool = setting(False, "Leave bad files out (and say how many) instead of stopping at the first.",
+                             flag="--skip-bad", panel=DATA)
+    synth_train: int = setting(2000, "Train pairs of the synthetic set used without a data folder.",
+                               rule=count(1, 1_000_000))
+    synth_val: int = setting(200, "Val pairs of the synthetic set.", rule=count(1, 1_000_000))
+    synth_seed: int = setting(0, "Seed of the synthetic set.", rule=count(0, SEED_MAX))
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    num_classes: int = 19
-    width: int = 32  # channels of the first stage; doubled at each downsampling
-    depth: int = 4  # number of downsamplings; inputs must be divisible by 2**depth
-    upsample: str = "transpose"  # transpose (learned 2x2 transposed conv) | bilinear
-    norm: str = "batch"  # batch (BatchNorm) | group (GroupNorm, 8 groups: independent of the batch size)
+    num_classes: int = setting(19, "Classes (set by the palette).", rule=count(1, PALETTE_MAX))
+    width: int = setting(32, "Base width, doubled per stage.", flag="--width", panel=MODEL, rule=count(1, 512))
+    depth: int = setting(4, "Downsamplings.", flag="--depth", panel=MODEL,
+                         rule=count(1, 8))
+    upsample: str = setting("transpose", "Decoder: transposed conv, or bilinear + 1x1 conv.", flag="--upsample",
+                            panel=MODEL, choices=("transpose", "bilinear"))
+    norm: str = setting("batch", "BatchNorm, or GroupNorm with 8 groups.",
+                        flag="--norm", panel=MODEL, choices=("batch", "group"))
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 10
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    warmup_steps: int = 100  # linear warm-up, then cosine decay to lr * min_lr_ratio
-    min_lr_ratio: float = 0.01
-    schedule: str = "cosine"  # cosine (warm-up + cosine) | onecycle
-    time_budget_s: float | None = None  # training seconds (validation excluded); the LR decays over it
+    epochs: int = setting(10, "Epochs.", flag="--epochs", rule=count(1, MAX_EPOCHS), resume=True)
+    lr: float = setting(3e-3, "Peak AdamW learning rate.", flag="--lr", rule=Number(0, 10, above_lo=True))
+    weight_decay: float = setting(1e-4, "AdamW weight decay, not on norms and biases.", flag="--weight-decay",
+                                  rule=Number(0, 10))
+    warmup_steps: int = setting(100, "Linear LR warm-up steps.", flag="--warmup-steps", rule=count(0))
+    min_lr_ratio: float = setting(0.01, "Final learning rate as a share of the peak.", rule=Number(0, 1))
+    schedule: str = setting("cosine", "LR shape after the warm-up.", flag="--schedule", choices=("cosine", "onecycle"))
+    time_budget_s: float | None = setting(
+        None, "Train this long (1200, 20m, 1.5h; validation not counted), the LR decaying over it.",
+        flag="--time-budget", rule=Number(0, 1e7, above_lo=True), parse=parse_duration, resume=True)
     # What a training second is: wall time, or this process's CPU time / its intra-op threads (the
     # same on a quiet machine, fairer on a shared one; count data loading only with workers 0).
-    clock: str = "wall"
-    target_acc: float | None = None  # stop once val pixel accuracy reaches this
-    loss: str = "ce"  # ce (cross-entropy) | ce+dice (plus soft Dice over the classes present)
-    ema: float = 0.0  # decay of an exponential moving average of the weights, validated and saved; 0 = off
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    class_weights: str = "none"  # none | inverse-sqrt-freq (computed from a sample of train masks)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto | bf16-mixed | 16-mixed | 32 (the policy: cityseg/runtime.py)
-    compile: bool | None = None  # torch.compile; None = on for GPU (compute capability >= 7.0), off for CPU
-    compile_mode: str | None = None  # torch.compile mode (e.g. max-autotune); None = torch's default
-    sync_bn: bool = False  # DDP on GPUs: synchronise BatchNorm statistics across ranks
-    seed: int = 0
-    patience: int = 0  # stop after this many validations without a better mIoU; 0 = never
-    # Validate (and write best.pt / last.pt) every N epochs, `Nsteps`, or `30s` of training, at the end of
-    # the epoch where it falls due; `auto` keeps validation and checkpoints under 10 % of the wall time.
-    # The end of the run (epochs, budget, --max-steps, target) and a signal always validate.
-    val_every: str = "auto"
-    log_every: int = 20  # steps between progress updates that read the loss (each one syncs the GPU)
-    tensorboard: bool = True  # event files in the run folder (rank 0)
-    max_steps: int = 0  # stop after this many steps in total (0 = run all epochs); --smoke sets it
-    out: str | None = None  # run folder; None = runs/<date-time>
-    resume: str | None = None  # run folder to continue from its checkpoints/last.pt
-    init_from: str | None = None  # checkpoint whose weights start this new run (fine-tuning)
+    clock: str = setting("wall", "What a training second is: wall or cpu time.", choices=("wall", "cpu"))
+    target_acc: float | None = setting(None, "Stop once val pixel accuracy reaches this (e.g. 0.90).",
+                                       flag="--target-acc", rule=Number(0, 1, above_lo=True), resume=True)
+    loss: str = setting("ce", "Cross-entropy, or plus soft Dice.", flag="--loss",
+                        choices=("ce", "ce+dice"))
+    ema: float = setting(0.0, "Validate and save an EMA of the weights, e.g. 0.999; 0 = off.",
+                         flag="--ema", rule=Number(0, 0.99999))
+    grad_clip: float = setting(1.0, "Max gradient norm, 0 = off.", flag="--grad-clip", rule=Number(0))
+    class_weights: str = setting("none", "Loss weight per class.",
+                                 flag="--class-weights", choices=("none", "inverse-sqrt-freq"))
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N.", flag="--device", panel=SPEED, resume=True)
+    precision: str = setting(
+        "auto", "auto: bf16 where the device computes it natively, fp16 + loss scaling on older GPUs, else fp32.",
+        flag="--precision", panel=SPEED, choices=("auto", "bf16-mixed", "16-mixed", "32"), resume=True)
+    compile: bool | None = setting(None, "torch.compile.", flag="--compile/--no-compile", panel=SPEED, resume=True,
+                                   shown="on for GPUs of compute capability >= 7.0, off on a CPU")
+    compile_mode: str | None = setting(None, "torch.compile mode.", flag="--compile-mode", panel=SPEED,
+                                       choices=COMPILE_MODES, resume=True, shown="torch's")
+    sync_bn: bool = setting(False, "DDP on GPUs: synchronise BatchNorm statistics.", flag="--sync-bn", panel=SPEED)
+    seed: int = setting(0, "Seed for weights, order and augmentation.", flag="--seed", rule=count(0, SEED_MAX))
+    patience: int = setting(0, "Stop after N validations without a better val mIoU; 0 = never.", flag="--patience",
+                            rule=count(0))
+    val_every: str = setting(
+        "auto", "Validate (and write best.pt/last.pt) every N epochs, Nsteps or a training time (30s, 2m); "
+        "auto: under 10 % of wall time. The run's end and a signal always validate.",
+        flag="--val-every", resume=True)
+    log_every: int = setting(20, "Steps between progress lines.",
+                             flag="--log-every", panel=OUTPUT, rule=count(1), resume=True)
+    tensorboard: bool = setting(True, "TensorBoard event files in the run folder.",
+                                flag="--tensorboard/--no-tensorboard", panel=OUTPUT, resume=True)
+    max_steps: int = setting(0, "Stop after N steps in all, last.pt resumable; 0 = all epochs.",
+                             flag="--max-steps", rule=count(0), resume=True)
+    out: str | None = setting(None, "Run folder: new or empty.", flag="--out", panel=OUTPUT, path=True,
+                              shown="runs/<date-time>")
+    resume: str | None = setting(
+        None, "Continue this run folder from its last.pt and saved config; only these apply: {resumable}.",
+        flag="--resume", panel=OUTPUT, path=True)
+    init_from: str | None = setting(
+        None, "Fine-tune: a new run from this checkpoint's weights, architecture (its flags are refused) and "
+        "image size; another class count re-initialises the head.", flag="--init-from", panel=OUTPUT,
+        path=True)
 
 
 @dataclass(frozen=True)
@@ -160,6 +224,18 @@ def field_types(kind: type = Config, prefix: str = "") -> dict[str, Any]:
             out.update(field_types(hint, f"{prefix}{name}."))
         else:
             out[f"{prefix}{name}"] = hint
+    return out
+
+
+def settings_of(kind: type = Config, prefix: str = "") -> dict[str, Setting]:
+    """Every config key's Setting, in the order the dataclasses declare them."""
+    hints = typing.get_type_hints(kind)
+    out: dict[str, Setting] = {}
+    for f in dataclasses.fields(kind):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(settings_of(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = f.metadata["setting"]
     return out
 
 
@@ -266,9 +342,17 @@ def train_config(layers: list[tuple[str, dict[str, Any]]], *, on_cpu: bool, smok
         cfg = with_overrides(cfg, PRESETS[name], f"preset {name}")
     for source, values in layers:
         cfg = with_overrides(cfg, values, source)
-    if cfg.train.time_budget_s is not None and "train.epochs" not in given:  # the budget decides when to stop
-        cfg = with_overrides(cfg, {"train.epochs": MAX_EPOCHS}, "time budget")
+    return budget_decides_epochs(cfg, given)
+
+
+def budget_decides_epochs(cfg: Config, given: dict[str, Any]) -> Config:
+    """A time budget without an epoch count trains until the budget is spent (a new run and a resumed
+    one alike): epochs are lifted to MAX_EPOCHS unless `given` (the keys set this time) holds them."""
+    if cfg.train.time_budget_s is not None and "train.epochs" not in given:
+        return with_overrides(cfg, {"train.epochs": MAX_EPOCHS}, "time budget")
     return cfg
 
 
-MAX_EPOCHS = 100_000
+# Every setting by config key (its Setting: help, flag, range or choices, what --resume may change).
+SETTINGS: dict[str, Setting] = settings_of()
+

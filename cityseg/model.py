@@ -16,10 +16,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from cityseg.config import ModelConfig
+from cityseg.config import SETTINGS, ModelConfig
 
 Upsample = Literal["transpose", "bilinear"]
-UPSAMPLE_MODES: tuple[str, ...] = ("transpose", "bilinear")
+UPSAMPLE_MODES = SETTINGS["model.upsample"].choices
 
 
 Norm = Literal["batch", "group"]

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from cityseg.options import PALETTE_MAX, check_palette_spec, read_palette_file
+from cityseg.options import check_palette_spec, read_palette_file
 from cityseg.outputs import atomic_write, ensure_dir
 from cityseg.palette import Palette, cityscapes_palette
+from cityseg.settings import PALETTE_MAX
 
 MAX_K = PALETTE_MAX  # the kernel unrolls its loop over centres; 64 bounds compile time and registers
 

@@ -22,11 +22,12 @@ from pathlib import Path
 
 import torch
 
+from cityseg.config import SETTINGS
 from cityseg.errors import OptionError
-from cityseg.options import CHOICES, COMPILE_MODES
 from cityseg.outputs import cache_dir
+from cityseg.settings import COMPILE_MODES
 
-PRECISIONS = CHOICES["train.precision"]
+PRECISIONS = SETTINGS["train.precision"].choices
 TRITON_MIN_CAPABILITY = (7, 0)
 
 

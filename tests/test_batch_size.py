@@ -14,8 +14,9 @@ from rich.console import Console
 from cityseg.config import Config, DataConfig, TrainConfig
 from cityseg.distributed import DistInfo
 from cityseg.errors import OptionError
-from cityseg.options import check_config, parse_batch_size
+from cityseg.options import check_config, check_options
 from cityseg.runtime import Runtime
+from cityseg.settings import parse_batch_size
 from cityseg.training import batch_size as bs
 from tests.cli_process import run_cli
 
@@ -119,7 +120,7 @@ def test_gpu_choice_is_measured_once_then_read_from_the_cache(tmp_path: Path, mo
 def test_option_parsing() -> None:
     assert parse_batch_size("auto") == "auto" and parse_batch_size("32") == 32
     with pytest.raises(OptionError, match="--batch-size big: expected a whole number from 1 to 65536 or auto"):
-        parse_batch_size("big")
+        check_options({"batch_size": parse_batch_size("big")})
     check_config(Config(data=DataConfig(batch_size="auto")))
     with pytest.raises(OptionError, match="data.batch_size"):
         check_config(Config(data=DataConfig(batch_size="big")))

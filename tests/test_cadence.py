@@ -16,16 +16,15 @@ import pytest
 import torch
 
 import cityseg.checkpoint as checkpoint
-from cityseg.checkpoint import CheckpointWriter, load_checkpoint, load_from_checkpoint
+from cityseg.checkpoint import CheckpointWriter, check_init_architecture, load_checkpoint, load_from_checkpoint
 from cityseg.config import NO_AUGMENT, Config, DataConfig, ModelConfig, TrainConfig
 from cityseg.errors import InterruptedNow, OptionError
-from cityseg.options import parse_val_every
 from cityseg.runtime import use_compile_cache
+from cityseg.settings import parse_val_every
 from cityseg.telemetry import GpuSampler, process_age_s
 from cityseg.training import TrainingError, train
 from cityseg.training.cadence import AUTO_SHARE, ValCadence
 from cityseg.training.loop import Interrupted, Trainer
-from cityseg.training.setup import read_init_checkpoint
 from tests.cli_process import run_cli
 from tests.conftest import make_pair_dataset
 
@@ -184,7 +183,8 @@ def test_best_pt_holds_weights_not_optimiser_state(data: Path, tmp_path: Path) -
     assert best["model"].keys() == last["model"].keys()
     model, cfg, palette, _ = load_from_checkpoint(run / "checkpoints" / "best.pt")  # eval, predict, export
     assert cfg.model.width == 4 and palette.num_classes == 19
-    read_init_checkpoint(run / "checkpoints" / "best.pt", cfg.model)  # --init-from
+    best = run / "checkpoints" / "best.pt"
+    check_init_architecture(load_checkpoint(best), best, cfg.model)  # --init-from
 
 
 def test_timing_fields_add_up(data: Path, tmp_path: Path) -> None:

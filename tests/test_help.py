@@ -15,6 +15,7 @@ import typer.main
 from typer.testing import CliRunner
 
 from cityseg.cli import app
+from cityseg.config import SETTINGS
 from tests.cli_process import run_cli
 
 WIDTH = 80
@@ -77,8 +78,9 @@ def test_train_help_shows_its_config_sections_and_fits_80_columns() -> None:
     for values in ("auto, torch, dali, cache", "default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs"):
         assert values in flat
     # What the help promises about --resume and --init-from is what the command does.
-    assert "--time-budget, --target-acc" in flat
-    assert "architecture flags are refused" in flat
+    resumable = [s.flag.split("/")[0] for s in SETTINGS.values() if s.resume]
+    assert f"only these apply: {', '.join(resumable)}." in flat and "--epochs" in resumable
+    assert "architecture (its flags are refused)" in flat
 
 
 def test_dash_h_on_the_installed_command() -> None:

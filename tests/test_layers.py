@@ -13,12 +13,14 @@ from tests.conftest import ROOT
 LAYERS: list[tuple[str, ...]] = [
     ("kernels",),
     ("cityseg.errors",),
+    ("cityseg.settings",),
     ("cityseg.config",),
     ("cityseg.options", "cityseg.outputs"),
     ("cityseg.runtime", "cityseg.distributed", "cityseg.progress", "cityseg.telemetry"),
     ("cityseg.palette", "cityseg.palette_kmeans"),
     ("cityseg.data",),
     ("cityseg.model", "cityseg.metrics", "cityseg.checkpoint", "cityseg.report"),
+    ("cityseg.resolve",),
     ("cityseg.training", "cityseg.inference", "cityseg.profiling"),
     ("cityseg.cli", "cityseg.__main__"),
     ("cityseg",),  # the package's public API, which imports from every layer on demand

@@ -13,10 +13,10 @@ config key by OPTION_KEYS. Nothing here imports torch: `--help` answers at once.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
-from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,67 +24,119 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
-from cityseg.cli.choices import (
-    Cache,
-    ClassWeights,
-    CompileMode,
-    Loader,
-    Loss,
-    Norm,
-    Precision,
-    Schedule,
-    Upsample,
-)
+from cityseg.cli.choices import choice_enum
 from cityseg.cli.common import app, console, err_console, fail, given_options
-from cityseg.config import AMP_TO_PRECISION, PRESETS, Config, get_value, train_config, with_overrides
+from cityseg.config import AMP_TO_PRECISION, PRESETS, SETTINGS, Config, field_types, get_value
 from cityseg.errors import OptionError
-from cityseg.options import (
-    OPTION_KEYS,
-    check_config,
-    check_options,
-    flag,
-    parse_batch_size,
-    parse_duration,
-    parse_scale,
-    read_config_file,
-)
+from cityseg.options import OPTION_KEYS, check_options
+from cityseg.settings import OUTPUT, SPEED, TRAIN, Setting
 
 DEFAULTS = Config()
-CPU = PRESETS["cpu-synthetic"]
+# Where a preset changes a default, the help says so: "(default 32; 16 for synthetic data on a CPU)".
+PRESET_WHEN = {"real-data": "with --data", "cpu-synthetic": "for synthetic data on a CPU"}
+# The `train` options that are not run settings: how to start, where the settings come from.
+COMMAND_ONLY = ("amp", "nproc", "set_values", "config", "print_config_only", "smoke")
 
 
-DATA, MODEL, TRAIN, SPEED, OUTPUT, AUG = "Data", "Model", "Training", "Speed", "Output", "Augmentation"
+def shown_default(key: str, setting: Setting) -> str:
+    """The default as `-h` and the README say it."""
+    if setting.shown is not None:
+        return setting.shown
+    value = get_value(DEFAULTS, key)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "none" if value is None else str(value)
 
-# What `--resume` applies: how long to go on and how to run, never what the run is (that is in last.pt).
-RESUME_APPLIES = {"epochs", "max_steps", "time_budget", "target_acc", "device", "workers", "prefetch", "precision",
-                  "amp", "compile", "compile_mode", "log_every", "skip_validate", "tensorboard", "val_every"}
-# Options that are not config values.
-COMMAND_ONLY = {"resume", "config", "print_config", "smoke", "nproc", "set_values"}
+
+def default_with_presets(key: str, setting: Setting) -> str:
+    """"32; 16 for synthetic data on a CPU": the default, then what the presets make of it."""
+    notes = [f"{PRESETS[name][key]} {when}" for name, when in PRESET_WHEN.items() if key in PRESETS[name]]
+    return "; ".join([shown_default(key, setting), *notes])
 
 
-def _d(key: str) -> Any:
-    return get_value(DEFAULTS, key)
+def help_text(key: str, setting: Setting) -> str:
+    """A setting's help with its default and the presets' values, all from its declaration."""
+    resumable = ", ".join(s.flag.split("/")[0] for s in SETTINGS.values() if s.resume)
+    text = setting.help.format(resumable=resumable)  # --resume's help lists what it lets change
+    switch_off = setting.flag and "/" not in setting.flag and field_types()[key] is bool
+    if switch_off or (get_value(DEFAULTS, key) is None and setting.shown is None):
+        return text  # off unless given, or unset unless given: no default to tell
+    return f"{text.rstrip('.')} (default {default_with_presets(key, setting)})."
+
+
+def option_type(key: str, setting: Setting) -> Any:
+    """What typer parses the flag as: the choices as an enum, text for values parsed later
+    (durations, LO,HI, `auto`), a Path for folders and files, else the field's own type."""
+    if setting.choices is not None:
+        return choice_enum(setting.name.title().replace("_", ""), setting.choices)
+    if setting.parse is not None:
+        return str
+    if setting.path:
+        return Path
+    hint = field_types()[key]
+    return next((t for t in (bool, int, float, str) if hint is t or t in getattr(hint, "__args__", ())), str)
+
+
+def setting_parameters() -> list[inspect.Parameter]:
+    """One keyword parameter of `train` per setting with a flag, declared from its Setting alone."""
+    params = []
+    for key, setting in SETTINGS.items():
+        if not setting.name:
+            continue
+        kind = option_type(key, setting)
+        switch_off = kind is bool and "/" not in setting.flag  # --skip-bad: given or not
+        option = typer.Option(setting.flag, help=help_text(key, setting), rich_help_panel=setting.panel)
+        params.append(inspect.Parameter(
+            setting.name, inspect.Parameter.KEYWORD_ONLY, default=False if switch_off else None,
+            annotation=Annotated[kind if switch_off else kind | None, option]))
+    return params
+
+
+def command_parameters() -> list[inspect.Parameter]:
+    """`train`'s own options: an older spelling, the launcher, and where settings come from."""
+    def option(name: str, kind: Any, default: Any, *decls: str, help: str, panel: str = OUTPUT,  # noqa: A002
+               **extra: Any) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[
+            kind, typer.Option(*decls, help=help, rich_help_panel=panel, **extra)])
+
+    return [
+        option("amp", bool | None, None, "--amp/--no-amp", panel=SPEED,
+               help="Older spellings of --precision bf16-mixed / 32."),
+        option("nproc", int, 1, "--nproc", panel=SPEED, help=(
+            "Processes (GPUs) on this machine, launched with torchrun (DDP). Several machines: see README.")),
+        option("set_values", list[str] | None, None, "--set", panel=TRAIN, metavar="<key=value>", help=(
+            "Any config key, e.g. --set train.min_lr_ratio=0.05 (repeatable; checked like a config file).")),
+        option("config", Path | None, None, "--config", help=(
+            "Options from a TOML, YAML or JSON file ([data], [model], [train] sections, as --print-config "
+            "prints); options typed here win.")),
+        option("print_config_only", bool, False, "--print-config",
+               help="Print the resolved config as YAML (a --config file) and exit."),
+        option("smoke", bool, False, "--smoke", help="A few steps on a tiny set: checks the install."),
+    ]
 
 
 def config_values(given: dict[str, Any]) -> dict[str, Any]:
-    """The typed options as {config key: value} (enums to strings, paths made absolute)."""
+    """The typed settings as {config key: value}: enums to strings, text parsed (`20m` -> 1200.0),
+    paths made absolute (eval and --resume from elsewhere find the same place)."""
     values: dict[str, Any] = {}
     for name, value in given.items():
-        if name in COMMAND_ONLY:
+        if name in COMMAND_ONLY and name != "amp":
             continue
+        if name == "amp":  # the older switch: --amp is bf16-mixed, --no-amp is 32
+            values["train.precision"] = AMP_TO_PRECISION[value]
+            continue
+        key, *also = OPTION_KEYS[name]
+        setting = SETTINGS[key]
         if isinstance(value, Enum):
             value = value.value
-        if name == "scale":
-            value = parse_scale(value)
-        if name == "time_budget":
-            value = parse_duration(value)
-        if name == "amp":  # the older switch: --amp is bf16-mixed, --no-amp is 32
-            value = AMP_TO_PRECISION[value]
-        if name in ("data", "out", "init_from"):  # absolute: eval and --resume from elsewhere find the same place
+        if setting.parse is not None and isinstance(value, str):
+            value = setting.parse(value)
+        if setting.path:
             value = str(Path(value).absolute())
-        keys = OPTION_KEYS[name]
-        for key in (keys if isinstance(keys, tuple) else (keys,)):
-            values[key] = value
+        for k in (key, *also):
+            values[k] = value
     return values
 
 
@@ -106,66 +158,21 @@ def parse_set_values(items: list[str]) -> dict[str, Any]:
     return values
 
 
-def resolve_config(given: dict[str, Any]) -> Config:
-    """The run's Config from the typed options (see the module docstring); --resume starts from the
-    config saved in the run's last.pt and applies only RESUME_APPLIES, refusing the rest."""
-    resume = given.get("resume")
-    if resume is not None:
-        return resumed_config(Path(resume).absolute(), given)
-    layers = []
-    if given.get("init_from") is not None:  # the checkpoint's architecture and size, unless flags change them
-        layers.append(("--init-from", checkpoint_architecture(Path(given["init_from"]))))
-    if given.get("config") is not None:
-        layers.append((str(given["config"]), read_config_file(Path(given["config"]))))
-    layers.append(("command line", config_values(given)))
-    if given.get("set_values"):
-        layers.append(("--set", parse_set_values(given["set_values"])))
-    if given.get("init_from") is not None and "data.image_size" not in {k for _, v in layers[1:] for k in v}:
-        size = layers[0][1]["data.image_size"]
-        err_console.print(f"--init-from: training at the checkpoint's image size, {size} px "
-                          "(--image-size changes it)", soft_wrap=True)
-    device = {k: v for _, values in layers for k, v in values.items()}.get("train.device", "auto")
-    on_cpu = device == "cpu" or (device == "auto" and not cuda_available())
-    return train_config(layers, on_cpu=on_cpu, smoke=bool(given.get("smoke")))
+def resolve_given(given: dict[str, Any]) -> Any:
+    """The typed options -> `cityseg.resolve.resolve_run` (the one place a run's config is made)."""
+    from cityseg.resolve import resolve_run
+
+    values = config_values(given)
+    check_options({OPTION_KEYS_BY_KEY.get(k, k): v for k, v in values.items() if k in OPTION_KEYS_BY_KEY})
+    run = resolve_run(values, config_file=given.get("config"), smoke=bool(given.get("smoke")),
+                      set_values=parse_set_values(given.get("set_values") or []))
+    for note in run.notes:
+        err_console.print(note, soft_wrap=True)
+    return run
 
 
-def checkpoint_architecture(path: Path) -> dict[str, Any]:
-    from cityseg.checkpoint import load_checkpoint, read_config
-
-    saved = read_config(load_checkpoint(path), path)
-    # The image size too: a model trained at 64 px is fine-tuned at 64 px unless --image-size says otherwise,
-    # not silently at a preset's size.
-    return {**{f"model.{k}": v for k, v in asdict(saved.model).items() if k != "num_classes"},
-            "data.image_size": saved.data.image_size}
-
-
-def resumed_config(run: Path, given: dict[str, Any]) -> Config:
-    refused = sorted(flag(n) for n in given if n not in RESUME_APPLIES | COMMAND_ONLY)
-    refused[:0] = [flag(n) for n in ("config", "set_values") if given.get(n)]
-    if refused:
-        allowed = ", ".join(sorted(flag(n) for n in RESUME_APPLIES))
-        raise OptionError(f"--resume {run}: {', '.join(refused)} would change the run it continues (its settings "
-                          f"are in its last.pt); with --resume only {allowed} apply. To start a new run from "
-                          f"its weights: --init-from {run / 'checkpoints' / 'last.pt'}")
-    from cityseg.checkpoint import read_config, read_training_checkpoint
-    from cityseg.outputs import check_not_in_use
-
-    check_not_in_use(run)
-    last = run / "checkpoints" / "last.pt"
-    cfg = read_config(read_training_checkpoint(last), last)
-    overrides = config_values({k: v for k, v in given.items() if k in RESUME_APPLIES})
-    overrides.setdefault("train.max_steps", 0)  # the stop of the session that saved it is not this one's
-    overrides["train.resume"] = str(run)
-    applied = [flag(n) for n in given if n in RESUME_APPLIES]
-    if applied:
-        console.print(f"resume: applying {', '.join(applied)}; everything else as saved in {last}")
-    return with_overrides(cfg, overrides, "--resume")
-
-
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+# config key -> the option whose rule checks it, for a typed value (the first key a flag sets)
+OPTION_KEYS_BY_KEY = {keys[0]: name for name, keys in OPTION_KEYS.items()}
 
 
 # Keys a config file does not carry: the run folder and --resume are command-line choices.
@@ -190,138 +197,30 @@ def config_text(cfg: Config) -> str:
     return header + yaml.safe_dump(tree, sort_keys=False, default_flow_style=None)
 
 
-@app.command()
-def train(
-    ctx: typer.Context,
-    data: Annotated[Path | None, typer.Option(rich_help_panel=DATA, help=(
-        "Folder with train/ and val/ Kaggle pairs (512x256 JPEG: photo | colour mask), or the unpacked archive "
-        "above it. Default: a cached synthetic city set."))] = None,
-    image_size: Annotated[int | None, typer.Option(rich_help_panel=DATA, help=(
-        f"Square train/val size in pixels, a multiple of 2**depth (default {_d('data.image_size')}; "
-        f"{CPU['data.image_size']} for synthetic data on a CPU; the checkpoint's with --init-from)."))] = None,
-    batch_size: Annotated[str | None, typer.Option(rich_help_panel=DATA, callback=parse_batch_size, help=(
-        "Images per step, or auto (default): on a CUDA GPU the largest batch 16-256 fitting 80 % of its memory "
-        "(cached; lr and warm-up scaled from 16); 16 on a CPU."))] = None,
-    loader: Annotated[Loader | None, typer.Option(rich_help_panel=SPEED, help=(
-        "auto: DALI on a GPU, else torch (the plain loader); cache: decode once into device memory."))] = None,
-    cache: Annotated[Cache | None, typer.Option(rich_help_panel=SPEED, help=(
-        "device: the same as --loader cache."))] = None,
-    workers: Annotated[int | None, typer.Option(rich_help_panel=SPEED, help=(
-        f"Loader processes (torch) or threads (DALI) (default {_d('data.workers')})."))] = None,
-    prefetch: Annotated[int | None, typer.Option(rich_help_panel=SPEED, help=(
-        f"Batches prefetched per worker / DALI queue depth (default {_d('data.prefetch')})."))] = None,
-    palette: Annotated[str | None, typer.Option(rich_help_panel=DATA, help=(
-        "Mask colours -> classes: cityscapes (default), kmeans:K or a palette .json."))] = None,
-    max_color_dist: Annotated[float | None, typer.Option(rich_help_panel=DATA, help=(
-        "Ignore mask pixels farther than this (RGB) from every class colour (default: none)."))] = None,
-    skip_validate: Annotated[bool, typer.Option("--skip-validate", rich_help_panel=DATA, help=(
-        "Do not decode every file first; the loader reports a bad file when it meets it."))] = False,
-    skip_bad: Annotated[bool, typer.Option("--skip-bad", rich_help_panel=DATA, help=(
-        "Leave bad files out (and say how many) instead of stopping at the first."))] = False,
-    hflip: Annotated[float | None, typer.Option(rich_help_panel=AUG, help=(
-        f"Horizontal flip probability (default {_d('data.augment.hflip')})."))] = None,
-    rotate: Annotated[float | None, typer.Option(rich_help_panel=AUG, help=(
-        "Random rotation range, ± degrees (default 0)."))] = None,
-    scale: Annotated[str | None, typer.Option(rich_help_panel=AUG, help=(
-        "Random zoom range LO,HI, then a crop back to size (default 1,1)."))] = None,
-    jitter: Annotated[float | None, typer.Option(rich_help_panel=AUG, help=(
-        "Brightness, contrast and saturation jitter, photo only (default 0)."))] = None,
-    hue: Annotated[float | None, typer.Option(rich_help_panel=AUG, help=(
-        "Hue shift range in turns, photo only (default 0, at most 0.5)."))] = None,
-    width: Annotated[int | None, typer.Option(rich_help_panel=MODEL, help=(
-        f"Base width, doubled per stage (default {_d('model.width')}; {CPU['model.width']} for synthetic data "
-        "on a CPU)."))] = None,
-    depth: Annotated[int | None, typer.Option(rich_help_panel=MODEL, help=(
-        f"Downsamplings (default {_d('model.depth')})."))] = None,
-    upsample: Annotated[Upsample | None, typer.Option(rich_help_panel=MODEL, help=(
-        "Decoder: transposed conv, or bilinear + 1x1 conv (default bilinear with --data, transpose for "
-        "synthetic data)."))] = None,
-    norm: Annotated[Norm | None, typer.Option(rich_help_panel=MODEL, help=(
-        "BatchNorm (default) or GroupNorm with 8 groups."))] = None,
-    epochs: Annotated[int | None, typer.Option(rich_help_panel=TRAIN, help=(
-        f"Epochs (default {_d('train.epochs')}; {CPU['train.epochs']} for synthetic data on a CPU)."))] = None,
-    lr: Annotated[float | None, typer.Option(rich_help_panel=TRAIN, help=(
-        f"Peak AdamW learning rate (default {_d('train.lr'):g})."))] = None,
-    weight_decay: Annotated[float | None, typer.Option(rich_help_panel=TRAIN, help=(
-        f"AdamW weight decay, not on norms and biases (default {_d('train.weight_decay'):g})."))] = None,
-    warmup_steps: Annotated[int | None, typer.Option(rich_help_panel=TRAIN, help=(
-        f"Linear LR warm-up steps (default {_d('train.warmup_steps')})."))] = None,
-    grad_clip: Annotated[float | None, typer.Option(rich_help_panel=TRAIN, help=(
-        f"Max gradient norm, 0 = off (default {_d('train.grad_clip')})."))] = None,
-    class_weights: Annotated[ClassWeights | None, typer.Option(rich_help_panel=TRAIN, help=(
-        "Loss weight per class (default none)."))] = None,
-    time_budget: Annotated[str | None, typer.Option(rich_help_panel=TRAIN, help=(
-        "Train this long (1200, 20m, 1.5h; validation not counted), the LR decaying over it."))] = None,
-    target_acc: Annotated[float | None, typer.Option(rich_help_panel=TRAIN, help=(
-        "Stop once val pixel accuracy reaches this (e.g. 0.90)."))] = None,
-    schedule: Annotated[Schedule | None, typer.Option(rich_help_panel=TRAIN, help=(
-        "LR shape (default cosine, after the warm-up)."))] = None,
-    loss: Annotated[Loss | None, typer.Option(rich_help_panel=TRAIN, help=(
-        "Cross-entropy, or plus soft Dice (default ce+dice with --data, ce for synthetic data)."))] = None,
-    ema: Annotated[float | None, typer.Option(rich_help_panel=TRAIN, help=(
-        "Validate and save an average of the weights with this decay (e.g. 0.999; default 0 = off)."))] = None,
-    val_every: Annotated[str | None, typer.Option(rich_help_panel=TRAIN, help=(
-        "Validate and write best.pt/last.pt every N epochs (2), steps (300steps) or training seconds (30s, 2m). "
-        "Default auto: keeps them under 10 % of wall time. The run's end and Ctrl-C always validate."))] = None,
-    patience: Annotated[int | None, typer.Option(rich_help_panel=TRAIN, help=(
-        "Stop after N epochs without a better val mIoU (default 0 = never)."))] = None,
-    seed: Annotated[int | None, typer.Option(rich_help_panel=TRAIN, help=(
-        "Seed for weights, order and augmentation (default 0)."))] = None,
-    max_steps: Annotated[int | None, typer.Option(rich_help_panel=TRAIN, help=(
-        "Stop after this many steps, with a resumable last.pt (default 0 = all epochs)."))] = None,
-    set_values: Annotated[list[str] | None, typer.Option("--set", metavar="<key=value>", rich_help_panel=TRAIN, help=(
-        "Any config key, e.g. --set train.min_lr_ratio=0.05 (repeatable; checked like a config file)."
-    ))] = None,
-    device: Annotated[str | None, typer.Option(rich_help_panel=SPEED, help=(
-        "auto (default), cpu, cuda or cuda:N."))] = None,
-    precision: Annotated[Precision | None, typer.Option(rich_help_panel=SPEED, help=(
-        "auto: bf16 where the device computes it natively, fp16 + loss scaling on older GPUs, else fp32."
-    ))] = None,
-    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", rich_help_panel=SPEED, help=(
-        "Older spellings of --precision bf16-mixed / 32."))] = None,
-    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", rich_help_panel=SPEED, help=(
-        "torch.compile (default: on for GPUs of compute capability >= 7.0, off on a CPU)."))] = None,
-    compile_mode: Annotated[CompileMode | None, typer.Option(rich_help_panel=SPEED, help=(
-        "torch.compile mode (default: torch's)."))] = None,
-    nproc: Annotated[int, typer.Option(rich_help_panel=SPEED, help=(
-        "Processes (GPUs) on this machine, launched with torchrun (DDP). Several machines: see README."
-    ))] = 1,
-    sync_bn: Annotated[bool, typer.Option("--sync-bn", rich_help_panel=SPEED, help=(
-        "DDP on GPUs: synchronise BatchNorm statistics."))] = False,
-    out: Annotated[Path | None, typer.Option(rich_help_panel=OUTPUT, help=(
-        "Run folder: new or empty (default runs/<date-time>)."))] = None,
-    init_from: Annotated[Path | None, typer.Option(rich_help_panel=OUTPUT, help=(
-        "Fine-tune: a new run from this checkpoint's weights, architecture and image size (--image-size may "
-        "change the size; architecture flags are refused); another class count re-initialises the head."
-    ))] = None,
-    resume: Annotated[Path | None, typer.Option(rich_help_panel=OUTPUT, help=(
-        "Continue this run folder from its last.pt and saved config; only --epochs, --max-steps, "
-        "--time-budget, --target-acc and how-to-run options (--device, --workers, ...) apply."))] = None,
-    tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", rich_help_panel=OUTPUT, help=(
-        "TensorBoard event files in the run folder (default on)."))] = None,
-    log_every: Annotated[int | None, typer.Option(rich_help_panel=OUTPUT, help=(
-        f"Steps between loss readouts and progress lines (default {_d('train.log_every')})."))] = None,
-    config: Annotated[Path | None, typer.Option(rich_help_panel=OUTPUT, help=(
-        "Options from a TOML, YAML or JSON file ([data], [model], [train] sections, as --print-config "
-        "prints); options typed here win."))] = None,
-    print_config_only: Annotated[bool, typer.Option("--print-config", rich_help_panel=OUTPUT, help=(
-        "Print the resolved config as YAML (a --config file) and exit."))] = False,
-    smoke: Annotated[bool, typer.Option("--smoke", rich_help_panel=OUTPUT, help=(
-        "A few steps on a tiny set: checks the install."))] = False,
-) -> None:
+def options_table() -> str:
+    """README's table of every `train` setting, from the same declarations as the flags (a test
+    keeps the README's copy equal to this)."""
+    rows = ["| flag | config key | default | `--resume` may change it |", "|---|---|---|---|"]
+    for key, setting in SETTINGS.items():
+        name = f"`{setting.flag}`" if setting.flag else "(`--set`, config file)"
+        default = default_with_presets(key, setting).replace("|", r"\|")  # a `|` would end the cell
+        rows.append(f"| {name} | `{key}` | {default} | {'yes' if setting.resume else ''} |")
+    return "\n".join(rows) + "\n"
+
+
+def train(ctx: typer.Context, **options: Any) -> None:  # the options: setting_parameters, command_parameters
     """Train a U-Net and write a run folder (config, metrics, checkpoints, curves, samples)."""
     given = given_options(ctx)
     given.pop("print_config_only", None)
-    check_options(given)
-    if nproc > 1:
-        launch_torchrun(nproc)
+    check_options({k: v for k, v in given.items() if k in ("nproc",)})
+    if options["nproc"] > 1:
+        launch_torchrun(options["nproc"])
     console.quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 speaks for all
-    cfg = resolve_config(given)
-    check_config(cfg)
-    if print_config_only:
-        sys.stdout.write(config_text(cfg))  # not through Rich: exactly the file's text, never wrapped
+    run = resolve_given(given)
+    if options["print_config_only"]:
+        sys.stdout.write(config_text(run.config))  # not through Rich: exactly the file's text, never wrapped
         return
-    summary = run_training(cfg)
+    summary = run_training(run)
     from cityseg.telemetry import fmt
 
     final = summary["final"]
@@ -336,8 +235,14 @@ def train(
         + f"  (from the {summary['time_zero']})", soft_wrap=True)
 
 
-def run_training(cfg: Config, on_step=None) -> dict:
-    """Train; a signal ends the process with 130 (SIGINT) or 128 + its number, after saving."""
+train.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+    inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+    *setting_parameters(), *command_parameters()])
+app.command()(train)
+
+
+def run_training(resolved: Any, on_step: Any = None) -> dict:
+    """Train a resolved run; a signal ends the process with 130 (SIGINT) or 128 + its number, after saving."""
     import signal
 
     from cityseg.errors import InterruptedNow
@@ -345,7 +250,7 @@ def run_training(cfg: Config, on_step=None) -> dict:
     from cityseg.training import train as run
 
     try:
-        return run(cfg, console, on_step=on_step)
+        return run(resolved, console, on_step=on_step)
     except KeyboardInterrupt as e:  # before training started, or a second signal: nothing more to save
         run_dir = getattr(e, "run_dir", None)
         if run_dir is not None and (Path(run_dir) / "checkpoints" / "last.pt").is_file():
@@ -402,10 +307,8 @@ def profile(
     given = given_options(train_ctx)
     if "resume" in given or "out" in given:
         fail("profile: --resume and --out are not train options here (the run goes to OUT/run)")
-    check_options(given)
-    cfg = resolve_config({**given, "out": out / "run"})
-    check_config(cfg)
+    run = resolve_given({**given, "out": out / "run"})
     from cityseg.profiling import profile_training
 
-    profile_training(cfg, steps, out, console, run_training, overwrite=overwrite)
+    profile_training(run, steps, out, console, run_training, overwrite=overwrite)
 

@@ -10,7 +10,7 @@ outputs line up with the photo as viewers show it.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,9 +123,3 @@ def load_input(path: Path, name: str, pairs: bool) -> InputImage:
         return InputImage(name, path, photo, mask)
     return InputImage(name, path, read_photo(path), None)
 
-
-def iter_inputs(paths: Sequence[str | os.PathLike], pairs: bool) -> Iterator[InputImage]:
-    """Decoded inputs one by one; a bad file raises PairError (`PATH: problem`) when reached."""
-    files = list_inputs(paths)
-    for path, name in zip(files, output_names(files), strict=True):
-        yield load_input(path, name, pairs)

@@ -10,7 +10,6 @@ from torch import nn
 from cityseg.errors import OptionError
 
 Tta = Literal["flip"] | None
-TTA_MODES = ("none", "flip")
 
 
 class FlipTTA(nn.Module):

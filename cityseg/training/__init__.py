@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from cityseg.checkpoint import CheckpointError, config_mismatch, read_training_checkpoint, remove_stale_temps
+from cityseg.checkpoint import remove_stale_temps
 from cityseg.config import Config
 from cityseg.distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from cityseg.errors import InterruptedNow, UserError
@@ -30,10 +30,11 @@ from cityseg.outputs import cache_dir, claim_run_folder, is_free, write_error_lo
 from cityseg.palette import Palette
 from cityseg.palette_kmeans import save_palette
 from cityseg.report import RunFolder, device_name, write_json
+from cityseg.resolve import ResolvedRun, resolved_from_config
 from cityseg.runtime import resolve_device, use_compile_cache
 from cityseg.telemetry import process_start
 from cityseg.training.batch_size import resolve_batch_size
-from cityseg.training.hooks import Reporter, default_hooks
+from cityseg.training.hooks import default_hooks
 from cityseg.training.loop import EXIT_INTERRUPTED, HookBase, Interrupted, Parts, Trainer
 from cityseg.training.schedule import TrainClock
 from cityseg.training.setup import (
@@ -45,7 +46,6 @@ from cityseg.training.setup import (
     check_training_fits,
     init_weights_from,
     prepare_data,
-    read_init_checkpoint,
     training_runtime,
 )
 from cityseg.training.step import TrainStep
@@ -64,9 +64,13 @@ def time_zero() -> tuple[float, str]:
     return process_start() if first else (time.perf_counter(), "start of train()")
 
 
-def train(cfg: Config, console: Console | None = None, on_step: Callable[[], None] | None = None,
+def train(cfg: Config | ResolvedRun, console: Console | None = None, on_step: Callable[[], None] | None = None,
           hooks: list[HookBase] | None = None, *, verbose: bool = False) -> dict[str, Any]:
     """Run (or resume, with `cfg.train.resume`) training as configured; returns summary.json's content.
+
+    `cfg`: what `cityseg.resolve_run` returns (the defaults, presets, files and flags of a run, as
+    `cityseg-fast train` resolves them), or a complete `Config`, taken as it is; either is checked,
+    and the checkpoints it names are read once.
 
     Quiet by default, as a library should be: `verbose=True` shows the progress bars and per-epoch
     tables of `cityseg-fast train` (which passes its own `console`), and each epoch's one-line result
@@ -75,13 +79,14 @@ def train(cfg: Config, console: Console | None = None, on_step: Callable[[], Non
     last.pt on Ctrl-C/SIGTERM. `on_step` is called after every step (torch.profiler's `step`);
     `hooks` are added after the default ones."""
     zero = time_zero()
-    dist_info = init_distributed(resolve_device(cfg.train.device).type)
+    run = cfg if isinstance(cfg, ResolvedRun) else resolved_from_config(cfg)
+    dist_info = init_distributed(resolve_device(run.config.train.device).type)
     # Markup off: paths and file names are printed as given, a `[tag]` in one included.
     console = console or Console(markup=False, highlight=False, quiet=not verbose)
     if not dist_info.is_main:
         console = Console(quiet=True)
     try:
-        return _train(cfg, console, dist_info, on_step, hooks or [], zero)
+        return _train(run, console, dist_info, on_step, hooks or [], zero)
     finally:
         cleanup(dist_info)
 
@@ -96,8 +101,9 @@ def default_run_dir() -> Path:
     return candidate.absolute()
 
 
-def _train(cfg: Config, console: Console, dist_info: DistInfo, on_step: Callable[[], None] | None,
+def _train(resolved: ResolvedRun, console: Console, dist_info: DistInfo, on_step: Callable[[], None] | None,
            extra_hooks: list[HookBase], zero: tuple[float, str]) -> dict[str, Any]:
+    cfg = resolved.config
     # The default name holds a timestamp: take rank 0's so every rank writes to one folder.
     root = Path(cfg.train.resume or broadcast_object(cfg.train.out or str(default_run_dir()), dist_info))
     created = missing_folders(root) if dist_info.is_main else []
@@ -107,8 +113,8 @@ def _train(cfg: Config, console: Console, dist_info: DistInfo, on_step: Callable
         with claim:
             run = RunFolder(root)
             try:
-                state = resume_state(run, cfg, console) if cfg.train.resume else None
-                return run_training(cfg, console, dist_info, run, state, on_step, extra_hooks, zero)
+                state = resume_state(run, resolved.state, console) if cfg.train.resume else None
+                return run_training(cfg, console, dist_info, run, state, resolved.init, on_step, extra_hooks, zero)
             except UserError as e:
                 if dist_info.is_main and run.config.is_file():  # a run that started says why it ended
                     write_error_log(run.root, str(e))
@@ -138,22 +144,18 @@ def remove_if_empty(folders: list[Path]) -> None:
             return
 
 
-def resume_state(run: RunFolder, cfg: Config, console: Console) -> dict[str, Any]:
+def resume_state(run: RunFolder, state: dict[str, Any] | None, console: Console) -> dict[str, Any]:
+    """last.pt's content, read (and checked against the config) when the run was resolved."""
+    assert state is not None  # resolve_run / resolved_from_config read it
     remove_stale_temps(run.last.parent)  # what a kill mid-save left (the folder is ours: locked)
-    state = read_training_checkpoint(run.last)
-    saved = state["config"]["model"]
-    wanted = {k: v for k, v in cfg.to_dict()["model"].items() if k != "num_classes"}  # set by the palette
-    diffs = config_mismatch({k: saved.get(k) for k in wanted}, wanted)
-    if diffs:
-        raise CheckpointError(f"{run.last}: model config differs from this run's: {'; '.join(diffs)}")
     console.print(f"resuming {run.root} at epoch {state['epoch'] + 1}, step {state['step_in_epoch']} of that epoch",
                   soft_wrap=True)
     return state
 
 
 def run_training(cfg: Config, console: Console, dist_info: DistInfo, run: RunFolder, state: dict[str, Any] | None,
-                 on_step: Callable[[], None] | None, extra_hooks: list[HookBase], zero: tuple[float, str]
-                 ) -> dict[str, Any]:
+                 init: tuple[dict[str, Any], Any] | None, on_step: Callable[[], None] | None,
+                 extra_hooks: list[HookBase], zero: tuple[float, str]) -> dict[str, Any]:
     rt = training_runtime(cfg.train, dist_info)
     cfg = resolve_batch_size(cfg, rt, dist_info, console)  # `auto`: the GPU's largest fitting batch (or 16)
     check_training_fits(cfg, rt, dist_info)
@@ -162,7 +164,7 @@ def run_training(cfg: Config, console: Console, dist_info: DistInfo, run: RunFol
     compile_cache = use_compile_cache(root=cache_dir() / "compile") if rt.compile or rt.device.type == "cuda" else None
     for note in rt.notes:
         console.print(f"note: {note}", style="yellow", soft_wrap=True)
-    init = read_init_checkpoint(Path(cfg.train.init_from), cfg.model) if cfg.train.init_from and not state else None
+    init = None if state else init  # on resume, last.pt holds the weights
     torch.backends.cudnn.benchmark = True  # fixed-size batches: pick the fastest conv algorithms once
     torch.manual_seed(cfg.train.seed)
     data = prepare_data(cfg, rt, dist_info, console, Palette.from_state(state["palette"]) if state else None)
@@ -198,8 +200,9 @@ def run_training(cfg: Config, console: Console, dist_info: DistInfo, run: RunFol
                 run.create()
                 save_palette(data.palette, run.root / "palette.json")  # `--palette RUN/palette.json` reuses it
                 write_json(run.config, cfg.to_dict(), "run config")  # written once Ctrl-C is handled: tests wait on it
-            trainer.fit(interrupt)
-        return next(h for h in hooks if isinstance(h, Reporter)).summary
+            summary = trainer.fit(interrupt)
+        assert summary is not None  # the Reporter hook, one of the default hooks, made it
+        return summary
 
 
 @contextmanager

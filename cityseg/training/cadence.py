@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cityseg.options import parse_val_every
+from cityseg.settings import parse_val_every
 
 AUTO_SHARE = 0.05  # `auto`'s spacing: half of the 10 % of wall time validation and checkpoints may take
 

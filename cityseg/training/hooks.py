@@ -209,7 +209,7 @@ class Reporter(HookBase):
         timing = t.timing()
         images = t.global_step * t.cfg.data.batch_size * t.dist.world_size
         wall = timing["elapsed_s"] - timing["startup_s"] - timing["warmup_s"]
-        self.summary = {
+        self.summary = t.summary = {  # the trainer's: what `fit` returns
             "completed": t.completed,
             "final": history[-1],
             "best": max(history, key=lambda r: r["miou"] if r["miou"] is not None else -1.0),
@@ -315,8 +315,10 @@ class EMA(HookBase):
         return {"train_model": self.trainer.model.state_dict(), "ema_updates": int(self.averaged.n_averaged)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "train_model" in state:  # `model` holds the average (loaded into the module by the trainer)
-            self.averaged.module.load_state_dict(state["model"])
+        if "train_model" in state:  # the trainer loaded the checkpoint's `model`, the average, into its model
+            t = self.trainer
+            self.averaged.module.load_state_dict(t.model.state_dict())
+            t.model.load_state_dict(state["train_model"])  # the raw weights training goes on from
             self.averaged.n_averaged.fill_(state["ema_updates"])
 
 

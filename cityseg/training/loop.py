@@ -1,12 +1,12 @@
 """The training loop: `fit` runs epochs, `train_epoch` runs steps, `step` is one update. Everything
 else (checkpoints, early stop, progress, metrics files, telemetry, profiling) is a hook.
 
-    trainer = Trainer(parts, run, console, hooks=[Telemetry(), Progress(), Checkpointer(), ...])
-    summary = trainer.fit(interrupt)
+    trainer = Trainer(parts, run, console, hooks=[Telemetry(), Progress(), Checkpointer(), Reporter(), ...])
+    summary = trainer.fit(interrupt)          # summary.json's content (the Reporter hook makes it)
 
 A hook (detectron2's `HookBase`) sees the trainer and is called around training, epochs and steps;
-it keeps its own state in the checkpoint through `state_dict` / `load_state_dict`, whose keys are
-top-level keys of the checkpoint (so files written before hooks existed still load).
+it keeps its own state in the checkpoint through `state_dict` / `load_state_dict`, under
+`hooks.<its class name>` (checkpoints written before that kept it in top-level keys: still read).
 
 Before the first step `fit` warms up (cityseg/training/warmup.py: compile, capture, autotune, then
 every bit of state restored), so the clock that the budget, the schedule and --target-acc read counts
@@ -29,7 +29,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from cityseg.checkpoint import CheckpointWriter, weights_only_state
+from cityseg.checkpoint import CheckpointWriter, hook_state, weights_only_state
 from cityseg.config import Config
 from cityseg.distributed import DistInfo, any_rank, broadcast_buffers, max_over_ranks, sum_over_ranks, weights_agree
 from cityseg.metrics import LoaderFailed, SegMetrics, evaluate_model
@@ -127,6 +127,7 @@ class Trainer:
         self.loss_value: float | None = None  # read on log steps only: each read is a device sync
         self.log_step = False  # this step reads the loss and may print
         self.completed = False  # fit ran to its end (epochs, --max-steps or a hook's stop)
+        self.summary: dict[str, Any] | None = None  # what `fit` returns: set by the Reporter hook
 
     def call(self, event: str, *args: Any) -> None:
         for hook in self.hooks:
@@ -154,13 +155,13 @@ class Trainer:
             "palette": self.data.palette.to_state(),
             "versions": self.versions,
         }
-        for hook in self.hooks:
-            state.update(hook.state_dict())
+        hooks = {type(hook).__name__: hook.state_dict() for hook in self.hooks}
+        state["hooks"] = {name: hook_state for name, hook_state in hooks.items() if hook_state}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         p = self.parts
-        self.model.load_state_dict(state.get("train_model", state["model"]))  # raw weights, with an EMA
+        self.model.load_state_dict(state["model"])  # an EMA hook then swaps in the raw weights it saved
         self.clock.seconds = state.get("train_seconds", 0.0)  # before the schedule, which may read it
         self.real_seconds = self.synced_seconds = self.clock.seconds
         p.optimizer.load_state_dict(state["optimizer"])
@@ -176,7 +177,7 @@ class Trainer:
         self.partial = dict(state["partial"])
         torch.set_rng_state(state["rng"]["torch"])
         for hook in self.hooks:
-            hook.load_state_dict(state)
+            hook.load_state_dict(hook_state(state, type(hook).__name__))
 
     def save(self, path: Path, weights_only: bool = False) -> None:
         """Hand a host copy of the state to the background writer (the previous write is waited for
@@ -222,9 +223,10 @@ class Trainer:
         return {**parts, "other_s": elapsed - sum(parts.values()), "elapsed_s": elapsed}
 
     # -- the loop -----------------------------------------------------------------------------------
-    def fit(self, interrupt: dict[str, int | None]) -> list[dict[str, Any]]:
+    def fit(self, interrupt: dict[str, int | None]) -> dict[str, Any] | None:
         """Warm up, then train to the end (all epochs, --max-steps, the budget, or a hook's stop),
-        validating at the cadence and at the end; returns the history (one record per validation)."""
+        validating at the cadence and at the end; returns the run's summary (None without a Reporter
+        hook; `history` holds one record per validation)."""
         self.call("before_train")
         unvalidated = self.partial.pop("unvalidated", None)  # a signal cut the last session's validation short
         try:
@@ -274,7 +276,7 @@ class Trainer:
                 self.call("after_train")
             finally:
                 self.finish_writes()  # last.pt / best.pt are on disk when fit returns, or it says why not
-        return self.history
+        return self.summary
 
     def run_over(self) -> bool:
         """The epochs, --max-steps or the budget are spent: the end of the run validates."""

@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
-SHAPES = ("cosine", "onecycle")
+from cityseg.config import SETTINGS
+
+SHAPES = SETTINGS["train.schedule"].choices
 ONECYCLE_RISE = 0.3  # share of the run spent rising to the peak (Smith's pct_start)
 ONECYCLE_START = 1 / 25  # one-cycle starts at peak / 25 (PyTorch's div_factor)
 

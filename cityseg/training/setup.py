@@ -9,14 +9,14 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from torch import nn
 
-from cityseg.checkpoint import CheckpointError, config_mismatch, load_checkpoint, read_config
+from cityseg.checkpoint import CheckpointError
 from cityseg.config import Config, ModelConfig, TrainConfig
 from cityseg.data.contract import PairLoader
 from cityseg.data.loaders import (
@@ -136,19 +136,6 @@ def build_models(cfg: ModelConfig, rt: Runtime, dist_info: DistInfo, sync_bn: bo
         ids = [rt.device.index] if rt.device.type == "cuda" else None
         step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=ids)  # averages gradients
     return model, step_model
-
-
-def read_init_checkpoint(path: Path, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
-    """The `--init-from` checkpoint's state and model config, refused (before anything is built)
-    unless its architecture is this run's; the class count may differ."""
-    state = load_checkpoint(path)
-    saved = read_config(state, path).model
-    diffs = config_mismatch({k: v for k, v in asdict(saved).items() if k != "num_classes"},
-                            {k: v for k, v in asdict(cfg).items() if k != "num_classes"})
-    if diffs:
-        raise CheckpointError(f"{path}: --init-from needs the same architecture: {'; '.join(diffs)} "
-                              "(leave --width/--depth/--upsample/--norm unset to take the checkpoint's)")
-    return state, saved
 
 
 def init_weights_from(model: nn.Module, cfg: ModelConfig, path: Path, init: tuple[dict, ModelConfig],

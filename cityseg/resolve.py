@@ -1,0 +1,153 @@
+"""How a run's config comes to be: the one function every way of starting a run goes through (the
+`train` and `profile` commands, `cityseg.train`, benchmarks/accuracy.py, the GPU suite).
+
+    run = resolve_run({"data.data_dir": "DIR", "train.time_budget_s": 1200.0})
+    run = resolve_run({"train.resume": "runs/a", "train.epochs": 20})      # continue a run
+    summary = cityseg.train(run)
+
+A new run: the dataclasses' defaults, then the presets that apply (`cityseg.config.PRESETS`), then the
+`--init-from` checkpoint's architecture and image size, then a config file, then `values` (what the
+user typed), then `--set`; a time budget without an epoch count lifts the epochs. A resumed run: the
+config saved in its last.pt, then only the values `--resume` may change (the settings marked
+`resume`), the same time-budget rule. Then every value is checked. Checkpoints read here (last.pt,
+the `--init-from` file) are returned with the config, so the run never reads them a second time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cityseg.config import (
+    SETTINGS,
+    Config,
+    budget_decides_epochs,
+    train_config,
+    with_overrides,
+)
+from cityseg.errors import OptionError
+from cityseg.options import check_config, read_config_file
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A run's checked config and what was read to make it: `state` is last.pt's content (a resume),
+    `init` the `--init-from` checkpoint's (state, model config); `notes` are for the user to see."""
+
+    config: Config
+    state: dict[str, Any] | None = None
+    init: tuple[dict[str, Any], Any] | None = None
+    notes: tuple[str, ...] = field(default=())
+
+
+def flag_of(key: str) -> str:
+    """How the user names a config key: its flag, else the key itself (a config file's, `--set`'s)."""
+    setting = SETTINGS.get(key)
+    return setting.flag.split("/")[0] if setting is not None and setting.flag else key
+
+
+RESUME_KEYS = frozenset(key for key, s in SETTINGS.items() if s.resume)
+
+
+def resolve_run(values: dict[str, Any] | None = None, *, config_file: Path | None = None,
+                set_values: dict[str, Any] | None = None, smoke: bool = False) -> ResolvedRun:
+    """The run that `values` ({config key: value}, e.g. {"train.lr": 1e-3}) and the other sources
+    describe (see the module docstring); any problem is one UserError naming the option or file."""
+    values = dict(values or {})
+    resume = values.get("train.resume")
+    if resume is not None:
+        return resumed_run(Path(resume).absolute(), values, config_file, set_values)
+    layers: list[tuple[str, dict[str, Any]]] = []
+    init, notes = None, []
+    init_from = values.get("train.init_from")
+    if init_from is not None:  # the checkpoint's architecture and size, unless flags change them
+        init_state, architecture = checkpoint_architecture(Path(init_from))
+        layers.append(("--init-from", architecture))
+    if config_file is not None:
+        layers.append((str(config_file), read_config_file(Path(config_file))))
+    layers.append(("command line", values))
+    if set_values:
+        layers.append(("--set", set_values))
+    if init_from is not None and "data.image_size" not in {k for _, v in layers[1:] for k in v}:
+        notes.append(f"--init-from: training at the checkpoint's image size, {layers[0][1]['data.image_size']} px "
+                     "(--image-size changes it)")
+    device = {k: v for _, layer in layers for k, v in layer.items()}.get("train.device", "auto")
+    on_cpu = device == "cpu" or (device == "auto" and not cuda_available())
+    cfg = train_config(layers, on_cpu=on_cpu, smoke=smoke)
+    check_config(cfg)
+    if init_from is not None:
+        from cityseg.checkpoint import check_init_architecture
+
+        init = (init_state, check_init_architecture(init_state, Path(init_from), cfg.model))
+    return ResolvedRun(cfg, init=init, notes=tuple(notes))
+
+
+def checkpoint_architecture(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The `--init-from` checkpoint's content and its architecture and image size as config values:
+    a model trained at 64 px is fine-tuned at 64 px unless --image-size says otherwise, not silently
+    at a preset's size."""
+    from cityseg.checkpoint import load_checkpoint, read_config
+
+    state = load_checkpoint(path)
+    saved = read_config(state, path)
+    values = {**{f"model.{k}": v for k, v in asdict(saved.model).items() if k != "num_classes"},
+              "data.image_size": saved.data.image_size}
+    return state, values
+
+
+def resumed_run(run: Path, values: dict[str, Any], config_file: Path | None,
+                set_values: dict[str, Any] | None) -> ResolvedRun:
+    """The config saved in RUN's last.pt with the values `--resume` may change applied."""
+    refused = sorted({flag_of(k) for k in values if k not in RESUME_KEYS | {"train.resume"}})
+    refused[:0] = [name for name, given in (("--config", config_file), ("--set", set_values)) if given]
+    if refused:
+        allowed = ", ".join(sorted({flag_of(k) for k in RESUME_KEYS}))
+        raise OptionError(f"--resume {run}: {', '.join(refused)} would change the run it continues (its settings "
+                          f"are in its last.pt); with --resume only {allowed} apply. To start a new run from "
+                          f"its weights: --init-from {run / 'checkpoints' / 'last.pt'}")
+    from cityseg.checkpoint import read_config, read_training_checkpoint
+    from cityseg.outputs import check_not_in_use
+
+    check_not_in_use(run)
+    last = run / "checkpoints" / "last.pt"
+    state = read_training_checkpoint(last)
+    cfg = read_config(state, last)
+    overrides = {k: v for k, v in values.items() if k in RESUME_KEYS}
+    overrides.setdefault("train.max_steps", 0)  # the stop of the session that saved it is not this one's
+    overrides["train.resume"] = str(run)
+    cfg = budget_decides_epochs(with_overrides(cfg, overrides, "--resume"), values)
+    check_config(cfg)
+    applied = sorted({flag_of(k) for k in values if k in RESUME_KEYS})
+    notes = (f"resume: applying {', '.join(applied)}; everything else as saved in {last}",) if applied else ()
+    return ResolvedRun(cfg, state=state, notes=notes)
+
+
+def resolved_from_config(cfg: Config) -> ResolvedRun:
+    """A complete Config given to `cityseg.train`: taken as it is, checked, and its checkpoints read
+    (with `train.resume`, last.pt's model settings must be the config's)."""
+    check_config(cfg)
+    if cfg.train.resume is not None:
+        from cityseg.checkpoint import CheckpointError, config_mismatch, read_training_checkpoint
+
+        last = Path(cfg.train.resume) / "checkpoints" / "last.pt"
+        state = read_training_checkpoint(last)
+        saved = state["config"]["model"]
+        wanted = {k: v for k, v in asdict(cfg.model).items() if k != "num_classes"}  # set by the palette
+        diffs = config_mismatch({k: saved.get(k) for k in wanted}, wanted)
+        if diffs:
+            raise CheckpointError(f"{last}: model config differs from this run's: {'; '.join(diffs)}")
+        return ResolvedRun(cfg, state=state)
+    if cfg.train.init_from is not None:
+        from cityseg.checkpoint import check_init_architecture, load_checkpoint
+
+        path = Path(cfg.train.init_from)
+        state = load_checkpoint(path)
+        return ResolvedRun(cfg, init=(state, check_init_architecture(state, path, cfg.model)))
+    return ResolvedRun(cfg)
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

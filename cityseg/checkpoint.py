@@ -23,7 +23,7 @@ from cityseg.config import Config, ConfigError, ModelConfig, flatten, with_overr
 from cityseg.errors import OptionError, UserError
 from cityseg.model import build_model
 from cityseg.options import check_config, palette_problem
-from cityseg.outputs import atomic_file
+from cityseg.outputs import atomic_file, temp_owner
 from cityseg.palette import Palette
 
 
@@ -136,12 +136,12 @@ def _deliver(signum: int, handler: Any) -> None:
 
 
 def remove_stale_temps(folder: Path) -> list[Path]:
-    """Delete the temp files (.NAME.PID.tmp) of checkpoint writes that a kill (SIGKILL, power loss)
+    """Delete the temp files (.NAME.PID-THREAD.tmp) of checkpoint writes that a kill (SIGKILL, power loss)
     left in `folder`. Call it while holding the run folder (`outputs.claim_run_folder`): no other
     process writes there then, so every such file but this process's own is stale."""
     removed = []
     for tmp in Path(folder).glob(".*.pt.*.tmp"):
-        if tmp.name.rsplit(".", 2)[-2] != str(os.getpid()):
+        if temp_owner(tmp) != os.getpid():
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed

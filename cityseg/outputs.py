@@ -23,6 +23,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -239,8 +240,17 @@ def _lock(lock_path: Path, folder: Path) -> int:
 
 def temp_beside(path: Path) -> Path:
     """Where an atomic write of `path` goes first: hidden, in the same folder (so the rename is
-    atomic), named with the writer's pid (so `--resume` can tell a dead writer's leftovers)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    atomic), named with the writer's pid (so `--resume` can tell a dead writer's leftovers) and
+    thread: threads of one process racing to write the same file (file-check threads building the
+    colour lookup table) must not share a temp file, or one renames it away under the other."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_native_id()}.tmp")
+
+
+def temp_owner(temp: Path) -> int | None:
+    """The pid that wrote a `temp_beside` file (None for a name of another form)."""
+    field = temp.name.rsplit(".", 2)[-2] if temp.name.count(".") >= 3 else ""
+    pid = field.split("-")[0]
+    return int(pid) if pid.isdecimal() else None
 
 
 @contextlib.contextmanager

@@ -5,6 +5,8 @@ reference's; an empty CITYSEG_CACHE means the default folder, never the current 
 from __future__ import annotations
 
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from cityseg import palette as P
 from cityseg.checkpoint import save_checkpoint
 from cityseg.config import Config, DataConfig, ModelConfig
 from cityseg.model import build_model
-from cityseg.outputs import cache_dir
+from cityseg.outputs import cache_dir, temp_beside
 from tests.cli_process import run_cli
 
 TWO = P.Palette(torch.tensor([[0.0, 0.0, 0.0], [255.0, 255.0, 255.0]]), torch.tensor([0, 1]), ("dark", "light"),
@@ -48,6 +50,26 @@ def test_the_fast_table_is_the_real_one() -> None:
     rgb = torch.stack([codes >> 16, (codes >> 8) & 255, codes & 255], 1).to(torch.uint8)
     want = P.map_colors_reference(rgb, TWO.centers, TWO.classes).to(torch.uint8)
     assert torch.equal(two_colour_table(TWO.centers, TWO.classes)[codes], want)
+
+
+def test_threads_building_the_table_at_once_all_get_it(cache: Path) -> None:
+    """`train` checks files in threads, and each may be the first to need the table: they used one
+    temp file (named by pid), and one renamed it away under another ("No such file or directory",
+    seen in the suite now and then). Each thread now has its own temp file."""
+    names: list[Path] = []
+    thread = threading.Thread(target=lambda: names.append(temp_beside(table_path(cache))))
+    thread.start()
+    thread.join()
+    assert names[0] != temp_beside(table_path(cache))
+    start = threading.Barrier(6)
+
+    def build() -> torch.Tensor:
+        start.wait()
+        return P._load_or_build_lut(TWO, table_path(cache))
+
+    with ThreadPoolExecutor(6) as pool:
+        tables = list(pool.map(lambda _: build(), range(6)))
+    assert all(torch.equal(t, tables[0]) for t in tables) and not list(cache.glob(".*.tmp"))
 
 
 def table_path(cache: Path) -> Path:

@@ -77,11 +77,13 @@ def test_resume_removes_what_a_kill_mid_save_left(data: Path, tmp_path: Path) ->
     run = tmp_path / "run"
     done = run_cli(["train", "--data", data, "--out", run, "--epochs", "1", "--max-steps", "2", *TINY], timeout=300)
     assert done.returncode == 0, done.output
-    stale = run / "checkpoints" / ".last.pt.999999.tmp"  # a SIGKILL during a save leaves this
-    stale.write_bytes(b"half a checkpoint")
+    # What a SIGKILL during a save leaves: pid-thread names, and the pid-only names of older versions.
+    stale = [run / "checkpoints" / name for name in (".last.pt.999999-12.tmp", ".best.pt.999999.tmp")]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
     resumed = run_cli(["train", "--resume", run, "--max-steps", "3"], timeout=300)
     assert resumed.returncode == 0, resumed.output
-    assert not stale.exists()
+    assert not any(path.exists() for path in stale)
 
 
 def test_a_second_signal_inside_a_save_waits_for_the_file(tmp_path: Path) -> None:

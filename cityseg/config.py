@@ -14,6 +14,7 @@ from cityseg.settings import (
     AUG,
     COMPILE_MODES,
     DATA,
+    LOADING,
     MAX_EPOCHS,
     MODEL,
     OUTPUT,
@@ -73,16 +74,18 @@ class DataConfig:
         flag="--image-size", panel=DATA, rule=count(16, 8192))
     batch_size: int | str = setting(
         AUTO, "Images per step, or auto: on a CUDA GPU the largest batch 16-256 fitting 80 % "
-        "of its memory (cached; lr and warm-up scaled from 16); 16 on a CPU.", flag="--batch-size", panel=DATA,
+        "of its memory (lr and warm-up scaled from 16); 16 on a CPU.", flag="--batch-size", panel=DATA,
         rule=NumberOrAuto(1, 65_536, whole=True), parse=parse_batch_size)
     loader: str = setting(
         "auto", "auto: DALI on a GPU, else torch (the plain loader); cache: decode once into device memory.",
-        flag="--loader", panel=SPEED, choices=("auto", "torch", "dali", "cache"))
-    workers: int = setting(2, "Loader worker processes (torch) / CPU threads (DALI).", flag="--workers",
-                           panel=SPEED, rule=count(0, 256), resume=True)
+        flag="--loader", panel=LOADING, choices=("auto", "torch", "dali", "cache"))
+    workers: int = setting(2, "Worker processes of the plain loader and the cache's decoding.", flag="--workers",
+                           panel=LOADING, rule=count(0, 256), resume=True)
+    threads: int = setting(4, "CPU threads: DALI's, and the file check's before training.", flag="--threads",
+                           panel=LOADING, rule=count(1, 256), resume=True)
     prefetch: int = setting(2, "Batches prefetched per worker / DALI queue depth.", flag="--prefetch",
-                            panel=SPEED, rule=count(1, 64), resume=True)
-    cache: str = setting("none", "device: the older spelling of --loader cache.", flag="--cache", panel=SPEED,
+                            panel=LOADING, rule=count(1, 64), resume=True)
+    cache: str = setting("none", "device: the older spelling of --loader cache.", flag="--cache", panel=LOADING,
                          choices=("none", "device"))
     hw_decoder_load: float = setting(0.65, "Share of JPEG decoding on the A100/H100 hardware decoder (DALI GPU).",
                                      rule=Number(0, 1))
@@ -147,7 +150,7 @@ class TrainConfig:
         "auto", "auto: bf16 where the device computes it natively, fp16 + loss scaling on older GPUs, else fp32.",
         flag="--precision", panel=SPEED, choices=("auto", "bf16-mixed", "16-mixed", "32"), resume=True)
     compile: bool | None = setting(None, "torch.compile.", flag="--compile/--no-compile", panel=SPEED, resume=True,
-                                   shown="on for GPUs of compute capability >= 7.0, off on a CPU")
+                                   shown="on for GPUs of compute capability 7.0+, off on CPUs")
     compile_mode: str | None = setting(None, "torch.compile mode.", flag="--compile-mode", panel=SPEED,
                                        choices=COMPILE_MODES, resume=True, shown="torch's")
     sync_bn: bool = setting(False, "DDP on GPUs: synchronise BatchNorm statistics.", flag="--sync-bn", panel=SPEED)
@@ -343,6 +346,14 @@ def train_config(layers: list[tuple[str, dict[str, Any]]], *, on_cpu: bool, smok
     for source, values in layers:
         cfg = with_overrides(cfg, values, source)
     return budget_decides_epochs(cfg, given)
+
+
+def one_spelling(cfg: Config) -> Config:
+    """One spelling per meaning: `cache: device`, the older spelling of `loader: cache`, becomes it
+    (so summary.json says "loader": "cache", whichever was typed)."""
+    if cfg.data.cache == "device":
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, loader="cache", cache="none"))
+    return cfg
 
 
 def budget_decides_epochs(cfg: Config, given: dict[str, Any]) -> Config:

@@ -31,6 +31,7 @@ COMMAND_RULES: dict[str, Number] = {
     "train_pairs": SETTINGS["data.synth_train"].rule,
     "val_pairs": SETTINGS["data.synth_val"].rule,
     "pair_size": count(16, 4096),
+    "far_dist": SETTINGS["data.max_color_dist"].rule,  # check-data: the same colour distance
 }
 # Option name -> the config key(s) its flag sets (`--jitter` sets three).
 OPTION_KEYS: dict[str, tuple[str, ...]] = {s.name: (key, *s.also) for key, s in SETTINGS.items() if s.name}
@@ -41,8 +42,8 @@ RULES: dict[str, Number] = {
 # Config keys with a choice list (the CLI's enums and config files' checks alike).
 CHOICES: dict[str, tuple[str, ...]] = {key: s.choices for key, s in SETTINGS.items() if s.choices is not None}
 
-# `--workers` where it counts threads, of which there must be one.
-THREADS = {"workers": count(1, 256)}
+# `synth --workers`: processes writing pairs, of which there must be one.
+SYNTH_WORKERS = {"workers": count(1, 256)}
 
 # Parameters whose flag is not `--` + the name with dashes.
 FLAGS = {"json_out": "--json", "fmt": "--format", "train_pairs": "--train", "val_pairs": "--val",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ import torch
 from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 
 from cityseg.errors import OutputError
-from cityseg.outputs import atomic_file, cache_dir, ensure_dir
+from cityseg.options import read_palette_file
+from cityseg.outputs import atomic_file, atomic_write, cache_dir, ensure_dir
 from kernels.mask_to_class import build_lut, mask_to_class, mask_to_class_lut, mask_to_class_reference
 
 IGNORE_INDEX = 255
@@ -69,6 +71,21 @@ class Palette:
         h.update(self.classes.numpy().tobytes())
         h.update(repr(self.max_dist).encode())
         return h.hexdigest()[:16]
+
+
+def save_palette(palette: Palette, path: str | Path) -> None:
+    """Write the palette as JSON, `to_state` as lists (atomically: a run folder never holds half one)."""
+    path = Path(path)
+    state = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in palette.to_state().items()}
+    ensure_dir(path.parent, "folder of the palette file")
+    atomic_write(path, json.dumps(state, indent=1), "palette file")
+
+
+def load_palette(path: str | Path) -> Palette:
+    """Read a palette written by `save_palette`, checked (`options.palette_problem`): a bad file is
+    one OptionError naming it."""
+    data = read_palette_file(Path(path))
+    return Palette.from_state({**data, "max_dist": data.get("max_dist")})
 
 
 def cityscapes_palette(max_dist: float | None = None) -> Palette:

@@ -4,7 +4,7 @@ K class colours are learned by k-means (k-means++ init, Lloyd iterations, in tor
 mask pixels; each centre becomes its own class 0..K-1, ordered by frequency. Centres are rounded to
 integer RGB so the Triton kernel, the lookup table and the reference agree bit for bit (see
 `kernels/mask_to_class.py`). The palette is saved as JSON in the run folder so evaluation and
-prediction map masks exactly as training did:
+prediction map masks exactly as training did (`cityseg.palette.save_palette`):
 
     palette = parse_palette_spec("kmeans:12", lambda: sample_masks)   # or "cityscapes", or a .json
     save_palette(palette, run_dir / "palette.json")
@@ -12,15 +12,12 @@ prediction map masks exactly as training did:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from cityseg.options import check_palette_spec, read_palette_file
-from cityseg.outputs import atomic_write, ensure_dir
-from cityseg.palette import Palette, cityscapes_palette
+from cityseg.options import check_palette_spec
+from cityseg.palette import Palette, cityscapes_palette, load_palette
 from cityseg.settings import PALETTE_MAX
 
 MAX_K = PALETTE_MAX  # the kernel unrolls its loop over centres; 64 bounds compile time and registers
@@ -98,28 +95,6 @@ def kmeans_palette(
     n = centers.shape[0]
     names = tuple(f"cluster {i}" for i in range(n))
     return Palette(centers, torch.arange(n, dtype=torch.int64), names, centers.to(torch.uint8), max_dist)
-
-
-def save_palette(palette: Palette, path: str | Path) -> None:
-    """Write the palette as JSON (atomically: a run folder never holds half a palette)."""
-    path = Path(path)
-    data = {
-        "centers": palette.centers.tolist(),
-        "classes": palette.classes.tolist(),
-        "names": list(palette.names),
-        "colors": palette.colors.tolist(),
-        "max_dist": palette.max_dist,
-    }
-    ensure_dir(path.parent, "folder of the palette file")
-    atomic_write(path, json.dumps(data, indent=1), "palette file")
-
-
-def load_palette(path: str | Path) -> Palette:
-    """Read a palette written by `save_palette`, checked (`options.palette_problem`): a bad file is
-    one OptionError naming it."""
-    data = read_palette_file(Path(path))
-    return Palette(torch.tensor(data["centers"], dtype=torch.float32), torch.tensor(data["classes"], dtype=torch.int64),
-                   tuple(data["names"]), torch.tensor(data["colors"], dtype=torch.uint8), data.get("max_dist"))
 
 
 def parse_palette_spec(

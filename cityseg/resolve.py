@@ -23,6 +23,7 @@ from cityseg.config import (
     SETTINGS,
     Config,
     budget_decides_epochs,
+    one_spelling,
     train_config,
     with_overrides,
 )
@@ -74,7 +75,7 @@ def resolve_run(values: dict[str, Any] | None = None, *, config_file: Path | Non
                      "(--image-size changes it)")
     device = {k: v for _, layer in layers for k, v in layer.items()}.get("train.device", "auto")
     on_cpu = device == "cpu" or (device == "auto" and not cuda_available())
-    cfg = train_config(layers, on_cpu=on_cpu, smoke=smoke)
+    cfg = one_spelling(train_config(layers, on_cpu=on_cpu, smoke=smoke))
     check_config(cfg)
     if init_from is not None:
         from cityseg.checkpoint import check_init_architecture
@@ -116,7 +117,7 @@ def resumed_run(run: Path, values: dict[str, Any], config_file: Path | None,
     overrides = {k: v for k, v in values.items() if k in RESUME_KEYS}
     overrides.setdefault("train.max_steps", 0)  # the stop of the session that saved it is not this one's
     overrides["train.resume"] = str(run)
-    cfg = budget_decides_epochs(with_overrides(cfg, overrides, "--resume"), values)
+    cfg = one_spelling(budget_decides_epochs(with_overrides(cfg, overrides, "--resume"), values))
     check_config(cfg)
     applied = sorted({flag_of(k) for k in values if k in RESUME_KEYS})
     notes = (f"resume: applying {', '.join(applied)}; everything else as saved in {last}",) if applied else ()
@@ -124,8 +125,9 @@ def resumed_run(run: Path, values: dict[str, Any], config_file: Path | None,
 
 
 def resolved_from_config(cfg: Config) -> ResolvedRun:
-    """A complete Config given to `cityseg.train`: taken as it is, checked, and its checkpoints read
-    (with `train.resume`, last.pt's model settings must be the config's)."""
+    """A complete Config given to `cityseg.train`: taken as it is (older spellings made current),
+    checked, and its checkpoints read (with `train.resume`, last.pt's model settings must be the config's)."""
+    cfg = one_spelling(cfg)
     check_config(cfg)
     if cfg.train.resume is not None:
         from cityseg.checkpoint import CheckpointError, config_mismatch, read_training_checkpoint

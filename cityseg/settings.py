@@ -147,7 +147,8 @@ def parse_scale(text: str) -> tuple[float, float]:
 # -- the metadata of one setting ------------------------------------------------------------------------
 
 # Help panels of `train -h`, in the order they show.
-DATA, AUG, MODEL, TRAIN, SPEED, OUTPUT = "Data", "Augmentation", "Model", "Training", "Speed", "Output"
+DATA, LOADING, AUG, MODEL, TRAIN, SPEED, OUTPUT = ("Data", "Loading", "Augmentation", "Model", "Training", "Speed",
+                                                   "Output")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch
 from cityseg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cityseg.config import NO_AUGMENT, AugmentConfig, Config, DataConfig, ModelConfig, TrainConfig
 from cityseg.data.pairs import list_split, read_pair
-from cityseg.errors import OutputError
+from cityseg.errors import OptionError, OutputError
 from cityseg.model import UNet
 from cityseg.palette import cityscapes_palette, map_colors_lut
 from cityseg.training import TrainingError, train
@@ -100,9 +100,26 @@ def test_existing_run_folder_is_not_overwritten(pair_dataset: Path, tmp_path: Pa
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
-def test_nan_loss_stops_with_clear_message(pair_dataset: Path, tmp_path: Path) -> None:
-    with pytest.raises(TrainingError, match="NaN/inf"):
-        train(tiny_config(pair_dataset, tmp_path / "run", lr=1e30, grad_clip=0.0))
+def test_nan_loss_stops_with_clear_message(pair_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loss that turns NaN at the third step (an lr of 1e30 once did it; such an lr is now refused)."""
+    import cityseg.training as training
+
+    build = training.build_loss
+
+    def poisoned(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        loss_fn, calls = build(*args, **kwargs), iter(range(1_000_000))
+        return lambda logits, target: loss_fn(logits, target) * (float("nan") if next(calls) >= 2 else 1.0)
+
+    monkeypatch.setattr(training, "build_loss", poisoned)
+    with pytest.raises(TrainingError, match="NaN/inf") as error:
+        train(tiny_config(pair_dataset, tmp_path / "run"))
+    assert "the last good checkpoint" in str(error.value)
+
+
+def test_the_api_checks_a_config_as_the_command_line_does(pair_dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(OptionError, match=r"--lr \(train.lr\) 1e\+30: expected a number from 0 to 10"):
+        train(tiny_config(pair_dataset, tmp_path / "run", lr=1e30))
+    assert not (tmp_path / "run").exists()
 
 
 def test_warmup_cosine_schedule() -> None:
@@ -226,7 +243,7 @@ def test_no_augment_constant_is_all_off() -> None:
 
 
 def test_kmeans_palette_run_saves_its_palette(pair_dataset: Path, tmp_path: Path) -> None:
-    from cityseg.palette_kmeans import load_palette
+    from cityseg.palette import load_palette
 
     run = tmp_path / "run"
     cfg = tiny_config(pair_dataset, run, epochs=1)

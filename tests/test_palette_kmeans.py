@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cityseg.errors import OptionError
-from cityseg.palette_kmeans import kmeans_centers, kmeans_palette, load_palette, parse_palette_spec, save_palette
+from cityseg.palette import load_palette, save_palette
+from cityseg.palette_kmeans import kmeans_centers, kmeans_palette, parse_palette_spec
 from kernels.mask_to_class import mask_to_class, mask_to_class_reference
 
 # Five colours away from 0/255 (clipping would bias the noisy means), most frequent first.

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from cityseg.checkpoint import load_checkpoint, load_from_checkpoint
+from cityseg.checkpoint import load_checkpoint, load_from_checkpoint, save_checkpoint
 from cityseg.config import AugmentConfig, Config, DataConfig, ModelConfig, TrainConfig
 from cityseg.data.pairs import list_split, read_pair
 from cityseg.inference.evaluate import evaluate_checkpoint
@@ -130,21 +130,37 @@ def test_ema_weights_are_validated_and_saved(tmp_path: Path) -> None:
     run = tmp_path / "run"
     train(config(data, run, ema=0.9, epochs=2))
     state = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert state["ema_updates"] == 8 and "train_model" in state
-    assert any(not torch.equal(state["model"][k], state["train_model"][k]) for k in state["model"])
+    ema = state["hooks"]["EMA"]  # each hook's state under its own key
+    assert ema["ema_updates"] == 8
+    assert any(not torch.equal(state["model"][k], ema["train_model"][k]) for k in state["model"])
     # eval scores what training's validation scored: the averaged weights
     scored = evaluate_checkpoint(run / "checkpoints" / "last.pt", data, device="cpu", workers=0)
     assert scored["pixel_acc"] == pytest.approx(state["history"][-1]["pixel_acc"])
 
 
-def test_resume_with_ema_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+def old_layout(path: Path) -> None:
+    """Rewrite a checkpoint as versions before `hooks` wrote it: each hook's keys at the top level."""
+    state = load_checkpoint(path)
+    for hook_state in state.pop("hooks").values():
+        state.update(hook_state)
+    save_checkpoint(state, path)
+
+
+@pytest.mark.parametrize("layout", ["current", "older"])
+def test_resume_with_ema_equals_an_uninterrupted_run(tmp_path: Path, layout: str) -> None:
+    """Also from a checkpoint in the older layout (hook state in top-level keys): it still resumes exactly."""
     data = make_pair_dataset(tmp_path / "data", n_train=8, n_val=2)
-    train(config(data, tmp_path / "a", ema=0.9, epochs=2))
-    train(config(data, tmp_path / "b", ema=0.9, epochs=2, max_steps=5))
-    train(config(data, tmp_path / "b", ema=0.9, epochs=2, resume=str(tmp_path / "b")))
+    train(config(data, tmp_path / "a", ema=0.9, epochs=2, patience=3))
+    train(config(data, tmp_path / "b", ema=0.9, epochs=2, patience=3, max_steps=5))
+    if layout == "older":
+        old_layout(tmp_path / "b" / "checkpoints" / "last.pt")
+    train(config(data, tmp_path / "b", ema=0.9, epochs=2, patience=3, resume=str(tmp_path / "b")))
     a, b = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("a", "b"))
-    for key in ("model", "train_model"):
-        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert a["hooks"]["BestModel"] == b["hooks"]["BestModel"] and b["hooks"]["BestModel"]["best_miou"] > 0
+    assert a["hooks"]["EMA"]["ema_updates"] == b["hooks"]["EMA"]["ema_updates"] == 8
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    raw_a, raw_b = a["hooks"]["EMA"]["train_model"], b["hooks"]["EMA"]["train_model"]
+    assert all(torch.equal(raw_a[k], raw_b[k]) for k in raw_a)
 
 
 def test_dice_ce_loss() -> None:

@@ -15,20 +15,23 @@ from rich.text import Text
 
 from cityseg.cli.common import app, console, err_console, fail
 from cityseg.errors import UserError
-from cityseg.options import THREADS, check_options
+from cityseg.options import SYNTH_WORKERS, check_options
 
 
 @app.command("check-data")
 def check_data(
     data: Annotated[Path, typer.Argument(help="Dataset folder holding train/ and val/ (or the unpacked Kaggle "
                                          "archive above it).")],
-    workers: Annotated[int, typer.Option(help="Threads decoding files.")] = 4,
+    threads: Annotated[int, typer.Option("--threads", "--workers", help=(
+        "Threads decoding files (--workers: its older name, until the next release)."))] = 4,
     sample: Annotated[int, typer.Option(help="Files per split whose mask colours are measured.")] = 50,
-    max_color_dist: Annotated[float, typer.Option(help="Distance counted as 'near a palette colour'.")] = 30.0,
+    far_dist: Annotated[float, typer.Option("--far-dist", "--max-color-dist", help=(
+        "Report the share of mask pixels farther than this (RGB) from every palette colour (--max-color-dist: "
+        "its older name, until the next release; train's --max-color-dist ignores such pixels)."))] = 30.0,
 ) -> None:
     """Validate every pair file of train/ and val/, print a summary, exit 1 listing every bad file."""
-    check_options({"sample": sample, "max_color_dist": max_color_dist})
-    check_options({"workers": workers}, THREADS)
+    check_options({"sample": sample, "far_dist": far_dist})
+    check_options({"threads": threads})
     from cityseg.data.check import check_dataset
     from cityseg.data.pairs import find_dataset_root
 
@@ -36,7 +39,7 @@ def check_data(
         root, note = find_dataset_root(data)
         if note:
             console.print(note, soft_wrap=True)
-        report = check_dataset(root, workers=workers, sample=sample, max_dist=max_color_dist)
+        report = check_dataset(root, workers=threads, sample=sample, max_dist=far_dist)
     except UserError as e:  # the folder itself is unusable: exit 1, as for bad files
         fail(str(e), code=1)
     console.print(report.table())
@@ -62,7 +65,7 @@ def synth(
 ) -> None:
     """Write a synthetic Cityscapes-like dataset in the Kaggle pair format."""
     check_options({"train_pairs": train_pairs, "val_pairs": val_pairs, "seed": seed, "pair_size": pair_size})
-    check_options({"workers": workers}, THREADS)
+    check_options({"workers": workers}, SYNTH_WORKERS)
     from cityseg.data.synth import write_dataset
 
     t = time.perf_counter()

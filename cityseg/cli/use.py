@@ -16,7 +16,7 @@ from rich.text import Text
 
 from cityseg.cli.choices import Format, Split, Tta
 from cityseg.cli.common import app, console
-from cityseg.options import THREADS, check_options
+from cityseg.options import check_options
 
 CkptOpt = Annotated[Path, typer.Option(help="Checkpoint (best.pt or last.pt of a run).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace output files that already exist "
@@ -63,18 +63,19 @@ def predict_cmd(
                                      "(2x the compute).")] = Tta.none,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
-    workers: Annotated[int, typer.Option(help="Threads decoding inputs and encoding PNGs.")] = 4,
+    threads: Annotated[int, typer.Option("--threads", "--workers", help=(
+        "Threads decoding inputs and encoding PNGs (--workers: its older name, until the next release)."))] = 4,
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable or invalid inputs (listed and counted at the "
                                            "end) instead of stopping at the first.")] = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Segment photos with a checkpoint: class-id, colour and overlay PNGs per image."""
     check_options({"batch_size": batch_size})
-    check_options({"workers": workers}, THREADS)
+    check_options({"threads": threads})
     from cityseg.inference.predict import Predictor, run_predict
 
     predictor = Predictor(ckpt, device=device, tta=tta.value, batch_size=batch_size)
-    result = run_predict(predictor, inputs, out, pairs=pairs, workers=workers, skip_bad=skip_bad, console=console,
+    result = run_predict(predictor, inputs, out, pairs=pairs, workers=threads, skip_bad=skip_bad, console=console,
                          overwrite=overwrite)
     skipped = f", skipped {len(result['skipped'])}" if result["skipped"] else ""
     console.print(Text.assemble(("done", "bold green"), f": {result['images']} images{skipped} -> {result['out']}"))

@@ -39,7 +39,7 @@ from typing import ClassVar
 
 import torch
 
-from cityseg.config import AugmentConfig
+from cityseg.config import AugmentConfig, DataConfig
 from cityseg.errors import OptionError
 from cityseg.palette import Palette
 
@@ -54,6 +54,9 @@ LOADERS = {
 }
 
 
+DEFAULTS = DataConfig()  # a spec's defaults are the run settings' (declared once, in cityseg/config.py)
+
+
 @dataclass(frozen=True)
 class LoaderSpec:
     """The options every loader is built from (one place, not one keyword list per loader)."""
@@ -65,12 +68,13 @@ class LoaderSpec:
     drop_last: bool  # training: full batches only, the same number on every shard
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32  # of the images handed over
-    workers: int = 2  # worker processes (plain), CPU threads (DALI), decode workers (cache)
-    prefetch: int = 2  # batches prepared ahead per worker / DALI queue depth
+    workers: int = DEFAULTS.workers  # worker processes (plain), decode workers (cache)
+    threads: int = DEFAULTS.threads  # CPU threads (DALI)
+    prefetch: int = DEFAULTS.prefetch  # batches prepared ahead per worker / DALI queue depth
     seed: int = 0
     shard_id: int = 0  # DDP rank
     num_shards: int = 1  # DDP world size
-    hw_decoder_load: float = 0.65  # share of JPEG decoding on the A100/H100 hardware decoder (DALI on a GPU)
+    hw_decoder_load: float = DEFAULTS.hw_decoder_load  # share of JPEG decoding on the hardware decoder (DALI, GPU)
     # Size of the targets when it differs from the images' (validation scored at the labels' native
     # size while the model runs smaller); None = image_size. Only without augmentation.
     target_size: int | None = None

@@ -285,7 +285,7 @@ class DaliPairLoader(PairLoader):
             half=spec.dtype in (torch.float16, torch.bfloat16),  # CMN writes fp16; bf16 converts on device
             # A batch bigger than a non-dropping shard would be all padding: one batch of the shard.
             batch_size=spec.batch_size if spec.drop_last else min(spec.batch_size, self.per_shard),
-            num_threads=max(1, spec.workers),
+            num_threads=max(1, spec.threads),
             prefetch_queue_depth=max(1, spec.prefetch),
             device_id=(self.device.index if self.device.index is not None else torch.cuda.current_device())
             if gpu

@@ -141,7 +141,8 @@ def loader_spec(cfg: DataConfig, *, train: bool, device: torch.device, dtype: to
     """Train loaders shuffle, augment and drop the last partial batch; validation loaders do none of it."""
     augment = cfg.augment if train and cfg.augment != NO_AUGMENT else None
     return LoaderSpec(image_size=cfg.image_size, batch_size=cfg.batch_size, augment=augment, shuffle=train,
-                      drop_last=train, device=device, dtype=dtype, workers=cfg.workers, prefetch=cfg.prefetch,
+                      drop_last=train, device=device, dtype=dtype, workers=cfg.workers, threads=cfg.threads,
+                      prefetch=cfg.prefetch,
                       seed=seed, shard_id=shard_id, num_shards=num_shards, hw_decoder_load=cfg.hw_decoder_load,
                       target_size=target_size)
 

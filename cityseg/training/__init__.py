@@ -27,8 +27,7 @@ from cityseg.distributed import DistInfo, broadcast_object, cleanup, init_distri
 from cityseg.errors import InterruptedNow, UserError
 from cityseg.model import describe
 from cityseg.outputs import cache_dir, claim_run_folder, is_free, write_error_log
-from cityseg.palette import Palette
-from cityseg.palette_kmeans import save_palette
+from cityseg.palette import Palette, save_palette
 from cityseg.report import RunFolder, device_name, write_json
 from cityseg.resolve import ResolvedRun, resolved_from_config
 from cityseg.runtime import resolve_device, use_compile_cache

@@ -86,7 +86,7 @@ class RunData:
 
 def list_files(cfg: Config, root: Path, split: str, check: MaskCheck | None, console: Console) -> list[Path]:
     d = cfg.data
-    files, skipped = split_files(root, split, validate=not d.skip_validate, workers=d.workers,
+    files, skipped = split_files(root, split, validate=not d.skip_validate, workers=d.threads,
                                  skip_bad=d.skip_bad, mask_check=check)
     if skipped:
         console.print(f"skipped {len(skipped)} bad {split} file(s), e.g. {skipped[0]}", style="yellow", soft_wrap=True)

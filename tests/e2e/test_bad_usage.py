@@ -213,9 +213,11 @@ def test_memory_need_is_checked_before_allocating(data: Path, tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["eval", "--batch-size", "0"], "--batch-size 0"), (["predict", "--workers", "0"], "--workers 0"),
+    (["eval", "--batch-size", "0"], "--batch-size 0"), (["predict", "--threads", "0"], "--threads 0"),
+    (["predict", "--workers", "0"], "--threads 0"),  # the older name of --threads, for one release
     (["export", "--format", "onnx", "--image-size", "-1"], "--image-size -1"),
-    (["check-data", "--workers", "-2"], "--workers -2"), (["profile", "--steps", "0"], "--steps 0"),
+    (["check-data", "--threads", "-2"], "--threads -2"), (["profile", "--steps", "0"], "--steps 0"),
+    (["check-data", "--far-dist", "0"], "--far-dist 0"),
 ])
 def test_other_commands_check_their_numbers(run: Path, data: Path, tmp_path: Path, args: list[str],
                                             fragment: str) -> None:

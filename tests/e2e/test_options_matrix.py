@@ -59,6 +59,7 @@ TRAIN_A: list[tuple[list[str], str, object]] = [
     (["--batch-size", "3"], "data.batch_size", 3),
     (["--loader", "torch"], "data.loader", "torch"),
     (["--workers", "1"], "data.workers", 1),
+    (["--threads", "3"], "data.threads", 3),
     (["--prefetch", "3"], "data.prefetch", 3),
     (["--palette", "cityscapes"], "data.palette", "cityscapes"),
     (["--max-color-dist", "90"], "data.max_color_dist", 90.0),
@@ -92,7 +93,7 @@ TRAIN_A: list[tuple[list[str], str, object]] = [
 ]
 # The second train run: the options that exclude the first run's (another loader, precision, compile).
 TRAIN_B: list[tuple[list[str], str, object]] = [
-    (["--cache", "device"], "data.cache", "device"),
+    (["--cache", "device"], "data.loader", "cache"),  # the older spelling, made the current one
     (["--skip-validate"], "data.skip_validate", True),
     (["--precision", "bf16-mixed"], "train.precision", "bf16-mixed"),  # 16-mixed: GPU only (refused here)
     (["--compile"], "train.compile", True),
@@ -146,7 +147,7 @@ def test_train_options_reach_the_run(run_a: tuple[Path, str]) -> None:
     assert summary["steps"] == 2 * 2 and summary["epochs"] == 2
     assert (summary["precision"], summary["compile"], summary["loader"]) == ("32", False, "torch")
     state = load_checkpoint(out / "checkpoints" / "last.pt")
-    assert "train_model" in state and state["ema_updates"] == 4  # --ema: averaged weights saved
+    assert state["hooks"]["EMA"]["ema_updates"] == 4  # --ema: averaged weights saved, raw ones beside them
     model, _, _, _ = load_from_checkpoint(out / "checkpoints" / "last.pt")
     assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())  # --norm group
     assert any(isinstance(m, torch.nn.ConvTranspose2d) for m in model.modules())  # --upsample transpose
@@ -192,7 +193,7 @@ def test_eval_options(run_a: tuple[Path, str], clean: Path, tmp_path: Path) -> N
 
 
 def test_predict_options(run_a: tuple[Path, str], data: Path, tmp_path: Path) -> None:
-    """--tta flip --skip-bad --batch-size --workers: the class ids are the flip-averaged predictor's."""
+    """--tta flip --skip-bad --batch-size --threads: the class ids are the flip-averaged predictor's."""
     out, _ = run_a
     ckpt = out / "checkpoints" / "last.pt"
     photos = tmp_path / "photos"
@@ -202,7 +203,7 @@ def test_predict_options(run_a: tuple[Path, str], data: Path, tmp_path: Path) ->
         Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(photos / f"{i}.png")
     (photos / "broken.png").write_bytes(b"no png")
     done = run_cli(["predict", "--ckpt", ckpt, photos, "--out", tmp_path / "pred", "--tta", "flip", "--skip-bad",
-                    "--batch-size", "2", "--workers", "1", "--device", "cpu"], timeout=180)
+                    "--batch-size", "2", "--threads", "1", "--device", "cpu"], timeout=180)
     assert done.returncode == 0, done.output
     assert "skipped 1" in done.stdout and "broken.png" in done.output
     flip = Predictor(ckpt, device="cpu", tta="flip")
@@ -223,9 +224,13 @@ def test_export_options(run_a: tuple[Path, str], tmp_path: Path) -> None:
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 19, 64, 64)
 
 
-def test_check_data_options(data: Path) -> None:
-    """--sample 1 --max-color-dist 60 --workers 1: the near-colour share is that of one file at 60."""
-    done = run_cli(["check-data", data, "--sample", "1", "--max-color-dist", "60", "--workers", "1"], timeout=180)
+@pytest.mark.parametrize("names", [("--far-dist", "--threads"), ("--max-color-dist", "--workers")],
+                         ids=["names", "older-names"])
+def test_check_data_options(data: Path, names: tuple[str, str]) -> None:
+    """--sample 1 --far-dist 60 --threads 1 (or their older names, kept for one release): the
+    near-colour share is that of one file at 60."""
+    far, threads = names
+    done = run_cli(["check-data", data, "--sample", "1", far, "60", threads, "1"], timeout=180)
     assert done.returncode == 1, done.output  # the bad file planted for --skip-bad
     report = check_dataset(data, workers=1, sample=1, max_dist=60.0)
     wide = check_dataset(data, workers=1, sample=50, max_dist=60.0)

@@ -69,10 +69,13 @@ def test_these_settings_are_defined_in_one_place(key: str) -> None:
     for path in (ROOT / "cityseg").rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "setting":
-                if any(k.arg == "flag" and getattr(k.value, "value", None) == setting.flag for k in node.keywords):
-                    declared.append(path.name)
-            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "Option" and path.name == "train.py":
+            if not isinstance(node, ast.Call):
+                continue
+            called = getattr(node.func, "id", getattr(node.func, "attr", ""))
+            if called == "setting" and any(k.arg == "flag" and getattr(k.value, "value", None) == setting.flag
+                                           for k in node.keywords):
+                declared.append(path.name)
+            if called == "Option" and path.name == "train.py":
                 typed += [a.value for a in node.args if isinstance(a, ast.Constant) and a.value == setting.flag]
         if setting.choices:
             choice_lists += [path.name for t in literal_tuples(tree) if set(t) == set(setting.choices)]

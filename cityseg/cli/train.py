@@ -6,9 +6,11 @@
     cityseg-fast train --resume runs/X --epochs 20
     cityseg-fast profile --steps 20 --data DIR
 
-Every train option defaults to "unset": the config is the dataclasses' defaults, then the presets
-(`cityseg.config.PRESETS`), then `--config FILE`, then the options the user typed, each mapped to its
-config key by OPTION_KEYS. Nothing here imports torch: `--help` answers at once.
+The command is a thin shell. Its flags are made from the settings' declarations (cityseg/config.py:
+flag, help, default, choices; `setting_parameters`), plus its own few (`command_parameters`). Every
+option defaults to "unset"; what the user typed goes, by config key, to `cityseg.resolve.resolve_run`,
+which makes the run's config (defaults, presets, --init-from, --config, options, --set, --resume
+rules, checks). Nothing here imports torch: `--help` answers at once.
 """
 
 from __future__ import annotations

@@ -1,2 +1,3 @@
-"""Benchmarks: loader, mask kernel, train step and end to end. Each script runs on its own
-(`python benchmarks/NAME.py`) or through `cityseg-fast bench NAME`; results go to benchmarks/results/."""
+"""Benchmarks: loader, mask kernel, train step, end to end and more. Each module runs from the
+checkout's root as `python -m benchmarks.NAME ARGS`, or as `cityseg-fast bench SUBCOMMAND ARGS` with
+the same ARGS; results go to benchmarks/results/ (benchmarks/common.py: where, and what they share)."""

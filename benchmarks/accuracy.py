@@ -3,9 +3,9 @@ training-time budget, validated after every epoch (and when the budget ends), cu
 accuracy and mIoU against training seconds. Validation is scored at the labels' native size and is
 not counted in the budget.
 
-    python benchmarks/accuracy.py --data DIR --budget 20m --recipes baseline,improved
-    python benchmarks/accuracy.py --data DIR --budget 10m --recipes baseline,lr1e-2 --clock cpu
-    cityseg-fast bench accuracy --data DIR --budget 20m
+    python -m benchmarks.accuracy --data DIR --budget 20m              # recipes baseline,improved
+    python -m benchmarks.accuracy --data DIR --budget 10m --recipes baseline,lr1e-2 --clock cpu
+    cityseg-fast bench accuracy --data DIR --budget 20m               # the same, through the CLI
 
 `--clock cpu` counts this process's CPU time over its threads instead of wall time (the same on a
 quiet machine; fair when other work shares the machine) and then runs loaders without worker
@@ -19,28 +19,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     command_line,
-    default_json,
+    device_kind,
+    exit_with,
     finish_record,
+    new_parser,
     new_record,
     pick_device,
     print_header,
     print_table,
+    result_file,
 )
-from benchmarks.report import accuracy_table  # noqa: E402
-from cityseg.config import PRESETS, train_config  # noqa: E402
-from cityseg.settings import parse_duration  # noqa: E402
+from benchmarks.report import accuracy_table
+from cityseg.config import PRESETS
+from cityseg.resolve import ResolvedRun, resolve_run
+from cityseg.settings import parse_duration
 
 # What 2 CPU cores train in minutes: the sizes the issue's baseline was measured at, and the recipe
 # defaults from before the measured one became the `real-data` preset (so `baseline` stays the same run).
@@ -74,13 +75,13 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def recipe_config(name: str, data: Path, budget_s: float, clock: str, out: Path, device: str):
+def recipe_config(name: str, data: Path, budget_s: float, clock: str, out: Path, device: str) -> ResolvedRun:
     overrides = {**BASE, **RECIPES[name]}
     run = {"data.data_dir": str(data), "train.time_budget_s": budget_s, "train.clock": clock, "train.out": str(out),
            "train.device": device, "data.skip_validate": True}
     if clock == "cpu":
         run["data.workers"] = 0  # the loading happens in this process, on its CPU clock
-    return train_config([(f"recipe {name}", overrides), ("benchmark", run)], on_cpu=device == "cpu")
+    return resolve_run({**overrides, **run})  # presets, checks: as `cityseg-fast train` resolves these values
 
 
 def run_recipe(name: str, args: argparse.Namespace, budget_s: float, device: torch.device) -> dict[str, Any]:
@@ -153,14 +154,13 @@ def markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(argv: list[str] | None = None) -> Path:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run(argv: Sequence[str] | None = None, prog: str | None = None) -> Path:
+    ap = new_parser("accuracy", __doc__, prog)
     ap.add_argument("--data", type=Path, help="Kaggle pair folder (train/ and val/)")
     ap.add_argument("--budget", default="20m", help="training time per recipe: seconds, or with s/m/h")
-    ap.add_argument("--recipes", default="baseline", help="comma list of recipe names (--list)")
+    ap.add_argument("--recipes", default="baseline,improved", help="comma list of recipe names (--list)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="what a training second is")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--verbose", action="store_true", help="show each run's progress and tables")
     ap.add_argument("--runs", type=Path, default=None, help="keep each recipe's run folder as RUNS/<recipe>")
     ap.add_argument("--list", action="store_true", help="print the recipes and exit")
@@ -177,9 +177,9 @@ def run(argv: list[str] | None = None) -> Path:
         ap.error(f"unknown recipes {unknown}: --list shows them")
     budget_s = parse_duration(args.budget)
     device = pick_device(args.device)
-    out = args.json or default_json("accuracy", device)
+    out = result_file(args, "accuracy", device_kind(device), also=(".png", ".md"))
     config = {"data": str(args.data), "budget_s": budget_s, "clock": args.clock, "recipes": names, "base": BASE}
-    record = new_record("accuracy", device, command_line("accuracy.py", argv), config)
+    record = new_record("accuracy", device, command_line("accuracy", argv), config)
     print_header(record)
     for name in names:
         print(f"{name}: {json.dumps(RECIPES[name])} for {budget_s:.0f} training s ({args.clock} clock)", flush=True)
@@ -194,5 +194,10 @@ def run(argv: list[str] | None = None) -> Path:
     return path
 
 
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    run(argv, prog)
+    return 0
+
+
 if __name__ == "__main__":
-    run()
+    exit_with(main)

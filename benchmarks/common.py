@@ -9,10 +9,16 @@ JSON layout of every result file (`benchmarks/results/<name>-<cpu|gpu>.json`):
      "complete": bool}
 
 `reps` holds every timed repetition (warm-up excluded); `median` is their median.
+
+Every benchmark runs as `python -m benchmarks.NAME ARGS` from the checkout's root, or as
+`cityseg-fast bench SUBCOMMAND ARGS` (the same ARGS, passed through unchanged to the module's `main`).
+`new_parser` and `result_file` give them all the same command line for the result file and the same
+output policy (cityseg/outputs.py).
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import os
 import platform
@@ -26,6 +32,8 @@ from typing import Any
 
 import torch
 
+from cityseg.errors import UserError
+from cityseg.outputs import new_output_files, user_path
 from cityseg.report import cpu_model, device_name
 from cityseg.runtime import capabilities, resolve_device
 from cityseg.telemetry import synchronize
@@ -92,10 +100,58 @@ def versions() -> dict[str, str | None]:
 describe_device = device_name
 
 
-def command_line(script: str, argv: Sequence[str] | None) -> str:
-    """The exact command that reproduces this run."""
+def command_line(name: str, argv: Sequence[str] | None) -> str:
+    """The exact command that reproduces this run (from the checkout's root)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    return shlex.join(["python", f"benchmarks/{script}", *args])
+    return shlex.join(["python", "-m", f"benchmarks.{name}", *args])
+
+
+def new_parser(name: str, doc: str, prog: str | None = None, *, result: bool = True) -> argparse.ArgumentParser:
+    """The command line of benchmark `name`, described by its docstring `doc`: its usage names the
+    command that ran it (`prog`: `cityseg-fast bench X` passes its own, else `python -m
+    benchmarks.NAME`); with `result`, the options of its result file, the same for every benchmark
+    (see `result_file`)."""
+    summary = " ".join(doc.split("\n\n")[0].split())  # the docstring's first paragraph, not its first line
+    p = argparse.ArgumentParser(prog=prog or f"python -m benchmarks.{name}", description=summary)
+    if result:
+        p.add_argument("--json", type=Path, default=None,
+                       help=f"result file, relative to the current folder (default: {name}-<cpu|gpu>.json in "
+                            "benchmarks/results/ when run inside the checkout, else in the current folder)")
+        p.add_argument("--overwrite", action="store_true", help="replace the result file if it exists")
+    return p
+
+
+def default_folder() -> Path:
+    """Where results go without --json: the checkout's benchmarks/results/ when run from inside the
+    checkout (its published figures, meant to be refreshed), else the current folder (never the
+    checkout of an installed cityseg-fast run from elsewhere)."""
+    here = Path.cwd().resolve()
+    return RESULTS if here == ROOT or ROOT in here.parents else here
+
+
+def result_file(args: argparse.Namespace, name: str, kind: str, also: Sequence[str] = ()) -> Path:
+    """Where benchmark `name` writes on a `kind` (cpu | gpu) device: --json as the user meant it
+    (relative to their folder), a new file unless --overwrite, as is every file of `also` (suffixes
+    of files written beside it, e.g. ".png"). Without --json: NAME-KIND.json in `default_folder()`,
+    replaced there only in the checkout's benchmarks/results/. Called before the benchmark starts,
+    so a file in the way stops it before it spends its time."""
+    default = f"{name}-{kind}.json"
+    if args.json is None and default_folder() == RESULTS:
+        return RESULTS / default
+    path = user_path(args.json or default)
+    new_output_files([path, *(path.with_suffix(s) for s in also)], "benchmark result", overwrite=args.overwrite)
+    return path
+
+
+def exit_with(main: Callable[[], int]) -> None:
+    """`python -m benchmarks.NAME`: run `main`; a problem the user can fix (a result file in the way)
+    is one `error:` line and exit 2, as under `cityseg-fast bench`."""
+    try:
+        code = main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
 
 
 def new_record(benchmark: str, device: torch.device, command: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -113,10 +169,6 @@ def new_record(benchmark: str, device: torch.device, command: str, config: dict[
         "results": [],
         "notes": [],
     }
-
-
-def default_json(name: str, device: torch.device) -> Path:
-    return RESULTS / f"{name}-{device_kind(device)}.json"
 
 
 def finish_record(record: dict[str, Any], path: Path, *, done: bool = True) -> Path:

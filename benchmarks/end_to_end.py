@@ -1,9 +1,9 @@
 """Real training, N steps per loader: images/s, share of step time waiting for data, GPU
 utilisation, time to first batch and compile time.
 
-    python benchmarks/end_to_end.py                         # CPU: synthetic data, width 16, 128px, 20 steps
-    python benchmarks/end_to_end.py --data DIR --steps 150 --width 32 --size 256 --batch 16 --compile
-    python benchmarks/end_to_end.py --loaders torch --steps 8 --width 4 --depth 2 --size 32 --batch 2   # smoke
+    python -m benchmarks.end_to_end                         # CPU: synthetic data, width 16, 128px, 20 steps
+    python -m benchmarks.end_to_end --data DIR --steps 150 --width 32 --size 256 --batch 16 --compile
+    python -m benchmarks.end_to_end --loaders torch --steps 8 --width 4 --depth 2 --size 32 --batch 2   # smoke
 
 For each loader (`torch` = the plain DataLoader with --workers processes, `dali` = DALI with --workers
 threads, "mixed" decode on a GPU, `cache` = the device cache, when the config knows `cache`), the
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -40,24 +39,24 @@ from typing import Any
 
 import torch
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     command_line,
-    default_json,
+    device_kind,
+    exit_with,
     finish_record,
     fmt,
     median,
+    new_parser,
     new_record,
     pick_device,
     print_header,
     print_table,
+    result_file,
     sync,
 )
-from benchmarks.loader import AUGMENTS, Spec, make_loader  # noqa: E402
-from cityseg.config import Config, DataConfig, ModelConfig, TrainConfig  # noqa: E402
-from cityseg.training.loop import Trainer  # noqa: E402
+from benchmarks.loader import AUGMENTS, Spec, make_loader
+from cityseg.config import Config, DataConfig, ModelConfig, TrainConfig
+from cityseg.training.loop import Trainer
 
 LOADERS = ("torch", "dali", "cache")
 
@@ -170,8 +169,8 @@ def median_of(runs: list[dict[str, Any]], key: str) -> float | None:
     return median(values)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = new_parser("end_to_end", __doc__, prog)
     p.add_argument("--data", type=Path, default=None, help="Kaggle pair folder; default: synthetic pairs in a temp dir")
     p.add_argument("--loaders", default=",".join(LOADERS), help="comma list of: " + ", ".join(LOADERS))
     p.add_argument("--steps", type=int, default=20, help="training steps per run (one epoch at most)")
@@ -187,12 +186,11 @@ def parser() -> argparse.ArgumentParser:
                    help="torch.compile (engine default: on for GPU, off for CPU)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None, help="default benchmarks/results/end_to_end-<cpu|gpu>.json")
     return p
 
 
-def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parser().parse_args(argv)
+def run(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str, Any]:
+    args = parser(prog).parse_args(argv)
     device = pick_device(args.device)
     args.device = device
     gpu = device.type == "cuda"
@@ -226,8 +224,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         config = {"data": source, "n_train": len(files)} | {
             k: getattr(args, k) for k in ("steps", "warm_steps", "reps", "width", "depth", "size", "batch", "workers",
                                           "precision", "compile", "seed")} | {"loaders": kinds, "augment": "standard"}
-        out = args.json or default_json("end_to_end", device)
-        record = new_record("end_to_end", device, command_line("end_to_end.py", argv), config)
+        out = result_file(args, "end_to_end", device_kind(device))
+        record = new_record("end_to_end", device, command_line("end_to_end", argv), config)
         print_header(record)
         from cityseg.runtime import resolve_runtime
 
@@ -276,10 +274,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return record
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    run(argv)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    run(argv, prog)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -1,12 +1,12 @@
 """The GPU suite's plan: every step of `benchmarks/gpu_suite.sh`, its commands, its sizes and its time
 cap, with the sizes derived from each other and the caps from costs measured on the H200.
 
-    python benchmarks/gpu_plan.py --plan-only                 # the GPU plan, its relations checked
-    python benchmarks/gpu_plan.py --plan-only --dry           # the CPU dry run's plan
-    python benchmarks/gpu_plan.py --plan-only --set loader.n=4096   # a changed size: exit 1 on a contradiction
-    python benchmarks/gpu_plan.py --shell [--dry]             # what gpu_suite.sh evals (bash arrays)
-    python benchmarks/gpu_plan.py --pack-real DIR             # real pairs -> .dali/real-0.tar, .dali/real-1.tar
-    python benchmarks/gpu_plan.py --report DIR                # REPORT.md's head: status, plan, real-data run
+    python -m benchmarks.gpu_plan --plan-only                 # the GPU plan, its relations checked
+    python -m benchmarks.gpu_plan --plan-only --dry           # the CPU dry run's plan
+    python -m benchmarks.gpu_plan --plan-only --set loader.n=4096   # a changed size: exit 1 on a contradiction
+    python -m benchmarks.gpu_plan --shell [--dry]             # what gpu_suite.sh evals (bash arrays)
+    python -m benchmarks.gpu_plan --pack-real DIR             # real pairs -> .dali/real-0.tar, .dali/real-1.tar
+    python -m benchmarks.gpu_plan --report DIR                # REPORT.md's head: status, plan, real-data run
 
 Sizes are typed once, here: the shell script reads them (`--shell`) and a size that follows from others
 (synthetic pairs from the loader's epoch, the warm-up's steps from one epoch...) is computed, never typed.
@@ -307,7 +307,7 @@ def build_steps(s: dict[str, object], dry: bool) -> list[Step]:
             for b in ints(s["step.batches"]):
                 for m in str(s["step.modes"]).split(","):
                     if m != "off":
-                        warm.append(["$PYTHON", "benchmarks/train_step.py", "--widths", str(w), "--batches", str(b),
+                        warm.append(["$PYTHON", "-m", "benchmarks.train_step", "--widths", str(w), "--batches", str(b),
                                      "--compile-modes", m, "--size", str(s["image_size"]), "--warmup", "1",
                                      "--steps", "1", "--reps", "1",
                                      "--json", f"$WORK/warm/train_step-{w}-{b}-{m}.json"])
@@ -338,15 +338,15 @@ def build_steps(s: dict[str, object], dry: bool) -> list[Step]:
              f"{len(TEST_SHARDS)} pytest shards at once; longest estimate {max(shard_estimates(False)):.0f}s cold, "
              f"{max(shard_estimates(True)):.0f}s warm"),
         Step("kernel", py + 6 * c["triton_compile"] + 4 * 2 * 0.5 * len(ints(s["kernel.batches"])),
-             [["$PYTHON", "benchmarks/mask_kernel.py", "--batches", str(s["kernel.batches"]),
+             [["$PYTHON", "-m", "benchmarks.mask_kernel", "--batches", str(s["kernel.batches"]),
                *(["--cpu", "--reps", "5"] if dry else []), "--json", "$WORK/mask_kernel-$KIND.json"]],
              f"mask kernel at {s['kernel.batches']} x {s['image_size']}^2: 3 pinned blocks + uint8 + 2 SASS counts "
              "= 6 Triton compiles"),
         Step("loader", py + 3 * c["dali_pipeline"] + torch_s,
-             [["$PYTHON", "benchmarks/loader.py", "--data", "$DATA", "--device", "$DEVICE", "--n", str(s["loader.n"]),
-               "--batch-size", str(s["loader.batch"]), "--image-size", str(s["image_size"]), "--reps",
-               str(s["loader.reps"]), "--workers", str(s["loader.workers"]), "--threads", str(s["loader.threads"]),
-               "--augment", "standard", "--json", "$WORK/loader-$KIND.json"]],
+             [["$PYTHON", "-m", "benchmarks.loader", "--data", "$DATA", "--device", "$DEVICE", "--n",
+               str(s["loader.n"]), "--batch-size", str(s["loader.batch"]), "--image-size", str(s["image_size"]),
+               "--reps", str(s["loader.reps"]), "--workers", str(s["loader.workers"]), "--threads",
+               str(s["loader.threads"]), "--augment", "standard", "--json", "$WORK/loader-$KIND.json"]],
              f"{loaders} loaders x {loader_epochs} epochs of {s['loader.n']} images"),
         Step("real_e2e", py + c["engine_compile_warm"] + float(s["real.train_s"]) * (1 + float(s["real.val_share"])),
              [["real_e2e", "$PYTHON", "-m", "cityseg", "train", "--data", "$REAL", "--out", "$WORK/real-run",
@@ -355,12 +355,12 @@ def build_steps(s: dict[str, object], dry: bool) -> list[Step]:
              f"real pairs to pixel accuracy {s['real.target_acc']} within {s['real.train_s']}s of training "
              f"(~{max_steps} steps at {c['real_step_ms']} ms)"),
         Step("train_step", py + int(s["step.compiles"]) * c["engine_compile_warm"] + sweep_s,
-             [["$PYTHON", "benchmarks/train_step.py", *(["--quick"] if dry else step_sweep_args(s)),
+             [["$PYTHON", "-m", "benchmarks.train_step", *(["--quick"] if dry else step_sweep_args(s)),
                "--device", "$DEVICE", "--json", "$WORK/train_step-$KIND.json"]],
              f"{s['step.configs']} configs ({s['step.compiles']} compiled, from the warm-up's cache)"),
-        Step("report", py + 2, [["$PYTHON", "benchmarks/report.py", "--results", "$WORK", "--out",
+        Step("report", py + 2, [["$PYTHON", "-m", "benchmarks.report", "--results", "$WORK", "--out",
                                  "$WORK/benchmarks-report.md"]],
-             "benchmarks/report.py over the results; the suite then packs $OUT"),
+             "benchmarks.report over the results; the suite then packs $OUT"),
     ]
     for st in steps:
         st.cap_s = dry_cap(st.name) if dry else max(10, ceil5(st.estimate_s * MARGIN))
@@ -531,7 +531,7 @@ def parse_sets(items: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu_plan", description=__doc__.splitlines()[0])
     ap.add_argument("--plan-only", action="store_true", help="print the plan and check its relations")
     ap.add_argument("--shell", action="store_true", help="print the plan as bash for gpu_suite.sh")
     ap.add_argument("--dry", action="store_true", help="the CPU dry run's plan")

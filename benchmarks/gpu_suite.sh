@@ -13,7 +13,7 @@
 # The offline GPU machine (../shared/device/README.md) lacks DALI and cityscapesscripts, and a run carries
 # at most 64 MiB; files carried by one run are gone at the next, /tmp survives. Two runs:
 #   On the CPU machine: bash ../shared/device/pack-dali.sh; bash benchmarks/pack_extras.sh;
-#     python benchmarks/gpu_plan.py --pack-real DIR (optional: .dali/real-0.tar, .dali/real-1.tar)
+#     python -m benchmarks.gpu_plan --pack-real DIR (optional: .dali/real-0.tar, .dali/real-1.tar)
 #   Run 1 carries .dali/part-0 (+ .dali/real-0.tar):      bash benchmarks/gpu_stash.sh
 #   Run 2 carries .dali/part-1, .dali/extras (+ .dali/real-1.tar): bash benchmarks/gpu_suite.sh
 # The suite unpacks /tmp/keep/part-0 (or .dali/part-0) + .dali/part-1 into the interpreter's
@@ -69,8 +69,8 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 plan_args=()
 [[ $DRY_RUN == 1 ]] && plan_args+=(--dry)
 [[ -n ${PLAN_SET:-} ]] && plan_args+=(--set "$PLAN_SET")
-"$PYTHON" benchmarks/gpu_plan.py --plan-only "${plan_args[@]}" | grep -v '^      ' || die "the plan does not hold (above)"
-plan_sh=$("$PYTHON" benchmarks/gpu_plan.py --shell "${plan_args[@]}") || die "benchmarks/gpu_plan.py --shell failed"
+"$PYTHON" -m benchmarks.gpu_plan --plan-only "${plan_args[@]}" | grep -v '^      ' || die "the plan does not hold (above)"
+plan_sh=$("$PYTHON" -m benchmarks.gpu_plan --shell "${plan_args[@]}") || die "python -m benchmarks.gpu_plan --shell failed"
 
 # --------------------------------------------------------------------- unpack: DALI and real pairs
 # In this shell (not a step's subprocess): PYTHONPATH, LD_LIBRARY_PATH and REAL must reach every step.
@@ -183,7 +183,7 @@ real_e2e() {  # the real-data run; its summary.json (timings, time to the target
 export -f environment real_e2e
 
 pack() {  # $OUT: the archive, REPORT.md, status.tsv, suite.log; rewritten after every step
-  "$PYTHON" benchmarks/gpu_plan.py --report "$WORK" --status "$OUT/status.tsv" > "$OUT/REPORT.md" 2>/dev/null
+  "$PYTHON" -m benchmarks.gpu_plan --report "$WORK" --status "$OUT/status.tsv" > "$OUT/REPORT.md" 2>/dev/null
   [[ -f $WORK/benchmarks-report.md ]] && cat "$WORK/benchmarks-report.md" >> "$OUT/REPORT.md"
   cp "$OUT/REPORT.md" "$OUT/status.tsv" "$WORK/" 2>/dev/null
   tar -czf "$OUT/gpu-results.tar.gz.tmp" -C "$WORK" --exclude='*.pt' --exclude='events.out.tfevents*' \

@@ -1,9 +1,9 @@
 """Images/s of every loader on the same files with the same augmentation, and each one's ratio to the
 plain PyTorch loader measured in the same run.
 
-    python benchmarks/loader.py --data ../shared/data/cityscapes_pairs_sample --augment standard,none
-    python benchmarks/loader.py                                # synthetic pairs (--n 256) in a temp folder
-    python benchmarks/loader.py --data DIR --n 1024 --workers 0,2,4,8,16 --json OUT.json   # the GPU suite
+    python -m benchmarks.loader --data ../shared/data/cityscapes_pairs_sample --augment standard,none
+    python -m benchmarks.loader                                # synthetic pairs (--n 256) in a temp folder
+    python -m benchmarks.loader --data DIR --n 1024 --workers 0,2,4,8,16 --json OUT.json   # the GPU suite
 
 Loaders: `torch wN` (DataLoader + Pillow + torchvision v2, N worker processes; default 0, 1, 2, ... up
 to --max-workers, powers of two past 4), `dali-cpu` (DALI, CPU operators), `dali-gpu` (DALI, nvJPEG
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -38,23 +37,23 @@ from typing import Any
 
 import torch
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     command_line,
-    default_json,
+    device_kind,
+    exit_with,
     finish_record,
     median,
+    new_parser,
     new_record,
     pick_device,
     print_header,
     print_table,
+    result_file,
     sync,
 )
-from cityseg.config import AugmentConfig  # noqa: E402
-from cityseg.data.contract import LoaderSpec  # noqa: E402
-from cityseg.data.contract import make_loader as make_loader_of_kind  # noqa: E402
+from cityseg.config import AugmentConfig
+from cityseg.data.contract import LoaderSpec
+from cityseg.data.contract import make_loader as make_loader_of_kind
 
 AUGMENTS: dict[str, AugmentConfig | None] = {
     "none": None,
@@ -106,9 +105,10 @@ def make_loader(spec: Spec, files: list[Path], palette, augment: AugmentConfig |
                 device: torch.device, dtype: torch.dtype):
     """The loader `spec` names, through the package's registry (cityseg/data/contract.py)."""
     where = torch.device("cpu") if spec.loader == "dali-cpu" else device
+    # A row's count is worker processes, or DALI's threads (`--threads`).
     loader_spec = LoaderSpec(image_size=args.image_size, batch_size=args.batch_size, augment=augment, shuffle=True,
-                             drop_last=True, device=where, dtype=dtype, workers=spec.workers, prefetch=args.prefetch,
-                             seed=args.seed)
+                             drop_last=True, device=where, dtype=dtype, workers=spec.workers,
+                             threads=max(1, spec.workers), prefetch=args.prefetch, seed=args.seed)
     kind = {"torch": "torch", "dali-cpu": "dali", "dali-gpu": "dali", "cache": "cache"}.get(spec.loader)
     if kind is None:
         raise ValueError(f"unknown loader {spec.loader!r}: expected one of {LOADERS}")
@@ -186,8 +186,8 @@ def resolve_files(args: argparse.Namespace, tmp: Path) -> tuple[list[Path], str]
     return list_split(tmp, "train"), f"synthetic ({args.n} pairs, {args.synth_size}px, seed {args.seed})"
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = new_parser("loader", __doc__, prog)
     p.add_argument("--data", type=Path, default=None, help="Kaggle pair folder (reads DIR/train); default synthetic")
     p.add_argument("--n", type=int, default=256, help="images per epoch (first N train files)")
     p.add_argument("--augment", default="standard", help="comma list of: standard, none")
@@ -206,13 +206,12 @@ def parser() -> argparse.ArgumentParser:
                    help="image dtype (auto: bf16 on GPU as training uses, fp32 on CPU)")
     p.add_argument("--synth-size", type=int, default=256, help="height of generated pairs without --data")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None, help="output (default benchmarks/results/loader-<cpu|gpu>.json)")
     return p
 
 
-def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def run(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the JSON record (also written to --json)."""
-    args = parser().parse_args(argv)
+    args = parser(prog).parse_args(argv)
     from cityseg.palette import cityscapes_palette
 
     device = pick_device(args.device)
@@ -225,9 +224,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     loaders = [name.strip() for name in args.loaders.split(",") if name.strip()]
     if bad := [name for name in loaders if name not in LOADERS]:
         raise SystemExit(f"--loaders: unknown {bad}; expected {', '.join(LOADERS)}")
+    out = result_file(args, "loader", device_kind(device))
     if args.reps < 5:
         print(f"note: --reps {args.reps} < 5: fine for a smoke test, too few for a figure to quote")
-    out = args.json or default_json("loader", device)
     workers = args.workers if args.workers is not None else default_workers(args.max_workers)
     threads = args.threads or max(1, args.max_workers)
 
@@ -242,7 +241,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "prefetch": args.prefetch, "warmup_epochs": args.warmup, "reps": args.reps, "dtype": str(dtype),
             "target_device": str(device), "baseline": f"torch w{BASELINE_WORKERS}", "seed": args.seed,
         }  # fmt: skip
-        record = new_record("loader", device, command_line("loader.py", argv), config)
+        record = new_record("loader", device, command_line("loader", argv), config)
         print_header(record)
         specs = [Spec("torch", w) for w in workers] if "torch" in loaders else []
         for name in loaders:
@@ -283,10 +282,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return record
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    run(argv)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    run(argv, prog)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -1,10 +1,10 @@
 """Benchmark the mask -> class-id mapping: Triton kernel vs torch reference (GPU), lookup table vs
 reference vs cdist (CPU), on batches of 256x256 masks.
 
-    python benchmarks/mask_kernel.py                # GPU: batch 64 (CPU: batches 1 and 64)
-    python benchmarks/mask_kernel.py --full         # adds batch 256
-    python benchmarks/mask_kernel.py --threads 1    # CPU timings on one thread (steadier on a shared machine)
-    python benchmarks/mask_kernel.py --json PATH    # default benchmarks/results/mask_kernel-{cpu,gpu}.json
+    python -m benchmarks.mask_kernel                # GPU: batch 64 (CPU: batches 1 and 64)
+    python -m benchmarks.mask_kernel --full         # adds batch 256
+    python -m benchmarks.mask_kernel --threads 1    # CPU timings on one thread (steadier on a shared machine)
+    python -m benchmarks.mask_kernel --json PATH    # default benchmarks/results/mask_kernel-{cpu,gpu}.json
 
 Masks: "realistic" = Cityscapes colours in 16x16 blocks plus JPEG-like noise of +-8 per channel (a few
 thousand distinct colours, as in decoded masks), and "uniform" = uniformly random RGB (the worst case
@@ -27,15 +27,14 @@ import os
 import platform
 import re
 import statistics
-import sys
 import time
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels.mask_to_class import mask_to_class, mask_to_class_reference  # noqa: E402
+from benchmarks.common import command_line, exit_with, new_parser, result_file
+from kernels.mask_to_class import mask_to_class, mask_to_class_reference
 
 SIZE = 256
 # Peak DRAM bandwidth (GB/s) from the vendors' data sheets, matched against the device name.
@@ -294,8 +293,8 @@ def environment() -> dict:
     return env
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    ap = new_parser("mask_kernel", __doc__, prog)
     ap.add_argument("--full", action="store_true", help="also batch 256")
     ap.add_argument("--batches", default=None,
                     help="comma list of batch sizes (default: GPU 64, 256 with --full; CPU 1,64, 1,64,256 with --full)")
@@ -303,8 +302,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7, help="timed runs per CPU case (>= 5)")
     ap.add_argument("--cpu", action="store_true", help="CPU benchmark even when a GPU is present")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    gpu = torch.cuda.is_available() and not args.cpu
+    out = result_file(args, "mask_kernel", "gpu" if gpu else "cpu")
+    out.parent.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.reps = max(5, args.reps)
@@ -314,18 +315,16 @@ def main() -> None:
 
     pal = cityscapes_palette()
     colors = pal.centers.to(torch.uint8)
-    gpu = torch.cuda.is_available() and not args.cpu
     default = ([64, 256] if args.full else [64]) if gpu else ([1, 64, 256] if args.full else [1, 64])
     args.batches = [int(b) for b in args.batches.split(",")] if args.batches else default
     env = environment()
     print(json.dumps(env))
-    out = args.json or Path(__file__).parent / "results" / f"mask_kernel-{'gpu' if gpu else 'cpu'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    command = command_line("mask_kernel", argv)
     rows: list = []
 
     def save(complete: bool = False) -> None:
         """Rewritten after every measurement: a run cut short (a timeout) keeps what it measured."""
-        doc = {"env": env, "command": " ".join(sys.argv), "complete": complete, "results": rows}
+        doc = {"env": env, "command": command, "complete": complete, "results": rows}
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=1))
         os.replace(tmp, out)
@@ -336,7 +335,8 @@ def main() -> None:
         bench_cpu(args, pal.centers, pal.classes, colors, rows, save)
     save(complete=True)
     print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    exit_with(main)

@@ -17,7 +17,7 @@ trap 'rm -rf "$work"' EXIT
 
 # 2.3.0: the version the project is tested with. Nothing else by default: the GPU machine has matplotlib
 # (../shared/device/README.md), and run 2 carries .dali/part-1 (~35 MB) and up to 22 MB of real pairs
-# beside this folder within 64 MiB (benchmarks/gpu_plan.py --plan-only checks the sum).
+# beside this folder within 64 MiB (python -m benchmarks.gpu_plan --plan-only checks the sum).
 pkgs=("cityscapesscripts==2.3.0" "$@")
 mkdir -p "$dest"
 if "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -1,8 +1,8 @@
 """Every JSON in benchmarks/results/ -> one markdown report (a table per result file, CPU and GPU in
 separate sections) and a bar chart of images/s per loader.
 
-    python benchmarks/report.py                               # writes benchmarks/results/REPORT.md + .png
-    python benchmarks/report.py --results DIR --out DIR/REPORT.md
+    python -m benchmarks.report                               # writes benchmarks/results/REPORT.md + .png
+    python -m benchmarks.report --results DIR --out DIR/REPORT.md
 
 Each table comes from one file, i.e. one run on one machine, and carries its date, machine, load and
 command; ratios are the ones computed inside that run, so CPU and GPU figures never meet in a ratio.
@@ -12,7 +12,6 @@ layouts of mask_kernel.py (`env`, `results`) and synth_speed.py (`median_pairs_p
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import sys
@@ -20,10 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import RESULTS, fmt  # noqa: E402
+from benchmarks.common import RESULTS, fmt, new_parser
 
 ORDER = ("accuracy", "loader", "end_to_end", "train_step", "mask_kernel", "synth_speed")
 TITLES = {"accuracy": "Time to accuracy", "loader": "Loaders", "end_to_end": "End to end (training)",
@@ -32,6 +28,11 @@ TITLES = {"accuracy": "Time to accuracy", "loader": "Loaders", "end_to_end": "En
 PNG_NAME = "loader_images_per_s.png"
 
 Column = tuple[str, str, str]  # key, header, format spec
+
+
+def python_command(command: str) -> str:
+    # mask_kernel.py recorded its sys.argv ("benchmarks/mask_kernel.py ...") before it recorded the command.
+    return command if command.startswith("python") else f"python {command}".strip()
 
 
 def load(path: Path) -> dict[str, Any] | None:
@@ -49,7 +50,7 @@ def load(path: Path) -> dict[str, Any] | None:
         gpu = env.get("device", "cpu") != "cpu"
         return {"benchmark": "mask_kernel", "file": path.name, "date": env.get("date"),
                 "device": env["device"] if gpu else f"cpu ({env.get('cpu')}, {env.get('cpu_threads')} threads)",
-                "device_kind": "gpu" if gpu else "cpu", "command": f"python {data.get('command', '')}".strip(),
+                "device_kind": "gpu" if gpu else "cpu", "command": python_command(data.get("command", "")),
                 "versions": {k: env.get(k) for k in ("python", "torch", "triton")}, "results": data["results"],
                 "machine": {"load_average_start": [load] if (load := env.get("load_avg_1min_at_start")) else None},
                 "notes": []}  # fmt: skip
@@ -60,7 +61,7 @@ def load(path: Path) -> dict[str, Any] | None:
                **{k.removesuffix("_ms"): v for k, v in data.get("stages_cpu_ms_per_pair", {}).items()}}  # fmt: skip
         return {"benchmark": "synth_speed", "file": path.name, "date": data.get("date"),
                 "device": f"cpu ({m.get('cpu')}, 1 pinned core)", "device_kind": "cpu",
-                "command": "python benchmarks/synth_speed.py", "versions": data.get("versions", {}),
+                "command": "python -m benchmarks.synth_speed", "versions": data.get("versions", {}),
                 "machine": {"load_average_start": m.get("load_average_at_start")}, "results": [row], "notes": []}
     return None
 
@@ -220,7 +221,7 @@ def build(results_dir: Path, out: Path, png: Path | None = None) -> str:
     parts = [
         "# Benchmark results",
         "",
-        f"Generated {now} by `python benchmarks/report.py` from {len(docs)} result files in "
+        f"Generated {now} by `python -m benchmarks.report` from {len(docs)} result files in "
         f"`{results_dir.name}/`. Each table is one run on one machine (date, machine, load and command in its "
         "heading); CPU and GPU results are in separate sections and no ratio mixes them.",
     ]
@@ -245,8 +246,8 @@ def build(results_dir: Path, out: Path, png: Path | None = None) -> str:
     return text
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    p = new_parser("report", __doc__, prog, result=False)
     p.add_argument("--results", type=Path, default=RESULTS, help="folder of result JSON files")
     p.add_argument("--out", type=Path, default=None, help="markdown output (default RESULTS/REPORT.md)")
     p.add_argument("--png", type=Path, default=None, help=f"chart output (default beside --out, {PNG_NAME})")

@@ -1,6 +1,6 @@
 """Synthetic pair generation speed on one core: render + JPEG encode + write, as `write_split` does.
 
-    python benchmarks/synth_speed.py --n 500 --reps 5
+    python -m benchmarks.synth_speed --n 500 --reps 5
 
 Pins itself to one CPU core, renders a burn-in batch first (texture tiles, buffers, imports), then
 times `--reps` repetitions of `--n` pairs written to a temporary folder and reports the median in
@@ -15,26 +15,23 @@ Results go to benchmarks/results/synth_speed-cpu.json (or --json).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import PIL
 
+from benchmarks.common import exit_with, new_parser, result_file
 from cityseg.data import synth
 from cityseg.data.synth import render as synth_render
 from cityseg.report import cpu_model
-
-DEFAULT_JSON = Path(__file__).parent / "results" / "synth_speed-cpu.json"
-
-
 
 
 def pin_one_core() -> int | None:
@@ -84,16 +81,16 @@ def stage_split(n: int, seed: int, size: int, out_dir: Path) -> dict[str, float]
     return {k: round(v / n * 1e3, 4) for k, v in totals.items()}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    p = new_parser("synth_speed", __doc__, prog)
     p.add_argument("--n", type=int, default=500, help="pairs per repetition")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions (the median is reported)")
     p.add_argument("--burn-in", type=int, default=50, help="pairs rendered before timing")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results")
     p.add_argument("--out-dir", type=Path, default=None, help="where the timed pairs are written (default: cache)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    out = result_file(args, "synth_speed", "cpu")
     out_dir = args.out_dir or synth.default_cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -160,10 +157,11 @@ def main() -> None:
         "median_pairs_per_s_wall": median_wall,
         "stages_cpu_ms_per_pair": stages,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.json}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    exit_with(main)

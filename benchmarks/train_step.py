@@ -1,10 +1,10 @@
 """Images/s of the product's training step (cityseg/training/step.py `TrainStep`, the one the loop
 calls), swept over batch x width x compile mode (x loss):
 
-    python benchmarks/train_step.py                    # GPU: batches 16,64,128 x widths 32,64 x off,default,cudagraphs
-    python benchmarks/train_step.py --batches 16,64 --widths 32 --compile-modes off,cudagraphs,whole --json OUT.json
-    python benchmarks/train_step.py --widths 32 --batches 16 --compile-modes off --losses ce,ce+dice   # CPU: loss cost
-    python benchmarks/train_step.py --quick            # tiny sizes, eager compile backend: a smoke test
+    python -m benchmarks.train_step                    # GPU: batches 16,64,128 x widths 32,64 x off,default,cudagraphs
+    python -m benchmarks.train_step --batches 16,64 --widths 32 --compile-modes off,cudagraphs,whole --json OUT.json
+    python -m benchmarks.train_step --widths 32 --batches 16 --compile-modes off --losses ce,ce+dice   # CPU: loss cost
+    python -m benchmarks.train_step --quick            # tiny sizes, eager compile backend: a smoke test
 
 The step is built by the training's own functions (setup.build_models, build_optimizer, losses.build_loss_fn,
 build_scheduler, TrainStep) on the recipe `--data` runs train (cityseg/config.py preset real-data:
@@ -30,35 +30,33 @@ bf16 peak. JSON is written after every cell. Results: benchmarks/results/train_s
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     command_line,
-    default_json,
+    device_kind,
+    exit_with,
     finish_record,
     median,
+    new_parser,
     new_record,
     pick_device,
     print_header,
     print_table,
     repeat,
+    result_file,
 )
-from cityseg.config import PRESETS, Config, with_overrides  # noqa: E402
-from cityseg.distributed import DistInfo  # noqa: E402
-from cityseg.runtime import resolve_runtime  # noqa: E402
-from cityseg.training.losses import build_loss_fn  # noqa: E402
-from cityseg.training.schedule import TrainClock  # noqa: E402
-from cityseg.training.setup import build_models, build_optimizer, build_scheduler  # noqa: E402
-from cityseg.training.step import TrainStep  # noqa: E402
+from cityseg.config import PRESETS, Config, with_overrides
+from cityseg.distributed import DistInfo
+from cityseg.runtime import resolve_runtime
+from cityseg.training.losses import build_loss_fn
+from cityseg.training.schedule import TrainClock
+from cityseg.training.setup import build_models, build_optimizer, build_scheduler
+from cityseg.training.step import TrainStep
 
 # --compile-modes -> (torch.compile mode, compile the optimiser too); None = eager.
 COMPILE_MODES: dict[str, tuple[str, bool] | None] = {
@@ -197,8 +195,8 @@ def parse_list(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = new_parser("train_step", __doc__, prog)
     p.add_argument("--widths", default="32,64", help="comma list of U-Net base widths")
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--batches", "--batch", default=None,
@@ -215,7 +213,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
                    help="width 4, depth 2, 32px, batch 2, 1 rep, off and default with the eager backend, both losses")
-    p.add_argument("--json", type=Path, default=None, help="default benchmarks/results/train_step-<cpu|gpu>.json")
     return p
 
 
@@ -232,8 +229,8 @@ def resolve_args(args: argparse.Namespace, gpu: bool) -> argparse.Namespace:
     return args
 
 
-def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parser().parse_args(argv)
+def run(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str, Any]:
+    args = parser(prog).parse_args(argv)
     device = pick_device(args.device)
     gpu = device.type == "cuda"
     args = resolve_args(args, gpu)
@@ -252,8 +249,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "upsample": recipe.model.upsample, "precision": precision, "channels_last": True, "cudnn_benchmark": True,
         "optimizer": "AdamW",
         "fused_adamw": gpu, "grad_clip": recipe.train.grad_clip, "peak_tflops": peak_tflops(device)}  # fmt: skip
-    out = args.json or default_json("train_step", device)
-    record = new_record("train_step", device, command_line("train_step.py", argv), config)
+    out = result_file(args, "train_step", device_kind(device))
+    record = new_record("train_step", device, command_line("train_step", argv), config)
     print_header(record)
     if not gpu and precision == "32":
         record["notes"].append("CPU: precision auto is fp32 here (no native bf16)")
@@ -282,10 +279,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return record
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    run(argv)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    run(argv, prog)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

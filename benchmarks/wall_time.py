@@ -1,7 +1,7 @@
 """Wall time against time in steps: how much of a real training run goes to training, with short epochs.
 
-    python benchmarks/wall_time.py --data ../shared/data/cityscapes_pairs_sample --quick     # CPU, ~2 min
-    python benchmarks/wall_time.py --data DIR --size 256 --width 32 --batch 16 --epochs 40    # a GPU
+    python -m benchmarks.wall_time --data ../shared/data/cityscapes_pairs_sample --quick     # CPU, ~2 min
+    python -m benchmarks.wall_time --data DIR --size 256 --width 32 --batch 16 --epochs 40    # a GPU
 
 For each --val-every setting (default: `1`, validation and checkpoints after every epoch as before
 issue 21, then `auto`, the default), `train(cfg)` runs as the CLI runs it (fresh run folder, the
@@ -17,34 +17,32 @@ Results: benchmarks/results/wall_time-<cpu|gpu>.json (or --json).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     command_line,
-    default_json,
+    device_kind,
+    exit_with,
     finish_record,
     median,
+    new_parser,
     new_record,
     pick_device,
     print_header,
     print_table,
+    result_file,
 )
-from cityseg.config import AugmentConfig, Config, DataConfig, ModelConfig, TrainConfig  # noqa: E402
+from cityseg.config import AugmentConfig, Config, DataConfig, ModelConfig, TrainConfig
 
 TIMED = ("startup_s", "warmup_s", "train_s", "val_s", "checkpoint_s", "other_s", "elapsed_s")
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = new_parser("wall_time", __doc__, prog)
     p.add_argument("--data", type=Path, required=True, help="a folder of Kaggle-format pairs (train/ and val/)")
-    p.add_argument("--json", type=Path, default=None, help="where to write the results")
     p.add_argument("--quick", action="store_true", help="CPU-sized: 64 px, width 8, depth 3, batch 8, 12 epochs")
     p.add_argument("--val-every", default="1,auto", help="comma-separated --val-every settings to compare")
     p.add_argument("--epochs", type=int, default=None)
@@ -83,8 +81,8 @@ def train_once(cfg: Config) -> dict[str, Any]:
     return row
 
 
-def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parser().parse_args(argv)
+def run(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str, Any]:
+    args = parser(prog).parse_args(argv)
     args.device = device = pick_device(args.device)
     gpu = device.type == "cuda"
     quick = args.quick or not gpu
@@ -100,8 +98,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = {"data": str(args.data), "n_train": n_train, "n_val": n_val,
               "steps_per_epoch": n_train // args.batch, "val_every": settings} | {
         k: getattr(args, k) for k in ("epochs", "size", "width", "depth", "batch", "workers", "loader", "reps")}
-    out = args.json or default_json("wall_time", device)
-    record = new_record("wall_time", device, command_line("wall_time.py", argv), config)
+    out = result_file(args, "wall_time", device_kind(device))
+    record = new_record("wall_time", device, command_line("wall_time", argv), config)
     print_header(record)
     with tempfile.TemporaryDirectory(prefix="wall-time-") as tmp:
         for setting in settings:
@@ -126,10 +124,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return record
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    run(argv)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    run(argv, prog)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_with(main)

@@ -18,7 +18,7 @@ float key per centre (see the kernel), so every backend agrees bit for bit. Non-
 the kernel's direct loop, the reference's own arithmetic; on a GPU the compiler may contract it into
 FMAs, so a near-tie can then differ from torch in the last bit (the interpreter matches exactly).
 
-Check it: `TRITON_INTERPRET=1 pytest tests/test_mask_kernel.py`; time it: `python benchmarks/mask_kernel.py`.
+Check it: `TRITON_INTERPRET=1 pytest tests/test_mask_kernel.py`; time it: `python -m benchmarks.mask_kernel`.
 """
 
 from __future__ import annotations

@@ -5,9 +5,13 @@ CPU, it unpacks what the two runs on the GPU machine carry, and a missing DALI f
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -16,11 +20,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import typer.main
 from typer.testing import CliRunner
 
 from benchmarks import common, end_to_end, gpu_plan, loader, report, train_step
+from cityseg.cli import bench
 from cityseg.cli.bench import bench_app
 from cityseg.data.synth import write_dataset
+from tests.cli_process import assert_one_line, run_cli
 from tests.conftest import ROOT
 
 DEVICE_KIND = "gpu" if torch.cuda.is_available() else "cpu"  # what the benchmarks pick by default
@@ -48,7 +55,7 @@ def check_layout(path: Path, benchmark: str, reps: int) -> dict:
     doc = json.loads(path.read_text())
     assert set(common.RESULT_KEYS) <= doc.keys()
     assert doc["benchmark"] == benchmark and doc["device_kind"] == DEVICE_KIND and doc["complete"] is True
-    assert doc["command"].startswith(f"python benchmarks/{path.stem.rsplit('-', 1)[0]}.py ")
+    assert doc["command"].startswith(f"python -m benchmarks.{path.stem.rsplit('-', 1)[0]} ")
     assert {"torch", "python"} <= doc["versions"].keys() and doc["machine"]["cpu_count"] >= 1
     assert doc["results"]
     for row in doc["results"]:
@@ -134,17 +141,98 @@ def test_report_keeps_cpu_and_gpu_apart(results: Path, tmp_path: Path) -> None:
     assert (folder / report.PNG_NAME).stat().st_size > 0 and f"]({report.PNG_NAME})" in text
 
 
-def test_cli_passes_options_through(tiny_data: Path, tmp_path: Path) -> None:
-    out = tmp_path / "loader.json"
-    args = ["loader", "--data", str(tiny_data), "--n", "4", "--batch-size", "4", "--reps", "1", "--workers", "0",
-            "--json", str(out), "--loaders", "torch", "--image-size", "64", "--augment", "none"]
-    result = CliRunner().invoke(bench_app, args)
+# The smallest loader run there is: 2 synthetic 32 px pairs, one batch, the plain loader only.
+TINY_LOADER = ["--n", "2", "--batch-size", "2", "--reps", "1", "--loaders", "torch", "--workers", "0", "--synth-size",
+               "32", "--image-size", "32", "--augment", "none"]
+BENCH_DEADLINE_S = 180  # one benchmark process at its smallest, on a loaded 2-core machine: never a speed check
+
+
+def checkout_results() -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in common.RESULTS.iterdir() if p.is_file()}
+
+
+def test_bench_help_is_the_modules_own(tmp_path: Path) -> None:
+    """`cityseg-fast bench loader --help` (the installed command) is the module's own argparse help,
+    under the command's name: the options `python -m benchmarks.loader --help` lists from the
+    checkout's root, flags bench.py never declared included."""
+    env = {"COLUMNS": "100"}
+    # Outside the checkout: were --help lost on the way, the benchmark run would not touch its results.
+    done = run_cli(["bench", "loader", "--help"], cwd=tmp_path, env=env, timeout=BENCH_DEADLINE_S)
+    assert done.returncode == 0, done.output
+    assert done.stdout.startswith("usage: cityseg-fast bench loader [-h]"), done.stdout
+    assert all(flag in done.stdout for flag in ("--synth-size", "--max-workers", "--overwrite")), done.stdout
+    direct = subprocess.run([sys.executable, "-m", "benchmarks.loader", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=BENCH_DEADLINE_S, env={**os.environ, **env})
+    assert direct.returncode == 0, direct.stderr
+    assert direct.stdout.startswith("usage: python -m benchmarks.loader [-h]")
+    assert direct.stdout.split("\noptions:\n")[1] == done.stdout.split("\noptions:\n")[1]
+
+
+def test_every_bench_subcommand_is_its_modules_command_line() -> None:
+    """Each `bench NAME --help` is the help of NAME's module (its argparse, given the arguments as
+    typed); bench.py declares no option of its own (a second definition of a benchmark's flag or
+    default would drift from the module's), and no benchmark edits sys.path."""
+    group = typer.main.get_command(bench_app)
+    assert set(group.commands) == set(bench.BENCHMARKS)
+    for name, (module, _) in bench.BENCHMARKS.items():
+        command = group.commands[name]
+        assert not command.params and not command.add_help_option, f"bench {name} declares options of its own"
+        result = CliRunner().invoke(bench_app, [name, "--help"])
+        assert result.exit_code == 0, result.output
+        own = io.StringIO()
+        with contextlib.redirect_stdout(own), pytest.raises(SystemExit):
+            importlib.import_module(f"benchmarks.{module}").main(["--help"], prog=f"cityseg-fast bench {name}")
+        assert result.output == own.getvalue()
+    assert "typer.Option" not in Path(bench.__file__).read_text()
+    assert not [p.name for p in (ROOT / "benchmarks").glob("*.py") if "sys.path" in p.read_text()]
+
+
+@pytest.mark.timeout(4 * BENCH_DEADLINE_S + 60)
+def test_bench_passes_arguments_through_and_keeps_the_output_policy(tmp_path: Path) -> None:
+    """As a user runs it from their own folder: every argument reaches the loader benchmark, the
+    relative --json lands in that folder, a second run refuses to replace it (one line) unless
+    --overwrite, and without --json the result goes to that folder too, never into the checkout."""
+    before = checkout_results()
+    args = [*TINY_LOADER, "--json", "rel/out.json"]
+    done = run_cli(["bench", "loader", *args], cwd=tmp_path, timeout=BENCH_DEADLINE_S)
+    assert done.returncode == 0, done.output
+    doc = json.loads((tmp_path / "rel" / "out.json").read_text())
+    assert doc["command"] == shlex.join(["python", "-m", "benchmarks.loader", *args])
+    assert doc["config"]["n_images"] == 2 and doc["config"]["image_size"] == 32
+    assert [r["label"] for r in doc["results"]] == ["torch w0"]
+    assert_one_line(run_cli(["bench", "loader", *args], cwd=tmp_path, timeout=BENCH_DEADLINE_S),
+                    str(tmp_path / "rel" / "out.json"), "already exists", "--overwrite")
+    done = run_cli(["bench", "loader", *args, "--overwrite"], cwd=tmp_path, timeout=BENCH_DEADLINE_S)
+    assert done.returncode == 0, done.output
+    done = run_cli(["bench", "loader", *TINY_LOADER], cwd=tmp_path, timeout=BENCH_DEADLINE_S)
+    assert done.returncode == 0, done.output
+    assert json.loads((tmp_path / f"loader-{DEVICE_KIND}.json").read_text())["complete"] is True
+    assert checkout_results() == before
+
+
+def test_bench_all_runs_each_benchmark_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bench all --data D --json DIR`: loader, kernel, train step, end to end, then the report of DIR,
+    each with its result file in DIR; every file already in DIR is refused before the first runs."""
+    from benchmarks import mask_kernel
+
+    calls: list[tuple[str, list[str]]] = []
+    for module in (loader, mask_kernel, train_step, end_to_end, report):
+        monkeypatch.setattr(module, "main", lambda argv, prog=None, m=module: calls.append((m.__name__, argv)) or 0)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(bench_app, ["all", "--data", "D", "--json", "out"])
     assert result.exit_code == 0, result.output
-    doc = json.loads(out.read_text())
-    assert [r["label"] for r in doc["results"]] == ["torch w0"] and doc["config"]["image_size"] == 64
-    result = CliRunner().invoke(bench_app, ["report", "--results", str(tmp_path), "--out", str(tmp_path / "R.md")])
-    assert result.exit_code == 0, result.output
-    assert "### Loaders — cpu" in (tmp_path / "R.md").read_text()
+    out = tmp_path / "out"
+    assert calls == [
+        ("benchmarks.loader", ["--data", "D", "--json", str(out / f"loader-{DEVICE_KIND}.json")]),
+        ("benchmarks.mask_kernel", ["--json", str(out / f"mask_kernel-{DEVICE_KIND}.json")]),
+        ("benchmarks.train_step", ["--json", str(out / f"train_step-{DEVICE_KIND}.json")]),
+        ("benchmarks.end_to_end", ["--data", "D", "--json", str(out / f"end_to_end-{DEVICE_KIND}.json")]),
+        ("benchmarks.report", ["--results", str(out)]),
+    ]
+    calls.clear()
+    (out / "REPORT.md").write_text("the user's report")
+    result = CliRunner().invoke(bench_app, ["all", "--json", "out"])
+    assert result.exit_code != 0 and "REPORT.md: already exists" in str(result.exception) and not calls
 
 
 SUITE_DEADLINE_S = 3300  # the dry run's own budget (gpu_plan.DRY_BUDGET_S) plus start-up: never a speed check
@@ -188,8 +276,8 @@ def test_gpu_suite_dry_run(tmp_path: Path) -> None:
 def test_gpu_plan_only_checks_its_relations() -> None:
     """`--plan-only` as a user runs it: the GPU plan holds and fits 9 minutes; a contradicting size (fewer
     synthetic pairs than the loader's epoch reads, more warm-up steps than one epoch has) fails it."""
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_plan.py"), "--plan-only"]
-    ok = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, "-m", "benchmarks.gpu_plan", "--plan-only"]
+    ok = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     total, budget = map(int, re.search(r"^plan \(GPU\): .* = (\d+)s of (\d+)s$", ok.stdout, re.M).groups())
     assert total <= budget == 540
@@ -197,13 +285,13 @@ def test_gpu_plan_only_checks_its_relations() -> None:
     assert sizes["synth.train"] == sizes["loader.n"]  # derived, not typed
     assert sizes["warmup.steps_per_epoch"] == sizes["synth.train"] // sizes["batch"]
     assert [st.name for st in steps][:4] == ["unpack", "env", "synth", "warmup"]  # the compile warm-up first
-    bad = subprocess.run(cmd + ["--set", "synth.train=40"], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(cmd + ["--set", "synth.train=40"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1
     assert "error: loader.n=256 > synth.train=40" in bad.stderr
     assert "warmup.steps=3 > 2 steps in one epoch (synth.train 40 / batch 16)" in bad.stderr
-    bad = subprocess.run(cmd + ["--set", "loader.n=300"], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(cmd + ["--set", "loader.n=300"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "loader.n=300 is not a multiple of loader.batch=32" in bad.stderr
-    unknown = subprocess.run(cmd + ["--set", "nonsense=1"], capture_output=True, text=True, timeout=120)
+    unknown = subprocess.run(cmd + ["--set", "nonsense=1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert unknown.returncode == 1 and "error: --set nonsense: unknown size" in unknown.stderr
 
 
@@ -362,8 +450,8 @@ def test_accuracy_benchmark_writes_curves_table_and_plot(tiny_data: Path, tmp_pa
     # `baseline` stays the pre-preset defaults although real data now gets the `real-data` preset.
     baseline = accuracy.recipe_config("baseline", tiny_data, 2.0, "cpu", tmp_path / "b", "cpu")
     improved = accuracy.recipe_config("improved", tiny_data, 2.0, "cpu", tmp_path / "i", "cpu")
-    assert (baseline.model.upsample, baseline.train.loss) == ("transpose", "ce")
-    assert (improved.model.upsample, improved.train.loss) == ("bilinear", "ce+dice")
+    assert (baseline.config.model.upsample, baseline.config.train.loss) == ("transpose", "ce")
+    assert (improved.config.model.upsample, improved.config.train.loss) == ("bilinear", "ce+dice")
 
 
 def test_readme_expected_results_are_the_committed_measurement() -> None:

@@ -84,7 +84,8 @@ def batch_requests() -> Iterator[list[tuple[float, float]]]:
 
 def make_config(kind: str, data_dir: Path, args: argparse.Namespace, out: Path) -> Config:
     data = DataConfig(data_dir=str(data_dir), image_size=args.size, batch_size=args.batch, loader=kind,
-                      workers=args.workers, skip_validate=True, augment=AUGMENTS["standard"])
+                      workers=args.workers, threads=max(1, args.workers), skip_validate=True,
+                      augment=AUGMENTS["standard"])  # --workers: the plain loader's processes, DALI's threads
     return Config(
         data=data,
         model=ModelConfig(width=args.width, depth=args.depth),

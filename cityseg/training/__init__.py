@@ -1,7 +1,7 @@
-"""Training: `train(cfg)` runs (or resumes) a run and returns its summary.
+"""Training: `train(run)` runs (or resumes) a run and returns its summary.
 
-    cityseg-fast train --epochs 10          # the CLI fills a Config and calls `train(cfg)`
-    from cityseg import Config, train; summary = train(Config())
+    cityseg-fast train --epochs 10          # the CLI resolves the run (cityseg/resolve.py), then `train(run)`
+    from cityseg import Config, train; summary = train(Config())      # a complete Config, taken as it is
 
 setup.py builds the parts (plain functions), loop.py is the loop, hooks.py the side concerns.
 Under torchrun every rank calls `train`; rank 0 alone prints and writes.

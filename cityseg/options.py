@@ -76,7 +76,7 @@ def check_config(cfg: Config, *, read_files: bool = True) -> None:
         value = get_value(cfg, key)
         problem = setting.problem(value)
         if problem:
-            named = f"{setting.flag.split('/')[0]} ({key})" if setting.flag else key
+            named = f"{setting.option} ({key})" if setting.option else key
             raise OptionError(f"{named} {capped(repr(value) if isinstance(value, str) else str(value), 200)}: "
                               f"{problem}")
     parse_val_every(cfg.train.val_every)

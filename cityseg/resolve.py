@@ -45,7 +45,7 @@ class ResolvedRun:
 def flag_of(key: str) -> str:
     """How the user names a config key: its flag, else the key itself (a config file's, `--set`'s)."""
     setting = SETTINGS.get(key)
-    return setting.flag.split("/")[0] if setting is not None and setting.flag else key
+    return setting.option if setting is not None and setting.option else key
 
 
 RESUME_KEYS = frozenset(key for key, s in SETTINGS.items() if s.resume)

@@ -175,9 +175,14 @@ class Setting:
     shown: str | None = None
 
     @property
+    def option(self) -> str | None:
+        """The flag as messages name it (`--compile/--no-compile` -> --compile), None without one."""
+        return None if self.flag is None else self.flag.split("/")[0]
+
+    @property
     def name(self) -> str | None:
         """The option's name in code (`--time-budget` -> time_budget), None without a flag."""
-        return None if self.flag is None else self.flag.split("/")[0].removeprefix("--").replace("-", "_")
+        return None if self.option is None else self.option.removeprefix("--").replace("-", "_")
 
     def problem(self, value: Any) -> str | None:
         """What is wrong with `value` for this setting (None, unset, is fine), else None."""

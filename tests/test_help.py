@@ -78,7 +78,7 @@ def test_train_help_shows_its_config_sections_and_fits_80_columns() -> None:
     for values in ("auto, torch, dali, cache", "default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs"):
         assert values in flat
     # What the help promises about --resume and --init-from is what the command does.
-    resumable = [s.flag.split("/")[0] for s in SETTINGS.values() if s.resume]
+    resumable = [s.option for s in SETTINGS.values() if s.resume]
     assert f"only these apply: {', '.join(resumable)}." in flat and "--epochs" in resumable
     assert "architecture (its flags are refused)" in flat
 

@@ -60,7 +60,7 @@ def default_with_presets(key: str, setting: Setting) -> str:
 
 def help_text(key: str, setting: Setting) -> str:
     """A setting's help with its default and the presets' values, all from its declaration."""
-    resumable = ", ".join(s.flag.split("/")[0] for s in SETTINGS.values() if s.resume)
+    resumable = ", ".join(s.option for s in SETTINGS.values() if s.resume)
     text = setting.help.format(resumable=resumable)  # --resume's help lists what it lets change
     switch_off = setting.flag and "/" not in setting.flag and field_types()[key] is bool
     if switch_off or (get_value(DEFAULTS, key) is None and setting.shown is None):

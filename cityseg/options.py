@@ -1,5 +1,6 @@
-"""One validation layer for every number a user types: each option's allowed range lives here, and
-every command checks its options against it before doing anything else.
+"""One validation layer for every number a user types: the run settings' ranges and choices as
+declared with them (cityseg/config.py), the commands' own options' ranges here, and every command
+checks its options against them before doing anything else; config files and checkpoints too.
 
     check_options({"rotate": 200.0, "log_every": 0})   # OptionError: --rotate 200: expected ...
 

@@ -1,5 +1,6 @@
-"""Run configuration: frozen dataclasses filled by the CLI, printed at start, saved in the run folder
-and inside every checkpoint."""
+"""Run configuration: frozen dataclasses, saved in the run folder and inside every checkpoint. Each
+field is a setting declared once, here: its default and type, and with `setting(...)` its help, flag,
+range or choices and whether --resume may change it (cityseg/settings.py); `SETTINGS` holds them by key."""
 
 from __future__ import annotations
 

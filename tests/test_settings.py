@@ -159,3 +159,11 @@ def test_checkpoints_are_read_once_per_run(short_run: tuple[Path, Path], tmp_pat
     cfg = Config(data=cfg.data, model=ModelConfig(width=4, depth=2, upsample="bilinear"), train=cfg.train)
     train(cfg)  # a complete Config through the API: the same single read
     assert reads == ["last.pt"]
+
+
+def test_typed_options_are_checked_before_torchrun_starts_ranks() -> None:
+    """`--nproc 2 --lr 0`: one line from the command itself, not one per rank after a launch."""
+    done = run_cli(["train", "--nproc", "2", "--lr", "0", "--device", "cpu"], timeout=120)
+    assert done.returncode == 2 and "launching: torchrun" not in done.output, done.output
+    assert [ln for ln in done.stderr.splitlines() if ln.startswith("error:")] == \
+        ["error: --lr 0.0: expected a number from 0 to 10 (above 0)"], done.stderr

@@ -120,8 +120,9 @@ def command_parameters() -> list[inspect.Parameter]:
 
 
 def config_values(given: dict[str, Any]) -> dict[str, Any]:
-    """The typed settings as {config key: value}: enums to strings, text parsed (`20m` -> 1200.0),
-    paths made absolute (eval and --resume from elsewhere find the same place)."""
+    """The typed settings as {config key: value}: enums to strings, text parsed (`20m` -> 1200.0) and
+    checked against its option's rule (one line naming the flag as typed), paths made absolute (eval
+    and --resume from elsewhere find the same place)."""
     values: dict[str, Any] = {}
     for name, value in given.items():
         if name in COMMAND_ONLY and name != "amp":
@@ -135,6 +136,7 @@ def config_values(given: dict[str, Any]) -> dict[str, Any]:
             value = value.value
         if setting.parse is not None and isinstance(value, str):
             value = setting.parse(value)
+        check_options({name: value})
         if setting.path:
             value = str(Path(value).absolute())
         for k in (key, *also):
@@ -160,21 +162,16 @@ def parse_set_values(items: list[str]) -> dict[str, Any]:
     return values
 
 
-def resolve_given(given: dict[str, Any]) -> Any:
-    """The typed options -> `cityseg.resolve.resolve_run` (the one place a run's config is made)."""
+def resolve_given(values: dict[str, Any], given: dict[str, Any]) -> Any:
+    """The typed settings (`config_values`) and the command's own options -> `cityseg.resolve.resolve_run`
+    (the one place a run's config is made)."""
     from cityseg.resolve import resolve_run
 
-    values = config_values(given)
-    check_options({OPTION_KEYS_BY_KEY.get(k, k): v for k, v in values.items() if k in OPTION_KEYS_BY_KEY})
     run = resolve_run(values, config_file=given.get("config"), smoke=bool(given.get("smoke")),
                       set_values=parse_set_values(given.get("set_values") or []))
     for note in run.notes:
         err_console.print(note, soft_wrap=True)
     return run
-
-
-# config key -> the option whose rule checks it, for a typed value (the first key a flag sets)
-OPTION_KEYS_BY_KEY = {keys[0]: name for name, keys in OPTION_KEYS.items()}
 
 
 # Keys a config file does not carry: the run folder and --resume are command-line choices.
@@ -214,11 +211,12 @@ def train(ctx: typer.Context, **options: Any) -> None:  # the options: setting_p
     """Train a U-Net and write a run folder (config, metrics, checkpoints, curves, samples)."""
     given = given_options(ctx)
     given.pop("print_config_only", None)
-    check_options({k: v for k, v in given.items() if k in ("nproc",)})
+    check_options({"nproc": options["nproc"]})
+    values = config_values(given)  # every typed value parsed and in range before torchrun starts ranks
     if options["nproc"] > 1:
         launch_torchrun(options["nproc"])
     console.quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 speaks for all
-    run = resolve_given(given)
+    run = resolve_given(values, given)
     if options["print_config_only"]:
         sys.stdout.write(config_text(run.config))  # not through Rich: exactly the file's text, never wrapped
         return
@@ -309,7 +307,8 @@ def profile(
     given = given_options(train_ctx)
     if "resume" in given or "out" in given:
         fail("profile: --resume and --out are not train options here (the run goes to OUT/run)")
-    run = resolve_given({**given, "out": out / "run"})
+    train_given = {**given, "out": out / "run"}
+    run = resolve_given(config_values(train_given), train_given)
     from cityseg.profiling import profile_training
 
     profile_training(run, steps, out, console, run_training, overwrite=overwrite)

@@ -5,6 +5,7 @@ range or choices and whether --resume may change it (cityseg/settings.py); `SETT
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -220,8 +221,9 @@ class ConfigError(OptionError):
     """An unknown config key or a value of the wrong type; the message names the key."""
 
 
+@functools.cache  # the same classes every call; the CLI asks once per flag at start-up
 def field_types(kind: type = Config, prefix: str = "") -> dict[str, Any]:
-    """Every leaf of the config by dotted key, e.g. {"data.augment.hflip": float, ...}."""
+    """Every leaf of the config by dotted key, e.g. {"data.augment.hflip": float, ...} (do not change it)."""
     out: dict[str, Any] = {}
     for name, hint in typing.get_type_hints(kind).items():
         if dataclasses.is_dataclass(hint):

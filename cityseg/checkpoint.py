@@ -224,16 +224,20 @@ def hook_state(state: dict[str, Any], hook: str) -> dict[str, Any]:
     return hooks.get(hook, {}) if isinstance(hooks, dict) else state
 
 
-def check_init_architecture(state: dict, path: Path, cfg: ModelConfig) -> ModelConfig:
-    """The `--init-from` checkpoint's model config (its content `state`, read from `path`), refused
-    before anything is built unless its architecture is this run's; the class count may differ."""
-    saved = read_config(state, path).model
-    diffs = config_mismatch({k: v for k, v in asdict(saved).items() if k != "num_classes"},
-                            {k: v for k, v in asdict(cfg).items() if k != "num_classes"})
+def architecture_diffs(saved: dict[str, Any], wanted: ModelConfig) -> list[str]:
+    """How a checkpoint's model settings (`saved`, as stored) differ from `wanted`, the class count
+    aside (the palette sets it)."""
+    wanted_values = {k: v for k, v in asdict(wanted).items() if k != "num_classes"}
+    return config_mismatch({k: saved.get(k) for k in wanted_values}, wanted_values)
+
+
+def check_init_architecture(saved: ModelConfig, path: Path, cfg: ModelConfig) -> None:
+    """Refuse the `--init-from` checkpoint at `path` (its model config `saved`) before anything is
+    built unless its architecture is this run's; the class count may differ."""
+    diffs = architecture_diffs(asdict(saved), cfg)
     if diffs:
         raise CheckpointError(f"{path}: --init-from needs the same architecture: {'; '.join(diffs)} "
                               "(leave --width/--depth/--upsample/--norm unset to take the checkpoint's)")
-    return saved
 
 
 def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

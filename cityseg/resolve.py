@@ -63,8 +63,8 @@ def resolve_run(values: dict[str, Any] | None = None, *, config_file: Path | Non
     init, notes = None, []
     init_from = values.get("train.init_from")
     if init_from is not None:  # the checkpoint's architecture and size, unless flags change them
-        init_state, architecture = checkpoint_architecture(Path(init_from))
-        layers.append(("--init-from", architecture))
+        init_state, saved = read_init_checkpoint(Path(init_from))
+        layers.append(("--init-from", architecture_values(saved)))
     if config_file is not None:
         layers.append((str(config_file), read_config_file(Path(config_file))))
     layers.append(("command line", values))
@@ -80,21 +80,24 @@ def resolve_run(values: dict[str, Any] | None = None, *, config_file: Path | Non
     if init_from is not None:
         from cityseg.checkpoint import check_init_architecture
 
-        init = (init_state, check_init_architecture(init_state, Path(init_from), cfg.model))
+        check_init_architecture(saved.model, Path(init_from), cfg.model)
+        init = (init_state, saved.model)
     return ResolvedRun(cfg, init=init, notes=tuple(notes))
 
 
-def checkpoint_architecture(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The `--init-from` checkpoint's content and its architecture and image size as config values:
-    a model trained at 64 px is fine-tuned at 64 px unless --image-size says otherwise, not silently
-    at a preset's size."""
+def read_init_checkpoint(path: Path) -> tuple[dict[str, Any], Config]:
+    """The `--init-from` checkpoint's content and its (checked) config."""
     from cityseg.checkpoint import load_checkpoint, read_config
 
     state = load_checkpoint(path)
-    saved = read_config(state, path)
-    values = {**{f"model.{k}": v for k, v in asdict(saved.model).items() if k != "num_classes"},
-              "data.image_size": saved.data.image_size}
-    return state, values
+    return state, read_config(state, path)
+
+
+def architecture_values(saved: Config) -> dict[str, Any]:
+    """A checkpoint's architecture and image size as config values: a model trained at 64 px is
+    fine-tuned at 64 px unless --image-size says otherwise, not silently at a preset's size."""
+    return {**{f"model.{k}": v for k, v in asdict(saved.model).items() if k != "num_classes"},
+            "data.image_size": saved.data.image_size}
 
 
 def resumed_run(run: Path, values: dict[str, Any], config_file: Path | None,
@@ -130,22 +133,21 @@ def resolved_from_config(cfg: Config) -> ResolvedRun:
     cfg = one_spelling(cfg)
     check_config(cfg)
     if cfg.train.resume is not None:
-        from cityseg.checkpoint import CheckpointError, config_mismatch, read_training_checkpoint
+        from cityseg.checkpoint import CheckpointError, architecture_diffs, read_training_checkpoint
 
         last = Path(cfg.train.resume) / "checkpoints" / "last.pt"
         state = read_training_checkpoint(last)
-        saved = state["config"]["model"]
-        wanted = {k: v for k, v in asdict(cfg.model).items() if k != "num_classes"}  # set by the palette
-        diffs = config_mismatch({k: saved.get(k) for k in wanted}, wanted)
+        diffs = architecture_diffs(state["config"]["model"], cfg.model)
         if diffs:
             raise CheckpointError(f"{last}: model config differs from this run's: {'; '.join(diffs)}")
         return ResolvedRun(cfg, state=state)
     if cfg.train.init_from is not None:
-        from cityseg.checkpoint import check_init_architecture, load_checkpoint
+        from cityseg.checkpoint import check_init_architecture
 
         path = Path(cfg.train.init_from)
-        state = load_checkpoint(path)
-        return ResolvedRun(cfg, init=(state, check_init_architecture(state, path, cfg.model)))
+        state, saved = read_init_checkpoint(path)
+        check_init_architecture(saved.model, path, cfg.model)
+        return ResolvedRun(cfg, init=(state, saved.model))
     return ResolvedRun(cfg)
 
 

@@ -16,7 +16,13 @@ import pytest
 import torch
 
 import cityseg.checkpoint as checkpoint
-from cityseg.checkpoint import CheckpointWriter, check_init_architecture, load_checkpoint, load_from_checkpoint
+from cityseg.checkpoint import (
+    CheckpointWriter,
+    check_init_architecture,
+    load_checkpoint,
+    load_from_checkpoint,
+    read_config,
+)
 from cityseg.config import NO_AUGMENT, Config, DataConfig, ModelConfig, TrainConfig
 from cityseg.errors import InterruptedNow, OptionError
 from cityseg.runtime import use_compile_cache
@@ -184,7 +190,7 @@ def test_best_pt_holds_weights_not_optimiser_state(data: Path, tmp_path: Path) -
     model, cfg, palette, _ = load_from_checkpoint(run / "checkpoints" / "best.pt")  # eval, predict, export
     assert cfg.model.width == 4 and palette.num_classes == 19
     best = run / "checkpoints" / "best.pt"
-    check_init_architecture(load_checkpoint(best), best, cfg.model)  # --init-from
+    check_init_architecture(read_config(load_checkpoint(best), best).model, best, cfg.model)  # --init-from
 
 
 def test_timing_fields_add_up(data: Path, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from cityseg.outputs import check_new_run_folder, new_output_files
+from cityseg.outputs import atomic_write, check_new_run_folder, new_output_files
 from cityseg.report import plot_gpu_timeline
 from cityseg.resolve import ResolvedRun
 from cityseg.settings import MAX_EPOCHS
@@ -48,7 +48,7 @@ def profile_training(resolved: ResolvedRun, steps: int, out: Path, console: Cons
     prof.export_chrome_trace(str(out / "trace.json"))
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=15)
-    (out / "top_ops.txt").write_text(table + "\n")
+    atomic_write(out / "top_ops.txt", table + "\n", "table of the top operators")
     timeline = out / "run" / "gpu_timeline.png"
     if timeline.exists():
         shutil.copy(timeline, out / "gpu_timeline.png")

@@ -69,8 +69,16 @@ NO_AUGMENT = AugmentConfig(hflip=0.0)
 @dataclass(frozen=True)
 class DataConfig:
     data_dir: str | None = setting(
-        None, "Folder with train/ and val/ Kaggle pairs (512x256 JPEG: photo | colour mask), or the unpacked "
-        "archive above it.", flag="--data", panel=DATA, path=True, shown="a cached synthetic city set")
+        None, "Dataset folder: Kaggle pairs (train/, val/), image/mask folders (images/, masks/) or the official "
+        "Cityscapes layout (leftImg8bit/, gtFine/); see --format.", flag="--data", panel=DATA, path=True,
+        shown="a cached synthetic city set")
+    format: str = setting(
+        "auto", "Dataset layout: auto (detected, and said), pairs, folders or cityscapes (README: Your data).",
+        flag="--format", panel=DATA, choices=("auto", "pairs", "folders", "cityscapes"))
+    id_map: str = setting(
+        "auto", "Class-id masks -> classes: train (values are class ids, others void), cityscapes (labelIds -> "
+        "19 trainIds); auto: cityscapes for the official layout, else train.", flag="--id-map", panel=DATA,
+        choices=("auto", "train", "cityscapes"))
     image_size: int = setting(
         256, "Square train/val size in pixels, a multiple of 2**depth (the checkpoint's with --init-from).",
         flag="--image-size", panel=DATA, rule=count(16, 8192))

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+from cityseg.config import SETTINGS
+
 
 def choice_enum(name: str, values: tuple[str, ...]) -> type[Enum]:
     """An enum whose members are `values` (names equal to values), for typer to list and check."""
@@ -26,3 +28,8 @@ class Tta(str, Enum):
 class Format(str, Enum):
     onnx = "onnx"
     torchscript = "torchscript"
+
+
+# The dataset layouts and id maps of `check-data`, `eval` and `predict --pairs`: the run settings' own choices.
+DataFormat = choice_enum("DataFormat", SETTINGS["data.format"].choices)
+IdMap = choice_enum("IdMap", SETTINGS["data.id_map"].choices)

@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
+from cityseg.cli.choices import DataFormat
 from cityseg.cli.common import app, console, err_console, fail
 from cityseg.errors import UserError
 from cityseg.options import SYNTH_WORKERS, check_options
@@ -20,28 +21,29 @@ from cityseg.options import SYNTH_WORKERS, check_options
 
 @app.command("check-data")
 def check_data(
-    data: Annotated[Path, typer.Argument(help="Dataset folder holding train/ and val/ (or the unpacked Kaggle "
-                                         "archive above it).")],
+    data: Annotated[Path, typer.Argument(help="Dataset folder: Kaggle pairs (train/, val/; or the unpacked "
+                                         "archive above it), images/ + masks/, or leftImg8bit/ + gtFine/.")],
     threads: Annotated[int, typer.Option("--threads", "--workers", help=(
         "Threads decoding files (--workers: its older name, until the next release)."))] = 4,
     sample: Annotated[int, typer.Option(help="Files per split whose mask colours are measured.")] = 50,
     far_dist: Annotated[float, typer.Option("--far-dist", "--max-color-dist", help=(
         "Report the share of mask pixels farther than this (RGB) from every palette colour (--max-color-dist: "
         "its older name, until the next release; train's --max-color-dist ignores such pixels)."))] = 30.0,
+    data_format: Annotated[DataFormat, typer.Option("--format", help=(
+        "Dataset layout: auto (detected, and said), pairs, folders or cityscapes (README: Your data)."))
+    ] = DataFormat("auto"),
 ) -> None:
-    """Validate every pair file of train/ and val/, print a summary, exit 1 listing every bad file."""
+    """Validate every sample of train/ and val/ (any layout), print a summary, exit 1 listing every bad file."""
     check_options({"sample": sample, "far_dist": far_dist})
     check_options({"threads": threads})
     from cityseg.data.check import check_dataset
-    from cityseg.data.pairs import find_dataset_root
 
     try:
-        root, note = find_dataset_root(data)
-        if note:
-            console.print(note, soft_wrap=True)
-        report = check_dataset(root, workers=threads, sample=sample, max_dist=far_dist)
+        report = check_dataset(data, workers=threads, sample=sample, max_dist=far_dist, fmt=data_format.value)
     except UserError as e:  # the folder itself is unusable: exit 1, as for bad files
         fail(str(e), code=1)
+    if report.note:
+        console.print(report.note, soft_wrap=True)
     console.print(report.table())
     for warning in report.warnings:
         err_console.print(warning, style="yellow", soft_wrap=True)
@@ -50,7 +52,8 @@ def check_data(
             err_console.print(str(error), soft_wrap=True)
         err_console.print(f"{len(report.bad)} bad file(s)")
         raise typer.Exit(1)
-    console.print(Text.assemble(("ok", "bold green"), ": every file is a valid pair"))
+    what = "pair" if report.format == "pairs" else "photo with its label"
+    console.print(Text.assemble(("ok", "bold green"), f": every file is a valid {what}"))
 
 
 @app.command()

@@ -14,11 +14,16 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from cityseg.cli.choices import Format, Split, Tta
+from cityseg.cli.choices import DataFormat, Format, IdMap, Split, Tta
 from cityseg.cli.common import app, console
 from cityseg.options import check_options
 
 CkptOpt = Annotated[Path, typer.Option(help="Checkpoint (best.pt or last.pt of a run).")]
+FormatOpt = Annotated[DataFormat, typer.Option("--format", help=(
+    "Dataset layout: auto (detected, and said), pairs, folders or cityscapes (README: Your data)."))]
+IdMapOpt = Annotated[IdMap, typer.Option("--id-map", help=(
+    "Class-id masks -> classes: train, cityscapes (labelIds -> trainIds); auto: cityscapes for the official "
+    "layout, else train."))]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace output files that already exist "
                                             "(never an input: the checkpoint, a dataset split).")]
 
@@ -39,26 +44,29 @@ def evaluate_cmd(
                                          "(default; logits upsampled to it) or resized to the model's input "
                                          "size.")] = True,
     overwrite: OverwriteOpt = False,
+    data_format: FormatOpt = DataFormat("auto"),
 ) -> None:
     """Score a checkpoint on a split: pixel accuracy, mIoU and the per-class IoU table."""
     check_options({"batch_size": batch_size, "workers": workers})
     from cityseg.inference.evaluate import evaluate_checkpoint
 
+    fmt = data_format.value
     result = evaluate_checkpoint(ckpt, data, split=split.value, batch_size=batch_size, device=device,
                                  workers=workers, json_out=json_out, console=console, tta=tta.value, native=native,
-                                 overwrite=overwrite)
+                                 overwrite=overwrite, data_format=None if fmt == "auto" else fmt)
     console.print(f"pixel acc {result['pixel_acc']:.4f}  mIoU {result['miou']:.4f}")
 
 
 @app.command("predict")
 def predict_cmd(
     inputs: Annotated[list[Path], typer.Argument(help="Photos (JPEG/PNG, any size) or folders of them; "
-                                                 "with --pairs, Kaggle pair files or folders of them.")],
+                                                 "with --pairs, Kaggle pair files or folders of them, or a "
+                                                 "dataset folder of any layout (its val split).")],
     ckpt: CkptOpt,
     out: Annotated[Path, typer.Option(help="Output folder: NAME_ids.png, NAME_color.png, NAME_overlay.png "
                                       "per image (+ metrics.json, confusion.png with --pairs).")],
-    pairs: Annotated[bool, typer.Option(help="Inputs are Kaggle pairs: predict the left half, score against "
-                                        "the right half.")] = False,
+    pairs: Annotated[bool, typer.Option(help="Inputs are labelled: Kaggle pairs (predict the left half, score "
+                                        "against the right half) or dataset folders (--format).")] = False,
     tta: Annotated[Tta, typer.Option(help="Test-time augmentation: flip averages the mirrored prediction "
                                      "(2x the compute).")] = Tta.none,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
@@ -68,6 +76,8 @@ def predict_cmd(
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable or invalid inputs (listed and counted at the "
                                            "end) instead of stopping at the first.")] = False,
     overwrite: OverwriteOpt = False,
+    data_format: FormatOpt = DataFormat("auto"),
+    id_map: IdMapOpt = IdMap("auto"),
 ) -> None:
     """Segment photos with a checkpoint: class-id, colour and overlay PNGs per image."""
     check_options({"batch_size": batch_size})
@@ -76,7 +86,7 @@ def predict_cmd(
 
     predictor = Predictor(ckpt, device=device, tta=tta.value, batch_size=batch_size)
     result = run_predict(predictor, inputs, out, pairs=pairs, workers=threads, skip_bad=skip_bad, console=console,
-                         overwrite=overwrite)
+                         overwrite=overwrite, data_format=data_format.value, id_map=id_map.value)
     skipped = f", skipped {len(result['skipped'])}" if result["skipped"] else ""
     console.print(Text.assemble(("done", "bold green"), f": {result['images']} images{skipped} -> {result['out']}"))
     if "metrics" in result:

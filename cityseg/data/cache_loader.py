@@ -42,7 +42,8 @@ import torch.nn.functional as nnf
 from torch.utils.data import DataLoader
 
 from cityseg.config import AugmentConfig
-from cityseg.data.contract import LoaderSpec, PairLoader, dali_available, normalize
+from cityseg.data.contract import LoaderSpec, PairLoader, dali_available, normalize, size_hw
+from cityseg.data.formats import Source, as_source, labels_to_ids
 from cityseg.data.sampler import EpochSampler
 from cityseg.data.torch_loader import (
     PairDataset,
@@ -51,7 +52,7 @@ from cityseg.data.torch_loader import (
     one_pass,
 )
 from cityseg.errors import UserError
-from cityseg.palette import IGNORE_INDEX, Palette, lookup_table, map_colors
+from cityseg.palette import IGNORE_INDEX, Palette, lookup_table
 from cityseg.runtime import free_memory
 
 MAX_SHARE = 0.8  # of free memory: leaves room for the model, activations and allocator slack
@@ -68,12 +69,13 @@ class CacheError(UserError):
     """The cache does not fit in free memory; the message says what to do instead."""
 
 
-def cache_bytes(n: int, size: int, target_size: int | None = None) -> int:
-    """Device bytes to cache `n` pairs: uint8 RGB photos at `size` + uint8 class ids at `target_size`."""
-    return n * (3 * size * size + (target_size or size) ** 2)
+def cache_bytes(n: int, size: int, target_size: int | tuple[int, int] | None = None) -> int:
+    """Device bytes to cache `n` samples: uint8 RGB photos at `size` + uint8 class ids at `target_size`."""
+    h, w = size_hw(target_size or size)
+    return n * (3 * size * size + h * w)
 
 
-def check_fits(n: int, size: int, device: torch.device, target_size: int | None = None) -> None:
+def check_fits(n: int, size: int, device: torch.device, target_size: int | tuple[int, int] | None = None) -> None:
     """Raise `CacheError` when the cache would take more than MAX_SHARE of free memory."""
     need, free = cache_bytes(n, size, target_size), free_memory(device)
     if need > MAX_SHARE * free:
@@ -88,17 +90,17 @@ def check_fits(n: int, size: int, device: torch.device, target_size: int | None 
 
 
 def decode_plain(
-    files: Sequence[Path], indices: Sequence[int], palette: Palette, spec: LoaderSpec
+    files: Source, indices: Sequence[int], palette: Palette, spec: LoaderSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The plain loader's decode (`PairDataset.load`) in DataLoader workers, copied to the device:
-    photos (n, S, S, 3) uint8 and targets (n, T, T) uint8, in the order of `indices`."""
-    if palette.classes.max() <= 255:
+    photos (n, S, S, 3) uint8 and targets (n, Th, Tw) uint8, in the order of `indices`."""
+    if not files.ids and palette.classes.max() <= 255:
         lookup_table(palette)  # build/load once here so workers find it cached
-    device, size, target = spec.device, spec.image_size, spec.label_size
+    device, size = spec.device, spec.image_size
     photos = torch.empty((len(indices), size, size, 3), dtype=torch.uint8, device=device)
-    targets = torch.empty((len(indices), target, target), dtype=torch.uint8, device=device)
+    targets = torch.empty((len(indices), *spec.label_hw), dtype=torch.uint8, device=device)
     loader = DataLoader(
-        PairDataset(files, palette, size, augment=None, target_size=target),
+        PairDataset(files, palette, size, augment=None, target_size=spec.label_size),
         batch_size=_DECODE_BATCH,
         sampler=[(i, None) for i in indices],
         num_workers=spec.workers,
@@ -117,30 +119,30 @@ def decode_plain(
 
 
 def decode_dali(
-    files: Sequence[Path], indices: Sequence[int], palette: Palette, spec: LoaderSpec
+    files: Source, indices: Sequence[int], palette: Palette, spec: LoaderSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like `decode_plain`, with the DALI loader's reader, decode and resize: nvJPEG on a CUDA
-    device (masks mapped by the Triton kernel), DALI's CPU operators otherwise."""
+    """Like `decode_plain`, with the DALI loader's readers, decode and resize: nvJPEG on a CUDA
+    device (labels mapped there: the Triton kernel or the id table), DALI's CPU operators otherwise."""
     from nvidia.dali import pipeline_def
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
     from cityseg.data import dali_loader as dl
 
-    device, size, target, workers = spec.device, spec.image_size, spec.label_size, spec.workers
+    device, size, workers = spec.device, spec.image_size, spec.workers
     gpu = device.type == "cuda"
-    heights = dl.source_heights([files[i] for i in indices])
-    max_height = max(heights)
+    photo_sizes, label_sizes = dl.source_sizes(files.with_samples([files[i] for i in indices]))
+    max_hw = (max(h for h, _ in photo_sizes), max(w for _, w in photo_sizes))
 
     @pipeline_def
     def pipeline():
-        jpegs, index = dl.read_pairs(
-            [str(f) for f in files], list(indices), shuffle=False, seed=0, shard_id=0, num_shards=1
-        )
-        photo, mask = dl.decode_halves(jpegs, gpu=gpu, hw_decoder_load=spec.hw_decoder_load, max_height=max_height)
-        if heights != {size}:
+        encoded, labels, index, _ = dl.read_source(files, list(indices), shuffle=False, seed=0, shard_id=0,
+                                                   num_shards=1)
+        photo, mask = dl.decode_source(encoded, labels, ids=files.ids, gpu=gpu, hw_decoder_load=spec.hw_decoder_load,
+                                       max_hw=max_hw)
+        if photo_sizes != {(size, size)}:
             photo = dl.resize_photo(photo, size)
-        if heights != {target}:
-            mask = dl.resize_mask(mask, target, max_height)
+        if label_sizes != {spec.label_hw}:
+            mask = dl.resize_mask(mask, spec.label_size, max(max_hw))
         return photo, mask, index
 
     device_id = (device.index if device.index is not None else torch.cuda.current_device()) if gpu else None
@@ -154,11 +156,11 @@ def decode_dali(
         slot_of = torch.full((len(files),), -1, dtype=torch.int64)
         slot_of[torch.as_tensor(list(indices))] = torch.arange(len(indices))
         photos = torch.empty((len(indices), size, size, 3), dtype=torch.uint8, device=device)
-        targets = torch.empty((len(indices), target, target), dtype=torch.uint8, device=device)
+        targets = torch.empty((len(indices), *spec.label_hw), dtype=torch.uint8, device=device)
         for (out,) in iterator:
             slots = slot_of[out["index"].reshape(-1).long().cpu()].to(device)
             photos.index_copy_(0, slots, out["photo"])
-            ids = map_colors(out["mask"], palette, torch.uint8)
+            ids = labels_to_ids(out["mask"], files, palette, torch.uint8)
             targets.index_copy_(0, slots, ids)
     finally:
         pipe._shutdown()  # its decode threads end here, not at interpreter exit
@@ -293,13 +295,15 @@ class CacheLoader(PairLoader):
 
     exact_resume = True  # order from EpochSampler, draws from one generator per (seed, epoch, shard)
 
-    def __init__(self, files: Sequence[Path], palette: Palette, spec: LoaderSpec, decoder: str = "auto") -> None:
+    def __init__(self, files: Source | Sequence[Path], palette: Palette, spec: LoaderSpec,
+                 decoder: str = "auto") -> None:
         if not files:
             raise ValueError("CacheLoader needs at least one file")
         if decoder not in ("auto", "plain", "dali"):
             raise ValueError(f"unknown decoder {decoder!r}: expected auto, plain or dali")
         self.spec = spec
-        self.files = [Path(f) for f in files]
+        self.source = as_source(files)
+        self.files = [s.photo for s in self.source]
         self.device, self.dtype = spec.device, spec.dtype
         self.batch_size, self.augment = spec.batch_size, spec.augment
         self.seed, self.shard_id = spec.seed, spec.shard_id
@@ -313,7 +317,7 @@ class CacheLoader(PairLoader):
         if decoder == "auto":
             decoder = "dali" if self.device.type == "cuda" and dali_available() else "plain"
         decode = decode_dali if decoder == "dali" else decode_plain
-        self.photos, self.targets = decode(self.files, self.indices, palette, spec)
+        self.photos, self.targets = decode(self.source, self.indices, palette, spec)
         self._slot_of = torch.full((len(self.files),), -1, dtype=torch.int64)
         self._slot_of[torch.as_tensor(self.indices)] = torch.arange(len(self.indices))
 

@@ -1,4 +1,4 @@
-"""`cityseg-fast check-data DIR`: validate every pair of a dataset and summarise it."""
+"""`cityseg-fast check-data DIR`: validate every sample of a dataset (any layout) and summarise it."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
+from cityseg.data.formats import Sample, Source, find_dataset, labels_to_ids, read_sample, validate_samples
 from cityseg.data.loaders import palette_mismatch_check
-from cityseg.data.pairs import SPLITS, PairError, PairInfo, list_split, overlap_warning, read_pair, validate_files
-from cityseg.palette import cityscapes_palette, far_share, map_colors_lut
+from cityseg.data.pairs import SPLITS, PairError, overlap_warning
+from cityseg.palette import cityscapes_palette, far_share
 
 
 @dataclass
@@ -30,9 +31,11 @@ class DatasetReport:
     splits: list[SplitReport]
     bad: list[PairError]
     warnings: list[str] = field(default_factory=list)
+    format: str = "pairs"
+    note: str | None = None  # which layout was detected, or which folder below was used
 
     def table(self) -> Table:
-        t = Table(title=f"{self.root}")
+        t = Table(title=f"{self.root} ({self.format})")
         for col in ("split", "files", "sizes (WxH)", f"mask px within {self.max_dist:g} of a colour",
                     "most common classes"):
             t.add_column(col)
@@ -45,39 +48,45 @@ class DatasetReport:
         return t
 
 
-def mask_stats(infos: list[PairInfo], sample: int, max_dist: float) -> tuple[float | None, list]:
-    """Share of mask pixels near a palette colour and the top classes, over evenly spaced files."""
-    if not infos or sample <= 0:
+def mask_stats(source: Source, good: list[Sample], sample: int, max_dist: float) -> tuple[float | None, list]:
+    """Share of mask pixels near a palette colour (colour masks only) and the top classes, over evenly
+    spaced samples."""
+    if not good or sample <= 0:
         return None, []
-    picked = infos[:: max(1, len(infos) // sample)][:sample]
+    picked = good[:: max(1, len(good) // sample)][:sample]
     palette = cityscapes_palette()
     counts = torch.zeros(256, dtype=torch.int64)
     far = 0.0
-    for info in picked:
-        mask = torch.from_numpy(read_pair(info.path)[1].copy())
-        counts += torch.bincount(map_colors_lut(mask, palette).flatten(), minlength=256)
-        far += far_share(mask, palette, max_dist)
+    for item in picked:
+        label = torch.from_numpy(read_sample(item, source)[1])
+        counts += torch.bincount(labels_to_ids(label, source, palette).flatten(), minlength=256)
+        if not source.ids:
+            far += far_share(label, palette, max_dist)
     shares = counts[: palette.num_classes].double() / counts.sum()
     top = [(palette.names[c], shares[c].item()) for c in shares.argsort(descending=True)[:3].tolist() if shares[c] > 0]
-    return 1.0 - far / len(picked), top
+    return (None if source.ids else 1.0 - far / len(picked)), top
 
 
-def check_dataset(root: str | Path, workers: int = 4, sample: int = 50, max_dist: float = 30.0) -> DatasetReport:
-    """Validate train/ and val/. Raises PairError only when the folder itself is unusable."""
-    root = Path(root)
-    if not root.is_dir():
-        raise PairError(root, "dataset folder not found")
+def check_dataset(root: str | Path, workers: int = 4, sample: int = 50, max_dist: float = 30.0,
+                  fmt: str = "auto") -> DatasetReport:
+    """Validate train/ and val/ of a dataset in any layout (`fmt`, detected by default). Raises
+    PairError only when the folder itself is unusable."""
+    dataset = find_dataset(root, fmt)
+    palette = cityscapes_palette()
     splits, bad, listed = [], [], {}
     for name in SPLITS:
         try:
-            files = listed[name] = list_split(root, name)
+            source = dataset.source(name, palette)
         except PairError as e:
             bad.append(e)
             continue
-        good, errors = validate_files(files, workers=workers, mask_check=palette_mismatch_check(cityscapes_palette()))
+        listed[name] = source.samples
+        check = None if source.ids else palette_mismatch_check(palette)
+        good, errors = validate_samples(source, workers=workers, mask_check=check)
         bad += errors
-        report = SplitReport(name, files=len(files), sizes=Counter((i.width, i.height) for i in good))
-        report.near_share, report.top_classes = mask_stats(good, sample, max_dist)
+        report = SplitReport(name, files=len(source), sizes=Counter((i.width, i.height) for _, i in good))
+        report.near_share, report.top_classes = mask_stats(source, [s for s, _ in good], sample, max_dist)
         splits.append(report)
     warning = overlap_warning(listed["train"], listed["val"]) if len(listed) == 2 else None
-    return DatasetReport(root, max_dist, splits, bad, [warning] if warning else [])
+    return DatasetReport(dataset.root, max_dist, splits, bad, [warning] if warning else [], dataset.format,
+                         dataset.note)

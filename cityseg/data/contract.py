@@ -7,8 +7,10 @@
         for image, target in loader: ...
 
 The contract (`PairLoader`): batches `(image, target)` on `spec.device`; image `spec.dtype`
-(B, 3, S, S), normalised with the ImageNet mean/std, channels-last strides; target int64 (B, T, T)
-class ids, 255 = ignore (T = `spec.label_size`: S, or the labels' native size for validation).
+(B, 3, S, S), normalised with the ImageNet mean/std, channels-last strides; target int64 (B, Th, Tw)
+class ids, 255 = ignore ((Th, Tw) = `spec.label_hw`: (S, S), or the labels' native size for validation).
+`files` are Kaggle pair files or a `Source` of any format (cityseg/data/formats.py): every loader
+reads each format with its own reader and feeds the same processing.
 Train loaders (`drop_last`) shuffle per epoch and give every shard the same number of batches;
 validation loaders give every sample exactly once over the shards. With augmentation off every
 loader yields the plain loader's batches for the same files.
@@ -40,6 +42,7 @@ from typing import ClassVar
 import torch
 
 from cityseg.config import AugmentConfig, DataConfig
+from cityseg.data.formats import Source
 from cityseg.errors import OptionError
 from cityseg.palette import Palette
 
@@ -76,16 +79,27 @@ class LoaderSpec:
     num_shards: int = 1  # DDP world size
     hw_decoder_load: float = DEFAULTS.hw_decoder_load  # share of JPEG decoding on the hardware decoder (DALI, GPU)
     # Size of the targets when it differs from the images' (validation scored at the labels' native
-    # size while the model runs smaller); None = image_size. Only without augmentation.
-    target_size: int | None = None
+    # size while the model runs smaller): S, or (H, W) for labels that are not square (the official
+    # Cityscapes 1024x2048); None = image_size. Only without augmentation.
+    target_size: int | tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.augment is not None and self.target_size not in (None, self.image_size):
             raise ValueError("target_size differs from image_size only without augmentation (validation)")
 
     @property
-    def label_size(self) -> int:
+    def label_size(self) -> int | tuple[int, int]:
         return self.target_size or self.image_size
+
+    @property
+    def label_hw(self) -> tuple[int, int]:
+        """The targets' (height, width)."""
+        return size_hw(self.label_size)
+
+
+def size_hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    """S -> (S, S); (H, W) as is."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 class PairLoader(ABC):
@@ -94,7 +108,7 @@ class PairLoader(ABC):
     exact_resume: ClassVar[bool]
 
     @abstractmethod
-    def __init__(self, files: Sequence[Path], palette: Palette, spec: LoaderSpec) -> None: ...
+    def __init__(self, files: Source | Sequence[Path], palette: Palette, spec: LoaderSpec) -> None: ...
 
     @abstractmethod
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -132,7 +146,7 @@ def loader_class(kind: str) -> type[PairLoader]:
     return getattr(importlib.import_module(module), name)
 
 
-def make_loader(kind: str, files: Sequence[Path], palette: Palette, spec: LoaderSpec) -> PairLoader:
+def make_loader(kind: str, files: Source | Sequence[Path], palette: Palette, spec: LoaderSpec) -> PairLoader:
     return loader_class(kind)(files, palette, spec)
 
 

@@ -1,6 +1,8 @@
-"""The DALI loader: `fn.readers.file` -> JPEG decode ("mixed" on a GPU, CPU otherwise) -> photo and
-mask halves -> paired augmentation -> `crop_mirror_normalize` for the photo, the Triton kernel (or
-the CPU lookup table) for the mask.
+"""The DALI loader: each format's reader (`fn.readers.file` over the pair files, or over the photo
+files and, in step, the label files) -> decode ("mixed" on a GPU, CPU otherwise; PNG always decodes
+on the CPU, DALI's GPU decoding being JPEG-only) -> photo and label -> paired augmentation ->
+`crop_mirror_normalize` for the photo; the label mapped to class ids on the device: colour masks by
+the Triton kernel (or the CPU lookup table), class-id masks by the 256-entry id table.
 
     loader = DaliPairLoader(files, palette, LoaderSpec(image_size=256, batch_size=32, augment=AugmentConfig(),
                                                        shuffle=True, drop_last=True, device=torch.device("cuda")))
@@ -41,13 +43,15 @@ from nvidia.dali.pipeline import DataNode
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from cityseg.config import AugmentConfig
-from cityseg.data.contract import IMAGENET_MEAN, IMAGENET_STD, LoaderSpec, PairLoader
-from cityseg.data.pairs import PairError, read_header, validate_files, validate_pair
+from cityseg.data.contract import IMAGENET_MEAN, IMAGENET_STD, LoaderSpec, PairLoader, size_hw
+from cityseg.data.formats import Source, as_source, labels_to_ids, sample_sizes, validate_sample, validate_samples
+from cityseg.data.pairs import PairError, read_header
 from cityseg.data.sampler import EpochSampler
-from cityseg.palette import IGNORE_INDEX, Palette, map_colors, map_colors_reference
+from cityseg.palette import IGNORE_INDEX, Palette, map_colors_reference
 
-READER = "pairs"  # the reader's name: the iterator reads the epoch size from it
-OUTPUTS = ["image", "mask", "index"]
+READER = "pairs"  # the (photo) reader's name: the iterator reads the epoch size from it
+LABEL_READER = "labels"  # the label files' reader (formats with separate label files)
+OUTPUTS = ["image", "mask", "index", "label_index"]
 T = TypeVar("T")
 
 
@@ -66,17 +70,16 @@ def shard_order(n: int, num_shards: int) -> list[int]:
     ]
 
 
-def read_pairs(
-    files: Sequence[str], order: Sequence[int], *, shuffle: bool, seed: int, shard_id: int, num_shards: int
-) -> tuple[DataNode, DataNode]:
-    """Encoded files and their index in `files` (names the file in errors and tests)."""
+def _reader(files: Sequence[str], order: Sequence[int], name: str, *, shuffle: bool, seed: int, shard_id: int,
+            num_shards: int) -> tuple[DataNode, DataNode]:
+    """`fn.readers.file` over `files` in `order`: (encoded file, its index in `files`)."""
     # Training: a full permutation per epoch, equal on every rank (same seed), like the sampler's;
     # random_shuffle would only shuffle within a buffer and within each rank's shard.
     shuffling = {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": seed % 2**31} if shuffle else {}
     return fn.readers.file(
         files=[files[i] for i in order],
         labels=list(order),
-        name=READER,
+        name=name,
         shard_id=shard_id,
         num_shards=num_shards,
         stick_to_shard=not shuffle,  # validation: rank s always reads the sampler's shard s
@@ -85,23 +88,62 @@ def read_pairs(
     )
 
 
+def read_pairs(
+    files: Sequence[str], order: Sequence[int], *, shuffle: bool, seed: int, shard_id: int, num_shards: int
+) -> tuple[DataNode, DataNode]:
+    """Encoded pair files and their index in `files` (names the file in errors and tests)."""
+    return _reader(files, order, READER, shuffle=shuffle, seed=seed, shard_id=shard_id, num_shards=num_shards)
+
+
+def read_source(
+    source: Source, order: Sequence[int], *, shuffle: bool, seed: int, shard_id: int, num_shards: int
+) -> tuple[DataNode, DataNode | None, DataNode, DataNode | None]:
+    """Each format's reader: (encoded photos or pair files, encoded labels or None, index, the label
+    reader's index or None). Photos and labels are two file readers with the same order, shards and
+    shuffle seed, so they stay in step (the loader checks the two indices agree)."""
+    reading = dict(shuffle=shuffle, seed=seed, shard_id=shard_id, num_shards=num_shards)
+    photos, index = _reader([str(s.photo) for s in source], order, READER, **reading)
+    if source.paired:
+        return photos, None, index, None
+    labels, label_index = _reader([str(s.label) for s in source], order, LABEL_READER, **reading)
+    return photos, labels, index, label_index
+
+
+def decode_photo(encoded: DataNode, *, gpu: bool, hw_decoder_load: float, max_hw: tuple[int, int]) -> DataNode:
+    """JPEG/PNG -> HWC uint8 RGB: nvJPEG ("mixed") on a GPU, CPU operators otherwise."""
+    if not gpu:
+        return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+    return fn.decoders.image(
+        encoded,
+        device="mixed",
+        output_type=types.RGB,
+        hw_decoder_load=hw_decoder_load,
+        jpeg_fancy_upsampling=True,  # libjpeg-turbo's chroma upsampling: the CPU loaders' colours
+        preallocate_height_hint=max_hw[0],
+        preallocate_width_hint=max_hw[1],
+    )
+
+
 def decode_halves(jpegs: DataNode, *, gpu: bool, hw_decoder_load: float, max_height: int) -> tuple[DataNode, DataNode]:
     """Decode (H, 2H, 3) pairs and split them into photo (left) and mask (right), HWC uint8."""
-    if gpu:
-        pairs = fn.decoders.image(
-            jpegs,
-            device="mixed",
-            output_type=types.RGB,
-            hw_decoder_load=hw_decoder_load,
-            jpeg_fancy_upsampling=True,  # libjpeg-turbo's chroma upsampling: the CPU loaders' colours
-            preallocate_height_hint=max_height,
-            preallocate_width_hint=2 * max_height,
-        )
-    else:
-        pairs = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+    pairs = decode_photo(jpegs, gpu=gpu, hw_decoder_load=hw_decoder_load, max_hw=(max_height, 2 * max_height))
     photo = fn.slice(pairs, rel_start=(0.0, 0.0), rel_shape=(1.0, 0.5), axis_names="HW")
     mask = fn.slice(pairs, rel_start=(0.0, 0.5), rel_shape=(1.0, 0.5), axis_names="HW")
     return photo, mask
+
+
+def decode_source(photos: DataNode, labels: DataNode | None, *, ids: bool, gpu: bool, hw_decoder_load: float,
+                  max_hw: tuple[int, int]) -> tuple[DataNode, DataNode]:
+    """(photo HWC uint8 RGB, label HWC uint8: colour (3 channels) or class ids (1 channel)).
+
+    PNG labels (and PNG photos) decode on the CPU even in the "mixed" decoder: DALI's GPU decoding
+    covers JPEG and JPEG 2000 only; the decoded label is then copied to the GPU with the batch."""
+    if labels is None:
+        return decode_halves(photos, gpu=gpu, hw_decoder_load=hw_decoder_load, max_height=max_hw[0])
+    photo = decode_photo(photos, gpu=gpu, hw_decoder_load=hw_decoder_load, max_hw=max_hw)
+    # GRAY on an 8-bit grayscale PNG keeps the stored values (tested bit-exact): the class ids.
+    label = fn.decoders.image(labels, device="mixed" if gpu else "cpu", output_type=types.GRAY if ids else types.RGB)
+    return photo, label
 
 
 def resize_photo(photo: DataNode, size: int) -> DataNode:
@@ -109,13 +151,14 @@ def resize_photo(photo: DataNode, size: int) -> DataNode:
     return fn.resize(photo, size=(size, size), antialias=True)
 
 
-def resize_mask(mask: DataNode, size: int, max_height: int) -> DataNode:
-    """Nearest. DALI's nearest picks the same source pixels as torchvision's NEAREST_EXACT except on
-    exact ties, which float error in its vertical pass rounds down; a shift of a quarter output
-    pixel's worth of the source, far below the 1/(2 * size) gap to any non-tie, settles them the
-    same way (tested bit-exact for many size pairs)."""
-    eps = 0.25 / (size * max_height)
-    return fn.resize(mask, size=(size, size), interp_type=types.INTERP_NN, roi_start=(eps, eps),
+def resize_mask(mask: DataNode, size: int | tuple[int, int], max_side: int) -> DataNode:
+    """Nearest, to S x S or (H, W). DALI's nearest picks the same source pixels as torchvision's
+    NEAREST_EXACT except on exact ties, which float error in its vertical pass rounds down; a shift of
+    a quarter output pixel's worth of the source, far below the 1/(2 * size) gap to any non-tie,
+    settles them the same way (tested bit-exact for many size pairs)."""
+    h, w = size_hw(size)
+    eps = 0.25 / (max(h, w) * max_side)
+    return fn.resize(mask, size=(h, w), interp_type=types.INTERP_NN, roi_start=(eps, eps),
                      roi_end=(1.0 + eps, 1.0 + eps), roi_relative=True)
 
 
@@ -149,7 +192,7 @@ def _then(op: Callable[..., DataNode], mt: DataNode | None, **kwargs) -> DataNod
 
 
 def augment_geometry(
-    photo: DataNode, mask: DataNode, aug: AugmentConfig, size: int, fill_is_void: bool
+    photo: DataNode, mask: DataNode, aug: AugmentConfig, size: int, fill_is_void: bool, channels: int = 3
 ) -> tuple[DataNode, DataNode, DataNode | int]:
     """Shared geometric draw. Returns (photo, mask, mirror): a flip-only config leaves the photo's
     flip to `crop_mirror_normalize` (free) instead of paying for a warp."""
@@ -160,9 +203,9 @@ def augment_geometry(
         return photo, fn.flip(mask, horizontal=flip), flip
     mt = random_affine(aug, size)
     if not fill_is_void:
-        # No colour is void in this palette: carry a 4th channel, 255 inside the image and 0 where
-        # the warp fills, and set those pixels to 255 after the mapping.
-        mask = fn.pad(mask, axis_names="C", shape=(4,), fill_value=255)
+        # The fill (black, or id 0) is not void here: carry one more channel, 255 inside the image and
+        # 0 where the warp fills, and set those pixels to 255 after the mapping.
+        mask = fn.pad(mask, axis_names="C", shape=(channels + 1,), fill_value=255)
     warp = dict(matrix=mt, size=(size, size), inverse_map=False, fill_value=0)
     photo = fn.warp_affine(photo, interp_type=types.INTERP_LINEAR, **warp)
     mask = fn.warp_affine(mask, interp_type=types.INTERP_NN, **warp)
@@ -183,12 +226,12 @@ def color_jitter(photo: DataNode, aug: AugmentConfig) -> DataNode:
 
 @pipeline_def
 def pair_pipeline(
-    files: Sequence[str],
+    source: Source,
     order: Sequence[int],
     *,
     size: int,
-    target_size: int,
-    max_height: int,
+    target_size: int | tuple[int, int],
+    max_hw: tuple[int, int],
     resize_photos: bool,
     resize_masks: bool,
     augment: AugmentConfig | None,
@@ -201,16 +244,19 @@ def pair_pipeline(
     hw_decoder_load: float,
     half: bool,
 ):
-    """(photo float (S, S, 3) normalised, mask uint8 (S, S, 3 or 4), file index (1,)) per sample."""
-    jpegs, index = read_pairs(files, order, shuffle=shuffle, seed=reader_seed, shard_id=shard_id, num_shards=num_shards)
-    photo, mask = decode_halves(jpegs, gpu=gpu, hw_decoder_load=hw_decoder_load, max_height=max_height)
+    """(photo float (S, S, 3) normalised, label uint8 (Th, Tw, C or C + 1), file index (1,), the label
+    reader's index (1,)) per sample; C = 3 for colour masks, 1 for class ids."""
+    encoded, labels, index, label_index = read_source(source, order, shuffle=shuffle, seed=reader_seed,
+                                                      shard_id=shard_id, num_shards=num_shards)
+    photo, mask = decode_source(encoded, labels, ids=source.ids, gpu=gpu, hw_decoder_load=hw_decoder_load,
+                                max_hw=max_hw)
     if resize_photos:
         photo = resize_photo(photo, size)
     if resize_masks:
-        mask = resize_mask(mask, target_size, max_height)
+        mask = resize_mask(mask, target_size, max(max_hw))
     mirror: DataNode | int = 0
     if augment is not None and augment.geometric:
-        photo, mask, mirror = augment_geometry(photo, mask, augment, size, fill_is_void)
+        photo, mask, mirror = augment_geometry(photo, mask, augment, size, fill_is_void, source.label_channels)
     if augment is not None and augment.color:
         photo = color_jitter(photo, augment)
     photo = fn.crop_mirror_normalize(
@@ -221,17 +267,30 @@ def pair_pipeline(
         std=[s * 255 for s in IMAGENET_STD],
         mirror=mirror,
     )
-    return photo, mask, index
+    return photo, mask, index, index if label_index is None else label_index
 
 
 # ---------------------------------------------------------------- the loader
 
 
 def source_heights(files: Sequence[Path]) -> set[int]:
-    """Pair heights from the file headers (~0.1 ms each): decide whether the graph needs a resize.
-    Also the pair validator's header checks, so a wrong shape or mode is a one-line error even with
-    validation skipped."""
+    """Pair heights from the file headers (~0.1 ms each)."""
     return {read_header(path).height for path in files}
+
+
+def source_sizes(source: Source) -> tuple[set[tuple[int, int]], set[tuple[int, int]]]:
+    """Photo and label (h, w) sizes from the file headers (~0.1 ms a file): decide whether the graph
+    needs a resize. Also the validator's header checks, so a wrong shape or mode is a one-line error
+    even with validation skipped."""
+    sizes = [sample_sizes(sample, source) for sample in source]
+    return {p for p, _ in sizes}, {label for _, label in sizes}
+
+
+def fill_is_void_for(source: Source, palette: Palette) -> bool:
+    """Whether the warp's fill maps to 255: black for colour masks, id 0 for class-id masks."""
+    if source.ids:
+        return int(source.id_table[0]) == IGNORE_INDEX
+    return fill_colour_is_void(palette)
 
 
 def fill_colour_is_void(palette: Palette) -> bool:
@@ -248,11 +307,12 @@ class DaliPairLoader(PairLoader):
 
     exact_resume = False  # DALI follows its own epoch counter and seeds (module docstring)
 
-    def __init__(self, files: Sequence[Path], palette: Palette, spec: LoaderSpec) -> None:
+    def __init__(self, files: Source | Sequence[Path], palette: Palette, spec: LoaderSpec) -> None:
         if not files:
             raise ValueError("DaliPairLoader needs at least one file")
         self.spec = spec
-        self.files = [Path(f) for f in files]
+        self.source = as_source(files)
+        self.files = [s.photo for s in self.source]
         self.palette = palette
         self.device, self.dtype = spec.device, spec.dtype
         self.batch_size, self.drop_last = spec.batch_size, spec.drop_last
@@ -264,18 +324,18 @@ class DaliPairLoader(PairLoader):
             order = EpochSampler(len(self.files), 1, shuffle=False, augment=False, shard_id=spec.shard_id,
                                  num_shards=spec.num_shards).shard_indices()
             reader_shard, reader_shards, self.per_shard = 0, 1, len(order)
-        heights = source_heights(self.files)
+        photo_sizes, label_sizes = source_sizes(self.source)
         gpu = self.device.type == "cuda"
         self._pipeline_kwargs = dict(
-            files=[str(f) for f in self.files],
+            source=self.source,
             order=order,
             size=spec.image_size,
             target_size=spec.label_size,
-            max_height=max(heights),
-            resize_photos=heights != {spec.image_size},
-            resize_masks=heights != {spec.label_size},
+            max_hw=(max(h for h, _ in photo_sizes), max(w for _, w in photo_sizes)),
+            resize_photos=photo_sizes != {(spec.image_size, spec.image_size)},
+            resize_masks=label_sizes != {spec.label_hw},
             augment=spec.augment,
-            fill_is_void=spec.augment is None or fill_colour_is_void(palette),
+            fill_is_void=spec.augment is None or fill_is_void_for(self.source, palette),
             shuffle=spec.shuffle,
             reader_seed=spec.seed,
             shard_id=reader_shard,
@@ -376,27 +436,35 @@ class DaliPairLoader(PairLoader):
         image = out["image"].permute(0, 3, 1, 2)  # (B, 3, S, S) view of NHWC memory: channels-last
         if image.dtype != self.dtype:
             image = image.to(self.dtype)  # preserve_format keeps the channels-last strides
-        mask = out["mask"]  # (B, S, S, 3 or 4) uint8
-        p = self.palette
-        target = map_colors(mask[..., :3], p, torch.int64)
-        if mask.shape[-1] == 4:
-            target.masked_fill_(mask[..., 3] == 0, IGNORE_INDEX)
-        return image, target, out["index"].reshape(-1).to(torch.int64).cpu()
+        index = out["index"].reshape(-1).to(torch.int64).cpu()
+        if not torch.equal(index, out["label_index"].reshape(-1).to(torch.int64).cpu()):
+            raise RuntimeError("DALI's photo and label readers went out of step")  # a broken invariant, not data
+        mask = out["mask"]  # (B, Th, Tw, C or C + 1) uint8: C = 3 colour, 1 class ids
+        c = self.source.label_channels
+        target = labels_to_ids(mask[..., :c], self.source, self.palette, torch.int64)
+        if mask.shape[-1] == c + 1:
+            target.masked_fill_(mask[..., c] == 0, IGNORE_INDEX)
+        return image, target, index
 
     def _data_error(self, error: RuntimeError) -> Exception:
         """A one-line `PairError` naming the file DALI failed on; DALI's own error when no file is bad."""
         message = str(error)
         named = re.search(r"Failed to decode sample #\d+ : (.+)", message)
-        known = {str(f): f for f in self.files}
+        samples = {}
+        for sample in self.source:
+            samples[str(sample.photo)] = sample
+            if sample.label is not None:
+                samples[str(sample.label)] = sample
+        known = {name: Path(name) for name in samples}
         if named and named.group(1).strip() in known:
             path = known[named.group(1).strip()]
         else:  # another operator's message: the longest file name in it ('1.jpg' is in '11.jpg')
             path = max((f for name, f in known.items() if name in message), key=lambda f: len(str(f)), default=None)
         if path is None:
-            _, bad = validate_files(self.files)  # rare: find the culprit the slow way
+            _, bad = validate_samples(self.source)  # rare: find the culprit the slow way
             return bad[0] if bad else error
         try:
-            validate_pair(path)  # Pillow's diagnosis is the more precise one when it has one
+            validate_sample(samples[str(path)], self.source)  # Pillow's diagnosis is the more precise one
         except PairError as bad:
             return bad
         return PairError(path, "corrupt or truncated image data (DALI decoder)")

@@ -1,5 +1,5 @@
-"""From a DataConfig to train/val loaders: the dataset folder (or the cached synthetic set), the
-validated file lists, the palette, and the loader kind (plain torch or DALI)."""
+"""From a DataConfig to train/val loaders: the dataset folder and its format (or the cached synthetic
+set), the validated samples, the palette, and the loader kind (plain torch, DALI or the device cache)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,16 @@ import torch
 
 from cityseg.config import NO_AUGMENT, DataConfig
 from cityseg.data.contract import LoaderSpec, PairLoader, dali_available, make_loader
-from cityseg.data.pairs import (
-    MaskCheck,
-    PairError,
-    find_dataset_root,
-    list_split,
-    read_header,
-    read_pair,
-    validate_files,
+from cityseg.data.formats import (
+    Dataset,
+    Source,
+    as_source,
+    find_dataset,
+    read_sample,
+    sample_sizes,
+    validate_samples,
 )
+from cityseg.data.pairs import MaskCheck, PairError
 from cityseg.palette import Palette, cityscapes_palette, far_share
 
 
@@ -35,13 +36,19 @@ class DatasetError(PairError):
         self.errors = errors
 
 
-def resolve_data_dir(cfg: DataConfig) -> Path:
-    """The user's dataset folder, or the cached synthetic set (generated on first use)."""
+def resolve_dataset(cfg: DataConfig) -> Dataset:
+    """The user's dataset folder in its layout (`cfg.format`, or detected: the note says which), or
+    the cached synthetic set of Kaggle pairs (generated on first use)."""
     if cfg.data_dir is not None:
-        return find_dataset_root(cfg.data_dir)[0]
+        return find_dataset(cfg.data_dir, cfg.format)
     from cityseg.data.synth import default_dataset
 
-    return default_dataset(n_train=cfg.synth_train, n_val=cfg.synth_val, seed=cfg.synth_seed)
+    return Dataset(default_dataset(n_train=cfg.synth_train, n_val=cfg.synth_val, seed=cfg.synth_seed), "pairs")
+
+
+def resolve_data_dir(cfg: DataConfig) -> Path:
+    """The dataset's folder (`resolve_dataset`)."""
+    return resolve_dataset(cfg).root
 
 
 FAR_COLOR_DIST = 60.0  # real Kaggle masks: at most ~3 % of a mask's pixels lie this far from every colour
@@ -69,35 +76,40 @@ def palette_mismatch_check(palette: Palette) -> MaskCheck:
 
 
 def split_files(
-    root: Path,
+    root: Path | Dataset,
     split: str,
     *,
     validate: bool,
     workers: int = 4,
     skip_bad: bool = False,
     mask_check: MaskCheck | None = None,
-) -> tuple[list[Path], list[PairError]]:
-    """List a split and (by default) validate every file up front, so a bad file is reported by name
-    before training starts instead of failing mid-epoch inside a decoder. Returns (files, skipped):
-    bad files raise DatasetError, or with `skip_bad` are left out and returned as skipped."""
-    files = list_split(root, split)
+    palette: Palette | None = None,
+    id_map: str = "auto",
+) -> tuple[Source, list[PairError]]:
+    """List a split (of a Dataset in any format, or a folder of Kaggle pairs) as a loader's Source
+    and (by default) validate every sample up front, so a bad file is reported by name before training
+    starts instead of failing mid-epoch inside a decoder. Returns (source, skipped): bad files raise
+    DatasetError, or with `skip_bad` are left out and returned as skipped."""
+    dataset = root if isinstance(root, Dataset) else Dataset(Path(root), "pairs")
+    source = dataset.source(split, palette or cityscapes_palette(), id_map)
+    mask_check = None if source.ids else mask_check  # class ids have no colours to check
     if not validate:
         if mask_check is not None:
-            check_mask_sample(files, mask_check, workers, root)
-        return files, []
-    good, bad = validate_files(files, workers=workers, mask_check=mask_check)
+            check_mask_sample(source, mask_check, workers, dataset.root)
+        return source, []
+    good, bad = validate_samples(source, workers=workers, mask_check=mask_check)
     if bad and not skip_bad:
-        raise DatasetError(bad, root)
+        raise DatasetError(bad, dataset.root)
     if not good:
-        raise DatasetError(bad, root)
-    return [info.path for info in good], bad
+        raise DatasetError(bad, dataset.root)
+    return source.with_samples([sample for sample, _ in good]), bad
 
 
-def check_mask_sample(files: list[Path], mask_check: MaskCheck, workers: int, root: Path) -> None:
-    """Mask colours of MASK_SAMPLE files spread over the split: a dataset in another colour code fails
+def check_mask_sample(source: Source, mask_check: MaskCheck, workers: int, root: Path) -> None:
+    """Mask colours of MASK_SAMPLE samples spread over the split: a dataset in another colour code fails
     at once even with validation skipped. Other problems of those files are left to the loader."""
-    sample = files[:: max(1, len(files) // MASK_SAMPLE)][:MASK_SAMPLE]
-    _, bad = validate_files(sample, workers=workers, mask_check=mask_check)
+    sample = source.samples[:: max(1, len(source) // MASK_SAMPLE)][:MASK_SAMPLE]
+    _, bad = validate_samples(source.with_samples(sample), workers=workers, mask_check=mask_check)
     mismatched = [e for e in bad if isinstance(e, MaskColourError)]
     if mismatched:
         raise DatasetError(mismatched, root)
@@ -106,16 +118,27 @@ def check_mask_sample(files: list[Path], mask_check: MaskCheck, workers: int, ro
 KMEANS_SAMPLE_FILES = 64
 
 
-def resolve_palette(cfg: DataConfig, train_files: list[Path], seed: int = 0) -> Palette:
-    """`cityscapes` (default), `kmeans:K` learned from a sample of the train masks, or a saved
-    palette .json (e.g. a run folder's palette.json)."""
+def resolve_palette(cfg: DataConfig, train_files: Source | list[Path], seed: int = 0) -> Palette:
+    """`cityscapes` (default), `kmeans:K` learned from a sample of the train masks (colour masks
+    only), or a saved palette .json (e.g. a run folder's palette.json)."""
     if cfg.palette == "cityscapes":
         return cityscapes_palette(cfg.max_color_dist)
     from cityseg.palette_kmeans import parse_palette_spec
 
+    source = as_source(train_files)
+
     def sample_masks() -> torch.Tensor:
-        picked = train_files[:: max(1, len(train_files) // KMEANS_SAMPLE_FILES)][:KMEANS_SAMPLE_FILES]
-        return torch.stack([torch.from_numpy(np.ascontiguousarray(read_pair(f)[1])) for f in picked])
+        if source.ids:
+            raise PairError(source[0].label, f"--palette {cfg.palette} learns mask colours, but this dataset's "
+                            "masks hold class ids: use --palette cityscapes or a palette .json")
+        picked = source.samples[:: max(1, len(source) // KMEANS_SAMPLE_FILES)][:KMEANS_SAMPLE_FILES]
+        masks = [torch.from_numpy(np.ascontiguousarray(read_sample(f, source)[1])) for f in picked]
+        if len({tuple(m.shape) for m in masks}) > 1:  # k-means wants one stack: sizes differ, so resize
+            side = min(m.shape[0] for m in masks)
+            masks = [m.permute(2, 0, 1) for m in masks]
+            masks = [torch.nn.functional.interpolate(m[None].float(), size=(side, side), mode="nearest")[0]
+                     .to(torch.uint8).permute(1, 2, 0) for m in masks]
+        return torch.stack(masks)
 
     return parse_palette_spec(cfg.palette, sample_masks, cfg.max_color_dist, seed)
 
@@ -130,10 +153,14 @@ def resolve_loader_kind(cfg: DataConfig, device: torch.device) -> str:
     return "dali" if device.type == "cuda" and dali_available() else "torch"
 
 
-def native_size(files: list[Path]) -> int | None:
-    """The pairs' own height when they all share one (the labels' native size), else None."""
-    heights = {read_header(f).height for f in files}
-    return heights.pop() if len(heights) == 1 else None
+def native_size(files: Source | list[Path]) -> int | tuple[int, int] | None:
+    """The labels' own size when they all share one (S for square labels, else (H, W)), else None."""
+    source = as_source(files)
+    sizes = {label for _, label in (sample_sizes(sample, source) for sample in source)}
+    if len(sizes) != 1:
+        return None
+    h, w = sizes.pop()
+    return h if h == w else (h, w)
 
 
 def loader_spec(cfg: DataConfig, *, train: bool, device: torch.device, dtype: torch.dtype, seed: int,
@@ -147,7 +174,7 @@ def loader_spec(cfg: DataConfig, *, train: bool, device: torch.device, dtype: to
                       target_size=target_size)
 
 
-def build_loader(kind: str, files: list[Path], palette: Palette, cfg: DataConfig, *, train: bool,
+def build_loader(kind: str, files: Source | list[Path], palette: Palette, cfg: DataConfig, *, train: bool,
                  device: torch.device, dtype: torch.dtype, seed: int, shard_id: int = 0,
                  num_shards: int = 1) -> PairLoader:
     """The `kind` loader (see `resolve_loader_kind`) over `files`: the contract of cityseg/data/contract.py.

@@ -118,18 +118,33 @@ class PairInfo:
     height: int
 
 
-def check_header(path: Path, image: Image.Image) -> PairInfo:
-    """Format, mode and shape checks that need only the header."""
+def check_image_header(path: Path, image: Image.Image) -> tuple[int, int]:
+    """Format, mode and size checks of an 8-bit RGB JPEG/PNG (a pair file, a photo, a colour mask)
+    that need only the header. Returns (width, height)."""
     if image.format not in ("JPEG", "PNG"):
         raise PairError(path, f"unsupported format {image.format}, expected JPEG or PNG")
     if image.mode != "RGB":
         raise PairError(path, _MODE_PROBLEMS.get(image.mode, f"mode {image.mode}, expected 8-bit RGB"))
+    check_suffix(path, image)
+    return check_pixels(path, image)
+
+
+def check_suffix(path: Path, image: Image.Image) -> None:
     suffix = path.suffix.lower()
     if (image.format == "PNG") != (suffix == ".png"):
         raise PairError(path, f"file holds {image.format} data but is named {suffix}: rename it to match")
+
+
+def check_pixels(path: Path, image: Image.Image) -> tuple[int, int]:
     w, h = image.size
     if w * h > MAX_PIXELS:
         raise PairError(path, f"image too large ({w}x{h} pixels, limit {MAX_PIXELS:,})")
+    return w, h
+
+
+def check_header(path: Path, image: Image.Image) -> PairInfo:
+    """Format, mode and shape checks of a pair file that need only the header."""
+    w, h = check_image_header(path, image)
     if w != 2 * h:
         raise PairError(
             path, f"wrong shape {w}x{h}: expected width = 2 x height (photo left, mask right), e.g. 512x256"
@@ -137,7 +152,7 @@ def check_header(path: Path, image: Image.Image) -> PairInfo:
     return PairInfo(path, w, h)
 
 
-def _open(path: Path) -> Image.Image:
+def open_header(path: Path) -> Image.Image:
     """Open a file's image header (lazily: no pixels decoded). Raises PairError."""
     check_readable(path)
     try:
@@ -153,20 +168,25 @@ def _open(path: Path) -> Image.Image:
 def read_header(path: str | os.PathLike) -> PairInfo:
     """The checks that need only the file and its header (~0.1 ms): everything but a full decode."""
     path = Path(path)
-    with _open(path) as image:
+    with open_header(path) as image:
         return check_header(path, image)
 
 
 def open_pair_image(path: str | os.PathLike) -> tuple[PairInfo, Image.Image]:
     """Open and fully decode one pair file, validating it. Raises PairError with a one-line message."""
     path = Path(path)
-    image = _open(path)
+    image = open_header(path)
     info = check_header(path, image)
+    decode(path, image)
+    return info, image
+
+
+def decode(path: Path, image: Image.Image) -> None:
+    """Decode an opened image's pixels; a corrupt or cut-off file is a PairError naming it."""
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as e:
         raise PairError(path, f"corrupt or truncated image data ({e})") from None
-    return info, image
 
 
 MaskCheck = Callable[[Path, np.ndarray], None]

@@ -1,4 +1,5 @@
-"""The plain CPU loader: Pillow decode + torchvision.transforms.v2 paired augmentation + DataLoader.
+"""The plain CPU loader: Pillow decode (any format: cityseg/data/formats.py) + torchvision.transforms.v2
+paired augmentation + DataLoader.
 
 It is the baseline every speed claim is measured against, so it is tuned the usual ways: worker
 processes, pinned memory, persistent workers, uint8 over the worker pipe (4x fewer bytes than
@@ -16,7 +17,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
@@ -24,10 +24,10 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from cityseg.config import AugmentConfig
-from cityseg.data.contract import LoaderSpec, PairLoader, normalize
-from cityseg.data.pairs import open_pair_image, split_pair
+from cityseg.data.contract import LoaderSpec, PairLoader, normalize, size_hw
+from cityseg.data.formats import Source, as_source, labels_to_ids, read_sample
 from cityseg.data.sampler import EpochSampler
-from cityseg.palette import IGNORE_INDEX, Palette, lookup_table, map_colors
+from cityseg.palette import IGNORE_INDEX, Palette, lookup_table
 
 
 def paired_transform(aug: AugmentConfig) -> v2.Compose:
@@ -54,35 +54,36 @@ def paired_transform(aug: AugmentConfig) -> v2.Compose:
 
 
 class PairDataset(Dataset):
-    """Kaggle pair files -> (photo (3, S, S) uint8, target (S, S) uint8 class ids, 255 = ignore).
+    """Samples of any format (cityseg/data/formats.py) -> (photo (3, S, S) uint8, target (T, T) or
+    (Th, Tw) uint8 class ids, 255 = ignore).
 
     Keys are (file index, augmentation seed) from `EpochSampler`; seed None means no augmentation.
     """
 
     def __init__(
-        self, files: Sequence[Path], palette: Palette, image_size: int, augment: AugmentConfig | None,
-        target_size: int | None = None,
+        self, files: Source | Sequence[Path], palette: Palette, image_size: int, augment: AugmentConfig | None,
+        target_size: int | tuple[int, int] | None = None,
     ) -> None:
-        self.files = list(files)
+        self.source = as_source(files)
+        self.files = [s.photo for s in self.source]
         self.palette = palette
         self.image_size = image_size
-        self.target_size = target_size or image_size
+        self.target_hw = size_hw(target_size or image_size)
         self.transform = paired_transform(augment) if augment is not None else None
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.source)
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode and map one pair: photo resized to image_size, target (nearest) to target_size."""
-        _, image = open_pair_image(self.files[index])
-        photo, mask_rgb = split_pair(torch.from_numpy(np.array(image)))  # writable copy
-        target = map_colors(mask_rgb, self.palette, torch.uint8)
-        photo = photo.permute(2, 0, 1)  # (3, H, W) view
-        if photo.shape[-1] != self.image_size:
+        """Decode and map one sample: photo resized to image_size, target (nearest) to target_size."""
+        photo, label = read_sample(self.source[index], self.source)
+        target = labels_to_ids(torch.from_numpy(label), self.source, self.palette, torch.uint8)
+        photo = torch.from_numpy(photo).permute(2, 0, 1)  # (3, H, W) view
+        if tuple(photo.shape[-2:]) != (self.image_size, self.image_size):
             photo = F.resize(photo, [self.image_size] * 2, antialias=True)
-        if target.shape[-1] != self.target_size:
+        if tuple(target.shape[-2:]) != self.target_hw:
             nearest = v2.InterpolationMode.NEAREST_EXACT
-            target = F.resize(target[None], [self.target_size] * 2, interpolation=nearest)[0]
+            target = F.resize(target[None], list(self.target_hw), interpolation=nearest)[0]
         return photo, target
 
     def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,9 +113,10 @@ class TorchPairLoader(PairLoader):
 
     exact_resume = True
 
-    def __init__(self, files: Sequence[Path], palette: Palette, spec: LoaderSpec) -> None:
+    def __init__(self, files: Source | Sequence[Path], palette: Palette, spec: LoaderSpec) -> None:
         self.spec = spec
-        if palette.classes.max() <= 255:
+        files = as_source(files)
+        if not files.ids and palette.classes.max() <= 255:
             # Masks are mapped on the CPU, in the workers, whatever the device: build the table (7 s
             # single-threaded) or load it once here, so each worker finds it cached on disk.
             lookup_table(palette)

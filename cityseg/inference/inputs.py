@@ -1,4 +1,5 @@
-"""What `predict` reads: photos (or Kaggle pairs) from files and folders, and the output name of each.
+"""What `predict` reads: photos from files and folders (or with --pairs, labelled samples: Kaggle pair
+files, or dataset folders of any layout, cityseg/data/formats.py), and the output name of each.
 
 Photo policy (`read_photo`): JPEG or PNG; 8-bit RGB used as is; grayscale, palette and alpha images
 are converted to RGB (a grayscale street photo is still a photo; alpha is dropped). CMYK and 16/32-bit
@@ -17,8 +18,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cityseg.data.pairs import IMAGE_SUFFIXES, MAX_PIXELS, PairError, check_readable, natural_key, read_pair
+from cityseg.data.formats import Sample, Source, detect_format, find_dataset, read_sample
+from cityseg.data.pairs import IMAGE_SUFFIXES, MAX_PIXELS, PairError, check_readable, natural_key
 from cityseg.inference.overlay import OUTPUT_KINDS
+from cityseg.palette import Palette
+
+PAIRS = Source(())  # how a Kaggle pair file's right half is read: a colour mask
 
 PHOTO_FORMATS = ("JPEG", "MPO", "PNG")  # MPO: the multi-picture JPEGs many phones write
 _CONVERTIBLE = {"RGB", "L", "LA", "P", "PA", "RGBA", "RGBa", "La"}
@@ -34,7 +39,30 @@ class InputImage:
     name: str  # output file prefix
     path: Path
     photo: np.ndarray  # (H, W, 3) uint8
-    mask: np.ndarray | None  # (H, W, 3) uint8 colour mask (--pairs only)
+    mask: np.ndarray | None  # the label (--pairs only): (H, W, 3) uint8 colour mask or (H, W) class ids
+    source: Source | None = None  # how `mask` becomes class ids (its format's id table or the palette)
+
+
+def list_pair_inputs(paths: Sequence[str | os.PathLike], palette: Palette, out_dir: Path | None = None,
+                     fmt: str = "auto", id_map: str = "auto", split: str = "val") -> list[tuple[Sample, Source]]:
+    """`predict --pairs` inputs: Kaggle pair files and folders of them, or dataset folders of any layout
+    (`fmt`, detected by default: pairs, folders, cityscapes), which give their `split`'s samples."""
+    found: list[tuple[Sample, Source]] = []
+    for p in map(Path, paths):
+        if p.is_dir() and (detect_format(p) is not None or fmt in ("folders", "cityscapes")):
+            dataset = find_dataset(p, fmt)
+            source = dataset.source(split, palette, id_map)
+            found += [(sample, source) for sample in source]
+        else:
+            found += [(Sample(f), PAIRS) for f in list_inputs([p], out_dir)]
+    seen: set[Path] = set()
+    unique = []
+    for sample, source in found:
+        key = sample.photo.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append((sample, source))
+    return unique
 
 
 def list_inputs(paths: Sequence[str | os.PathLike], out_dir: Path | None = None) -> list[Path]:
@@ -117,9 +145,12 @@ def read_photo(path: str | os.PathLike) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def load_input(path: Path, name: str, pairs: bool) -> InputImage:
+def load_input(path: Path | Sample, name: str, pairs: bool, source: Source | None = None) -> InputImage:
+    """A photo, or with `pairs` a sample (a Kaggle pair file, or a photo and its label in `source`)."""
     if pairs:
-        photo, mask = read_pair(path)
-        return InputImage(name, path, photo, mask)
-    return InputImage(name, path, read_photo(path), None)
+        sample = path if isinstance(path, Sample) else Sample(Path(path))
+        source = source or PAIRS
+        photo, mask = read_sample(sample, source)
+        return InputImage(name, sample.photo, photo, mask, source)
+    return InputImage(name, Path(path), read_photo(path), None)
 

@@ -34,14 +34,15 @@ from torchvision.transforms.v2 import functional as F
 
 from cityseg.checkpoint import load_from_checkpoint
 from cityseg.data.contract import normalize
+from cityseg.data.formats import Sample, Source, labels_to_ids
 from cityseg.data.pairs import PairError
 from cityseg.errors import OutputError
-from cityseg.inference.inputs import InputImage, list_inputs, load_input, output_names
+from cityseg.inference.inputs import PAIRS, InputImage, list_inputs, list_pair_inputs, load_input, output_names
 from cityseg.inference.overlay import OUTPUT_KINDS, write_outputs
 from cityseg.inference.tta import FlipTTA, resolve_tta
 from cityseg.metrics import ConfusionMatrix, SegMetrics, iou_table
 from cityseg.outputs import ensure_dir, new_output_files
-from cityseg.palette import IGNORE_INDEX, Palette, map_colors
+from cityseg.palette import IGNORE_INDEX, Palette
 from cityseg.report import plot_confusion, write_json
 from cityseg.runtime import autocast, inference_runtime, resolve_device
 
@@ -120,9 +121,10 @@ def _progress(console: Console) -> Progress:
                     console=console, transient=False)
 
 
-def _load_or_error(path: Path, name: str, pairs: bool, skip_bad: bool) -> InputImage | PairError:
+def _load_or_error(path: Path | Sample, name: str, pairs: bool, skip_bad: bool,
+                   source: Source | None = None) -> InputImage | PairError:
     try:
-        return load_input(path, name, pairs)
+        return load_input(path, name, pairs, source)
     except PairError as e:
         if skip_bad:
             return e
@@ -139,8 +141,12 @@ def run_predict(
     skip_bad: bool = False,
     console: Console | None = None,
     overwrite: bool = False,
+    data_format: str = "auto",
+    id_map: str = "auto",
 ) -> dict[str, Any]:
     """Predict every input and write its three PNGs; with `pairs`, score and write metrics.json.
+    With `pairs`, a dataset folder of any layout (`data_format`, detected by default) gives its val
+    samples, labels mapped as in training (`id_map` for class-id masks).
     Every output is checked first (`outputs.new_output_files`): a file already there is refused
     unless `overwrite`; `out_dir` inside a `pairs` input folder or a dataset split always.
 
@@ -149,15 +155,20 @@ def run_predict(
     """
     console = console or Console(markup=False, highlight=False)
     out_dir = Path(out_dir)
-    files = list_inputs(inputs, out_dir)
-    jobs = list(zip(files, output_names(files), strict=True))
+    if pairs:
+        samples = list_pair_inputs(inputs, predictor.palette, out_dir, data_format, id_map)
+        files = [sample.photo for sample, _ in samples]
+    else:
+        files = list_inputs(inputs, out_dir)
+        samples = [(f, None) for f in files]
+    jobs = [(sample, name, source) for (sample, source), name in zip(samples, output_names(files), strict=True)]
     inputs_by_path = {f.resolve() for f in files}
-    for _, name in jobs:
+    for _, name, _ in jobs:
         for kind in OUTPUT_KINDS:
             if (out_dir / f"{name}_{kind}.png").resolve() in inputs_by_path:
                 raise OutputError(f"{out_dir / f'{name}_{kind}.png'}: an input would be overwritten by an output; "
                                   "choose another --out")
-    planned = [out_dir / f"{name}_{kind}.png" for _, name in jobs for kind in OUTPUT_KINDS]
+    planned = [out_dir / f"{name}_{kind}.png" for _, name, _ in jobs for kind in OUTPUT_KINDS]
     planned += [out_dir / "metrics.json", out_dir / "confusion.png"] if pairs else []
     # Pair folders are datasets: predictions dropped there would become (bad) pairs.
     inputs = [(Path(p), "the --pairs input folder") for p in inputs if pairs and Path(p).is_dir()]
@@ -172,7 +183,7 @@ def run_predict(
         task = bar.add_task("predict", total=len(jobs))
 
         def submit(start: int) -> list[Future]:
-            return [pool.submit(_load_or_error, p, n, pairs, skip_bad) for p, n in jobs[start : start + bs]]
+            return [pool.submit(_load_or_error, p, n, pairs, skip_bad, src) for p, n, src in jobs[start : start + bs]]
 
         pending, writes = submit(0), []
         for start in range(0, len(jobs), bs):
@@ -187,7 +198,7 @@ def run_predict(
                       for x, y in zip(good, ids, strict=True)]
             if cm is not None:
                 for x, y in zip(good, ids, strict=True):
-                    cm.update(torch.from_numpy(y)[None], mask_ids(x.mask, palette)[None])
+                    cm.update(torch.from_numpy(y)[None], mask_ids(x, palette)[None])
             done += len(good)
             bar.update(task, advance=len(loaded))
         for f in writes:
@@ -201,9 +212,10 @@ def run_predict(
     return result
 
 
-def mask_ids(mask: np.ndarray, palette: Palette) -> torch.Tensor:
-    """Colour mask (H, W, 3) uint8 -> (H, W) uint8 class ids, the training mapping (LUT on CPU)."""
-    return map_colors(torch.from_numpy(np.array(mask)), palette, torch.uint8)
+def mask_ids(x: InputImage, palette: Palette) -> torch.Tensor:
+    """An input's label -> (H, W) uint8 class ids, the training mapping (colour masks: the LUT on CPU;
+    class-id masks: their format's id table)."""
+    return labels_to_ids(torch.from_numpy(np.array(x.mask)), x.source or PAIRS, palette, torch.uint8)
 
 
 def write_pair_metrics(metrics: SegMetrics, predictor: Predictor, out_dir: Path, images: int,

@@ -19,19 +19,20 @@ from torch import nn
 from cityseg.checkpoint import CheckpointError
 from cityseg.config import Config, ModelConfig, TrainConfig
 from cityseg.data.contract import PairLoader
+from cityseg.data.formats import Dataset, Source
 from cityseg.data.loaders import (
     build_loader,
     palette_mismatch_check,
-    resolve_data_dir,
+    resolve_dataset,
     resolve_loader_kind,
     resolve_palette,
     split_files,
 )
-from cityseg.data.pairs import MaskCheck, list_split, overlap_warning
+from cityseg.data.pairs import MaskCheck, overlap_warning
 from cityseg.distributed import DistInfo
 from cityseg.errors import UserError
 from cityseg.model import build_model, parameter_count, training_bytes
-from cityseg.palette import IGNORE_INDEX, Palette
+from cityseg.palette import IGNORE_INDEX, Palette, cityscapes_palette
 from cityseg.runtime import Runtime, free_memory, resolve_device, resolve_runtime
 from cityseg.training.losses import build_loss_fn
 from cityseg.training.schedule import ProgressLR, TrainClock
@@ -72,8 +73,8 @@ class RunData:
 
     root: Path
     palette: Palette
-    train_files: list[Path]
-    val_files: list[Path]
+    train_files: Source  # the samples of each split, in the dataset's format
+    val_files: Source
     loader_kind: str
     train: PairLoader | None = None
     val: PairLoader | None = None
@@ -84,10 +85,11 @@ class RunData:
                 loader.close()
 
 
-def list_files(cfg: Config, root: Path, split: str, check: MaskCheck | None, console: Console) -> list[Path]:
+def list_files(cfg: Config, dataset: Dataset, split: str, check: MaskCheck | None, palette: Palette,
+               console: Console) -> Source:
     d = cfg.data
-    files, skipped = split_files(root, split, validate=not d.skip_validate, workers=d.threads,
-                                 skip_bad=d.skip_bad, mask_check=check)
+    files, skipped = split_files(dataset, split, validate=not d.skip_validate, workers=d.threads,
+                                 skip_bad=d.skip_bad, mask_check=check, palette=palette, id_map=d.id_map)
     if skipped:
         console.print(f"skipped {len(skipped)} bad {split} file(s), e.g. {skipped[0]}", style="yellow", soft_wrap=True)
     return files
@@ -97,12 +99,17 @@ def prepare_data(cfg: Config, rt: Runtime, dist_info: DistInfo, console: Console
                  palette: Palette | None = None) -> RunData:
     """Dataset folder (or the cached synthetic set), palette (`palette` on resume), validated files
     and both loaders, sharded for this rank. On an error, loaders already started are closed."""
-    root = resolve_data_dir(cfg.data)
-    palette = palette or resolve_palette(cfg.data, list_split(root, "train"), cfg.train.seed)
+    dataset = resolve_dataset(cfg.data)
+    if dataset.note and dist_info.rank == 0:
+        console.print(dataset.note, soft_wrap=True)
+    root = dataset.root
+    if palette is None:
+        unchecked = dataset.source("train", cityscapes_palette(), cfg.data.id_map)
+        palette = resolve_palette(cfg.data, unchecked, cfg.train.seed)
     # Learned (kmeans) palettes fit their data by construction; the fixed one may not.
     check = palette_mismatch_check(palette) if cfg.data.palette == "cityscapes" else None
-    train_files = list_files(cfg, root, "train", check, console)
-    val_files = list_files(cfg, root, "val", check, console)
+    train_files = list_files(cfg, dataset, "train", check, palette, console)
+    val_files = list_files(cfg, dataset, "val", check, palette, console)
     warning = overlap_warning(train_files, val_files)
     if warning:
         console.print(warning, style="yellow", soft_wrap=True)
@@ -114,7 +121,7 @@ def prepare_data(cfg: Config, rt: Runtime, dist_info: DistInfo, console: Console
         data.train = make(train_files, train=True)
         data.val = make(val_files, train=False)
         if len(data.train) == 0:
-            raise TrainingError(f"{root}/train: {len(train_files)} pairs make no full batch of "
+            raise TrainingError(f"{root}/train: {len(train_files)} samples make no full batch of "
                                 f"{cfg.data.batch_size} (on each of {dist_info.world_size} ranks): lower --batch-size")
     except BaseException:
         data.close()  # workers already started end before the error goes up

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from cityseg.config import AugmentConfig
+from cityseg.data import formats
 from cityseg.data.contract import IMAGENET_MEAN, IMAGENET_STD
 from cityseg.data.pairs import PairError, list_split, read_pair
 from cityseg.data.sampler import EpochSampler
@@ -138,7 +139,7 @@ def test_photo_and_mask_warped_together(tmp_path: Path, monkeypatch, palette_kin
     else:
         palette = no_void_palette()
         # The reference mapping: a 2^24-entry table for a new palette takes ~15 s to build on CPU.
-        monkeypatch.setattr(dali_loader, "map_colors", lambda mask, p, out_dtype: mask_to_class(
+        monkeypatch.setattr(formats, "map_colors", lambda mask, p, out_dtype: mask_to_class(
             mask, p.centers, p.classes, p.max_dist, backend="reference", out_dtype=out_dtype))
         photo_classes = functools.partial(
             mask_to_class, centers=palette.centers, classes=palette.classes, backend="reference"

@@ -60,7 +60,8 @@ def literal_tuples(tree: ast.AST) -> list[tuple]:
             if isinstance(node, ast.Tuple) and node.elts and all(isinstance(e, ast.Constant) for e in node.elts)]
 
 
-@pytest.mark.parametrize("key", ["train.schedule", "data.workers", "data.loader", "train.time_budget_s"])
+@pytest.mark.parametrize("key", ["train.schedule", "data.workers", "data.loader", "train.time_budget_s",
+                                 "data.format"])
 def test_these_settings_are_defined_in_one_place(key: str) -> None:
     """Their flag, default, range or choices appear in one declaration: a second `setting(...)` for the
     flag, a second literal of the choice list, or a typer option of the flag anywhere else fails this."""

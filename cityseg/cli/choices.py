@@ -33,3 +33,4 @@ class Format(str, Enum):
 # The dataset layouts and id maps of `check-data`, `eval` and `predict --pairs`: the run settings' own choices.
 DataFormat = choice_enum("DataFormat", SETTINGS["data.format"].choices)
 IdMap = choice_enum("IdMap", SETTINGS["data.id_map"].choices)
+FORMAT_HELP, ID_MAP_HELP = SETTINGS["data.format"].help, SETTINGS["data.id_map"].help

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from cityseg.cli.choices import DataFormat
+from cityseg.cli.choices import FORMAT_HELP, DataFormat
 from cityseg.cli.common import app, console, err_console, fail
 from cityseg.errors import UserError
 from cityseg.options import SYNTH_WORKERS, check_options
@@ -29,9 +29,7 @@ def check_data(
     far_dist: Annotated[float, typer.Option("--far-dist", "--max-color-dist", help=(
         "Report the share of mask pixels farther than this (RGB) from every palette colour (--max-color-dist: "
         "its older name, until the next release; train's --max-color-dist ignores such pixels)."))] = 30.0,
-    data_format: Annotated[DataFormat, typer.Option("--format", help=(
-        "Dataset layout: auto (detected, and said), pairs, folders or cityscapes (README: Your data)."))
-    ] = DataFormat("auto"),
+    data_format: Annotated[DataFormat, typer.Option("--format", help=FORMAT_HELP)] = DataFormat("auto"),
 ) -> None:
     """Validate every sample of train/ and val/ (any layout), print a summary, exit 1 listing every bad file."""
     check_options({"sample": sample, "far_dist": far_dist})

@@ -14,16 +14,13 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from cityseg.cli.choices import DataFormat, Format, IdMap, Split, Tta
+from cityseg.cli.choices import FORMAT_HELP, ID_MAP_HELP, DataFormat, Format, IdMap, Split, Tta
 from cityseg.cli.common import app, console
 from cityseg.options import check_options
 
 CkptOpt = Annotated[Path, typer.Option(help="Checkpoint (best.pt or last.pt of a run).")]
-FormatOpt = Annotated[DataFormat, typer.Option("--format", help=(
-    "Dataset layout: auto (detected, and said), pairs, folders or cityscapes (README: Your data)."))]
-IdMapOpt = Annotated[IdMap, typer.Option("--id-map", help=(
-    "Class-id masks -> classes: train, cityscapes (labelIds -> trainIds); auto: cityscapes for the official "
-    "layout, else train."))]
+FormatOpt = Annotated[DataFormat, typer.Option("--format", help=FORMAT_HELP)]
+IdMapOpt = Annotated[IdMap, typer.Option("--id-map", help=ID_MAP_HELP)]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace output files that already exist "
                                             "(never an input: the checkpoint, a dataset split).")]
 

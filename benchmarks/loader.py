@@ -4,12 +4,13 @@ plain PyTorch loader measured in the same run.
     python -m benchmarks.loader --data ../shared/data/cityscapes_pairs_sample --augment standard,none
     python -m benchmarks.loader                                # synthetic pairs (--n 256) in a temp folder
     python -m benchmarks.loader --data DIR --n 1024 --workers 0,2,4,8,16 --json OUT.json   # the GPU suite
+    python -m benchmarks.loader --format cityscapes --synth-size 1024 --n 64   # official-layout PNG path
 
 Loaders: `torch wN` (DataLoader + Pillow + torchvision v2, N worker processes; default 0, 1, 2, ... up
 to --max-workers, powers of two past 4), `dali-cpu` (DALI, CPU operators), `dali-gpu` (DALI, nvJPEG
 "mixed" decode; only with CUDA), `cache` (decoded once into device memory, augmented there; in RAM on
-a CPU run). All read the first --n files of DIR/train, with batch --batch-size, shuffled, last partial
-batch dropped, and the same augmentation (`standard` = flip 0.5, rotation +-10 deg, zoom 0.75-1.25,
+a CPU run). All read the first --n samples of DIR's train split (any layout: --format), with batch
+--batch-size, shuffled, last partial batch dropped, and the same augmentation (`standard` = flip 0.5, rotation +-10 deg, zoom 0.75-1.25,
 colour jitter 0.3; `none`). Every batch ends on the target device (`cuda` when there is one) in the
 training dtype: DALI-CPU batches are copied there, as training would.
 
@@ -54,6 +55,7 @@ from benchmarks.common import (
 from cityseg.config import AugmentConfig
 from cityseg.data.contract import LoaderSpec
 from cityseg.data.contract import make_loader as make_loader_of_kind
+from cityseg.data.formats import FORMATS, Source
 
 AUGMENTS: dict[str, AugmentConfig | None] = {
     "none": None,
@@ -101,7 +103,7 @@ def available(loader: str, device: torch.device) -> str | None:
     return None
 
 
-def make_loader(spec: Spec, files: list[Path], palette, augment: AugmentConfig | None, args: argparse.Namespace,
+def make_loader(spec: Spec, files: Source, palette, augment: AugmentConfig | None, args: argparse.Namespace,
                 device: torch.device, dtype: torch.dtype):
     """The loader `spec` names, through the package's registry (cityseg/data/contract.py)."""
     where = torch.device("cpu") if spec.loader == "dali-cpu" else device
@@ -132,7 +134,7 @@ def run_epoch(loader, epoch: int, device: torch.device) -> dict[str, float]:
     return {"images": images, "seconds": time.perf_counter() - t0, "first_batch_s": first or 0.0}
 
 
-def measure(spec: Spec, files: list[Path], palette, augment_name: str, args: argparse.Namespace,
+def measure(spec: Spec, files: Source, palette, augment_name: str, args: argparse.Namespace,
             device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     t0 = time.perf_counter()
     # Closed at the end of the block: its workers and threads go now, not during the next loader's timing.
@@ -173,22 +175,69 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         r["best_torch"] = best["label"] if best else None
 
 
-def resolve_files(args: argparse.Namespace, tmp: Path) -> tuple[list[Path], str]:
-    """The first --n train files of --data, or --n synthetic pairs written to `tmp`."""
-    from cityseg.data.pairs import list_split
+def resolve_files(args: argparse.Namespace, tmp: Path) -> tuple[Source, str]:
+    """The first --n train samples of --data (in --format), or --n synthetic samples written to `tmp`
+    in --format (the official layout: PNG frames of --synth-size x 2 --synth-size with labelIds)."""
+    from cityseg.data.formats import find_dataset
+    from cityseg.palette import cityscapes_palette
 
+    palette = cityscapes_palette()
     if args.data is not None:
-        return list_split(args.data, "train")[: args.n], str(args.data)
+        dataset = find_dataset(args.data, args.format)
+        source = dataset.source("train", palette)
+        return source.with_samples(source.samples[: args.n]), f"{args.data} ({dataset.format})"
     from cityseg.data.synth import write_dataset
 
     workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 16)
-    write_dataset(tmp, n_train=args.n, n_val=0, seed=args.seed, size=args.synth_size, workers=workers)
-    return list_split(tmp, "train"), f"synthetic ({args.n} pairs, {args.synth_size}px, seed {args.seed})"
+    write_dataset(tmp / "pairs", n_train=args.n, n_val=1, seed=args.seed, size=args.synth_size, workers=workers)
+    fmt = "pairs" if args.format == "auto" else args.format
+    if fmt != "pairs":
+        write_as(fmt, tmp / "pairs", tmp / fmt, palette)
+    what = {"pairs": f"{args.synth_size}px pairs", "folders": f"{args.synth_size}px folders (JPEG photos, PNG masks)",
+            "cityscapes": f"official layout, {2 * args.synth_size}x{args.synth_size} PNG"}[fmt]
+    return find_dataset(tmp / fmt, fmt).source("train", palette), f"synthetic ({args.n}, {what}, seed {args.seed})"
+
+
+def write_as(fmt: str, pairs_root: Path, root: Path, palette) -> None:
+    """The synthetic pairs rewritten in another layout: `folders` (JPEG photos as the pairs hold them,
+    colour PNG masks) or `cityscapes` (2:1 PNG frames, labelIds masks), for the other formats' readers."""
+    import numpy as np
+    from PIL import Image
+
+    from cityseg.data.formats import cityscapes_id_table
+    from cityseg.data.pairs import list_split, read_pair
+    from cityseg.palette import map_colors_lut
+
+    table = cityscapes_id_table().numpy()
+    label_id_of = np.zeros(256, np.uint8)  # train id -> its first labelId; void (255) -> 0, 'unlabeled'
+    for label_id in range(255, -1, -1):
+        if table[label_id] != 255:
+            label_id_of[table[label_id]] = label_id
+    for split in ("train", "val"):
+        for i, path in enumerate(list_split(pairs_root, split)):
+            photo, mask = read_pair(path)
+            if fmt == "folders":
+                for folder, image, kind in (("images", photo, "JPEG"), ("masks", mask, "PNG")):
+                    out = root / folder / split / f"{path.stem}.{kind.lower().replace('jpeg', 'jpg')}"
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(image).save(out, kind, quality=95)
+                continue
+            h = photo.shape[0]
+            ids = map_colors_lut(torch.from_numpy(np.ascontiguousarray(mask)), palette, torch.uint8).numpy()
+            stem = f"{('aachen', 'bonn', 'zurich')[i % 3]}_000000_{i:06d}"
+            frame = Image.fromarray(photo).resize((2 * h, h), Image.BILINEAR)
+            labels = Image.fromarray(label_id_of[ids]).resize((2 * h, h), Image.NEAREST)
+            for folder, image, suffix in (("leftImg8bit", frame, "leftImg8bit"), ("gtFine", labels, "gtFine_labelIds")):
+                out = root / folder / split / stem.split("_")[0] / f"{stem}_{suffix}.png"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                image.save(out)
 
 
 def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = new_parser("loader", __doc__, prog)
-    p.add_argument("--data", type=Path, default=None, help="Kaggle pair folder (reads DIR/train); default synthetic")
+    p.add_argument("--data", type=Path, default=None, help="dataset folder (reads its train split); default synthetic")
+    p.add_argument("--format", default="auto", choices=["auto", *FORMATS],
+                   help="dataset layout (auto: detected; synthetic: pairs)")
     p.add_argument("--n", type=int, default=256, help="images per epoch (first N train files)")
     p.add_argument("--augment", default="standard", help="comma list of: standard, none")
     p.add_argument("--loaders", default=",".join(LOADERS), help="comma list of: " + ", ".join(LOADERS))
@@ -235,7 +284,7 @@ def run(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str,
         if len(files) < args.batch_size:
             raise SystemExit(f"{len(files)} files make no full batch of {args.batch_size}: lower --batch-size")
         config = {
-            "data": source, "n_images": len(files), "batch_size": args.batch_size, "image_size": args.image_size,
+            "data": source, "format": files.format, "n_images": len(files), "batch_size": args.batch_size, "image_size": args.image_size,
             "augment": {a: None if AUGMENTS[a] is None else asdict(AUGMENTS[a]) for a in augments},
             "loaders": loaders, "torch_workers": workers, "dali_threads": threads, "cache_decode_workers": threads,
             "prefetch": args.prefetch, "warmup_epochs": args.warmup, "reps": args.reps, "dtype": str(dtype),

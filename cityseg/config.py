@@ -69,15 +69,14 @@ NO_AUGMENT = AugmentConfig(hflip=0.0)
 @dataclass(frozen=True)
 class DataConfig:
     data_dir: str | None = setting(
-        None, "Dataset folder: Kaggle pairs (train/, val/), image/mask folders (images/, masks/) or the official "
-        "Cityscapes layout (leftImg8bit/, gtFine/); see --format.", flag="--data", panel=DATA, path=True,
-        shown="a cached synthetic city set")
-    format: str = setting(
-        "auto", "Dataset layout: auto (detected, and said), pairs, folders or cityscapes (README: Your data).",
-        flag="--format", panel=DATA, choices=("auto", "pairs", "folders", "cityscapes"))
+        None, "Dataset folder: Kaggle pairs, images/ + masks/ folders or the official Cityscapes layout "
+        "(--format).", flag="--data", panel=DATA, path=True, shown="a cached synthetic city set")
+    format: str = setting("auto", "Dataset layout (auto: detected, and said).", flag="--format", panel=DATA,
+                          choices=("auto", "pairs", "folders", "cityscapes"))
+    # Config file / --set only (`[data] id_map = "cityscapes"`): the layout's own choice is nearly always right.
     id_map: str = setting(
         "auto", "Class-id masks -> classes: train (values are class ids, others void), cityscapes (labelIds -> "
-        "19 trainIds); auto: cityscapes for the official layout, else train.", flag="--id-map", panel=DATA,
+        "19 trainIds); auto: cityscapes for the official layout, else train.",
         choices=("auto", "train", "cityscapes"))
     image_size: int = setting(
         256, "Square train/val size in pixels, a multiple of 2**depth (the checkpoint's with --init-from).",

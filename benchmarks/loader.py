@@ -10,9 +10,9 @@ Loaders: `torch wN` (DataLoader + Pillow + torchvision v2, N worker processes; d
 to --max-workers, powers of two past 4), `dali-cpu` (DALI, CPU operators), `dali-gpu` (DALI, nvJPEG
 "mixed" decode; only with CUDA), `cache` (decoded once into device memory, augmented there; in RAM on
 a CPU run). All read the first --n samples of DIR's train split (any layout: --format), with batch
---batch-size, shuffled, last partial batch dropped, and the same augmentation (`standard` = flip 0.5, rotation +-10 deg, zoom 0.75-1.25,
-colour jitter 0.3; `none`). Every batch ends on the target device (`cuda` when there is one) in the
-training dtype: DALI-CPU batches are copied there, as training would.
+--batch-size, shuffled, last partial batch dropped, and the same augmentation (`standard` = flip 0.5,
+rotation +-10 deg, zoom 0.75-1.25, colour jitter 0.3; `none`). Every batch ends on the target device
+(`cuda` when there is one) in the training dtype: DALI-CPU batches are copied there, as training would.
 
 Order: the other loaders first, then `torch wN` from most to fewest workers (the slowest last, so a
 run cut short by a time limit keeps the most; the JSON is rewritten after every loader). Per loader:
@@ -284,7 +284,8 @@ def run(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str,
         if len(files) < args.batch_size:
             raise SystemExit(f"{len(files)} files make no full batch of {args.batch_size}: lower --batch-size")
         config = {
-            "data": source, "format": files.format, "n_images": len(files), "batch_size": args.batch_size, "image_size": args.image_size,
+            "data": source, "format": files.format, "n_images": len(files), "batch_size": args.batch_size,
+            "image_size": args.image_size,
             "augment": {a: None if AUGMENTS[a] is None else asdict(AUGMENTS[a]) for a in augments},
             "loaders": loaders, "torch_workers": workers, "dali_threads": threads, "cache_decode_workers": threads,
             "prefetch": args.prefetch, "warmup_epochs": args.warmup, "reps": args.reps, "dtype": str(dtype),

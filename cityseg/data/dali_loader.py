@@ -88,13 +88,6 @@ def _reader(files: Sequence[str], order: Sequence[int], name: str, *, shuffle: b
     )
 
 
-def read_pairs(
-    files: Sequence[str], order: Sequence[int], *, shuffle: bool, seed: int, shard_id: int, num_shards: int
-) -> tuple[DataNode, DataNode]:
-    """Encoded pair files and their index in `files` (names the file in errors and tests)."""
-    return _reader(files, order, READER, shuffle=shuffle, seed=seed, shard_id=shard_id, num_shards=num_shards)
-
-
 def read_source(
     source: Source, order: Sequence[int], *, shuffle: bool, seed: int, shard_id: int, num_shards: int
 ) -> tuple[DataNode, DataNode | None, DataNode, DataNode | None]:

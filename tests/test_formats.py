@@ -316,3 +316,15 @@ def test_dali_names_a_bad_label_met_mid_epoch(layouts, tmp_path: Path) -> None:
     with pytest.raises(PairError) as caught, make_loader("dali", source, PALETTE, spec()) as loader:
         list(loader)
     assert str(caught.value).startswith(f"{bad}: ") and "\n" not in str(caught.value)
+
+
+def test_loader_benchmark_measures_the_official_png_layout(tmp_path: Path) -> None:
+    """`benchmarks/loader.py --format cityscapes`: synthetic pairs rewritten as 2:1 PNG frames with
+    labelIds, read by the plain loader and DALI (CPU) alike."""
+    from benchmarks import loader as bench
+
+    record = bench.run(["--format", "cityscapes", "--n", "4", "--batch-size", "2", "--reps", "1", "--loaders",
+                        "torch,dali-cpu", "--workers", "0", "--max-workers", "1", "--synth-size", "32",
+                        "--image-size", "32", "--augment", "none", "--json", str(tmp_path / "loader.json")])
+    assert record["config"]["format"] == "cityscapes" and "official layout, 64x32 PNG" in record["config"]["data"]
+    assert {r["label"]: r["images_per_epoch"] for r in record["results"]} == {"torch w0": 4, "dali-cpu": 4}

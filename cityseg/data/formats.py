@@ -297,7 +297,8 @@ def _detect_below(root: Path, fmt: str) -> tuple[Path, str, str | None]:
     below = sorted(d for d in root.iterdir() if d.is_dir() and matches(d)) if root.is_dir() else []
     if len(below) == 1:
         return below[0], matches(below[0]), f"using {below[0]}: the folder below {root} that holds the dataset"
-    if fmt == "pairs" or (fmt == "auto" and not below and any((root / s).is_dir() for s in SPLITS)):
+    pairs_only = fmt == "auto" and below and all(detect_format(d) == "pairs" for d in below)
+    if fmt == "pairs" or pairs_only or (fmt == "auto" and not below and any((root / s).is_dir() for s in SPLITS)):
         folder, note = find_dataset_root(root)  # its own one-line errors (missing train/ or val/)
         return folder, "pairs", note
     if fmt == "auto" and not below:
@@ -359,8 +360,8 @@ def find_dataset(path: str | os.PathLike, fmt: str = "auto") -> Dataset:
         raise PairError(root, "dataset folder not found")
     folder, found, note = _detect_below(root, fmt)
     if fmt == "auto":
-        said = f"{folder}: {DESCRIPTIONS[found]} (--format {found})"
-        note = f"{note}; {said}" if note else said
+        said = f"{DESCRIPTIONS[found]} (--format {found})"
+        note = f"{note}: {said}" if note else f"{folder}: {said}"
     return Dataset(folder, found, note)
 
 

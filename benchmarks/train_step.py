@@ -204,7 +204,8 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="image side; default 256 on GPU, 128 on CPU")
     p.add_argument("--compile-modes", default=None,
                    help=f"comma list of {', '.join(COMPILE_MODES)} (default off,default,cudagraphs GPU; off CPU)")
-    p.add_argument("--losses", default="ce+dice", help="comma list of ce, ce+dice (default: the product's ce+dice)")
+    p.add_argument("--losses", default="ce,ce+dice",
+                   help="comma list of ce, ce+dice (default: both, side by side: what Dice costs)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 GPU, 3 CPU)")
     p.add_argument("--steps", type=int, default=None, help="steps per repetition (default 20 GPU, 1 CPU)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions (the median is reported)")

@@ -237,6 +237,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise OptionError(f"--config {path}: expected sections such as [train] or keys such as train.lr")
     if _depth(tree) > MAX_CONFIG_DEPTH:
         raise OptionError(f"--config {path}: nested too deeply (at most {MAX_CONFIG_DEPTH} levels)")
+    tree.pop("resolved", None)  # a run's record of how auto's values were found: the values are in the sections
     values = flatten(tree)
     for key in ("train.out", "train.resume"):
         values.pop(key, None)

@@ -16,6 +16,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("cityseg.settings",),
     ("cityseg.config",),
     ("cityseg.options", "cityseg.outputs"),
+    ("cityseg.batch_rule",),
     ("cityseg.runtime", "cityseg.distributed", "cityseg.progress", "cityseg.telemetry"),
     ("cityseg.palette", "cityseg.palette_kmeans"),
     ("cityseg.data",),

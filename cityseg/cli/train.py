@@ -179,9 +179,10 @@ NOT_IN_FILE = ("train.out", "train.resume")
 SYNTHETIC_ONLY = ("data.synth_train", "data.synth_val", "data.synth_seed")  # unused with --data
 
 
-def config_text(cfg: Config) -> str:
+def config_text(cfg: Config, derived: dict[str, Any] | None = None) -> str:
     """The config as YAML that `--config` reads back to the same config: sections, no keys that do
-    not apply (the run folder, --resume, the synthetic set's sizes when a data folder is given)."""
+    not apply (the run folder, --resume, the synthetic set's sizes when a data folder is given); then
+    `derived`, how auto's values were found, as config.json's "resolved" section (not read back)."""
     import yaml
 
     drop = set(NOT_IN_FILE) | (set(SYNTHETIC_ONLY) if cfg.data.data_dir is not None else set())
@@ -192,6 +193,8 @@ def config_text(cfg: Config) -> str:
         for section in sections:
             node = node[section]
         node.pop(leaf, None)
+    if derived:
+        tree["resolved"] = derived
     header = "# cityseg-fast train --config FILE reads this back (the run folder, --out, is not part of it)\n"
     return header + yaml.safe_dump(tree, sort_keys=False, default_flow_style=None)
 
@@ -218,7 +221,8 @@ def train(ctx: typer.Context, **options: Any) -> None:  # the options: setting_p
     console.quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 speaks for all
     run = resolve_given(values, given)
     if options["print_config_only"]:
-        sys.stdout.write(config_text(run.config))  # not through Rich: exactly the file's text, never wrapped
+        # Not through Rich: exactly the file's text, never wrapped.
+        sys.stdout.write(config_text(run.config, run.derived))
         return
     summary = run_training(run)
     from cityseg.telemetry import fmt

@@ -95,8 +95,8 @@ def list_files(cfg: Config, root: Path, split: str, check: MaskCheck | None, con
 
 def prepare_data(cfg: Config, rt: Runtime, dist_info: DistInfo, console: Console,
                  palette: Palette | None = None) -> RunData:
-    """Dataset folder (or the cached synthetic set), palette (`palette` on resume), validated files
-    and both loaders, sharded for this rank. On an error, loaders already started are closed."""
+    """Dataset folder (or the cached synthetic set), palette (`palette` on resume) and validated
+    files; the loaders come after the batch is known (`open_loaders`)."""
     root = resolve_data_dir(cfg.data)
     palette = palette or resolve_palette(cfg.data, list_split(root, "train"), cfg.train.seed)
     # Learned (kmeans) palettes fit their data by construction; the fixed one may not.
@@ -106,20 +106,26 @@ def prepare_data(cfg: Config, rt: Runtime, dist_info: DistInfo, console: Console
     warning = overlap_warning(train_files, val_files)
     if warning:
         console.print(warning, style="yellow", soft_wrap=True)
-    data = RunData(root, palette, train_files, val_files, resolve_loader_kind(cfg.data, rt.device))
-    make = functools.partial(build_loader, data.loader_kind, palette=palette, cfg=cfg.data, device=rt.device,
+    return RunData(root, palette, train_files, val_files, resolve_loader_kind(cfg.data, rt.device))
+
+
+def open_loaders(data: RunData, cfg: Config, rt: Runtime, dist_info: DistInfo) -> None:
+    """Both loaders of `data`, sharded for this rank. On an error, loaders already started are closed."""
+    if data.palette.num_classes != cfg.model.num_classes:  # resolve_run sets it from the palette
+        raise TrainingError(f"the palette has {data.palette.num_classes} classes, the model "
+                            f"{cfg.model.num_classes}: leave model.num_classes to the palette")
+    make = functools.partial(build_loader, data.loader_kind, palette=data.palette, cfg=cfg.data, device=rt.device,
                              dtype=rt.batch_dtype, seed=cfg.train.seed, shard_id=dist_info.rank,
                              num_shards=dist_info.world_size)
     try:
-        data.train = make(train_files, train=True)
-        data.val = make(val_files, train=False)
+        data.train = make(data.train_files, train=True)
+        data.val = make(data.val_files, train=False)
         if len(data.train) == 0:
-            raise TrainingError(f"{root}/train: {len(train_files)} pairs make no full batch of "
+            raise TrainingError(f"{data.root}/train: {len(data.train_files)} pairs make no full batch of "
                                 f"{cfg.data.batch_size} (on each of {dist_info.world_size} ranks): lower --batch-size")
     except BaseException:
         data.close()  # workers already started end before the error goes up
         raise
-    return data
 
 
 def build_models(cfg: ModelConfig, rt: Runtime, dist_info: DistInfo, sync_bn: bool) -> tuple[nn.Module, nn.Module]:

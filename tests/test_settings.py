@@ -105,7 +105,7 @@ def test_api_and_cli_resolve_the_same_config(tmp_path: Path) -> None:
     api = resolve_run({"data.data_dir": str(data), "train.lr": 0.01, "train.time_budget_s": 300.0,
                        "data.cache": "device", "data.augment.brightness": 0.2, "data.augment.contrast": 0.2,
                        "data.augment.saturation": 0.2, "train.device": "cpu"})
-    assert flatten(yaml.safe_load(config_text(api.config))) == cli
+    assert flatten(yaml.safe_load(config_text(api.config, api.derived))) == cli
     # the presets applied alike, the older spelling made the current one, the budget lifted the epochs
     assert cli["model.upsample"] == "bilinear" and cli["data.loader"] == "cache" and cli["data.cache"] == "none"
     assert cli["train.epochs"] == MAX_EPOCHS

@@ -46,6 +46,7 @@ from cityseg.training.setup import (
     init_weights_from,
     open_loaders,
     prepare_data,
+    schedule_note,
     training_runtime,
 )
 from cityseg.training.step import TrainStep
@@ -187,6 +188,9 @@ def run_training(cfg: Config, derived: dict[str, Any], console: Console, dist_in
         step = TrainStep(step_model, model, loss_fn, optimizer, scaler, rt, cfg.train.grad_clip)
         parts = Parts(cfg, rt, dist_info, data, model, step, optimizer,
                       build_scheduler(optimizer, cfg.train, len(data.train), clock), scaler, clock)
+        note = schedule_note(cfg.train, len(data.train))
+        if note:
+            console.print(f"note: {note}", style="yellow", soft_wrap=True)
         hooks = default_hooks(cfg.train, on_step, dist_info.is_main) + extra_hooks
         trainer = Trainer(parts, run, console, hooks, started_at=zero[0])
         trainer.time_zero, trainer.compile_cache = zero[1], compile_cache

@@ -34,7 +34,7 @@ from cityseg.model import build_model, parameter_count, training_bytes
 from cityseg.palette import IGNORE_INDEX, Palette
 from cityseg.runtime import Runtime, free_memory, resolve_device, resolve_runtime
 from cityseg.training.losses import build_loss_fn
-from cityseg.training.schedule import ProgressLR, TrainClock
+from cityseg.training.schedule import ProgressLR, TrainClock, planned_warmup, warmup_note
 
 
 class TrainingError(UserError):
@@ -183,8 +183,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
         return ProgressLR(optimizer, warmup=cfg.warmup_steps, min_ratio=cfg.min_lr_ratio, shape=cfg.schedule,
                           budget_s=cfg.time_budget_s, clock=clock)
     total = cfg.epochs * steps_per_epoch
-    return ProgressLR(optimizer, warmup=min(cfg.warmup_steps, max(1, total // 5)), min_ratio=cfg.min_lr_ratio,
+    return ProgressLR(optimizer, warmup=planned_warmup(cfg.warmup_steps, total), min_ratio=cfg.min_lr_ratio,
                       shape=cfg.schedule, total_steps=total)
+
+
+def schedule_note(cfg: TrainConfig, steps_per_epoch: int) -> str | None:
+    """One line when the plan cannot leave the LR warm-up (`schedule.warmup_note`)."""
+    total = None if cfg.time_budget_s is not None else cfg.epochs * steps_per_epoch
+    return warmup_note(cfg.warmup_steps, total, cfg.max_steps)
 
 
 def class_weights(kind: str, loader: PairLoader, num_classes: int, max_batches: int = 20) -> torch.Tensor | None:

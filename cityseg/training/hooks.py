@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
 from cityseg.config import MAX_EPOCHS, TrainConfig
@@ -39,6 +38,7 @@ from cityseg.report import (
     plot_curves,
     plot_gpu_timeline,
     plot_samples,
+    sample_grid,
     time_to_thresholds,
     write_json,
     write_jsonl,
@@ -271,20 +271,26 @@ def first_val_batch(t: Any, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def draw_samples(t: Any, batch: tuple[torch.Tensor, torch.Tensor], path: Any) -> None:
-    """Photo / truth / prediction of `batch`, predicted in eval mode, scored size, to `path`."""
+def predict_samples(t: Any, batch: tuple[torch.Tensor, torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(photos uint8 (N, H, W, 3), truths, predictions) of `batch`, predicted in eval mode at the scored size."""
     was_training = t.model.training
     t.model.eval()
     try:
         image, target = batch
-        with autocast(t.rt):
+        with torch.no_grad(), autocast(t.rt):
             logits = t.model(image).float()
         if logits.shape[-2:] != target.shape[-2:]:  # labels scored at their native size
             logits = torch.nn.functional.interpolate(logits, size=target.shape[-2:], mode="bilinear")
             image = torch.nn.functional.interpolate(image.float(), size=target.shape[-2:], mode="bilinear")
-        plot_samples(denormalize(image), target.cpu(), logits.argmax(1).cpu(), t.data.palette, path)
+        return denormalize(image), target.cpu(), logits.argmax(1).cpu()
     finally:
         t.model.train(was_training)
+
+
+def draw_samples(t: Any, batch: tuple[torch.Tensor, torch.Tensor], path: Any) -> None:
+    """Photo / truth / prediction of `batch`, predicted in eval mode, scored size, to `path`."""
+    plot_samples(*predict_samples(t, batch), t.data.palette, path)
 
 
 class EMA(HookBase):
@@ -380,18 +386,11 @@ class TensorBoard(HookBase):
         self.writer.flush()
 
     def add_samples(self, step: int) -> None:
-        """The samples picture (photo / truth / prediction of a few val images) after each epoch."""
+        """Photo | truth | prediction of a few val images at each validation, as one image tensor."""
         t = self.trainer
         if getattr(self, "batch", None) is None:  # the same images every epoch: one extra val read per run
             self.batch = first_val_batch(t)
-        picture_file = t.run.root / ".samples-tensorboard.png"
-        draw_samples(t, self.batch, picture_file)
-        from PIL import Image
-
-        with Image.open(picture_file) as picture:
-            image = torch.from_numpy(np.array(picture.convert("RGB"))).permute(2, 0, 1)
-        picture_file.unlink()
-        self.writer.add_image("samples", image, step)
+        self.writer.add_image("samples", sample_grid(*predict_samples(t, self.batch), t.data.palette), step)
 
     def after_train(self) -> None:
         if getattr(self, "writer", None) is not None:  # None: creating it failed

@@ -185,7 +185,9 @@ class MetricsWriter(HookBase):
         t.console.print(iou_table(metrics, t.data.palette.names, title=f"val after epoch {record['epoch']}"))
         line = (f"epoch {record['epoch']}: mean loss {record['loss']:.4f}  val pixel acc {record['pixel_acc']:.4f}  "
                 f"mIoU {fmt(record['miou'], '.4f')}  {record['images_per_s']:.1f} img/s  "
-                f"data wait {record['data_wait_share']:.0%}")
+                f"data wait {record['data_wait_share']:.0%}"
+                + (f" + loader GPU {record['loader_gpu_share']:.0%}" if record.get("loader_gpu_share") is not None
+                   else ""))
         t.console.print(line, soft_wrap=True)
         log.info(line)
 
@@ -345,8 +347,8 @@ class TensorBoard(HookBase):
     no extra device sync), and per epoch val loss, pixel accuracy, mIoU, per-class IoU, images/s,
     data-wait share, GPU fields and the samples image. `tensorboard --logdir runs/`."""
 
-    SCALARS = ("val_loss", "pixel_acc", "miou", "images_per_s", "data_wait_share", "gpu_util", "gpu_mem_gib",
-               "gpu_power_w", "sm_activity")
+    SCALARS = ("val_loss", "pixel_acc", "miou", "images_per_s", "data_wait_share", "loader_gpu_share", "gpu_util",
+               "gpu_mem_gib", "gpu_power_w", "sm_activity")
 
     def events(self) -> Any:
         """Where the writer's errors surface (its thread writes; a full disk shows at the next call):

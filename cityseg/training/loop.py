@@ -432,6 +432,8 @@ class Trainer:
             "lr": self.parts.optimizer.param_groups[0]["lr"],
             "images_per_s": ips,
             "data_wait_share": wait / ws,
+            # a device-side loader's own GPU time on the training stream (None on a CPU): rank 0's
+            "loader_gpu_share": stats["loader_gpu_share"],
             "seconds": stats["seconds"],
             "timed_images": stats["timed_images"],
             "timed_seconds": stats["timed_seconds"],
@@ -459,17 +461,15 @@ class Trainer:
         return metrics
 
     def next_batch(self, batches: Iterator, interrupt: dict[str, int | None]):
-        t = time.perf_counter()
-        try:
-            batch = next(batches, None)
-        except Exception:
-            if interrupt["signum"] is None:
-                raise
-            # A SIGTERM sent to the whole process group (Slurm, systemd) also ended the loader's
-            # workers: the step in flight still finishes and last.pt is saved.
-            batch = None
-        self.meter.waited(time.perf_counter() - t)
-        return batch
+        with self.meter.loading():  # the host's wait, and on a GPU the loader's work on this stream
+            try:
+                return next(batches, None)
+            except Exception:
+                if interrupt["signum"] is None:
+                    raise
+                # A SIGTERM sent to the whole process group (Slurm, systemd) also ended the loader's
+                # workers: the step in flight still finishes and last.pt is saved.
+                return None
 
     def stop_requested(self, interrupt: dict[str, int | None]) -> bool:
         """Ctrl-C/SIGTERM seen by any rank; every rank must call this at the same step."""

@@ -31,6 +31,7 @@ from cityseg.config import (
 )
 from cityseg.errors import OptionError
 from cityseg.options import check_config, read_config_file
+from cityseg.settings import CUDAGRAPH_MODES
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ def resolve_run(values: dict[str, Any] | None = None, *, config_file: Path | Non
     cfg = one_spelling(train_config(layers, on_cpu=on_cpu, smoke=smoke))
     check_config(cfg)
     cfg = classes_from_palette(cfg, source=last_source(layers, "model.num_classes"))
+    check_ddp_compile_mode(cfg.train.compile_mode, world_size())
     cfg, derived = batch_from_rule(cfg, on_cpu=on_cpu)
     if init_from is not None:
         from cityseg.checkpoint import check_init_architecture
@@ -105,6 +107,17 @@ def classes_from_palette(cfg: Config, source: str | None) -> Config:
         raise OptionError(f"{source}: model.num_classes={cfg.model.num_classes} but --palette {cfg.data.palette} "
                           f"makes {count} classes: the palette decides the class count (leave model.num_classes out)")
     return replace(cfg, model=replace(cfg.model, num_classes=count))
+
+
+def check_ddp_compile_mode(mode: str | None, ranks: int) -> None:
+    """Refuse a CUDA-graph compile mode for a multi-rank run (one line, before any rank builds anything):
+    under DDP the gradient all-reduce hooks run between the backward's graphs, and BatchNorm's running
+    statistics are mutated inputs, for which cudagraph trees skip the graphs (pytorch#139207: >10x
+    slower) or fail in eval after train (pytorch#128218)."""
+    if ranks > 1 and mode in CUDAGRAPH_MODES:
+        raise OptionError(f"--compile-mode {mode} records CUDA graphs, which DDP runs cannot use (all-reduce hooks "
+                          "between graphs; BatchNorm statistics as mutated inputs): use default or "
+                          "max-autotune-no-cudagraphs with --nproc")
 
 
 def world_size() -> int:

@@ -10,7 +10,7 @@ import torch
 
 from cityseg.checkpoint import load_checkpoint
 from cityseg.inference.evaluate import evaluate_checkpoint
-from tests.cli_process import Finished
+from tests.cli_process import Finished, run_cli
 from tests.cli_process import torchrun as launch
 from tests.conftest import make_pair_dataset
 
@@ -61,3 +61,18 @@ def test_two_ranks_under_a_time_budget_agree(tmp_path: Path) -> None:
     assert done.returncode == 0, done.output[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["train_seconds"] >= 3.0
+
+
+def test_a_cuda_graph_compile_mode_is_refused_for_several_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before torchrun starts any rank (--nproc), and in a rank that torchrun started (WORLD_SIZE)."""
+    done = run_cli(["train", "--nproc", "2", "--compile-mode", "reduce-overhead", "--device", "cpu"], timeout=60)
+    assert done.returncode == 2, done.output
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "--compile-mode reduce-overhead" in errors[0] and "DDP" in errors[0], done.output
+    from cityseg.errors import OptionError
+    from cityseg.resolve import resolve_run
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(OptionError, match="records CUDA graphs"):
+        resolve_run({"train.compile_mode": "max-autotune", "train.device": "cpu"})
+    assert resolve_run({"train.compile_mode": "max-autotune-no-cudagraphs", "train.device": "cpu"})

@@ -217,6 +217,9 @@ def train(ctx: typer.Context, **options: Any) -> None:  # the options: setting_p
     check_options({"nproc": options["nproc"]})
     values = config_values(given)  # every typed value parsed and in range before torchrun starts ranks
     if options["nproc"] > 1:
+        from cityseg.resolve import check_ddp_compile_mode
+
+        check_ddp_compile_mode(values.get("train.compile_mode"), options["nproc"])
         launch_torchrun(options["nproc"])
     console.quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 speaks for all
     run = resolve_given(values, given)

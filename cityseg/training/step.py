@@ -22,10 +22,7 @@ import torch
 from torch import nn
 
 from cityseg.runtime import Runtime, autocast
-
-# Modes in which torch.compile records CUDA graphs (cudagraph trees): their outputs are overwritten
-# by the next replay, so the step hands back a copy of the loss.
-CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+from cityseg.settings import CUDAGRAPH_MODES  # their graphs' outputs are overwritten by the next replay
 
 
 def step_compile_mode(rt: Runtime, distributed: bool) -> str | None:
@@ -53,8 +50,10 @@ class TrainStep:
         self.mode = step_compile_mode(rt, distributed) if rt.compile and compile_backend == "inductor" else None
         self.cudagraphs = rt.compile and rt.device.type == "cuda" and self.mode in CUDAGRAPH_MODES
 
-        def compiled(fn):
-            return torch.compile(fn, mode=self.mode) if self.mode else torch.compile(fn, backend=compile_backend)
+        def compiled(fn):  # static shapes (the loaders drop the last partial batch): never a dynamic-shape graph
+            if self.mode:
+                return torch.compile(fn, mode=self.mode, dynamic=False)
+            return torch.compile(fn, backend=compile_backend, dynamic=False)
 
         self.forward_loss = compiled(self._forward_loss) if rt.compile else self._forward_loss
         self.lr_tensors: list[torch.Tensor] | None = None

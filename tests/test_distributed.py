@@ -76,3 +76,58 @@ def test_a_cuda_graph_compile_mode_is_refused_for_several_ranks(monkeypatch: pyt
     with pytest.raises(OptionError, match="records CUDA graphs"):
         resolve_run({"train.compile_mode": "max-autotune", "train.device": "cpu"})
     assert resolve_run({"train.compile_mode": "max-autotune-no-cudagraphs", "train.device": "cpu"})
+
+
+def test_ddp_compiles_model_and_loss_as_one_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One gloo rank in this process: the step's DDP module (model and loss inside) compiles to one graph
+    holding the convolutions and the loss's log-softmax together, and its loss and gradients equal an
+    eager single-process step's. A function that calls a DDP model and then the loss compiles to two
+    graphs (model, then loss): that is what `for_ranks` avoids."""
+    import socket
+
+    import torch.distributed as dist
+
+    from cityseg.config import ModelConfig, TrainConfig
+    from cityseg.distributed import DistInfo
+    from cityseg.runtime import Runtime
+    from cityseg.training.losses import build_loss_fn
+    from cityseg.training.setup import build_models, build_optimizer, for_ranks
+    from cityseg.training.step import TrainStep
+
+    with socket.socket() as s:  # a free port on this machine for the one-rank store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        graphs: list[set[str]] = []
+
+        def recording_backend(gm, example_inputs):  # noqa: ARG001
+            graphs.append({str(n.target) for n in gm.graph.nodes if n.op.startswith("call_")})
+            return gm.forward
+
+        rt = Runtime(torch.device("cpu"), "32", compile=True)
+        steps, losses, grads = {}, {}, {}
+        for ranks in ("ddp", "single"):
+            torch.manual_seed(0)
+            model, step_model = build_models(ModelConfig(width=4, depth=2), rt, DistInfo(grouped=ranks == "ddp"), False)
+            loss_fn = build_loss_fn("ce+dice", None)
+            step_model = for_ranks(step_model, loss_fn, rt, DistInfo(grouped=ranks == "ddp"))
+            optimizer = build_optimizer(model, TrainConfig(), rt.device)
+            backend = recording_backend if ranks == "ddp" else "eager"
+            steps[ranks] = TrainStep(step_model, model, loss_fn, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                                     rt, 1.0, compile_backend=backend)
+            g = torch.Generator().manual_seed(1)
+            image = torch.randn(2, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
+            target = torch.randint(0, 19, (2, 32, 32), generator=g)
+            torch._dynamo.reset()
+            steps[ranks].optimizer.step = lambda: None  # compare the gradients of the first step, not an update
+            losses[ranks] = steps[ranks](image, target)
+            grads[ranks] = [p.grad.clone() for p in model.parameters()]
+        torch._dynamo.reset()
+        fused = [ops for ops in graphs if any("convolution" in op or "conv2d" in op for op in ops)]
+        assert len(fused) == 1 and any("log_softmax" in op for op in fused[0]), graphs
+        torch.testing.assert_close(losses["ddp"], losses["single"])
+        for a, b in zip(grads["ddp"], grads["single"], strict=True):
+            torch.testing.assert_close(a, b)
+    finally:
+        dist.destroy_process_group()

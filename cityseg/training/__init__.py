@@ -43,6 +43,7 @@ from cityseg.training.setup import (
     build_optimizer,
     build_scheduler,
     check_training_fits,
+    for_ranks,
     init_weights_from,
     open_loaders,
     prepare_data,
@@ -185,6 +186,7 @@ def run_training(cfg: Config, derived: dict[str, Any], console: Console, dist_in
         clock = TrainClock()
         scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.needs_grad_scaler)
         loss_fn = build_loss(cfg.train, data.train, data.palette.num_classes, rt.device)
+        step_model = for_ranks(step_model, loss_fn, rt, dist_info)
         step = TrainStep(step_model, model, loss_fn, optimizer, scaler, rt, cfg.train.grad_clip)
         parts = Parts(cfg, rt, dist_info, data, model, step, optimizer,
                       build_scheduler(optimizer, cfg.train, len(data.train), clock), scaler, clock)

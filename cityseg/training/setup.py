@@ -35,6 +35,7 @@ from cityseg.palette import IGNORE_INDEX, Palette
 from cityseg.runtime import Runtime, free_memory, resolve_device, resolve_runtime
 from cityseg.training.losses import build_loss_fn
 from cityseg.training.schedule import ProgressLR, TrainClock, planned_warmup, warmup_note
+from cityseg.training.step import ModelWithLoss
 
 
 class TrainingError(UserError):
@@ -130,18 +131,26 @@ def open_loaders(data: RunData, cfg: Config, rt: Runtime, dist_info: DistInfo) -
 
 def build_models(cfg: ModelConfig, rt: Runtime, dist_info: DistInfo, sync_bn: bool) -> tuple[nn.Module, nn.Module]:
     """(model, step_model): the plain module (checkpoints, validation) on the device in channels-last,
-    and what a training step calls: wrapped in DDP across ranks. The step compiles it together with
-    the loss (cityseg/training/step.py), so it is not compiled here."""
+    and the module a training step runs (across ranks with SyncBatchNorm if asked; `for_ranks` then
+    wraps it in DDP together with the loss). The step compiles it with the loss, so not here."""
     model = build_model(cfg).to(rt.device, memory_format=torch.channels_last)
     step_model: nn.Module = model
-    if dist_info.enabled:
-        if sync_bn:
-            if rt.device.type != "cuda":
-                raise TrainingError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel)")
-            step_model = nn.SyncBatchNorm.convert_sync_batchnorm(step_model)
-        ids = [rt.device.index] if rt.device.type == "cuda" else None
-        step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=ids)  # averages gradients
+    if dist_info.enabled and sync_bn:
+        if rt.device.type != "cuda":
+            raise TrainingError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel)")
+        step_model = nn.SyncBatchNorm.convert_sync_batchnorm(step_model)
     return model, step_model
+
+
+def for_ranks(step_model: nn.Module, loss_fn: nn.Module, rt: Runtime, dist_info: DistInfo) -> nn.Module:
+    """Across ranks, DDP around model *and* loss (`ModelWithLoss`): compiled, DDP's own forward stays
+    outside the graph while the model and loss inside it trace as one graph (split only at gradient
+    bucket boundaries by dynamo's DDP optimizer), as on one device; a function calling a DDP model
+    breaks the graph between model and loss. One process: `step_model` as it is."""
+    if not dist_info.enabled:
+        return step_model
+    ids = [rt.device.index] if rt.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(ModelWithLoss(step_model, loss_fn, rt), device_ids=ids)
 
 
 def init_weights_from(model: nn.Module, cfg: ModelConfig, path: Path, init: tuple[dict, ModelConfig],

@@ -34,6 +34,19 @@ def step_compile_mode(rt: Runtime, distributed: bool) -> str | None:
     return "reduce-overhead" if rt.device.type == "cuda" and not distributed else None
 
 
+class ModelWithLoss(nn.Module):
+    """model then loss under the run's autocast, as one module: what DDP wraps (cityseg/training/setup.py
+    `for_ranks`), so that compiling DDP traces the model and the loss as one graph."""
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, rt: Runtime) -> None:
+        super().__init__()
+        self.model, self.loss_fn, self.rt = model, loss_fn, rt
+
+    def forward(self, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with autocast(self.rt):
+            return self.loss_fn(self.model(image), target)
+
+
 class TrainStep:
     """Holds the model, loss, optimiser and scaler of a run and nothing else: restoring their
     state (and the RNG) restores the step."""
@@ -55,7 +68,9 @@ class TrainStep:
                 return torch.compile(fn, mode=self.mode, dynamic=False)
             return torch.compile(fn, backend=compile_backend, dynamic=False)
 
-        self.forward_loss = compiled(self._forward_loss) if rt.compile else self._forward_loss
+        # Across ranks, step_model is DDP around ModelWithLoss: it computes the loss itself.
+        forward_loss = step_model if distributed else self._forward_loss
+        self.forward_loss = compiled(forward_loss) if rt.compile else forward_loss
         self.lr_tensors: list[torch.Tensor] | None = None
         self.clip_and_step = self._clip_and_step
         if rt.compile and compile_optimizer:

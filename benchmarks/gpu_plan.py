@@ -482,10 +482,11 @@ def build_steps(s: dict[str, object], dry: bool) -> list[Step]:
                "--device", "$DEVICE", "--json", "$WORK/train_step-$KIND.json"]],
              f"{s['step.configs']} configs ({s['step.compiles']} compiled, from the warm-up's cache)"),
         Step("batch_auto", 1, py + c["auto_trial"] + c["engine_compile_warm"] + 5,
-             [["batch_auto", *train_cmd("$DATA", "$WORK/auto-run", ["--batch-size", "auto",
+             [["batch_auto", *train_cmd("$REAL", "$WORK/auto-run", ["--batch-size", "auto",
                                                                      *real_flags(s, dry, batch=False)],
                                         int(s["auto.steps"]))]],
-             "`cityseg-fast train --batch-size auto`: its choice (config.json) and the 'batch size auto:' lines"),
+             "`cityseg-fast train --batch-size auto` on run 1's real pairs: its choice (config.json) and the "
+             "'batch size auto:' lines"),
         report("report_1", 1),
         # ---- run 2: carries DALI's part-1, extras and real-1.tar
         Step("unpack", 2, c["unpack"] + 2, [["unpack"]],

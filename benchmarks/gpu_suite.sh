@@ -98,7 +98,7 @@ unpack_dali() {
     echo "DALI: importable already"; return 0
   fi
   local p0 p1 site
-  p0=$(find_file part-0) || { echo "DALI: no part-0 in $KEEP or $DALI_DIR (run 1: bash benchmarks/gpu_stash.sh)"; return 1; }
+  p0=$(find_file part-0) || { echo "DALI: no part-0 in $KEEP or $DALI_DIR (run 1: bash benchmarks/gpu_suite.sh --run 1)"; return 1; }
   p1=$(find_file part-1) || { echo "DALI: no part-1 in $DALI_DIR or $KEEP (carry .dali/part-1)"; return 1; }
   site=${DALI_SITE:-$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')}
   mkdir -p "$site"

@@ -38,6 +38,7 @@ from benchmarks.common import command_line, exit_with, new_parser, result_file
 from kernels.mask_to_class import AUTOTUNE_BLOCKS, block_warps, mask_to_class, mask_to_class_reference
 
 SIZE = 256
+TRAINING_BLOCKS = ",".join(str(block) for block, _ in AUTOTUNE_BLOCKS)  # --blocks' default
 # Peak DRAM bandwidth (GB/s) from the vendors' data sheets, matched against the device name.
 PEAK_GBPS = [
     ("H200", 4800.0),
@@ -312,9 +313,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--full", action="store_true", help="also batch 256")
     ap.add_argument("--batches", default=None,
                     help="comma list of batch sizes (default: GPU 64, 256 with --full; CPU 1,64, 1,64,256 with --full)")
-    training = ",".join(str(b) for b, _ in AUTOTUNE_BLOCKS)
-    ap.add_argument("--blocks", default=training, help="GPU: Triton block sizes to time, one compile each (default: "
-                    f"{training}, the candidates training autotunes over, each with its warps)")
+    ap.add_argument("--blocks", default=TRAINING_BLOCKS, help="GPU: Triton block sizes to time, one compile each "
+                    f"(default: {TRAINING_BLOCKS}, the candidates training autotunes over, each with its warps)")
     ap.add_argument("--reps", type=int, default=7, help="timed runs per CPU case (>= 5)")
     ap.add_argument("--cpu", action="store_true", help="CPU benchmark even when a GPU is present")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")

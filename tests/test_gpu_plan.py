@@ -117,11 +117,11 @@ def test_the_real_data_warm_up_has_the_real_runs_shapes(gpu_steps: list[gpu_plan
     real = next(st for st in gpu_steps if st.name == "real_e2e").commands[0][1:]
 
     def flags(cmd: list[str]) -> dict[str, str]:  # shape-setting flags, and what data it trains on
-        pairs = dict(zip(cmd[4::2], cmd[5::2], strict=False))
-        return {k: v for k, v in pairs.items() if k in ("--data", "--batch-size", "--image-size", "--width",
-                                                         "--depth", "--compile-mode", "--loss", "--upsample")}
+        keys = ("--data", "--batch-size", "--image-size", "--width", "--depth", "--compile-mode", "--loss",
+                "--upsample", "--precision")
+        return {w: cmd[i + 1] for i, w in enumerate(cmd) if w in keys}
 
-    assert flags(warm) == flags(real) and flags(real)["--data"] == "$REAL"
+    assert flags(warm) == flags(real) and flags(real)["--data"] == "$REAL" and "--batch-size" in flags(real)
     with pytest.raises(SystemExit, match="do not fit the first"):
         gpu_plan.pack_real(real_sample, tmp_path / "small", part_mb=0.5)
 

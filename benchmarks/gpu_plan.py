@@ -83,7 +83,7 @@ COSTS = {
     "parallel_compile_slowdown": 1.5,  # assumed: several compiles at once on 16 cores
     "triton_compile": 1.5,  # seen: "seconds each"; ~1 s on this CPU for K = 34 (triton.compile, sm_90)
     "synth_pairs_per_s_core": 200,  # seen on CPU: >= 200 pairs/s on one core (benchmarks/synth_speed.py)
-    "lookup_table": 30,  # assumed: one 2^24-colour table; ~35 CPU-s on an idle core of the CPU machine
+    "lookup_table": 15,  # assumed: one 2^24-colour table on one thread: 8 CPU-s seen on the CPU machine
     "torch_loader_img_s": 120,  # seen on CPU: plain loader, 0 workers, standard augmentation, 256 px
     "step_ms_per_image_w64": 1.0,  # assumed: width 64, 256 px, eager bf16 (width 32: half)
     "real_step_ms": 40,  # assumed: width 32, batch 16, 256 px, compiled, with the loader
@@ -143,6 +143,10 @@ def build_table(which: str) -> int:
     from cityseg.data.loaders import FAR_COLOR_DIST
     from cityseg.palette import cityscapes_palette, far_share, lookup_table
 
+    # One thread: the build runs thousands of small chunks, and intra-op threads then wait on each other at
+    # every barrier when the machine is busy (two builders at once on a loaded 2-core CPU took > 900 s
+    # with torch's default threads; one table on one thread: 8 CPU-seconds).
+    torch.set_num_threads(1)
     if which == "palette":
         lookup_table(cityscapes_palette())
     else:

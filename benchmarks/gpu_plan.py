@@ -11,7 +11,8 @@ costs measured on the H200 (or assumed, and over-estimated, where not measured y
 
 The lease (../shared/device/README.md): 15 minutes on one H100 (80 GB) or H200, machine start, two
 runs and the idle wait between them included, and >= 150 s of it left unplanned (no run has a retry
-otherwise). Run 1 carries DALI's part-0 and the first real pairs and does every step that needs no DALI
+otherwise). Run 1 carries DALI's part-0, the first real pairs and .dali/extras (cityscapesscripts, which
+cityseg.palette imports) and does every step that needs no DALI
 (tests, kernel, train-step, `--batch-size auto`, the compile warm-up of every later graph); run 2
 carries part-1 and does what needs DALI (its tests, the loaders, the real-data run). `lease()` adds it
 up; a plan that leaves less than LEASE_FREE_S is an error.
@@ -461,7 +462,7 @@ def build_steps(s: dict[str, object], dry: bool) -> list[Step]:
         name, run, py + 2, [["$PYTHON", "-m", "benchmarks.report", "--results", "$WORK", "--out",
                              "$WORK/benchmarks-report.md"]], "benchmarks.report over the results; then $OUT is packed")
     steps = [
-        # ---- run 1: carries DALI's part-0 and real-0.tar (every val pair, some train pairs)
+        # ---- run 1: carries DALI's part-0, real-0.tar (every val pair, some train pairs) and extras
         Step("stash", 1, 4, [["stash"]],
              "part-0 and real-0.tar into /tmp/keep for run 2; real-0's pairs unpacked for the warm-up"),
         Step("prepare", 1, max(c["cold_start"] + 5, py + synth_n / (c["synth_pairs_per_s_core"] * GPU_CORES) + 2,
@@ -677,7 +678,8 @@ def pack_real(src: Path, dest: Path, part_mb: float = REAL_PART_MB, batch: int |
 
 def transfer_check(dali_dir: Path) -> list[str]:
     """Each run's carried files against the 64 MiB a run may carry (when the parts exist here)."""
-    runs = {1: ["part-0", "real-0.tar"], 2: ["part-1", "real-1.tar", "extras"]}
+    # extras (cityscapesscripts: cityseg.palette imports it) travel with both runs: ~0.3 MB.
+    runs = {1: ["part-0", "real-0.tar", "extras"], 2: ["part-1", "real-1.tar", "extras"]}
     out = []
     for run, names in runs.items():
         paths = [dali_dir / n for n in names if (dali_dir / n).exists()]

@@ -6,7 +6,7 @@
 # the loaders, real pairs trained to a pixel-accuracy target). The plan (steps, runs, commands, sizes,
 # caps, the lease's free time) comes from benchmarks/gpu_plan.py, printed first and checked there.
 #
-#   bash benchmarks/gpu_suite.sh --run 1                          # GPU machine, run 1 (carry part-0, real-0.tar)
+#   bash benchmarks/gpu_suite.sh --run 1                          # GPU machine, run 1 (part-0, real-0.tar, extras)
 #   bash benchmarks/gpu_suite.sh --run 2                          # GPU machine, run 2 (part-1, extras, real-1.tar)
 #   DRY_RUN=1 OUT=/tmp/gpu-dry bash benchmarks/gpu_suite.sh       # on a CPU: both runs' steps, tiny sizes
 #   bash benchmarks/gpu_suite.sh --dry-run                        # the same

@@ -214,7 +214,7 @@ real_e2e() {  # the real-data run; its summary.json (timings, time to the target
 batch_auto() {  # `--batch-size auto` on this device: what it chose (config.json) and its "batch size auto:" lines
   trap ':' TERM
   # Its own cache folder with the shared lookup tables but no remembered choice: the trial runs here.
-  local cache=$WORK/auto-cache rc=0
+  local cache=$WORK/../auto-cache rc=0  # beside $WORK: 32 MB of tables stay out of the archive
   mkdir -p "$cache" && cp "$CITYSEG_CACHE"/lut-*.bin "$cache/" 2>/dev/null
   # Into a file, not a pipe: the cap's SIGTERM would end a `tee` and break the run's output mid-summary.
   CITYSEG_CACHE=$cache "$@" > "$WORK/batch-auto.log" 2>&1 || rc=$?

@@ -119,9 +119,10 @@ def _mask_to_class_kernel(
 # autotuning well under a second; the key holds a size bucket, so a config tuned on one mask is
 # not reused for a batch of 64. CITYSEG_KERNEL_BLOCK=N pins one block size (no autotuning: tests,
 # and the GPU suite's compile budget).
-_AUTOTUNE_CONFIGS = [
-    triton.Config({"BLOCK": block}, num_warps=warps) for block, warps in ((1024, 4), (2048, 8), (4096, 8))
-]
+# (BLOCK, num_warps) of each candidate: one definition, read by benchmarks/mask_kernel.py, which times
+# exactly these; a pinned block (block_size=, CITYSEG_KERNEL_BLOCK) launches with its warps from here.
+AUTOTUNE_BLOCKS: tuple[tuple[int, int], ...] = ((1024, 4), (2048, 8), (4096, 8))
+_AUTOTUNE_CONFIGS = [triton.Config({"BLOCK": block}, num_warps=warps) for block, warps in AUTOTUNE_BLOCKS]
 _PINNED_BLOCK = "CITYSEG_KERNEL_BLOCK"
 _kernels: dict[str, object] = {}
 
@@ -148,6 +149,11 @@ def _kernel(device: torch.device, tuned: bool):
             do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles),
         )(jit)
     return _kernels["tuned"] if tuned else _kernels["jit"]
+
+
+def block_warps(block: int) -> int:
+    """The warps a block launches with: its autotuning candidate's, else Triton's default of 4."""
+    return dict(AUTOTUNE_BLOCKS).get(block, 4)
 
 
 def _interpreting() -> bool:
@@ -282,6 +288,8 @@ def mask_to_class_triton(
     meta = {"K": table.shape[0], "PACKED": packed, "HAS_LIMIT": max_dist is not None, "IGNORE": IGNORE_INDEX}
     if block is not None:
         meta["BLOCK"] = block
+        if not interp:  # as the autotuner launches this block (Triton's default: 4 warps)
+            meta["num_warps"] = block_warps(block)
     rows = max(1, _MAX_PIXELS_PER_LAUNCH // (H * W))
     if H * W > _MAX_PIXELS_PER_LAUNCH:
         raise ValueError(f"a single {H}x{W} mask has more than 2^31 pixels")

@@ -29,12 +29,16 @@ def cache_key() -> str:
 # table built by other code (an older checkout, a planted bug's undo) is never read, and a session
 # after no change to that code reuses the tables (a table is ~35 CPU-seconds to build on 2 cores).
 # Subprocess tests inherit these variables.
+# The lookup tables and compile caches a caller set are kept (the GPU suite shares one between its
+# steps: the tables verify themselves on load), unless under ~/.cache.
 SESSION_CACHE = ROOT / ".pytest_cache" / "cityseg" / cache_key()
-os.environ["CITYSEG_CACHE"] = str(SESSION_CACHE / "cityseg")
+KEPT_CACHES = {"CITYSEG_CACHE": "cityseg", "TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
+for _var, _name in KEPT_CACHES.items():  # else ~/.cache/cityseg, /tmp/torchinductor_$USER, ~/.triton/cache
+    if not os.environ.get(_var) or Path(os.environ[_var]).expanduser().resolve().is_relative_to(
+            (Path.home() / ".cache").resolve()):
+        os.environ[_var] = str(SESSION_CACHE / _name)
 os.environ["XDG_CACHE_HOME"] = str(SESSION_CACHE / "xdg")  # pip, torch hub, fontconfig, ...
 os.environ["MPLCONFIGDIR"] = str(SESSION_CACHE / "matplotlib")  # else ~/.cache/matplotlib or ~/.matplotlib
-os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(SESSION_CACHE / "inductor")  # else /tmp/torchinductor_$USER
-os.environ["TRITON_CACHE_DIR"] = str(SESSION_CACHE / "triton")  # else ~/.triton/cache
 os.environ["TORCH_HOME"] = str(SESSION_CACHE / "torch")  # else ~/.cache/torch
 
 import numpy as np  # noqa: E402  (after the cache folder is set)

@@ -235,6 +235,13 @@ def colorize(class_ids: torch.Tensor, palette: Palette) -> torch.Tensor:
 
 def far_share(rgb: torch.Tensor, palette: Palette, max_dist: float) -> float:
     """Share of pixels of `rgb` (..., 3) uint8 farther than `max_dist` from every centre of `palette`
-    (void colours count as near: they are real palette colours)."""
-    probe = Palette(palette.centers, torch.zeros_like(palette.classes), ("near",), palette.colors[:1], max_dist)
-    return (map_colors_lut(rgb, probe, torch.uint8) == IGNORE_INDEX).float().mean().item()
+    (void colours count as near: they are real palette colours). Measured on the distinct colours
+    (a mask holds a few thousand at most) through the reference: no 2^24-entry table per distance."""
+    codes = rgb.reshape(-1, 3).to(torch.int32)
+    if codes.shape[0] == 0:
+        return float("nan")
+    colours, counts = torch.unique((codes[:, 0] << 16) | (codes[:, 1] << 8) | codes[:, 2], return_counts=True)
+    rgb_unique = torch.stack([colours >> 16, (colours >> 8) & 255, colours & 255], dim=1).to(torch.uint8)
+    near_all = torch.zeros_like(palette.classes)
+    far = map_colors_reference(rgb_unique, palette.centers, near_all, max_dist) == IGNORE_INDEX
+    return counts[far].sum().item() / codes.shape[0]

@@ -39,14 +39,17 @@ class _NarrowProgress(Progress):
 class StepProgress:
     """`with StepProgress(console, "epoch 1/8", total=371, done=0) as bar: bar.step(done, status, log)`."""
 
-    def __init__(self, console: Console, title: str, total: int, done: int = 0) -> None:
-        self.console, self.title, self.total = console, title, total
+    def __init__(self, console: Console, title: str, total: int, done: int = 0, own_eta: bool = True) -> None:
+        """`own_eta=False`: the caller puts the one ETA that matters in `status` (training shows the
+        run's, not the epoch's: two disagreeing ETAs on one line left users guessing)."""
+        self.console, self.title, self.total, self.own_eta = console, title, total, own_eta
         self.start_done, self.t0 = done, time.perf_counter()
         self.bar: Progress | None = None
         if console.is_terminal:
             self.bar = _NarrowProgress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=console, transient=False,
+                TextColumn("{task.fields[status]}"), *([TimeRemainingColumn()] if own_eta else []), console=console,
+                transient=False,
             )
             self.task = self.bar.add_task(escape(title), total=total, completed=done, status="")
 
@@ -73,5 +76,6 @@ class StepProgress:
         if self.bar is not None:
             self.bar.update(self.task, completed=done, status=status)
         elif log:
-            self.console.print(f"{self.title} step {done}/{self.total}  {status}  eta {format_eta(self.eta(done))}",
+            eta = f"  eta {format_eta(self.eta(done))}" if self.own_eta else ""
+            self.console.print(f"{self.title} step {done}/{self.total}  {status}{eta}",
                                markup=False, highlight=False, soft_wrap=True)

@@ -43,18 +43,30 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from cityseg.data.contract import LoaderSpec  # noqa: E402
-from cityseg.palette import cityscapes_palette  # noqa: E402
+from cityseg.palette import cityscapes_palette, lookup_table  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def lookup_tables() -> None:
+    """The lookup table every training run uses, built (or read from the session cache) once, before
+    the first test that needs it, inside pytest's clock: the printed time is the suite's wall time, and
+    subprocess tests read the table from the cache instead of each building its own."""
+    lookup_table(cityscapes_palette())
+
+
+ROOT_AT_START: set[str] = set()
 
 
 def pytest_sessionstart(session) -> None:
-    """Build the two lookup tables every training run uses (the palette's, and the far-colour probe
-    of the data check) before the first test, when their code changed: their cost counts against no
-    test's deadline."""
-    from cityseg.data.loaders import FAR_COLOR_DIST
-    from cityseg.palette import far_share, lookup_table
+    ROOT_AT_START.update(p.name for p in ROOT.iterdir())
 
-    lookup_table(cityscapes_palette())
-    far_share(torch.zeros(1, 3, dtype=torch.uint8), cityscapes_palette(), FAR_COLOR_DIST)
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """A test that leaves a file at the repository root fails the session (tests write into tmp_path)."""
+    left = sorted({p.name for p in ROOT.iterdir()} - ROOT_AT_START - {".pytest_cache", ".hypothesis", ".ruff_cache"})
+    if left:
+        print(f"\nerror: the tests left these at the repository root: {left}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def real_sample_dir() -> Path | None:

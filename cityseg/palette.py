@@ -29,6 +29,7 @@ from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 from cityseg.errors import OutputError
 from cityseg.options import read_palette_file
 from cityseg.outputs import atomic_file, atomic_write, cache_dir, ensure_dir
+from cityseg.progress import stage
 from kernels.mask_to_class import build_lut, mask_to_class, mask_to_class_lut, mask_to_class_reference
 
 IGNORE_INDEX = 255
@@ -186,7 +187,8 @@ def _load_or_build_lut(palette: Palette, path: Path) -> torch.Tensor:
     table, problem = _read_cached_lut(palette, path)
     if table is not None:
         return torch.from_numpy(table.copy())
-    table = build_lut(palette.centers, palette.classes, palette.max_dist).numpy()
+    with stage(f"colour lookup table: building it for {path}", "once: later runs read it; ~1-3 s"):
+        table = build_lut(palette.centers, palette.classes, palette.max_dist).numpy()
     if problem:
         _say_once(f"{path}: cached colour lookup table {problem}: rebuilt")
     ensure_dir(path.parent, "cache folder ($CITYSEG_CACHE, default ~/.cache/cityseg)")

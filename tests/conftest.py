@@ -69,6 +69,12 @@ def pytest_sessionfinish(session, exitstatus) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+# The flags of a tiny CPU run, in one place: 32 px, width 4, depth 2, batch 2, eager (loader workers at
+# their default, as users run it). TINY_FP32 also turns autocast off.
+TINY = ["--device", "cpu", "--no-compile", "--image-size", "32", "--width", "4", "--depth", "2", "--batch-size", "2"]
+TINY_FP32 = [*TINY, "--no-amp"]
+
+
 def real_sample_dir() -> Path | None:
     path = Path(os.environ.get("CITYSEG_REAL_SAMPLE", ROOT.parent / "shared" / "data" / "cityscapes_pairs_sample"))
     return path if (path / "train").is_dir() and (path / "val").is_dir() else None

@@ -12,10 +12,8 @@ from cityseg.checkpoint import load_checkpoint
 from cityseg.inference.evaluate import evaluate_checkpoint
 from tests.cli_process import Finished
 from tests.cli_process import torchrun as launch
+from tests.conftest import TINY_FP32 as TINY
 from tests.conftest import make_pair_dataset
-
-TINY = ["--device", "cpu", "--no-compile", "--no-amp", "--image-size", "32", "--width", "4", "--depth", "2",
-        "--batch-size", "2"]  # loader workers at their default (2), as users run it
 
 
 def torchrun(*args: str) -> Finished:

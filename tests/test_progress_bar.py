@@ -81,3 +81,26 @@ def test_one_eta_the_runs_and_never_past_the_time_budget() -> None:
     bar = StepProgress(Console(file=out, width=200), "epoch 1/10", total=50, own_eta=False)
     bar.step(25, "step loss 0.5  3.0 img/s  eta 0:00:30", log=True)
     assert out.getvalue().strip() == "epoch 1/10 step 25/50  step loss 0.5  3.0 img/s  eta 0:00:30"
+
+
+def test_a_cpu_run_on_real_data_at_the_gpu_sizes_is_told_its_time_and_the_cpu_recipe() -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from cityseg.config import Config, DataConfig, ModelConfig, TrainConfig
+    from cityseg.training.setup import cpu_advice
+
+    cpu, gpu = SimpleNamespace(device=torch.device("cpu")), SimpleNamespace(device=torch.device("cuda"))
+    real = Config(data=DataConfig(data_dir="d", image_size=256, batch_size=8), model=ModelConfig(width=32),
+                  train=TrainConfig(epochs=10))
+    advice = cpu_advice(real, cpu, steps_per_epoch=372, step_s=5.0)
+    assert "--image-size 128 --width 16 --batch-size 8" in advice, advice
+    assert "about 0:31:00 an epoch (372 steps at the warm-up's 5.0 s a step), 5:10:00 for 10 epochs" in advice, advice
+    budget = Config(data=real.data, model=real.model, train=TrainConfig(time_budget_s=1200.0))
+    assert "the --time-budget of 0:20:00" in cpu_advice(budget, cpu, 372, 5.0)
+    recipe = Config(data=DataConfig(data_dir="d", image_size=128, batch_size=8), model=ModelConfig(width=16))
+    synthetic = Config(data=DataConfig(image_size=256), model=ModelConfig(width=32))
+    assert cpu_advice(recipe, cpu, 372, 1.0) is None  # already the CPU recipe
+    assert cpu_advice(synthetic, cpu, 372, 1.0) is None  # the synthetic set has its own CPU preset
+    assert cpu_advice(real, gpu, 372, 1.0) is None

@@ -19,10 +19,8 @@ from cityseg.training import TrainingError, train
 from cityseg.training.loop import HookBase
 from cityseg.training.step import TrainStep
 from tests.cli_process import TORCHRUN_EXIT_GRACE_S, CliProcess
+from tests.conftest import TINY_FP32 as TINY
 from tests.conftest import make_pair_dataset
-
-TINY = ["--device", "cpu", "--no-compile", "--no-amp", "--image-size", "32", "--width", "4", "--depth", "2",
-        "--batch-size", "2"]
 
 
 def config(data: Path, out: Path, **train_kw) -> Config:

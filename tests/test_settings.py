@@ -23,9 +23,7 @@ from cityseg.resolve import resolve_run
 from cityseg.settings import MAX_EPOCHS
 from cityseg.training import train
 from tests.cli_process import run_cli
-from tests.conftest import ROOT, make_pair_dataset
-
-TINY = ["--device", "cpu", "--no-compile", "--image-size", "32", "--width", "4", "--depth", "2", "--batch-size", "2"]
+from tests.conftest import ROOT, TINY, make_pair_dataset
 
 
 def train_options() -> dict[str, object]:

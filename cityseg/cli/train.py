@@ -216,6 +216,8 @@ def train(ctx: typer.Context, **options: Any) -> None:  # the options: setting_p
     if options["nproc"] > 1:
         launch_torchrun(options["nproc"])
     console.quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 speaks for all
+    if not options["print_config_only"]:  # the first line within a second: PyTorch alone takes 2-15 s to load
+        console.print("start-up: loading PyTorch and the training code ...", soft_wrap=True)
     run = resolve_given(values, given)
     if options["print_config_only"]:
         sys.stdout.write(config_text(run.config))  # not through Rich: exactly the file's text, never wrapped

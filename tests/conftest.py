@@ -37,13 +37,17 @@ os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(SESSION_CACHE / "inductor")  # else 
 os.environ["TRITON_CACHE_DIR"] = str(SESSION_CACHE / "triton")  # else ~/.triton/cache
 os.environ["TORCH_HOME"] = str(SESSION_CACHE / "torch")  # else ~/.cache/torch
 
-import numpy as np  # noqa: E402  (after the cache folder is set)
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
-from cityseg.data.contract import LoaderSpec  # noqa: E402
-from cityseg.palette import cityscapes_palette, lookup_table  # noqa: E402
+import pytest  # noqa: E402
+
+# torch, numpy and the package are imported by the fixtures and helpers that use them, not here: pytest
+# imports this file before its clock starts, and PyTorch alone takes 2-15 s to load on 2 cores, which
+# the printed suite time would leave out.
+if TYPE_CHECKING:
+    import numpy as np
+
+    from cityseg.data.contract import LoaderSpec
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -51,6 +55,8 @@ def lookup_tables() -> None:
     """The lookup table every training run uses, built (or read from the session cache) once, before
     the first test that needs it, inside pytest's clock: the printed time is the suite's wall time, and
     subprocess tests read the table from the cache instead of each building its own."""
+    from cityseg.palette import cityscapes_palette, lookup_table
+
     lookup_table(cityscapes_palette())
 
 
@@ -90,6 +96,10 @@ def real_sample() -> Path:
 
 def block_mask(rng: np.random.Generator, size: int, blocks: int = 4) -> np.ndarray:
     """A size x size mask of `blocks` x `blocks` rectangles in random Cityscapes train colours."""
+    import numpy as np
+
+    from cityseg.palette import cityscapes_palette
+
     colors = cityscapes_palette().colors.numpy()
     ids = rng.integers(0, len(colors), (blocks, blocks))
     cells = np.kron(ids, np.ones((size // blocks + 1, size // blocks + 1), dtype=np.int64))[:size, :size]
@@ -97,6 +107,9 @@ def block_mask(rng: np.random.Generator, size: int, blocks: int = 4) -> np.ndarr
 
 
 def write_pair(path: Path, photo: np.ndarray, mask: np.ndarray, fmt: str = "JPEG", quality: int = 95) -> Path:
+    import numpy as np
+    from PIL import Image
+
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate([photo, mask], axis=1)).save(path, fmt, quality=quality)
     return path
@@ -105,6 +118,8 @@ def write_pair(path: Path, photo: np.ndarray, mask: np.ndarray, fmt: str = "JPEG
 def make_pair_dataset(root: Path, n_train: int = 8, n_val: int = 4, size: int = 32, seed: int = 0,
                       photo_is_mask: bool = False) -> Path:
     """Learnable toy pairs: the photo is the mask's colours darkened, plus noise (or exactly the mask)."""
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("val", n_val)):
         for i in range(1, n + 1):
@@ -124,6 +139,10 @@ def pair_dataset(tmp_path: Path) -> Path:
 
 def spec(**kw) -> LoaderSpec:
     """A LoaderSpec from keywords (a device may be given as a string)."""
+    import torch
+
+    from cityseg.data.contract import LoaderSpec
+
     if "device" in kw:
         kw["device"] = torch.device(kw["device"])
     return LoaderSpec(**kw)

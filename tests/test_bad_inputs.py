@@ -205,6 +205,7 @@ def test_fuzz_image_shapes_validator_and_loader_agree(tmp_path: Path, h: int, w:
 # -- interrupted runs ------------------------------------------------------------------------------
 # Ctrl-C and SIGTERM mid-epoch: tests/e2e/test_commands.py.
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)  # a 12-epoch run, then the same run killed three times
 def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     """SIGKILL to the whole process (workers too), each time after the run made progress, also while

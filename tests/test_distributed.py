@@ -21,6 +21,7 @@ def torchrun(*args: str) -> Finished:
     return launch(["train", *args], timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1500)  # three 2-rank runs
 def test_two_rank_gloo_run_and_exact_resume(tmp_path: Path) -> None:
     data = make_pair_dataset(tmp_path / "data", n_train=10, n_val=5)

@@ -129,6 +129,7 @@ def test_class_weights_are_inverse_sqrt_frequencies_of_the_train_masks(tmp_path:
     assert want.max() > 2 * want[present].min()  # frequencies differ enough for a wrong formula to show
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)  # inductor compiles C++ on a loaded CPU
 def test_inductor_compile_matches_eager() -> None:
     """torch.compile with its default backend (inductor, C++ on the CPU), as --compile runs it."""

@@ -193,7 +193,7 @@ def config_text(cfg: Config) -> str:
             node = node[section]
         node.pop(leaf, None)
     header = "# cityseg-fast train --config FILE reads this back (the run folder, --out, is not part of it)\n"
-    return header + yaml.safe_dump(tree, sort_keys=False, default_flow_style=None)
+    return header + yaml.safe_dump(tree, sort_keys=False, default_flow_style=False)  # block style throughout
 
 
 def options_table() -> str:

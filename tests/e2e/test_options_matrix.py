@@ -154,6 +154,7 @@ def test_train_options_reach_the_run(run_a: tuple[Path, str]) -> None:
     assert not list(out.rglob("events.out.tfevents*"))  # --no-tensorboard
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)  # torch.compile with inductor on a loaded CPU
 def test_train_options_that_exclude_the_first_run(clean: Path, tmp_path: Path) -> None:
     out = tmp_path / "b"

@@ -241,6 +241,7 @@ def test_check_data_options(data: Path, names: tuple[str, str]) -> None:
     assert "within 60" in done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)  # three benchmark processes, one compiling
 def test_bench_train_e2e_kernel_quickest(tmp_path: Path) -> None:
     """bench train / e2e / kernel once each at their quickest sizes, each result file holding what was asked."""

@@ -94,6 +94,9 @@ def test_far_share_counts_the_pixels_far_from_every_centre() -> None:
         assert 0.05 < want < 0.95  # the case separates near from far
         assert far_share(rgb, p, max_dist) == want
     assert far_share(p.centers.to(torch.uint8), p, 1.0) == 0.0  # every centre is near itself
+    # Pixels count, not distinct colours: one far colour on 3 of 4 pixels, one palette colour on the other.
+    block = torch.tensor([[[255, 255, 255]] * 3 + [p.colors[0].tolist()]], dtype=torch.uint8)
+    assert far_share(block, p, 30.0) == 0.75
 
 
 def test_the_fast_table_build_is_the_reference_on_every_colour() -> None:

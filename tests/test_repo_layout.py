@@ -23,3 +23,13 @@ def test_the_root_holds_only_the_layout() -> None:
     assert tracked - LAYOUT == set(), f"tracked files at the root outside the layout: {sorted(tracked - LAYOUT)}"
     assert untracked - LAYOUT == set(), f"untracked files at the root outside the layout: {sorted(untracked - LAYOUT)}"
     assert {"cityseg", "kernels", "tests", "pyproject.toml", "README.md"} <= tracked
+
+
+def test_ci_runs_the_readmes_test_commands() -> None:
+    """.ci/run's install-and-test line is the README's, both tiers: CI fails where a newcomer would."""
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci == "pip install -e '.[test]' && pytest -q && pytest -q -m slow", ci
+    readme = (ROOT / "README.md").read_text()
+    assert "pip install -e '.[test]' && pytest -q && pytest -q -m slow" in readme
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert "addopts = \"-ra -m 'not slow'\"" in pyproject  # `pytest -q` leaves the slow tier to `-m slow`

@@ -305,11 +305,36 @@ def mask_to_class_triton(
 
 
 def build_lut(centers: torch.Tensor, classes: torch.Tensor, max_dist: float | None = None) -> torch.Tensor:
-    """All 2^24 colours through the reference: a (2^24,) uint8 table indexed by r << 16 | g << 8 | b
-    (a few seconds on one core; `cityseg.palette.lookup_table` caches it on disk)."""
+    """All 2^24 colours as the reference maps them: a (2^24,) uint8 table indexed by
+    r << 16 | g << 8 | b (`cityseg.palette.lookup_table` caches it on disk).
+
+    Integer centres (every built-in palette): squared distances are whole numbers below 2^18, which
+    float32 holds exactly, so int32 sums of per-channel squares give the reference's distances and its
+    first-minimum ties. Built one red value at a time from (K, 256) tables: one add and a min per
+    entry instead of the reference's nine operations, ~1 s on one core and 10 MB of scratch.
+    Other centres go through the reference itself."""
     _check_table(centers, classes)
     if classes.min() < 0 or classes.max() > 255:
         raise ValueError("class ids must fit in a byte for the lookup table")
+    c = centers.detach().cpu().to(torch.float64)
+    if not bool(((c == c.round()) & (c >= 0) & (c <= 255)).all()):
+        return _build_lut_reference(centers, classes, max_dist)
+    values = torch.arange(256, dtype=torch.int32)
+    squares = (c.to(torch.int32)[:, :, None] - values) ** 2  # (K, 3, 256): (c_k - v)^2 per channel
+    green_blue = squares[:, 1, :, None] + squares[:, 2, None, :]  # (K, 256, 256)
+    cls = classes.cpu().to(torch.uint8)
+    limit = _limit(max_dist)
+    table = torch.empty(256, 1 << 16, dtype=torch.uint8)
+    for red in range(256):
+        best, idx = (green_blue + squares[:, 0, red, None, None]).reshape(len(c), -1).min(dim=0)
+        ids = cls[idx]
+        if max_dist is not None:
+            ids[best > limit] = IGNORE_INDEX
+        table[red] = ids
+    return table.reshape(-1)
+
+
+def _build_lut_reference(centers: torch.Tensor, classes: torch.Tensor, max_dist: float | None) -> torch.Tensor:
     codes = torch.arange(1 << 24, dtype=torch.int64)
     rgb = torch.stack([codes >> 16, (codes >> 8) & 255, codes & 255], dim=1).to(torch.uint8)
     ids = mask_to_class_reference(rgb.view(1, -1, 1, 3), centers.cpu(), classes.cpu(), max_dist)

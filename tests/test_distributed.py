@@ -12,10 +12,8 @@ from cityseg.checkpoint import load_checkpoint
 from cityseg.inference.evaluate import evaluate_checkpoint
 from tests.cli_process import Finished, run_cli
 from tests.cli_process import torchrun as launch
+from tests.conftest import TINY_FP32 as TINY
 from tests.conftest import make_pair_dataset
-
-TINY = ["--device", "cpu", "--no-compile", "--no-amp", "--image-size", "32", "--width", "4", "--depth", "2",
-        "--batch-size", "2"]  # loader workers at their default (2), as users run it
 
 
 def torchrun(*args: str) -> Finished:
@@ -23,6 +21,7 @@ def torchrun(*args: str) -> Finished:
     return launch(["train", *args], timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1500)  # three 2-rank runs
 def test_two_rank_gloo_run_and_exact_resume(tmp_path: Path) -> None:
     data = make_pair_dataset(tmp_path / "data", n_train=10, n_val=5)

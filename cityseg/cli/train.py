@@ -196,7 +196,7 @@ def config_text(cfg: Config, derived: dict[str, Any] | None = None) -> str:
     if derived:
         tree["resolved"] = derived
     header = "# cityseg-fast train --config FILE reads this back (the run folder, --out, is not part of it)\n"
-    return header + yaml.safe_dump(tree, sort_keys=False, default_flow_style=None)
+    return header + yaml.safe_dump(tree, sort_keys=False, default_flow_style=False)  # block style throughout
 
 
 def options_table() -> str:
@@ -222,6 +222,8 @@ def train(ctx: typer.Context, **options: Any) -> None:  # the options: setting_p
         check_ddp_compile_mode(values.get("train.compile_mode"), options["nproc"])
         launch_torchrun(options["nproc"])
     console.quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 speaks for all
+    if not options["print_config_only"]:  # the first line within a second: PyTorch alone takes 2-15 s to load
+        console.print("start-up: loading PyTorch and the training code ...", soft_wrap=True)
     run = resolve_given(values, given)
     if options["print_config_only"]:
         # Not through Rich: exactly the file's text, never wrapped.

@@ -39,7 +39,7 @@ from cityseg.runtime import free_memory
 Format = Literal["onnx", "torchscript"]
 FORMATS: tuple[str, ...] = ("onnx", "torchscript")
 ONNX_OPSET = 18  # the dynamo exporter's native opset: asking for an older one adds a lossy conversion pass
-ONNX_PACKAGES = ("onnx", "onnxscript")
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # export, then the parity check: the `export` extra
 
 
 class ExportError(UserError):
@@ -119,7 +119,9 @@ def check_export_fits(cfg: Config, size: int) -> None:
 def require_onnx() -> None:
     missing = [m for m in ONNX_PACKAGES if importlib.util.find_spec(m) is None]
     if missing:
-        raise ExportError("ONNX export needs the onnx and onnxscript packages: pip install onnx onnxscript")
+        raise ExportError(f"ONNX export needs the `export` extra ({', '.join(ONNX_PACKAGES)}; missing: "
+                          f"{', '.join(missing)}): pip install 'cityseg-fast[export]' (from a checkout: "
+                          "pip install -e '.[export]')")
 
 
 def export_torchscript(model: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, Any]) -> None:
@@ -151,7 +153,7 @@ def run_exported(path: str | os.PathLike, fmt: str, images: torch.Tensor) -> tor
             return torch.jit.load(str(path), map_location="cpu")(x)
     if fmt == "onnx":
         if importlib.util.find_spec("onnxruntime") is None:
-            raise ExportError("checking an ONNX export needs onnxruntime: pip install onnxruntime")
+            require_onnx()  # names the whole `export` extra, not one package at a time
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -28,6 +28,7 @@ from cityseg.errors import InterruptedNow, UserError
 from cityseg.model import describe
 from cityseg.outputs import cache_dir, claim_run_folder, is_free, write_error_log
 from cityseg.palette import Palette, save_palette
+from cityseg.progress import startup_console
 from cityseg.report import RunFolder, device_name, write_json
 from cityseg.resolve import ResolvedRun, resolved_from_config
 from cityseg.runtime import resolve_device, use_compile_cache
@@ -88,7 +89,8 @@ def train(cfg: Config | ResolvedRun, console: Console | None = None, on_step: Ca
     if not dist_info.is_main:
         console = Console(quiet=True)
     try:
-        return _train(run, console, dist_info, on_step, hooks or [], zero)
+        with startup_console(console):  # the start-up stages (data, lookup table, checks, warm-up) say what they do
+            return _train(run, console, dist_info, on_step, hooks or [], zero)
     finally:
         cleanup(dist_info)
 

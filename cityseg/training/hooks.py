@@ -98,30 +98,31 @@ class Progress(HookBase):
         if self.t0 is None:
             self.t0 = time.perf_counter()
         of = "" if t.cfg.train.epochs == MAX_EPOCHS else f"/{t.cfg.train.epochs}"  # a time budget decides
-        self.bar = StepProgress(t.console, f"epoch {t.epoch + 1}{of}", len(t.data.train), t.step_in_epoch).__enter__()
+        self.bar = StepProgress(t.console, f"epoch {t.epoch + 1}{of}", len(t.data.train), t.step_in_epoch,
+                               own_eta=False).__enter__()
 
     def after_step(self) -> None:
         t = self.trainer
         if t.log_step:  # the loop read the loss (a device sync) on this step
             self.loss_text = f"step loss {t.loss_value:.3f}  "  # this step's; the epoch line gives the mean
-        self.bar.step(t.step_in_epoch, f"{self.loss_text}{self.telemetry.live()}  run eta {format_eta(self.run_eta())}",
+        self.bar.step(t.step_in_epoch, f"{self.loss_text}{self.telemetry.live()}  eta {format_eta(self.run_eta())}",
                       log=t.log_step)
         if t.step_in_epoch == len(t.data.train) or t.out_of_steps() or t.out_of_time():
             self.close()  # the epoch's last step: its bar ends above the validation bar, not below it
 
     def run_eta(self) -> float | None:
-        """Seconds left in the whole run: the time budget's rest, or the remaining steps of all epochs
-        (and --max-steps) at this session's pace, validation not included."""
+        """Seconds left in the whole run (the one ETA shown): the remaining steps of all epochs (and
+        --max-steps) at this session's pace, validation not included, and never past the time budget."""
         t = self.trainer
-        if t.cfg.train.time_budget_s is not None:
-            return max(0.0, t.cfg.train.time_budget_s - t.clock.seconds)
         total = t.cfg.train.epochs * len(t.data.train)
         if t.cfg.train.max_steps:
             total = min(total, t.cfg.train.max_steps)
         done = t.global_step - self.first_step
-        if done <= 0:
-            return None
-        return (total - t.global_step) * (time.perf_counter() - self.t0) / done
+        by_steps = None if done <= 0 else (total - t.global_step) * (time.perf_counter() - self.t0) / done
+        if t.cfg.train.time_budget_s is None:
+            return by_steps
+        budget_left = max(0.0, t.cfg.train.time_budget_s - t.clock.seconds)
+        return budget_left if by_steps is None else min(by_steps, budget_left)
 
     def before_train(self) -> None:
         self.t0: float | None = None  # set at the first epoch: the warm-up is not the run's pace

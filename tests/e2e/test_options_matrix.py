@@ -154,6 +154,7 @@ def test_train_options_reach_the_run(run_a: tuple[Path, str]) -> None:
     assert not list(out.rglob("events.out.tfevents*"))  # --no-tensorboard
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)  # torch.compile with inductor on a loaded CPU
 def test_train_options_that_exclude_the_first_run(clean: Path, tmp_path: Path) -> None:
     out = tmp_path / "b"
@@ -240,6 +241,7 @@ def test_check_data_options(data: Path, names: tuple[str, str]) -> None:
     assert "within 60" in done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)  # three benchmark processes, one compiling
 def test_bench_train_e2e_kernel_quickest(tmp_path: Path) -> None:
     """bench train / e2e / kernel once each at their quickest sizes, each result file holding what was asked."""

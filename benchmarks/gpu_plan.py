@@ -136,23 +136,19 @@ def warm_engine(folder: Path) -> int:
     return 0
 
 
-def build_table(which: str) -> int:
-    """One of the two lookup tables every run and test session uses, into $CITYSEG_CACHE (what
-    tests/conftest.py builds at session start: built here once, the shards then load it)."""
+def build_table() -> int:
+    """The palette's lookup table, the one table every run and test session uses, into $CITYSEG_CACHE
+    (what tests/conftest.py builds in its session fixture: built here once, the shards then load it)."""
     import torch
 
-    from cityseg.data.loaders import FAR_COLOR_DIST
-    from cityseg.palette import cityscapes_palette, far_share, lookup_table
+    from cityseg.palette import cityscapes_palette, lookup_table
 
     # One thread: the build runs thousands of small chunks, and intra-op threads then wait on each other at
     # every barrier when the machine is busy (two builders at once on a loaded 2-core CPU took > 900 s
     # with torch's default threads; one table on one thread: 8 CPU-seconds).
     torch.set_num_threads(1)
-    if which == "palette":
-        lookup_table(cityscapes_palette())
-    else:
-        far_share(torch.zeros(1, 3, dtype=torch.uint8), cityscapes_palette(), FAR_COLOR_DIST)
-    print(f"lookup table ({which}) ready")
+    lookup_table(cityscapes_palette())
+    print("lookup table (palette) ready")
     return 0
 
 
@@ -470,10 +466,9 @@ def build_steps(s: dict[str, object], dry: bool) -> list[Step]:
              [["environment"],
               ["$PYTHON", "-m", "cityseg", "synth", "--out", "$DATA", "--train", str(s["synth.train"]), "--val",
                str(s["synth.val"]), "--size", str(s["image_size"]), "--workers", "$CORES"],
-              ["$PYTHON", "-m", "benchmarks.gpu_plan", "--build-table", "palette"],
-              ["$PYTHON", "-m", "benchmarks.gpu_plan", "--build-table", "far"]],
+              ["$PYTHON", "-m", "benchmarks.gpu_plan", "--build-table"]],
              f"at once: nvidia-smi, first import torch, CUDA init (a cold machine); {s['synth.train']} train + "
-             f"{s['synth.val']} val synthetic pairs; the two lookup tables into the shared $CITYSEG_CACHE"),
+             f"{s['synth.val']} val synthetic pairs; the lookup table into the shared $CITYSEG_CACHE"),
         Step("warmup", 1, py + c["engine_compile_cold"] * c["parallel_compile_slowdown"] + 5, warm,
              f"{len(warm)} compiles at once into the shared caches: the engine test's graph, the real-data "
              f"run's, and {s['step.compiles']} train-step configs"),
@@ -751,12 +746,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", type=Path, metavar="WORK", help="print REPORT.md's head for a suite's work dir")
     ap.add_argument("--status", type=Path, help="status.tsv for --report")
     ap.add_argument("--warm-engine", type=Path, metavar="DIR", help="the warm-up's engine-test run (a GPU)")
-    ap.add_argument("--build-table", choices=("palette", "far"), help="build one lookup table into $CITYSEG_CACHE")
+    ap.add_argument("--build-table", action="store_true", help="build the palette's lookup table into $CITYSEG_CACHE")
     args = ap.parse_args(argv)
     if args.warm_engine:
         return warm_engine(args.warm_engine)
     if args.build_table:
-        return build_table(args.build_table)
+        return build_table()
     if args.pack_real:
         pack_real(args.pack_real, args.dest)
         return 1 if transfer_check(args.dest) else 0

@@ -45,6 +45,7 @@ from cityseg.training.setup import (
     check_training_fits,
     init_weights_from,
     prepare_data,
+    starting_encoder_weights,
     training_runtime,
 )
 from cityseg.training.step import TrainStep
@@ -166,11 +167,15 @@ def run_training(cfg: Config, console: Console, dist_info: DistInfo, run: RunFol
     init = None if state else init  # on resume, last.pt holds the weights
     torch.backends.cudnn.benchmark = True  # fixed-size batches: pick the fastest conv algorithms once
     torch.manual_seed(cfg.train.seed)
+    encoder_file = None
+    if state is None and init is None:  # a new run: pretrained encoder weights (resume, --init-from: theirs)
+        model_cfg, encoder_file = starting_encoder_weights(cfg.model)
+        cfg = replace(cfg, model=model_cfg)
     data = prepare_data(cfg, rt, dist_info, console, Palette.from_state(state["palette"]) if state else None)
     with closing(data):  # the loaders' workers end on every way out: done, error or signal
         # The palette decides the class count (19 for Cityscapes, K for kmeans:K).
         cfg = replace(cfg, model=replace(cfg.model, num_classes=data.palette.num_classes))
-        model, step_model = build_models(cfg.model, rt, dist_info, cfg.train.sync_bn)
+        model, step_model = build_models(cfg.model, rt, dist_info, cfg.train.sync_bn, encoder_file)
         if init is not None:  # on resume, last.pt holds the weights
             init_weights_from(model, cfg.model, Path(cfg.train.init_from), init, console)
         optimizer = build_optimizer(model, cfg.train, rt.device)

@@ -213,6 +213,15 @@ def hub_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
+def hub_cache() -> str:
+    """The Hugging Face hub cache as the environment says now (HF_HUB_CACHE, HF_HOME, XDG_CACHE_HOME),
+    not as it said when huggingface_hub was imported."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return os.path.join(os.path.expanduser(home), "hub")
+
+
 def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -230,11 +239,12 @@ def cached_or_downloaded(name: str) -> Path:
 
         filenames = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else ["model.safetensors",
                                                                                  "pytorch_model.bin"]
+        cache_dir = hub_cache()
         for filename in filenames:
-            hit = try_to_load_from_cache(repo, filename)
+            hit = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
             if isinstance(hit, str):
                 return Path(hit)
-        where, fetch = hub_endpoint(), lambda: Path(hf_hub_download(repo, filenames[0]))
+        where, fetch = hub_endpoint(), lambda: Path(hf_hub_download(repo, filenames[0], cache_dir=cache_dir))
         what, cache = repo, "HF_HOME (`hf download " + repo + " " + filenames[0] + "` where there is network)"
     else:
         file = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name

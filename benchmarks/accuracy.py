@@ -148,7 +148,9 @@ def run_parallel(names: list[str], seeds: list[int], args: argparse.Namespace, a
                    "--seeds", str(seed), "--json", str(part), "--overwrite", "--threads", str(args.threads or 1)]
             if args.runs:
                 cmd += ["--runs", str(args.runs / f"seed{seed}")]
-            procs.append((name, seed, part, subprocess.Popen(cmd)))
+            # A session each: with the kernel's autogroup scheduling, a session shares the CPU equally with
+            # every other session, so arms in one session would get one share between them.
+            procs.append((name, seed, part, subprocess.Popen(cmd, start_new_session=True)))
     rows = []
     for name, seed, part, proc in procs:
         if proc.wait() != 0:

@@ -233,6 +233,8 @@ def architecture_diffs(saved: dict[str, Any], wanted: ModelConfig) -> list[str]:
     """How a checkpoint's model settings (`saved`, as stored) differ from `wanted`, the class count
     aside (the palette sets it)."""
     wanted_values = {k: v for k, v in asdict(wanted).items() if k not in NOT_ARCHITECTURE}
+    # A setting newer than the checkpoint (model.encoder) has its default there, as read_config reads it.
+    saved = {**asdict(ModelConfig()), **saved}
     return config_mismatch({k: saved.get(k) for k in wanted_values}, wanted_values)
 
 

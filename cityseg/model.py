@@ -85,7 +85,7 @@ class Up(nn.Module):
         return self.conv(x)  # (B, C_out, 2H, 2W)
 
 
-def check_input_size(height: int, width: int, depth: int) -> None:
+def check_input_size(height: int, width: int, depth: int, model: str | None = None) -> None:
     """Raise a ValueError unless height and width are divisible by 2**depth.
 
     Without the check an indivisible size fails deep inside torch.cat with a shape mismatch that
@@ -100,7 +100,7 @@ def check_input_size(height: int, width: int, depth: int) -> None:
             lower, upper = size // m * m, (size // m + 1) * m
             hints.append(f"{name} {size} -> {lower} or {upper}" if lower else f"{name} {size} -> {upper}")
     raise ValueError(
-        f"UNet(depth={depth}) needs height and width divisible by 2**{depth} = {m}; got {height}x{width} "
+        f"{model or f'UNet(depth={depth})'} needs height and width divisible by 2**{depth} = {m}; got {height}x{width} "
         f"(H x W). Nearest valid sizes: {', '.join(hints)}"
     )
 
@@ -231,7 +231,7 @@ class EncoderUNet(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_size(x.shape[-2], x.shape[-1], self.output_stride.bit_length() - 1)
+        check_input_size(x.shape[-2], x.shape[-1], self.output_stride.bit_length() - 1, self.name)
         features = self.encoder(self.input_norm(x))  # (B, C_i, H / r_i, W / r_i), shallow to deep
         by_stride = {x.shape[-1] // f.shape[-1]: f for f in features}
         y = features[-1]

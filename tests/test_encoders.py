@@ -229,7 +229,8 @@ def test_cli_trains_from_a_weights_file_without_network(lite0_file: Path, tmp_pa
     data = make_pair_dataset(tmp_path / "data", n_train=4, n_val=2, size=64)
     common = ["train", "--data", data, "--encoder", LITE0, "--image-size", "64", "--width", "4", "--batch-size", "2",
               "--epochs", "1", "--no-compile", "--workers", "0", "--device", "cpu"]
-    done = run_cli([*common, "--encoder-weights", lite0_file, "--out", tmp_path / "run"], timeout=240, env=OFFLINE, grace=30)
+    done = run_cli([*common, "--encoder-weights", lite0_file, "--out", tmp_path / "run"], timeout=240, env=OFFLINE,
+                   grace=30)
     assert done.returncode == 0, done.output
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["config"]["model"]["encoder"] == LITE0
     # weights that do not fit: one line, exit 2
@@ -237,7 +238,8 @@ def test_cli_trains_from_a_weights_file_without_network(lite0_file: Path, tmp_pa
 
     wrong = tmp_path / "resnet18.pt"
     torch.save(timm.create_model("resnet18").state_dict(), wrong)
-    done = run_cli([*common, "--encoder-weights", wrong, "--out", tmp_path / "run2"], timeout=240, env=OFFLINE, grace=30)
+    done = run_cli([*common, "--encoder-weights", wrong, "--out", tmp_path / "run2"], timeout=240, env=OFFLINE,
+                   grace=30)
     assert done.returncode == 2, done.output
     lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "does not fit --encoder tf_efficientnet_lite0" in lines[0], done.stderr

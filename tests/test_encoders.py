@@ -117,10 +117,12 @@ def test_converted_lite0_gives_the_reference_logits_and_the_lookalike_model_does
     lookalike.load_state_dict(state, strict=True)
     torch.testing.assert_close(tf_model(x), want, atol=1e-4, rtol=1e-4)
     assert (lookalike(x) - want).abs().max() > 0.5  # silently wrong
-    # and the encoder of our model holds exactly the file's tensors
-    model = build_model(ModelConfig(encoder=LITE0, width=8), lite0_file)
+    # and the encoder of our model holds exactly the file's tensors and computes the tf_ model's features
+    model = build_model(ModelConfig(encoder=LITE0, width=8), lite0_file).eval()
     encoder_state = model.encoder.state_dict()
     assert all(torch.equal(encoder_state[k], state[k]) for k in encoder_state)
+    deepest = tf_model.blocks(tf_model.bn1(tf_model.conv_stem(x)))  # (2, 320, 7, 7), before the classifier head
+    torch.testing.assert_close(model.encoder(x)[-1], deepest, atol=1e-4, rtol=1e-4)
 
 
 def test_hub_unreachable_is_one_line_naming_the_way_out(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

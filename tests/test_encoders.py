@@ -245,3 +245,15 @@ def test_cli_trains_from_a_weights_file_without_network(lite0_file: Path, tmp_pa
     assert done.returncode == 2, done.output
     lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "does not fit --encoder tf_efficientnet_lite0" in lines[0], done.stderr
+
+
+def test_a_misspelt_encoder_or_weights_for_our_unet_is_one_line() -> None:
+    from cityseg.config import Config
+    from cityseg.errors import OptionError
+    from cityseg.options import check_config
+
+    with pytest.raises(EncoderError) as e:
+        build_model(ModelConfig(encoder="tf_efficientnet_lit0"))
+    assert "not a timm model (did you mean tf_efficientnet_lite0" in one_line(e)
+    with pytest.raises(OptionError, match="our U-Net .* has no pretrained weights"):
+        check_config(dataclasses.replace(Config(), model=ModelConfig(encoder_weights="imagenet")), read_files=False)

@@ -149,7 +149,7 @@ def cache_key(cfg: Config, device_name: str, torch_version: str, world_size: int
     loss and compile settings, and what else shares the GPU's memory (loader, EMA copy, DDP buckets)."""
     m, d, t = cfg.model, cfg.data, cfg.train
     return "|".join(str(v) for v in (
-        device_name, torch_version, f"width={m.width}", f"depth={m.depth}", m.upsample, m.norm,
+        device_name, torch_version, f"encoder={m.encoder}", f"width={m.width}", f"depth={m.depth}", m.upsample, m.norm,
         f"classes={m.num_classes}", f"size={d.image_size}", t.precision, f"compile={t.compile}:{t.compile_mode}",
         t.loss, f"loader={d.loader}", f"ema={t.ema > 0}", f"ranks={world_size}", f"cap={upper}",
     ))

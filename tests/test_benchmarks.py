@@ -475,3 +475,17 @@ def test_readme_expected_results_are_the_committed_measurement() -> None:
     assert improved["overrides"] == PRESETS["real-data"] == accuracy.RECIPES["improved"]
     assert all(r["val_scored_at_px"] == 256 and r["train_seconds"] >= 1200 for r in doc["results"])
     assert improved["pixel_acc"] >= 0.86 and improved["miou"] >= 0.33 and improved["miou"] - base["miou"] >= 0.03
+
+
+def test_readme_encoder_table_is_the_committed_measurement() -> None:
+    """README's pretrained-encoder table is benchmarks/results/accuracy-encoders-cpu.json, seed for seed."""
+    doc = json.loads((ROOT / "benchmarks/results/accuracy-encoders-cpu.json").read_text())
+    section = (ROOT / "README.md").read_text().split("\n## Expected results\n")[1].split("\n## ")[0]
+    rows = {"baseline": "our U-Net (`--encoder unet`", "lite0-imagenet": "`--encoder tf_efficientnet_lite0`, ImageNet",
+            "lite0-random": "`--encoder-weights none`", "lite1-imagenet": "`--encoder tf_efficientnet_lite1`, ImageNet"}
+    for recipe, marker in rows.items():
+        line = next(ln for ln in section.splitlines() if ln.startswith("|") and marker in ln)
+        seeds = [r for r in doc["results"] if r["label"] in (f"{recipe} s0", f"{recipe} s1")]
+        assert len(seeds) == 2 and all(r["val_scored_at_px"] == 256 for r in seeds)
+        for key in ("pixel_acc", "miou"):
+            assert " / ".join(f"{r[key]:.3f}" for r in seeds) in line, (recipe, key, line)

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("cityseg.runtime", "cityseg.distributed", "cityseg.progress", "cityseg.telemetry"),
     ("cityseg.palette", "cityseg.palette_kmeans"),
     ("cityseg.data",),
-    ("cityseg.model", "cityseg.metrics", "cityseg.checkpoint", "cityseg.report"),
+    ("cityseg.encoders", "cityseg.model", "cityseg.metrics", "cityseg.checkpoint", "cityseg.report"),
     ("cityseg.resolve",),
     ("cityseg.training", "cityseg.inference", "cityseg.profiling"),
     ("cityseg.cli", "cityseg.__main__"),

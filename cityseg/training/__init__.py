@@ -13,6 +13,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager, nullcontext
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from cityseg.training.setup import (
     open_loaders,
     prepare_data,
     schedule_note,
+    starting_encoder_weights,
     training_runtime,
 )
 from cityseg.training.step import TrainStep
@@ -173,6 +175,10 @@ def run_training(cfg: Config, derived: dict[str, Any], console: Console, dist_in
     init = None if state else init  # on resume, last.pt holds the weights
     torch.backends.cudnn.benchmark = True  # fixed-size batches: pick the fastest conv algorithms once
     torch.manual_seed(cfg.train.seed)
+    encoder_file = None
+    if state is None and init is None:  # a new run: pretrained encoder weights (resume, --init-from: theirs)
+        model_cfg, encoder_file = starting_encoder_weights(cfg.model)
+        cfg = replace(cfg, model=model_cfg)
     data = prepare_data(cfg, rt, dist_info, console, Palette.from_state(state["palette"]) if state else None)
     with closing(data):  # the loaders' workers end on every way out: done, error or signal
         if cfg.data.batch_size == AUTO:  # a GPU with no remembered answer: trial steps, now the files are known
@@ -181,7 +187,7 @@ def run_training(cfg: Config, derived: dict[str, Any], console: Console, dist_in
         if "batch_size" in derived:
             console.print(BatchChoice.from_record(derived["batch_size"]).summary(), soft_wrap=True)
         open_loaders(data, cfg, rt, dist_info)
-        model, step_model = build_models(cfg.model, rt, dist_info, cfg.train.sync_bn)
+        model, step_model = build_models(cfg.model, rt, dist_info, cfg.train.sync_bn, encoder_file)
         if init is not None:  # on resume, last.pt holds the weights
             init_weights_from(model, cfg.model, Path(cfg.train.init_from), init, console)
         optimizer = build_optimizer(model, cfg.train, rt.device)

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,8 +29,9 @@ from cityseg.data.loaders import (
 )
 from cityseg.data.pairs import MaskCheck, list_split, overlap_warning
 from cityseg.distributed import DistInfo
+from cityseg.encoders import OURS, resolve_weights
 from cityseg.errors import UserError
-from cityseg.model import build_model, parameter_count, training_bytes
+from cityseg.model import build_model, model_parameters, model_training_bytes, size_problem
 from cityseg.palette import IGNORE_INDEX, Palette
 from cityseg.progress import stage
 from cityseg.runtime import Runtime, free_memory, resolve_device, resolve_runtime
@@ -52,20 +53,35 @@ def training_runtime(cfg: TrainConfig, dist_info: DistInfo) -> Runtime:
 
 
 def check_training_fits(cfg: Config, rt: Runtime, dist_info: DistInfo) -> None:
-    """Refuse, before allocating anything, a model and batch that cannot fit in the device's free
-    memory (a lower-bound estimate: `model.training_bytes`)."""
+    """Refuse, before allocating anything, an image size the model cannot take and a model and batch
+    that cannot fit in the device's free memory (a lower-bound estimate: `model.model_training_bytes`)."""
     m, d = cfg.model, cfg.data
-    need = training_bytes(m.width, m.depth, d.image_size, d.batch_size, rt.amp, m.upsample)
+    problem = size_problem(m, d.image_size)
+    if problem:
+        raise TrainingError(f"--image-size {d.image_size}: {problem}")
+    need = model_training_bytes(m, d.image_size, d.batch_size, rt.amp)
     if rt.device.type == "cpu":
         need *= dist_info.world_size  # CPU ranks share the machine's memory
     free = free_memory(rt.device)
     if need > free:
-        params = parameter_count(m.width, m.depth, m.upsample) / 1e6
+        params = model_parameters(m) / 1e6
         raise TrainingError(
             f"this run needs at least {need / 2**30:,.1f} GiB ({params:,.1f} M parameters, batch {d.batch_size} "
             f"at {d.image_size} px) but {free / 2**30:,.1f} GiB is free on {rt.device}: "
             "lower --batch-size, --image-size, --width or --depth"
         )
+
+
+def starting_encoder_weights(cfg: ModelConfig) -> tuple[ModelConfig, Path | None]:
+    """A new run's encoder weights: the checked file to start from (None: random, or our U-Net) and the
+    model config recording where they came from (source, sha256, licence) for config.json and every
+    checkpoint. `auto` is imagenet for a timm encoder."""
+    if cfg.encoder == OURS:
+        return cfg, None
+    weights = "imagenet" if cfg.encoder_weights == "auto" else cfg.encoder_weights
+    path, record = resolve_weights(cfg.encoder, weights)
+    return replace(cfg, encoder_weights=record.source, encoder_sha256=record.sha256,
+                   encoder_licence=record.licence), path
 
 
 @dataclass
@@ -132,11 +148,13 @@ def open_loaders(data: RunData, cfg: Config, rt: Runtime, dist_info: DistInfo) -
         raise
 
 
-def build_models(cfg: ModelConfig, rt: Runtime, dist_info: DistInfo, sync_bn: bool) -> tuple[nn.Module, nn.Module]:
+def build_models(cfg: ModelConfig, rt: Runtime, dist_info: DistInfo, sync_bn: bool,
+                 encoder_weights: Path | None = None) -> tuple[nn.Module, nn.Module]:
     """(model, step_model): the plain module (checkpoints, validation) on the device in channels-last,
     and the module a training step runs (across ranks with SyncBatchNorm if asked; `for_ranks` then
-    wraps it in DDP together with the loss). The step compiles it with the loss, so not here."""
-    model = build_model(cfg).to(rt.device, memory_format=torch.channels_last)
+    wraps it in DDP together with the loss). The step compiles it with the loss, so not here.
+    `encoder_weights`: the checked file a timm encoder starts from (`starting_encoder_weights`)."""
+    model = build_model(cfg, encoder_weights).to(rt.device, memory_format=torch.channels_last)
     step_model: nn.Module = model
     if dist_info.enabled and sync_bn:
         if rt.device.type != "cuda":

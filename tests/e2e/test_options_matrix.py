@@ -73,6 +73,8 @@ TRAIN_A: list[tuple[list[str], str, object]] = [
     (["--depth", "2"], "model.depth", 2),
     (["--upsample", "transpose"], "model.upsample", "transpose"),
     (["--norm", "group"], "model.norm", "group"),
+    (["--encoder", "unet"], "model.encoder", "unet"),  # timm encoders: tests/test_encoders.py
+    (["--encoder-weights", "none"], "model.encoder_weights", "none"),
     (["--epochs", "2"], "train.epochs", 2),
     (["--lr", "0.02"], "train.lr", 0.02),
     (["--weight-decay", "0.001"], "train.weight_decay", 0.001),

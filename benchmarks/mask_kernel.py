@@ -14,7 +14,8 @@ quantiles (0.5, 0.2, 0.8) on batches where the kernel, not the launch, is the co
 bytes read plus the ids written, once each. Two shares per Triton row say what bounds it: `pct_peak`,
 that traffic over the data sheet's HBM bandwidth, and `issue_pct`, the time the SMs need to issue the
 compiled kernel's instructions (its SASS count, at NVML's maximum SM clock: a lower bound) over the
-measured time. Compiles are kept few: 3 pinned blocks (4-16 pixels per thread), 1 uint8 variant, 2 SASS
+measured time. Compiles are kept few: the blocks training autotunes over (kernels/mask_to_class.py
+AUTOTUNE_BLOCKS, each with its warps: 8 pixels per thread), pinned one by one, 1 uint8 variant, 2 SASS
 counts; no autotuning.
 """
 
@@ -34,9 +35,10 @@ import numpy as np
 import torch
 
 from benchmarks.common import command_line, exit_with, new_parser, result_file
-from kernels.mask_to_class import mask_to_class, mask_to_class_reference
+from kernels.mask_to_class import AUTOTUNE_BLOCKS, block_warps, mask_to_class, mask_to_class_reference
 
 SIZE = 256
+TRAINING_BLOCKS = ",".join(str(block) for block, _ in AUTOTUNE_BLOCKS)  # --blocks' default
 # Peak DRAM bandwidth (GB/s) from the vendors' data sheets, matched against the device name.
 PEAK_GBPS = [
     ("H200", 4800.0),
@@ -224,7 +226,8 @@ def bench_gpu(args: argparse.Namespace, pal, rows: list, save) -> list:
         ms, lo, hi = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
         pixels = batch * SIZE * SIZE
         gbps = pixels * (3 + out_bytes) / (ms * 1e-3) / 1e9
-        row = {"palette": "cityscapes", "batch": batch, "masks": kind, "impl": impl, "block": block, "ms": ms,
+        row = {"palette": "cityscapes", "batch": batch, "masks": kind, "impl": impl, "block": block,
+               "num_warps": None if block is None else block_warps(block), "ms": ms,
                "ms_p20": lo, "ms_p80": hi, "gbps": gbps, "pct_peak": None if peak is None else 100 * gbps / peak,
                "issue_pct": None}
         if block is not None and mhz is not None and not impl.startswith("triton-block"):  # the chosen block
@@ -232,7 +235,7 @@ def bench_gpu(args: argparse.Namespace, pal, rows: list, save) -> list:
             if key not in instr_cache:
                 try:
                     instr_cache[key] = kernel_instructions(block, torch.uint8 if out_bytes == 1 else torch.int64,
-                                                           len(c))
+                                                           len(c), num_warps=block_warps(block))
                 except Exception as exc:  # no disassembler in this Triton: the share is left out, the timing kept
                     print(f"no SASS count: {type(exc).__name__}: {exc}")
                     instr_cache[key] = None
@@ -260,6 +263,9 @@ def bench_gpu(args: argparse.Namespace, pal, rows: list, save) -> list:
                          for b in args.blocks}
                 best = min(times, key=times.get)
                 print(f"fastest block: {best}")
+                # As training launches it: autotuned over the same candidates (compiled above: no new compile).
+                measure(batch, kind, "triton-autotuned", lambda m=masks: mask_to_class(m, c, k), 8, None, expected)
+                rows[-1]["block"] = autotuned_block()
             b = best
             measure(batch, kind, "triton", lambda m=masks, b=b: mask_to_class(m, c, k, block_size=b), 8, b, expected)
             measure(batch, kind, "triton-uint8",
@@ -268,6 +274,15 @@ def bench_gpu(args: argparse.Namespace, pal, rows: list, save) -> list:
                     lambda p=pairs, b=b: mask_to_class(p[:, :, SIZE:], c, k, block_size=b), 8, b, expected)
             measure(batch, kind, "torch-reference", lambda m=masks: mask_to_class_reference(m, dc, dk), 8, None, None)
     return rows
+
+
+def autotuned_block() -> int | None:
+    """The block training's autotuner picked for the last launch (None where it cannot say)."""
+    from kernels import mask_to_class as kernel_module
+
+    tuned = kernel_module._kernels.get("tuned")
+    config = getattr(tuned, "best_config", None)
+    return None if config is None else config.kwargs.get("BLOCK")
 
 
 def environment() -> dict:
@@ -298,7 +313,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--full", action="store_true", help="also batch 256")
     ap.add_argument("--batches", default=None,
                     help="comma list of batch sizes (default: GPU 64, 256 with --full; CPU 1,64, 1,64,256 with --full)")
-    ap.add_argument("--blocks", default="512,1024,2048", help="GPU: Triton block sizes to time (one compile each)")
+    ap.add_argument("--blocks", default=TRAINING_BLOCKS, help="GPU: Triton block sizes to time, one compile each "
+                    f"(default: {TRAINING_BLOCKS}, the candidates training autotunes over, each with its warps)")
     ap.add_argument("--reps", type=int, default=7, help="timed runs per CPU case (>= 5)")
     ap.add_argument("--cpu", action="store_true", help="CPU benchmark even when a GPU is present")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")

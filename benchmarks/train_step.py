@@ -22,9 +22,10 @@ Timing: compilation and warm-up stay outside: --warmup untimed steps (timed one 
 `first_steps_s` and `compile_s` = their time minus as many median steps), then --reps repetitions of
 --steps steps, synchronised, give ms/step (median). With several --losses, their repetitions
 interleave (ce, ce+dice, ce, ...), so a loaded machine slows both alike; `vs_ce` = the step time over
-the CE step's in the same cell. FLOPs per step (forward + backward, eager, counted once per shape
-with torch.utils.flop_counter) give achieved TFLOP/s and, on a GPU in PEAK_TFLOPS, % of its dense
-bf16 peak. JSON is written after every cell. Results: benchmarks/results/train_step-<cpu|gpu>.json.
+the CE step's in the same cell. FLOPs per step (forward + backward, counted by torch.utils.flop_counter
+for one image on the meta device and scaled by the batch: no device memory) give achieved TFLOP/s and,
+on a GPU in PEAK_TFLOPS, % of its dense bf16 peak. JSON is written after every cell.
+Results: benchmarks/results/train_step-<cpu|gpu>.json.
 """
 
 from __future__ import annotations
@@ -114,20 +115,24 @@ def random_batch(cell: Cell, step: TrainStep, seed: int) -> tuple[torch.Tensor, 
     return image, target.to(device)
 
 
-def count_flops(cell: Cell, loss: str, device: torch.device) -> float:
-    """FLOPs of one step's forward and backward (eager fp32: the count does not depend on precision
-    or compilation); the optimiser's elementwise work is not counted."""
+def count_flops(cell: Cell, loss: str) -> float:
+    """FLOPs of one step's forward and backward: counted for one image on the meta device (shapes only:
+    no memory, no arithmetic, on any machine) and scaled by the batch. Every counted op (convolutions,
+    matmuls) is linear in the batch, and precision or compilation change no count. The optimiser's
+    elementwise work is not counted. (A full-batch fp32 pass on the device was ~64 GiB at width 64 x
+    batch 128.)"""
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg = product_config(cell, loss)
-    rt = resolve_runtime(device, "32", compile=False)
+    one = Cell(cell.width, cell.depth, 1, cell.size)
+    cfg = product_config(one, loss)
+    rt = resolve_runtime(torch.device("cpu"), "32", compile=False)
     model, _ = build_models(cfg.model, rt, DistInfo(), sync_bn=False)
-    step = TrainStep(model, model, build_loss_fn(loss, None), build_optimizer(model, cfg.train, device),
-                     torch.amp.GradScaler(device.type, enabled=False), rt, 0.0)
-    image, target = random_batch(cell, step, 0)
+    model = model.to("meta")
+    image = torch.empty(1, 3, cell.size, cell.size, device="meta").contiguous(memory_format=torch.channels_last)
+    target = torch.zeros(1, cell.size, cell.size, dtype=torch.int64, device="meta")
     with FlopCounterMode(display=False) as counter:
-        step.forward_loss(image.float(), target).backward()
-    return float(counter.get_total_flops())
+        build_loss_fn(loss, None)(model(image), target).backward()
+    return float(counter.get_total_flops()) * cell.batch
 
 
 def peak_tflops(device: torch.device) -> float | None:
@@ -144,7 +149,7 @@ def measure_cell(cell: Cell, compile_mode: str, losses: list[str], args: argpars
     runs = {}
     for loss in losses:
         if (cell, loss) not in flops:
-            flops[cell, loss] = count_flops(cell, loss, device)
+            flops[cell, loss] = count_flops(cell, loss)
         if gpu:
             torch.cuda.reset_peak_memory_stats(device)
         step, schedule = build_step(product_config(cell, loss), device, compile_mode, args.compile_backend)
@@ -204,7 +209,8 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="image side; default 256 on GPU, 128 on CPU")
     p.add_argument("--compile-modes", default=None,
                    help=f"comma list of {', '.join(COMPILE_MODES)} (default off,default,cudagraphs GPU; off CPU)")
-    p.add_argument("--losses", default="ce+dice", help="comma list of ce, ce+dice (default: the product's ce+dice)")
+    p.add_argument("--losses", default="ce,ce+dice",
+                   help="comma list of ce, ce+dice (default: both, side by side: what Dice costs)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 GPU, 3 CPU)")
     p.add_argument("--steps", type=int, default=None, help="steps per repetition (default 20 GPU, 1 CPU)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions (the median is reported)")

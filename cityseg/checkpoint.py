@@ -224,10 +224,17 @@ def hook_state(state: dict[str, Any], hook: str) -> dict[str, Any]:
     return hooks.get(hook, {}) if isinstance(hooks, dict) else state
 
 
+# Model settings that are not the architecture: the class count (the palette sets it) and where the
+# encoder's starting weights came from (a checkpoint's weights replace them).
+NOT_ARCHITECTURE = ("num_classes", "encoder_weights", "encoder_sha256", "encoder_licence")
+
+
 def architecture_diffs(saved: dict[str, Any], wanted: ModelConfig) -> list[str]:
     """How a checkpoint's model settings (`saved`, as stored) differ from `wanted`, the class count
     aside (the palette sets it)."""
-    wanted_values = {k: v for k, v in asdict(wanted).items() if k != "num_classes"}
+    wanted_values = {k: v for k, v in asdict(wanted).items() if k not in NOT_ARCHITECTURE}
+    # A setting newer than the checkpoint (model.encoder) has its default there, as read_config reads it.
+    saved = {**asdict(ModelConfig()), **saved}
     return config_mismatch({k: saved.get(k) for k in wanted_values}, wanted_values)
 
 
@@ -237,7 +244,7 @@ def check_init_architecture(saved: ModelConfig, path: Path, cfg: ModelConfig) ->
     diffs = architecture_diffs(asdict(saved), cfg)
     if diffs:
         raise CheckpointError(f"{path}: --init-from needs the same architecture: {'; '.join(diffs)} "
-                              "(leave --width/--depth/--upsample/--norm unset to take the checkpoint's)")
+                              "(leave --encoder/--width/--depth/--upsample/--norm unset to take the checkpoint's)")
 
 
 def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -128,6 +128,14 @@ class ModelConfig:
                             panel=MODEL, choices=("transpose", "bilinear"))
     norm: str = setting("batch", "BatchNorm, or GroupNorm with 8 groups.",
                         flag="--norm", panel=MODEL, choices=("batch", "group"))
+    encoder: str = setting("unet", "unet (ours), or a timm backbone under a U-Net decoder of --width: "
+                           "tf_efficientnet_lite0, resnet18, convnext_nano, ...", flag="--encoder", panel=MODEL)
+    encoder_weights: str = setting("auto", "A timm encoder's start: imagenet (timm's hub, cached), none, or a "
+                                   ".safetensors / state-dict file; auto: imagenet (none for unet).",
+                                   flag="--encoder-weights", panel=MODEL)
+    # What the run's encoder weights were, recorded when it starts (not options).
+    encoder_sha256: str | None = setting(None, "sha256 of the encoder weights file the run started from (recorded).")
+    encoder_licence: str | None = setting(None, "Licence of the encoder weights the run started from (recorded).")
 
 
 @dataclass(frozen=True)

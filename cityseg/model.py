@@ -10,13 +10,17 @@ channels-last strides, so a channels-last input runs end to end without hidden N
 
 from __future__ import annotations
 
+import functools
 import math
+from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
 from cityseg.config import SETTINGS, ModelConfig
+from cityseg.data.contract import IMAGENET_MEAN, IMAGENET_STD
+from cityseg.encoders import OURS, build_encoder, input_norm
 
 Upsample = Literal["transpose", "bilinear"]
 UPSAMPLE_MODES = SETTINGS["model.upsample"].choices
@@ -81,7 +85,7 @@ class Up(nn.Module):
         return self.conv(x)  # (B, C_out, 2H, 2W)
 
 
-def check_input_size(height: int, width: int, depth: int) -> None:
+def check_input_size(height: int, width: int, depth: int, model: str | None = None) -> None:
     """Raise a ValueError unless height and width are divisible by 2**depth.
 
     Without the check an indivisible size fails deep inside torch.cat with a shape mismatch that
@@ -96,7 +100,7 @@ def check_input_size(height: int, width: int, depth: int) -> None:
             lower, upper = size // m * m, (size // m + 1) * m
             hints.append(f"{name} {size} -> {lower} or {upper}" if lower else f"{name} {size} -> {upper}")
     raise ValueError(
-        f"UNet(depth={depth}) needs height and width divisible by 2**{depth} = {m}; got {height}x{width} "
+        f"{model or f'UNet(depth={depth})'} needs height and width divisible by 2**{depth} = {m}; got {height}x{width} "
         f"(H x W). Nearest valid sizes: {', '.join(hints)}"
     )
 
@@ -155,9 +159,135 @@ class UNet(nn.Module):
         return self.head(x)  # (B, num_classes, H, W) logits
 
 
-def build_model(cfg: ModelConfig) -> UNet:
-    """The U-Net described by a ModelConfig (3-channel RGB input)."""
-    return UNet(num_classes=cfg.num_classes, width=cfg.width, depth=cfg.depth, upsample=cfg.upsample, norm=cfg.norm)
+class InputNorm(nn.Module):
+    """Re-normalise the loaders' input (ImageNet mean/std, every loader's) to what a pretrained encoder
+    expects (its timm `pretrained_cfg` mean/std): one per-channel affine map, x * scale + shift. Its
+    buffers travel in the state dict, so a checkpoint records the normalisation its weights were
+    trained with, and eval, predict and export (the graph holds it) apply it."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        m_in, s_in = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        m, s = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+        self.register_buffer("scale", (s_in / s).view(1, 3, 1, 1))
+        self.register_buffer("shift", ((m_in - m) / s).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        """The encoder's (mean, std) on 0..1 RGB, back from the buffers."""
+        m_in, s_in = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        std = s_in / self.scale.flatten().cpu()
+        return (m_in - self.shift.flatten().cpu() * std).tolist(), std.tolist()
+
+
+class DecoderBlock(nn.Module):
+    """2x nearest upsampling, concat the encoder's feature at that stride (if it has one), ConvBlock:
+    (B, C_in, H, W) + skip (B, C_skip, 2H, 2W) -> (B, C_out, 2H, 2W) (smp's UnetDecoder block)."""
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, norm: Norm = "batch") -> None:
+        super().__init__()
+        self.conv = ConvBlock(in_channels + skip_channels, out_channels, norm)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        x = nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+        if skip is not None:
+            x = torch.cat([skip, x], dim=1)
+        return self.conv(x)
+
+
+class EncoderUNet(nn.Module):
+    """A U-Net decoder on a timm backbone (`features_only`): the encoder's features at strides
+    r_1 < ... < r_n (e.g. 2, 4, 8, 16, 32), a DecoderBlock per halving of the stride from r_n down to
+    1, each taking the encoder feature of its stride, a 1x1 head. The decoder's channels at stride s
+    are width * s, our U-Net's rule (at width 16: 256, 128, 64, 32, 16, smp's default decoder).
+
+    Input (B, 3, H, W), normalised as every loader does (ImageNet mean/std), H and W multiples of
+    the output stride r_n; output logits (B, num_classes, H, W)."""
+
+    def __init__(self, encoder: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], num_classes: int = 19,
+                 width: int = 16, norm: Norm = "batch", name: str = "") -> None:
+        super().__init__()
+        self.name, self.width, self.num_classes = name, width, num_classes
+        self.input_norm = InputNorm(mean, std)
+        self.encoder = encoder
+        channels, strides = encoder.feature_info.channels(), encoder.feature_info.reduction()
+        self.output_stride = max(strides)
+        skip_at = dict(zip(strides, channels, strict=True))
+        self.skip_strides: list[int] = []
+        blocks, c_in, s = [], skip_at[self.output_stride], self.output_stride
+        while s > 1:
+            s //= 2
+            self.skip_strides.append(s)
+            blocks.append(DecoderBlock(c_in, skip_at.get(s, 0), width * s, norm))
+            c_in = width * s
+        self.decoder = nn.ModuleList(blocks)
+        self.head = nn.Conv2d(width, num_classes, 1)
+        for m in [*self.decoder.modules(), self.head]:
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_size(x.shape[-2], x.shape[-1], self.output_stride.bit_length() - 1, self.name)
+        features = self.encoder(self.input_norm(x))  # (B, C_i, H / r_i, W / r_i), shallow to deep
+        by_stride = {x.shape[-1] // f.shape[-1]: f for f in features}
+        y = features[-1]
+        for stride, block in zip(self.skip_strides, self.decoder, strict=True):
+            y = block(y, by_stride.get(stride))  # (B, width * stride, H / stride, W / stride)
+        return self.head(y)  # (B, num_classes, H, W) logits
+
+
+def build_model(cfg: ModelConfig, encoder_weights: Path | None = None) -> nn.Module:
+    """The model a ModelConfig describes (3-channel RGB input): our U-Net, or a U-Net decoder on the
+    timm encoder `cfg.encoder`, random or starting from `encoder_weights` (a file already checked by
+    `encoders.resolve_weights`; a checkpoint's weights replace either)."""
+    if cfg.encoder == OURS:
+        return UNet(num_classes=cfg.num_classes, width=cfg.width, depth=cfg.depth, upsample=cfg.upsample,
+                    norm=cfg.norm)
+    mean, std = input_norm(cfg.encoder)
+    return EncoderUNet(build_encoder(cfg.encoder, encoder_weights), mean, std, cfg.num_classes, cfg.width,
+                       cfg.norm, cfg.encoder)
+
+
+@functools.cache
+def _encoder_facts(cfg: ModelConfig) -> tuple[int, int]:
+    """(parameters, output stride) of the encoder model `cfg` describes, built on the meta device."""
+    with torch.device("meta"):
+        model = build_model(cfg)
+    return count_parameters(model), model.output_stride
+
+
+def output_stride(cfg: ModelConfig) -> int:
+    """The factor image sizes must be a multiple of: 2**depth for our U-Net, the encoder's deepest
+    feature stride (32 for most timm backbones) for an encoder model."""
+    return 2**cfg.depth if cfg.encoder == OURS else _encoder_facts(cfg)[1]
+
+
+def size_problem(cfg: ModelConfig, size: int) -> str | None:
+    """Why a square `size` does not fit the model, with the nearest sizes that do; None when it fits."""
+    m = output_stride(cfg)
+    if size % m == 0:
+        return None
+    lower, upper = size // m * m, (size // m + 1) * m
+    what = f"a U-Net of --depth {cfg.depth}" if cfg.encoder == OURS else f"--encoder {cfg.encoder}"
+    return f"{what} needs a multiple of {m} (nearest: {f'{lower} or {upper}' if lower else upper})"
+
+
+def model_parameters(cfg: ModelConfig) -> int:
+    """The number of parameters of the model `cfg` describes, without allocating it."""
+    if cfg.encoder == OURS:
+        return parameter_count(cfg.width, cfg.depth, cfg.upsample, cfg.num_classes)
+    return _encoder_facts(cfg)[0]
+
+
+def model_training_bytes(cfg: ModelConfig, image_size: int, batch_size: int, mixed: bool) -> int:
+    """`training_bytes` for any model: an encoder model's decoder follows our U-Net's width rule, so the
+    U-Net's activation bound (its encoder's activations left out) stays a lower bound."""
+    activations = ACTIVATIONS_PER_WIDTH_PIXEL * cfg.width * image_size**2 * batch_size * (2 if mixed else 4)
+    return 16 * model_parameters(cfg) + activations
 
 
 def parameter_count(width: int, depth: int, upsample: str = "transpose", num_classes: int = 19,
@@ -214,4 +344,6 @@ def describe(model: nn.Module) -> str:
     if isinstance(inner, UNet):
         arch = f"UNet(width={inner.width}, depth={inner.depth}, upsample={inner.upsample})"
         return f"{arch}: {n:.2f} M parameters"
+    if isinstance(inner, EncoderUNet):
+        return f"U-Net decoder (width={inner.width}) on {inner.name}: {n:.2f} M parameters"
     return f"{type(inner).__name__}: {n:.2f} M parameters"

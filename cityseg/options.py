@@ -88,8 +88,12 @@ def check_config(cfg: Config, *, read_files: bool = True) -> None:
     problem = scale_problem(lo, hi)
     if problem:
         raise OptionError(f"--scale {lo:g},{hi:g}: {problem}")
+    m = cfg.model
+    if m.encoder == "unet" and m.encoder_weights not in ("auto", "none"):
+        raise OptionError(f"--encoder-weights {capped(m.encoder_weights, 200)}: our U-Net (--encoder unet) has no "
+                          "pretrained weights: pick a timm --encoder (e.g. tf_efficientnet_lite0) or leave it unset")
     size, depth = cfg.data.image_size, cfg.model.depth
-    if size % 2**depth:
+    if m.encoder == "unet" and size % 2**depth:  # an encoder's output stride: model.size_problem, at build
         lower, upper = size // 2**depth * 2**depth, (size // 2**depth + 1) * 2**depth
         nearest = f"{lower} or {upper}" if lower else f"{upper}"
         raise OptionError(f"--image-size {size}: a U-Net of --depth {depth} needs a multiple of 2**{depth} = "
@@ -237,6 +241,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise OptionError(f"--config {path}: expected sections such as [train] or keys such as train.lr")
     if _depth(tree) > MAX_CONFIG_DEPTH:
         raise OptionError(f"--config {path}: nested too deeply (at most {MAX_CONFIG_DEPTH} levels)")
+    tree.pop("resolved", None)  # a run's record of how auto's values were found: the values are in the sections
     values = flatten(tree)
     for key in ("train.out", "train.resume"):
         values.pop(key, None)

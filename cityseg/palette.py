@@ -29,6 +29,7 @@ from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 from cityseg.errors import OutputError
 from cityseg.options import read_palette_file
 from cityseg.outputs import atomic_file, atomic_write, cache_dir, ensure_dir
+from cityseg.progress import stage
 from kernels.mask_to_class import build_lut, mask_to_class, mask_to_class_lut, mask_to_class_reference
 
 IGNORE_INDEX = 255
@@ -186,7 +187,8 @@ def _load_or_build_lut(palette: Palette, path: Path) -> torch.Tensor:
     table, problem = _read_cached_lut(palette, path)
     if table is not None:
         return torch.from_numpy(table.copy())
-    table = build_lut(palette.centers, palette.classes, palette.max_dist).numpy()
+    with stage(f"colour lookup table: building it for {path}", "once: later runs read it; ~1-3 s"):
+        table = build_lut(palette.centers, palette.classes, palette.max_dist).numpy()
     if problem:
         _say_once(f"{path}: cached colour lookup table {problem}: rebuilt")
     ensure_dir(path.parent, "cache folder ($CITYSEG_CACHE, default ~/.cache/cityseg)")
@@ -235,6 +237,13 @@ def colorize(class_ids: torch.Tensor, palette: Palette) -> torch.Tensor:
 
 def far_share(rgb: torch.Tensor, palette: Palette, max_dist: float) -> float:
     """Share of pixels of `rgb` (..., 3) uint8 farther than `max_dist` from every centre of `palette`
-    (void colours count as near: they are real palette colours)."""
-    probe = Palette(palette.centers, torch.zeros_like(palette.classes), ("near",), palette.colors[:1], max_dist)
-    return (map_colors_lut(rgb, probe, torch.uint8) == IGNORE_INDEX).float().mean().item()
+    (void colours count as near: they are real palette colours). Measured on the distinct colours
+    (a mask holds a few thousand at most) through the reference: no 2^24-entry table per distance."""
+    codes = rgb.reshape(-1, 3).to(torch.int32)
+    if codes.shape[0] == 0:
+        return float("nan")
+    colours, counts = torch.unique((codes[:, 0] << 16) | (codes[:, 1] << 8) | codes[:, 2], return_counts=True)
+    rgb_unique = torch.stack([colours >> 16, (colours >> 8) & 255, colours & 255], dim=1).to(torch.uint8)
+    near_all = torch.zeros_like(palette.classes)
+    far = map_colors_reference(rgb_unique, palette.centers, near_all, max_dist) == IGNORE_INDEX
+    return counts[far].sum().item() / codes.shape[0]

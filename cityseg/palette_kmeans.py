@@ -115,3 +115,14 @@ def parse_palette_spec(
     if max_dist is None:
         return palette
     return Palette(palette.centers, palette.classes, palette.names, palette.colors, max_dist)
+
+
+def palette_class_count(spec: str) -> int:
+    """How many classes the `--palette` value makes, without learning it: 19 for cityscapes, K for
+    kmeans:K, a saved palette's own count (read and checked). A bad value is an OptionError."""
+    check_palette_spec(spec)
+    if spec == "cityscapes":
+        return cityscapes_palette().num_classes
+    if spec.startswith("kmeans:"):
+        return int(spec.removeprefix("kmeans:"))
+    return load_palette(spec).num_classes

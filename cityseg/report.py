@@ -160,6 +160,14 @@ def plot_samples(
     save_figure(fig, path, "sample predictions")
 
 
+def sample_grid(photos: torch.Tensor, truths: torch.Tensor, preds: torch.Tensor, palette: Palette) -> torch.Tensor:
+    """plot_samples' rows as one (3, N * H, 3 * W) uint8 image, without a figure: what TensorBoard
+    shows at every validation (drawing a matplotlib figure there cost ~0.2 s an epoch boundary)."""
+    rows = [torch.cat([photos[i], colorize(truths[i], palette), colorize(preds[i], palette)], dim=1)
+            for i in range(photos.shape[0])]  # each (H, 3W, 3)
+    return torch.cat(rows, dim=0).permute(2, 0, 1).contiguous()
+
+
 def legend_handles(class_ids: torch.Tensor, palette: Palette) -> list:
     """One colour patch per class present in `class_ids` (ignore drawn black), in class order."""
     from matplotlib.patches import Patch

@@ -15,11 +15,13 @@ the `--init-from` file) are returned with the config, so the run never reads the
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from cityseg.config import (
+    AUTO,
     SETTINGS,
     Config,
     budget_decides_epochs,
@@ -29,17 +31,20 @@ from cityseg.config import (
 )
 from cityseg.errors import OptionError
 from cityseg.options import check_config, read_config_file
+from cityseg.settings import CUDAGRAPH_MODES
 
 
 @dataclass(frozen=True)
 class ResolvedRun:
     """A run's checked config and what was read to make it: `state` is last.pt's content (a resume),
-    `init` the `--init-from` checkpoint's (state, model config); `notes` are for the user to see."""
+    `init` the `--init-from` checkpoint's (state, model config); `notes` are for the user to see;
+    `derived` records how values the run derives were found (config.json's "resolved" section)."""
 
     config: Config
     state: dict[str, Any] | None = None
     init: tuple[dict[str, Any], Any] | None = None
     notes: tuple[str, ...] = field(default=())
+    derived: dict[str, Any] = field(default_factory=dict)
 
 
 def flag_of(key: str) -> str:
@@ -73,16 +78,82 @@ def resolve_run(values: dict[str, Any] | None = None, *, config_file: Path | Non
     if init_from is not None and "data.image_size" not in {k for _, v in layers[1:] for k in v}:
         notes.append(f"--init-from: training at the checkpoint's image size, {layers[0][1]['data.image_size']} px "
                      "(--image-size changes it)")
-    device = {k: v for _, layer in layers for k, v in layer.items()}.get("train.device", "auto")
-    on_cpu = device == "cpu" or (device == "auto" and not cuda_available())
+    on_cpu = on_a_cpu({k: v for _, layer in layers for k, v in layer.items()}.get("train.device", "auto"))
     cfg = one_spelling(train_config(layers, on_cpu=on_cpu, smoke=smoke))
     check_config(cfg)
+    cfg = classes_from_palette(cfg, source=last_source(layers, "model.num_classes"))
+    check_ddp_compile_mode(cfg.train.compile_mode, world_size())
+    cfg, derived = batch_from_rule(cfg, on_cpu=on_cpu)
     if init_from is not None:
         from cityseg.checkpoint import check_init_architecture
 
         check_init_architecture(saved.model, Path(init_from), cfg.model)
         init = (init_state, saved.model)
-    return ResolvedRun(cfg, init=init, notes=tuple(notes))
+    return ResolvedRun(cfg, init=init, notes=tuple(notes), derived=derived)
+
+
+def last_source(layers: list[tuple[str, dict[str, Any]]], key: str) -> str | None:
+    """The name of the last layer that sets `key` (the one whose value counts), or None."""
+    return next((name for name, values in reversed(layers) if key in values), None)
+
+
+def classes_from_palette(cfg: Config, source: str | None) -> Config:
+    """The class count is the palette's (19 for cityscapes, K for kmeans:K, a saved palette's own): set
+    here, before anything is built; a different count that a file or `--set` gives is refused."""
+    from cityseg.palette_kmeans import palette_class_count
+
+    count = palette_class_count(cfg.data.palette)
+    if source is not None and cfg.model.num_classes != count:
+        raise OptionError(f"{source}: model.num_classes={cfg.model.num_classes} but --palette {cfg.data.palette} "
+                          f"makes {count} classes: the palette decides the class count (leave model.num_classes out)")
+    return replace(cfg, model=replace(cfg.model, num_classes=count))
+
+
+def check_ddp_compile_mode(mode: str | None, ranks: int) -> None:
+    """Refuse a CUDA-graph compile mode for a multi-rank run (one line, before any rank builds anything):
+    under DDP the gradient all-reduce hooks run between the backward's graphs, and BatchNorm's running
+    statistics are mutated inputs, for which cudagraph trees skip the graphs (pytorch#139207: >10x
+    slower) or fail in eval after train (pytorch#128218)."""
+    if ranks > 1 and mode in CUDAGRAPH_MODES:
+        raise OptionError(f"--compile-mode {mode} records CUDA graphs, which DDP runs cannot use (all-reduce hooks "
+                          "between graphs; BatchNorm statistics as mutated inputs): use default or "
+                          "max-autotune-no-cudagraphs with --nproc")
+
+
+def world_size() -> int:
+    """Ranks of this run: torchrun's WORLD_SIZE, else 1."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def batch_from_rule(cfg: Config, *, on_cpu: bool) -> tuple[Config, dict[str, Any]]:
+    """`--batch-size auto` made a number where that needs no GPU trial (cityseg/batch_rule.py): on a CPU
+    always, on a GPU from the cache of an earlier trial; lr and warm-up follow. Else it stays `auto`
+    (the run measures it before building anything) and the record says so."""
+    if cfg.data.batch_size != AUTO:
+        return cfg, {}
+    from cityseg.batch_rule import apply_choice, cache_key, cached_choice, cpu_choice, data_cap
+    from cityseg.data.loaders import train_file_count
+    from cityseg.errors import UserError
+
+    try:
+        files = train_file_count(cfg.data)
+    except UserError:  # a missing or empty folder: the run itself says so, in its own words
+        return cfg, {"batch_size": {"batch_size": AUTO, "reason": "the data folder could not be listed"}}
+    if on_cpu:
+        choice = cpu_choice(files, world_size())
+    else:
+        import torch
+
+        from cityseg.runtime import resolve_device
+
+        name = torch.cuda.get_device_name(resolve_device(cfg.train.device))
+        choice = cached_choice(cache_key(cfg, name, torch.__version__, world_size(), data_cap(files, world_size())))
+        if choice is None:
+            return cfg, {"batch_size": {"batch_size": AUTO, "reason": "measured by trial steps when the run starts"}}
+    return apply_choice(cfg, choice), {"batch_size": choice.to_record()}
 
 
 def read_init_checkpoint(path: Path) -> tuple[dict[str, Any], Config]:
@@ -129,7 +200,8 @@ def resumed_run(run: Path, values: dict[str, Any], config_file: Path | None,
 
 def resolved_from_config(cfg: Config) -> ResolvedRun:
     """A complete Config given to `cityseg.train`: taken as it is (older spellings made current),
-    checked, and its checkpoints read (with `train.resume`, last.pt's model settings must be the config's)."""
+    checked, and its checkpoints read (with `train.resume`, last.pt's model settings must be the config's).
+    A new run derives its class count and auto's batch as the command line does."""
     cfg = one_spelling(cfg)
     check_config(cfg)
     if cfg.train.resume is not None:
@@ -141,14 +213,21 @@ def resolved_from_config(cfg: Config) -> ResolvedRun:
         if diffs:
             raise CheckpointError(f"{last}: model config differs from this run's: {'; '.join(diffs)}")
         return ResolvedRun(cfg, state=state)
+    cfg = classes_from_palette(cfg, source=None)
+    cfg, derived = batch_from_rule(cfg, on_cpu=on_a_cpu(cfg.train.device))
     if cfg.train.init_from is not None:
         from cityseg.checkpoint import check_init_architecture
 
         path = Path(cfg.train.init_from)
         state, saved = read_init_checkpoint(path)
         check_init_architecture(saved.model, path, cfg.model)
-        return ResolvedRun(cfg, init=(state, saved.model))
-    return ResolvedRun(cfg)
+        return ResolvedRun(cfg, init=(state, saved.model), derived=derived)
+    return ResolvedRun(cfg, derived=derived)
+
+
+def on_a_cpu(device: str) -> bool:
+    """Whether `--device` (auto, cpu, cuda, cuda:N) trains on a CPU."""
+    return device == "cpu" or (device == "auto" and not cuda_available())
 
 
 def cuda_available() -> bool:

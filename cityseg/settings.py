@@ -75,6 +75,7 @@ SEED_MAX = 2**32 - 1  # numpy's and DALI's seed range; larger seeds overflow tor
 PALETTE_MAX = 64  # centres and classes of a palette: the Triton kernel unrolls its loop over centres
 MAX_EPOCHS = 100_000  # also what a time budget sets when no --epochs is given: the budget decides
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes in which torch.compile records CUDA graphs
 
 # -- values typed as text ------------------------------------------------------------------------------
 

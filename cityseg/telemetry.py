@@ -7,9 +7,11 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from statistics import mean
+from typing import Any
 
 import torch
 
@@ -51,11 +53,18 @@ class EpochMeter:
     Training compiles and autotunes before its clock starts (cityseg/training/warmup.py), so by
     default every step counts; `warmup_steps` > 0 keeps the first steps out of images/s (their clock
     starts after a device sync at the end of them), for a loop without that warm-up.
+
+    The host's wait in `next()` misses what a device-side loader (DALI, the device cache) queues on
+    the training stream: mask mapping, casts, augmentation of cached batches run there after `next()`
+    has returned, and delay the step that follows. On a GPU, `loading()` brackets each `next()` with
+    CUDA events on the current stream: their elapsed time is the loader's own GPU time there, read
+    once at the epoch's end (no sync per step) as `loader_gpu_share` beside the host's wait.
     """
 
     device: torch.device
     warmup_steps: int = 0
     clock: Callable[[], float] = time.perf_counter  # tests pass a fake one
+    event: Callable[[], Any] | None = None  # a timing event on the device's stream; default: CUDA's on a GPU
     steps: int = 0
     images: int = 0
     data_wait: float = 0.0
@@ -65,9 +74,33 @@ class EpochMeter:
 
     def __post_init__(self) -> None:
         self.start = self.clock()
+        if self.event is None and self.device.type == "cuda":
+            self.event = lambda: torch.cuda.Event(enable_timing=True)
+        self.loader_spans: list[tuple[Any, Any]] = []
 
     def waited(self, seconds: float) -> None:
         self.data_wait += seconds
+
+    @contextmanager
+    def loading(self) -> Iterator[None]:
+        """Around a `next()` of the loader: its host wait, and on a GPU its work on the training stream."""
+        start = self.clock()
+        if self.event is not None:
+            begin, end = self.event(), self.event()
+            begin.record()
+        try:
+            yield
+        finally:
+            if self.event is not None:
+                end.record()
+                self.loader_spans.append((begin, end))
+            self.waited(self.clock() - start)
+
+    def loader_gpu_seconds(self) -> float | None:
+        """The loader's GPU time on the training stream this epoch (after a sync); None on a CPU."""
+        if self.event is None:
+            return None
+        return sum(begin.elapsed_time(end) for begin, end in self.loader_spans) / 1000
 
     def step_done(self, batch_size: int) -> None:
         self.steps += 1
@@ -87,9 +120,11 @@ class EpochMeter:
             images_per_s = self.timed_images / timed
         else:  # too few steps to exclude the warm-up: report the plain rate
             images_per_s = self.images / seconds if seconds > 0 else 0.0
+        loader_gpu = self.loader_gpu_seconds()
         return {
             "images_per_s": images_per_s,
             "data_wait_share": self.data_wait / seconds if seconds > 0 else 0.0,
+            "loader_gpu_share": None if loader_gpu is None else (loader_gpu / seconds if seconds > 0 else 0.0),
             "seconds": seconds,
             "images": self.images,
             "timed_images": self.timed_images,

@@ -177,6 +177,24 @@ def torchrun(args: list[str | os.PathLike], *, launcher: list[str] | None = None
         timeout, grace=TORCHRUN_EXIT_GRACE_S)
 
 
+def run_in_process(args: list[str | os.PathLike]) -> Finished:
+    """`cityseg-fast ARGS` inside this process (typer's CliRunner, the same app and error handling):
+    for the many inputs of a command whose behaviour as a process `run_cli` already proves with one
+    of them. Exit status, stdout and stderr as `run_cli` gives them; an exception that escapes the app
+    is appended to stderr as its traceback, so `assert_one_line` fails on it as on a process's."""
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from cityseg.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return Finished("cityseg-fast " + " ".join(map(str, args)), result.exit_code, result.stdout, stderr)
+
+
 def assert_one_line(done: Finished, *fragments: str, code: int = 2) -> None:
     """Exit `code`, exactly one `error:` line holding every fragment, no traceback."""
     assert done.returncode == code, done.output

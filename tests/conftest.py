@@ -29,32 +29,60 @@ def cache_key() -> str:
 # table built by other code (an older checkout, a planted bug's undo) is never read, and a session
 # after no change to that code reuses the tables (a table is ~35 CPU-seconds to build on 2 cores).
 # Subprocess tests inherit these variables.
+# The lookup tables and compile caches a caller set are kept (the GPU suite shares one between its
+# steps: the tables verify themselves on load), unless under ~/.cache.
 SESSION_CACHE = ROOT / ".pytest_cache" / "cityseg" / cache_key()
-os.environ["CITYSEG_CACHE"] = str(SESSION_CACHE / "cityseg")
+KEPT_CACHES = {"CITYSEG_CACHE": "cityseg", "TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
+for _var, _name in KEPT_CACHES.items():  # else ~/.cache/cityseg, /tmp/torchinductor_$USER, ~/.triton/cache
+    if not os.environ.get(_var) or Path(os.environ[_var]).expanduser().resolve().is_relative_to(
+            (Path.home() / ".cache").resolve()):
+        os.environ[_var] = str(SESSION_CACHE / _name)
 os.environ["XDG_CACHE_HOME"] = str(SESSION_CACHE / "xdg")  # pip, torch hub, fontconfig, ...
 os.environ["MPLCONFIGDIR"] = str(SESSION_CACHE / "matplotlib")  # else ~/.cache/matplotlib or ~/.matplotlib
-os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(SESSION_CACHE / "inductor")  # else /tmp/torchinductor_$USER
-os.environ["TRITON_CACHE_DIR"] = str(SESSION_CACHE / "triton")  # else ~/.triton/cache
 os.environ["TORCH_HOME"] = str(SESSION_CACHE / "torch")  # else ~/.cache/torch
 
-import numpy as np  # noqa: E402  (after the cache folder is set)
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
-from cityseg.data.contract import LoaderSpec  # noqa: E402
-from cityseg.palette import cityscapes_palette  # noqa: E402
+import pytest  # noqa: E402
+
+# torch, numpy and the package are imported by the fixtures and helpers that use them, not here: pytest
+# imports this file before its clock starts, and PyTorch alone takes 2-15 s to load on 2 cores, which
+# the printed suite time would leave out.
+if TYPE_CHECKING:
+    import numpy as np
+
+    from cityseg.data.contract import LoaderSpec
+
+
+@pytest.fixture(scope="session", autouse=True)
+def lookup_tables() -> None:
+    """The lookup table every training run uses, built (or read from the session cache) once, before
+    the first test that needs it, inside pytest's clock: the printed time is the suite's wall time, and
+    subprocess tests read the table from the cache instead of each building its own."""
+    from cityseg.palette import cityscapes_palette, lookup_table
+
+    lookup_table(cityscapes_palette())
+
+
+ROOT_AT_START: set[str] = set()
 
 
 def pytest_sessionstart(session) -> None:
-    """Build the two lookup tables every training run uses (the palette's, and the far-colour probe
-    of the data check) before the first test, when their code changed: their cost counts against no
-    test's deadline."""
-    from cityseg.data.loaders import FAR_COLOR_DIST
-    from cityseg.palette import far_share, lookup_table
+    ROOT_AT_START.update(p.name for p in ROOT.iterdir())
 
-    lookup_table(cityscapes_palette())
-    far_share(torch.zeros(1, 3, dtype=torch.uint8), cityscapes_palette(), FAR_COLOR_DIST)
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """A test that leaves a file at the repository root fails the session (tests write into tmp_path)."""
+    left = sorted({p.name for p in ROOT.iterdir()} - ROOT_AT_START - {".pytest_cache", ".hypothesis", ".ruff_cache"})
+    if left:
+        print(f"\nerror: the tests left these at the repository root: {left}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# The flags of a tiny CPU run, in one place: 32 px, width 4, depth 2, batch 2, eager (loader workers at
+# their default, as users run it). TINY_FP32 also turns autocast off.
+TINY = ["--device", "cpu", "--no-compile", "--image-size", "32", "--width", "4", "--depth", "2", "--batch-size", "2"]
+TINY_FP32 = [*TINY, "--no-amp"]
 
 
 def real_sample_dir() -> Path | None:
@@ -72,6 +100,10 @@ def real_sample() -> Path:
 
 def block_mask(rng: np.random.Generator, size: int, blocks: int = 4) -> np.ndarray:
     """A size x size mask of `blocks` x `blocks` rectangles in random Cityscapes train colours."""
+    import numpy as np
+
+    from cityseg.palette import cityscapes_palette
+
     colors = cityscapes_palette().colors.numpy()
     ids = rng.integers(0, len(colors), (blocks, blocks))
     cells = np.kron(ids, np.ones((size // blocks + 1, size // blocks + 1), dtype=np.int64))[:size, :size]
@@ -79,6 +111,9 @@ def block_mask(rng: np.random.Generator, size: int, blocks: int = 4) -> np.ndarr
 
 
 def write_pair(path: Path, photo: np.ndarray, mask: np.ndarray, fmt: str = "JPEG", quality: int = 95) -> Path:
+    import numpy as np
+    from PIL import Image
+
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate([photo, mask], axis=1)).save(path, fmt, quality=quality)
     return path
@@ -87,6 +122,8 @@ def write_pair(path: Path, photo: np.ndarray, mask: np.ndarray, fmt: str = "JPEG
 def make_pair_dataset(root: Path, n_train: int = 8, n_val: int = 4, size: int = 32, seed: int = 0,
                       photo_is_mask: bool = False) -> Path:
     """Learnable toy pairs: the photo is the mask's colours darkened, plus noise (or exactly the mask)."""
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("val", n_val)):
         for i in range(1, n + 1):
@@ -106,6 +143,10 @@ def pair_dataset(tmp_path: Path) -> Path:
 
 def spec(**kw) -> LoaderSpec:
     """A LoaderSpec from keywords (a device may be given as a string)."""
+    import torch
+
+    from cityseg.data.contract import LoaderSpec
+
     if "device" in kw:
         kw["device"] = torch.device(kw["device"])
     return LoaderSpec(**kw)

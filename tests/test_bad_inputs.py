@@ -25,12 +25,11 @@ from cityseg.data.pairs import PairError, validate_pair
 from cityseg.data.torch_loader import PairDataset
 from cityseg.palette import cityscapes_palette
 from tests.cli_process import CliProcess, run_cli
+from tests.conftest import TINY_FP32 as TINY
 from tests.conftest import make_pair_dataset, write_pair
 from tests.test_pairs import BAD_FILES
 
 # Tiny sizes; the loaders keep their default workers (2 processes or threads), as users run them.
-TINY = ["--device", "cpu", "--no-compile", "--no-amp", "--image-size", "32", "--width", "4", "--depth", "2",
-        "--batch-size", "2"]
 
 
 def inject_file(name: str, content: bytes) -> Callable[[Path], Path]:
@@ -206,6 +205,7 @@ def test_fuzz_image_shapes_validator_and_loader_agree(tmp_path: Path, h: int, w:
 # -- interrupted runs ------------------------------------------------------------------------------
 # Ctrl-C and SIGTERM mid-epoch: tests/e2e/test_commands.py.
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)  # a 12-epoch run, then the same run killed three times
 def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     """SIGKILL to the whole process (workers too), each time after the run made progress, also while

@@ -209,6 +209,7 @@ def test_resume_with_other_model_config_names_fields(pair_dataset: Path, tmp_pat
         train(replace(cfg, model=replace(cfg.model, width=8)))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)  # 230 s measured on the loaded 2-core machine
 def test_tiny_unet_overfits_four_real_pairs(real_sample: Path) -> None:
     """>= 95 % train pixel accuracy on 4 real pairs within 300 steps (64 x 64, width 16)."""

@@ -4,9 +4,9 @@ recompiles after warm-up), fp16 with a gradient scaler, a one-rank NCCL DDP run,
 and the mask kernel on JPEG-noisy synthetic masks at odd shapes. Skipped without a CUDA GPU.
 
 Cost (the GPU suite's plan, benchmarks/gpu_plan.py TEST_COSTS, runs them in shards at once): small
-shapes everywhere; the compiled engine uses `ENGINE_TEST`, the graph the suite's warm-up compiles into
-the shared inductor cache; the kernel's block is pinned there (CITYSEG_KERNEL_BLOCK) to keep Triton
-compiles few.
+shapes everywhere; the compiled engine trains `engine_run_config` on `ENGINE_DATA`, exactly what the
+suite's warm-up trains into the shared inductor cache; the kernel's block is pinned there
+(CITYSEG_KERNEL_BLOCK) to keep Triton compiles few.
 
     pytest -m gpu tests/test_gpu.py
 """
@@ -25,9 +25,9 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.gpu_plan import ENGINE_TEST
+from benchmarks.gpu_plan import ENGINE_DATA, engine_config, engine_run_config
 from cityseg.checkpoint import load_checkpoint
-from cityseg.config import AugmentConfig, Config, DataConfig, ModelConfig, TrainConfig
+from cityseg.config import AugmentConfig
 from cityseg.data.contract import IMAGENET_STD
 from cityseg.data.pairs import list_split
 from cityseg.data.synth import render_pair, write_dataset
@@ -42,19 +42,8 @@ AUG = AugmentConfig(hflip=0.5, rotate_deg=10.0, scale=(0.8, 1.25), brightness=0.
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("gpu") / "synth", 64, 16, seed=0, size=256)
-
-
-def gpu_config(data: Path, out: Path, **train_kw) -> Config:
-    """ENGINE_TEST's model and shapes: with its compile mode, the graph the GPU suite's warm-up compiled."""
-    e = ENGINE_TEST
-    return Config(
-        data=DataConfig(data_dir=str(data), image_size=e["image_size"], batch_size=e["batch_size"], workers=4,
-                        skip_validate=True),
-        model=ModelConfig(width=e["width"], depth=e["depth"], upsample=e["upsample"], norm=e["norm"]),
-        train=TrainConfig(**{"epochs": 2, "lr": 3e-3, "warmup_steps": 2, "device": "cuda", "log_every": 4,
-                             "out": str(out), **train_kw}),
-    )
+    """The engine test's data: the warm-up (`python -m benchmarks.gpu_plan --warm-engine`) writes the same."""
+    return write_dataset(tmp_path_factory.mktemp("gpu") / "synth", **ENGINE_DATA)
 
 
 def test_dali_mixed_decode_with_augmentation_matches_the_cpu_pipeline(data: Path) -> None:
@@ -107,8 +96,7 @@ def test_engine_compiled_cuda_graphs_without_recompiles(data: Path, tmp_path: Pa
 
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # any recompile fails the run
     counters.clear()
-    summary = train(gpu_config(data, tmp_path / "run", epochs=3, compile=True,
-                               compile_mode=ENGINE_TEST["compile_mode"], precision=ENGINE_TEST["precision"]))
+    summary = train(engine_run_config(data, tmp_path / "run"))  # the config the suite's warm-up compiled
     assert summary["compile"] is True and summary["precision"] == "bf16-mixed"
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])  # CUDA graphs were used
     losses = [json.loads(ln)["loss"] for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -119,20 +107,22 @@ def test_engine_compiled_cuda_graphs_without_recompiles(data: Path, tmp_path: Pa
 def test_fp16_with_a_gradient_scaler(data: Path, tmp_path: Path) -> None:
     from cityseg.training import train
 
-    summary = train(gpu_config(data, tmp_path / "run", precision="16-mixed", compile=False))
+    summary = train(engine_config(data, tmp_path / "run", precision="16-mixed", compile=False))
     assert summary["precision"] == "16-mixed" and np.isfinite(summary["final"]["loss"])
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["scaler"]["scale"] > 0
 
 
-def test_one_rank_nccl_ddp_run(data: Path, tmp_path: Path) -> None:
+def test_one_rank_nccl_ddp_run_compiled(data: Path, tmp_path: Path) -> None:
+    """DDP over NCCL with --compile: DDP around model and loss, torch's default mode (no CUDA graphs)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m", "cityseg",
            "train", "--data", str(data), "--out", str(tmp_path / "run"), "--device", "cuda", "--epochs", "1",
-           "--image-size", "128", "--width", "8", "--depth", "3", "--batch-size", "8", "--no-compile",
+           "--image-size", "128", "--width", "8", "--depth", "3", "--batch-size", "8", "--compile",
            "--skip-validate", "--no-tensorboard"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)  # planned: ~30 s
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)  # a cold compile: ~60 s
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["ddp"] is True and summary["world_size"] == 1
+    assert summary["ddp"] is True and summary["world_size"] == 1 and summary["compile"] is True
+    assert np.isfinite(summary["final"]["loss"])
 
 
 def test_real_nvml_sampler_reads_utilisation_and_memory() -> None:

@@ -85,3 +85,50 @@ def test_compiles_as_one_graph_without_recompiles() -> None:
             logits, target = random_batch(seed)
             torch.testing.assert_close(fn(logits, target), dense_dice_ce(logits, target), rtol=0, atol=1e-5)
     torch._dynamo.reset()
+
+
+def aot_graph_ops(fn, *args) -> tuple[set[str], set[str]]:
+    """The aten ops of the forward and backward graphs that AOTAutograd hands to a compiler (Inductor
+    lowers exactly these): what the compiled loss computes, before any code generation."""
+    import torch._dynamo
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    seen: dict[str, set[str]] = {"fw": set(), "bw": set()}
+
+    def recorder(kind):
+        def compiler(gm, example_inputs):  # noqa: ARG001
+            seen[kind] |= {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=aot_autograd(fw_compiler=recorder("fw"), bw_compiler=recorder("bw")),
+                             fullgraph=True)
+    compiled(*args).backward()
+    torch._dynamo.reset()
+    return seen["fw"], seen["bw"]
+
+
+def test_compiled_graph_has_no_scatter_and_no_atomic_accumulation() -> None:
+    """The class sums are reductions: no scatter_add (contended atomics on CUDA, nondeterministic) in
+    the forward, and no gather whose backward is one; the forward's ops are also not index_put
+    with accumulate. A `scatter_add` of the old form fails this test."""
+    logits, target = random_batch(7)
+    fw, bw = aot_graph_ops(DiceCELoss(), logits.requires_grad_(), target)
+    accumulating = [op for op in fw | bw if "scatter_add" in op or "scatter_reduce" in op or "index_put" in op
+                    or "index_add" in op]
+    assert not accumulating, f"atomic-prone ops in the compiled loss: {accumulating}"
+    assert not any("gather" in op for op in fw), fw  # its backward would be a scatter-add
+
+
+def test_loss_and_gradient_are_deterministic() -> None:
+    """Two evaluations of one batch give bitwise-equal loss and gradient."""
+    logits, target = random_batch(8, channels_last=True)
+    results = []
+    for _ in range(2):
+        x = logits.clone().requires_grad_()
+        loss = DiceCELoss()(x, target)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

@@ -75,3 +75,45 @@ def test_colorize_inverts_mapping() -> None:
     p = cityscapes_palette()
     ids = torch.arange(19).view(1, 19)
     assert torch.equal(map_colors_reference(colorize(ids, p), p.centers, p.classes), ids)
+
+
+def test_far_share_counts_the_pixels_far_from_every_centre() -> None:
+    """far_share (distinct colours through the reference) against a float64 brute force over pixels."""
+    import numpy as np
+
+    from cityseg.palette import far_share
+
+    p = cityscapes_palette()
+    g = torch.Generator().manual_seed(3)
+    base = p.colors[torch.randint(0, len(p.colors), (64, 48), generator=g)].int()
+    rgb = (base + torch.randint(-70, 70, (64, 48, 3), generator=g)).clamp(0, 255).to(torch.uint8)
+    for max_dist in (30.0, 60.0):
+        pixels = rgb.reshape(-1, 1, 3).numpy().astype(np.float64)
+        dist2 = ((pixels - p.centers.numpy().astype(np.float64)[None]) ** 2).sum(-1).min(1)
+        want = float((dist2 > max_dist**2).mean())
+        assert 0.05 < want < 0.95  # the case separates near from far
+        assert far_share(rgb, p, max_dist) == want
+    assert far_share(p.centers.to(torch.uint8), p, 1.0) == 0.0  # every centre is near itself
+    # Pixels count, not distinct colours: one far colour on 3 of 4 pixels, one palette colour on the other.
+    block = torch.tensor([[[255, 255, 255]] * 3 + [p.colors[0].tolist()]], dtype=torch.uint8)
+    assert far_share(block, p, 30.0) == 0.75
+
+
+def test_the_fast_table_build_is_the_reference_on_every_colour() -> None:
+    """build_lut's integer path equals the reference on all 2^24 colours, with ties (a duplicated
+    centre, two centres equidistant from a plane of colours) and a distance limit."""
+    from kernels.mask_to_class import _build_lut_reference, build_lut
+
+    g = torch.Generator().manual_seed(1)
+    centers = torch.randint(0, 256, (12, 3), generator=g).float()
+    centers[5] = centers[2]
+    centers[7], centers[8] = torch.tensor([0.0, 0, 0]), torch.tensor([2.0, 0, 0])
+    classes = torch.randint(0, 20, (12,), generator=g)
+    classes[3] = IGNORE_INDEX
+    # 17^2 = 289 is a whole number: colours at exactly the limit exist, and stay near (> limit is far)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2^24 colours x 12 centres: one thread, not two fighting a busy machine's load
+    try:
+        assert torch.equal(build_lut(centers, classes, 17.0), _build_lut_reference(centers, classes, 17.0))
+    finally:
+        torch.set_num_threads(threads)

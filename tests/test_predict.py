@@ -213,9 +213,12 @@ def test_onnx_export_without_packages_says_what_to_install(trained: tuple[Path, 
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
-    with pytest.raises(ExportError, match="pip install onnx onnxscript"):
-        export_model(trained[1], "onnx", tmp_path / "unet.onnx")
+    for absent in ("onnxscript", "onnxruntime"):  # one message names the whole extra, whichever is missing
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, gone=absent: None if name == gone
+                            else real(name, *a))
+        with pytest.raises(ExportError, match=rf"missing: {absent}\): pip install 'cityseg-fast\[export\]'"):
+            export_model(trained[1], "onnx", tmp_path / "unet.onnx")
+    assert not (tmp_path / "unet.onnx").exists()
 
 
 def test_cli_predict_and_export(trained: tuple[Path, Path], photos_dir: Path, tmp_path: Path) -> None:

@@ -19,10 +19,8 @@ from cityseg.training import TrainingError, train
 from cityseg.training.loop import HookBase
 from cityseg.training.step import TrainStep
 from tests.cli_process import TORCHRUN_EXIT_GRACE_S, CliProcess
+from tests.conftest import TINY_FP32 as TINY
 from tests.conftest import make_pair_dataset
-
-TINY = ["--device", "cpu", "--no-compile", "--no-amp", "--image-size", "32", "--width", "4", "--depth", "2",
-        "--batch-size", "2"]
 
 
 def config(data: Path, out: Path, **train_kw) -> Config:
@@ -131,6 +129,7 @@ def test_class_weights_are_inverse_sqrt_frequencies_of_the_train_masks(tmp_path:
     assert want.max() > 2 * want[present].min()  # frequencies differ enough for a wrong formula to show
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)  # inductor compiles C++ on a loaded CPU
 def test_inductor_compile_matches_eager() -> None:
     """torch.compile with its default backend (inductor, C++ on the CPU), as --compile runs it."""

@@ -23,9 +23,7 @@ from cityseg.resolve import resolve_run
 from cityseg.settings import MAX_EPOCHS
 from cityseg.training import train
 from tests.cli_process import run_cli
-from tests.conftest import ROOT, make_pair_dataset
-
-TINY = ["--device", "cpu", "--no-compile", "--image-size", "32", "--width", "4", "--depth", "2", "--batch-size", "2"]
+from tests.conftest import ROOT, TINY, make_pair_dataset
 
 
 def train_options() -> dict[str, object]:
@@ -106,7 +104,7 @@ def test_api_and_cli_resolve_the_same_config(tmp_path: Path) -> None:
     api = resolve_run({"data.data_dir": str(data), "train.lr": 0.01, "train.time_budget_s": 300.0,
                        "data.cache": "device", "data.augment.brightness": 0.2, "data.augment.contrast": 0.2,
                        "data.augment.saturation": 0.2, "train.device": "cpu"})
-    assert flatten(yaml.safe_load(config_text(api.config))) == cli
+    assert flatten(yaml.safe_load(config_text(api.config, api.derived))) == cli
     # the presets applied alike, the older spelling made the current one, the budget lifted the epochs
     assert cli["model.upsample"] == "bilinear" and cli["data.loader"] == "cache" and cli["data.cache"] == "none"
     assert cli["train.epochs"] == MAX_EPOCHS
@@ -168,3 +166,16 @@ def test_typed_options_are_checked_before_torchrun_starts_ranks() -> None:
     assert done.returncode == 2 and "launching: torchrun" not in done.output, done.output
     assert [ln for ln in done.stderr.splitlines() if ln.startswith("error:")] == \
         ["error: --lr 0.0: expected a number from 0 to 10 (above 0)"], done.stderr
+
+
+def test_print_config_is_block_style_yaml_that_reads_back() -> None:
+    """--print-config's YAML uses one style, block (lists as `- item` lines, not `[a, b]` inline)."""
+    import yaml
+
+    from cityseg.cli.train import config_text
+    from cityseg.config import Config
+
+    text = config_text(Config())
+    assert "[" not in text and "{" not in text, text
+    assert "  - 1.0" in text  # data.augment.scale, a list, one item a line
+    assert yaml.safe_load(text)["model"]["width"] == Config().model.width

@@ -209,3 +209,34 @@ def test_profile_writes_trace_table_and_timeline(tmp_path: Path) -> None:
     assert "aten::" in (out / "top_ops.txt").read_text()
     assert "data-wait share" in result.output
     json.loads((out / "trace.json").read_text())
+
+
+class FakeEvent:
+    """A CUDA timing event's stand-in: `record()` reads a fake clock (ms), as the GPU would on its stream."""
+
+    def __init__(self, gpu_ms: list[float]) -> None:
+        self.gpu_ms, self.at = gpu_ms, None
+
+    def record(self) -> None:
+        self.at = self.gpu_ms[0]
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        return end.at - self.at
+
+
+def test_a_device_side_loaders_gpu_time_is_reported_beside_the_host_wait() -> None:
+    """Three `next()` calls: 10 ms of host wait each (the fake host clock), and the loader's kernels on
+    the training stream take 30 ms each (the fake stream clock): data_wait_share counts the host's 30 ms,
+    loader_gpu_share the stream's 90 ms, over the epoch's 1 s. On a CPU there is no such figure."""
+    clock, gpu_ms = FakeClock(), [0.0]
+    meter = EpochMeter(torch.device("cpu"), clock=clock, event=lambda: FakeEvent(gpu_ms))
+    for _ in range(3):
+        with meter.loading():
+            clock.now += 0.010
+            gpu_ms[0] += 30.0
+        meter.step_done(4)
+    clock.now += 1.0 - 0.030
+    stats = meter.summary()
+    assert stats["data_wait_share"] == pytest.approx(0.030)
+    assert stats["loader_gpu_share"] == pytest.approx(0.090)
+    assert EpochMeter(torch.device("cpu")).summary()["loader_gpu_share"] is None

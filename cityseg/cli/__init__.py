@@ -16,7 +16,12 @@ and option errors answer at once.
 
 from __future__ import annotations
 
-from typing import Annotated
+import atexit
+import contextlib
+import os
+import sys
+import threading
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -43,8 +48,31 @@ def _options(
     """Fast U-Net training for Cityscapes-style street-scene segmentation (DALI + Triton + PyTorch)."""
 
 
-def main() -> None:  # console entry point
-    app(prog_name="cityseg-fast")
+def main() -> NoReturn:  # console entry point
+    try:
+        app(prog_name="cityseg-fast")
+        code: object = 0
+    except SystemExit as e:  # typer ends every command this way
+        code = e.code
+    exit_now(code)
+
+
+def exit_now(code: object) -> NoReturn:
+    """End the command as the interpreter would, minus its teardown: the other threads are joined, the
+    atexit handlers run (logging, multiprocessing's children) and the streams flushed, then the process
+    exits at once. Tearing down torch, matplotlib and TensorBoard's modules took 3-8 s after the last
+    line of a finished run (measured on 2 loaded cores), with every file already written and closed."""
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    if code is not None and not isinstance(code, int):  # SystemExit("message"): printed, status 1
+        print(code, file=sys.stderr)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more can be said
+            stream.flush()
+    os._exit(code or 0)
 
 
 __all__ = ["app", "main"]

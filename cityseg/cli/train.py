@@ -179,9 +179,10 @@ NOT_IN_FILE = ("train.out", "train.resume")
 SYNTHETIC_ONLY = ("data.synth_train", "data.synth_val", "data.synth_seed")  # unused with --data
 
 
-def config_text(cfg: Config) -> str:
+def config_text(cfg: Config, derived: dict[str, Any] | None = None) -> str:
     """The config as YAML that `--config` reads back to the same config: sections, no keys that do
-    not apply (the run folder, --resume, the synthetic set's sizes when a data folder is given)."""
+    not apply (the run folder, --resume, the synthetic set's sizes when a data folder is given); then
+    `derived`, how auto's values were found, as config.json's "resolved" section (not read back)."""
     import yaml
 
     drop = set(NOT_IN_FILE) | (set(SYNTHETIC_ONLY) if cfg.data.data_dir is not None else set())
@@ -192,8 +193,10 @@ def config_text(cfg: Config) -> str:
         for section in sections:
             node = node[section]
         node.pop(leaf, None)
+    if derived:
+        tree["resolved"] = derived
     header = "# cityseg-fast train --config FILE reads this back (the run folder, --out, is not part of it)\n"
-    return header + yaml.safe_dump(tree, sort_keys=False, default_flow_style=None)
+    return header + yaml.safe_dump(tree, sort_keys=False, default_flow_style=False)  # block style throughout
 
 
 def options_table() -> str:
@@ -214,11 +217,17 @@ def train(ctx: typer.Context, **options: Any) -> None:  # the options: setting_p
     check_options({"nproc": options["nproc"]})
     values = config_values(given)  # every typed value parsed and in range before torchrun starts ranks
     if options["nproc"] > 1:
+        from cityseg.resolve import check_ddp_compile_mode
+
+        check_ddp_compile_mode(values.get("train.compile_mode"), options["nproc"])
         launch_torchrun(options["nproc"])
     console.quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 speaks for all
+    if not options["print_config_only"]:  # the first line within a second: PyTorch alone takes 2-15 s to load
+        console.print("start-up: loading PyTorch and the training code ...", soft_wrap=True)
     run = resolve_given(values, given)
     if options["print_config_only"]:
-        sys.stdout.write(config_text(run.config))  # not through Rich: exactly the file's text, never wrapped
+        # Not through Rich: exactly the file's text, never wrapped.
+        sys.stdout.write(config_text(run.config, run.derived))
         return
     summary = run_training(run)
     from cityseg.telemetry import fmt

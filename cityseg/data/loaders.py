@@ -51,6 +51,13 @@ def resolve_data_dir(cfg: DataConfig) -> Path:
     return resolve_dataset(cfg).root
 
 
+def train_file_count(cfg: DataConfig) -> int:
+    """The train files a run lists (before their check): the synthetic set's size without making it."""
+    if cfg.data_dir is None:
+        return cfg.synth_train
+    return len(find_dataset(cfg.data_dir, cfg.format).samples("train"))
+
+
 FAR_COLOR_DIST = 60.0  # real Kaggle masks: at most ~3 % of a mask's pixels lie this far from every colour
 MAX_FAR_SHARE = 0.2
 MASK_SAMPLE = 16  # files whose mask colours are checked when --skip-validate skips the full validation

@@ -5,7 +5,9 @@
 
 The exported graph is the eval-mode model in float32, NCHW: input `image` (N, 3, S, S) normalised as
 in training ((x / 255 - mean) / std, ImageNet mean/std, RGB), output `logits` (N, C, S, S); N is
-free, S is the training size from the checkpoint (or --image-size, a multiple of 2**depth). The
+free, S is the training size from the checkpoint (or --image-size, a multiple of the model's output stride:
+2**depth, or 32 for most timm encoders; an encoder model's graph re-normalises to its encoder's
+mean/std itself, so every model takes the same input). The
 preprocessing, class names and colours travel inside the file as JSON: ONNX `metadata_props`
 ["cityseg"], TorchScript extra file "cityseg.json".
 
@@ -28,10 +30,10 @@ import torch
 from torch import nn
 
 from cityseg.checkpoint import load_from_checkpoint
-from cityseg.config import Config
+from cityseg.config import Config, ModelConfig
 from cityseg.data.contract import IMAGENET_MEAN, IMAGENET_STD
 from cityseg.errors import UserError
-from cityseg.model import check_input_size, parameter_count
+from cityseg.model import model_parameters, size_problem
 from cityseg.outputs import new_output_file
 from cityseg.palette import Palette
 from cityseg.runtime import free_memory
@@ -39,7 +41,7 @@ from cityseg.runtime import free_memory
 Format = Literal["onnx", "torchscript"]
 FORMATS: tuple[str, ...] = ("onnx", "torchscript")
 ONNX_OPSET = 18  # the dynamo exporter's native opset: asking for an older one adds a lossy conversion pass
-ONNX_PACKAGES = ("onnx", "onnxscript")
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # export, then the parity check: the `export` extra
 
 
 class ExportError(UserError):
@@ -77,12 +79,14 @@ def export_model(ckpt: str | os.PathLike, fmt: str, out: str | os.PathLike, imag
     out = new_output_file(Path(out), "export", overwrite=overwrite, inputs=[(ckpt, "the checkpoint being read")])
     model, cfg, palette = load_export_model(ckpt)
     size = image_size or cfg.data.image_size
-    try:
-        check_input_size(size, size, cfg.model.depth)
-    except ValueError as e:
-        raise ExportError(f"--image-size {size}: {e}") from None
+    problem = size_problem(cfg.model, size)
+    if problem:
+        raise ExportError(f"--image-size {size}: {problem}")
     check_export_fits(cfg, size)
     meta = export_metadata(palette, size, ckpt)
+    m = cfg.model
+    meta["model"] = {"encoder": m.encoder, "encoder_weights": m.encoder_weights, "encoder_sha256": m.encoder_sha256,
+                     "encoder_licence": m.encoder_licence}
     example = torch.zeros(2, 3, size, size)  # batch 2: a batch of 1 would let torch.export specialise N
     try:
         if fmt == "torchscript":
@@ -101,16 +105,14 @@ def export_model(ckpt: str | os.PathLike, fmt: str, out: str | os.PathLike, imag
 LIVE_WIDTHS = 5
 
 
-def export_bytes(width: int, depth: int, upsample: str, num_classes: int, size: int, batch: int = 2) -> int:
+def export_bytes(cfg: ModelConfig, size: int, batch: int = 2) -> int:
     """A lower bound on the memory exporting (tracing a batch of `batch`) takes, in bytes (float32)."""
-    params = parameter_count(width, depth, upsample, num_classes)
-    return 4 * params + 4 * batch * size * size * (3 + LIVE_WIDTHS * width + num_classes)
+    return 4 * model_parameters(cfg) + 4 * batch * size * size * (3 + LIVE_WIDTHS * cfg.width + cfg.num_classes)
 
 
 def check_export_fits(cfg: Config, size: int) -> None:
     """Refuse, before allocating, an --image-size whose forward pass cannot fit in free memory."""
-    m = cfg.model
-    need, free = export_bytes(m.width, m.depth, m.upsample, m.num_classes, size), free_memory(torch.device("cpu"))
+    need, free = export_bytes(cfg.model, size), free_memory(torch.device("cpu"))
     if need > free:
         raise ExportError(f"--image-size {size}: exporting needs at least {need / 2**30:,.1f} GiB but "
                           f"{free / 2**30:,.1f} GiB of memory is free: choose a smaller --image-size")
@@ -119,7 +121,9 @@ def check_export_fits(cfg: Config, size: int) -> None:
 def require_onnx() -> None:
     missing = [m for m in ONNX_PACKAGES if importlib.util.find_spec(m) is None]
     if missing:
-        raise ExportError("ONNX export needs the onnx and onnxscript packages: pip install onnx onnxscript")
+        raise ExportError(f"ONNX export needs the `export` extra ({', '.join(ONNX_PACKAGES)}; missing: "
+                          f"{', '.join(missing)}): pip install 'cityseg-fast[export]' (from a checkout: "
+                          "pip install -e '.[export]')")
 
 
 def export_torchscript(model: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, Any]) -> None:
@@ -151,7 +155,7 @@ def run_exported(path: str | os.PathLike, fmt: str, images: torch.Tensor) -> tor
             return torch.jit.load(str(path), map_location="cpu")(x)
     if fmt == "onnx":
         if importlib.util.find_spec("onnxruntime") is None:
-            raise ExportError("checking an ONNX export needs onnxruntime: pip install onnxruntime")
+            require_onnx()  # names the whole `export` extra, not one package at a time
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -21,18 +21,20 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from cityseg.batch_rule import BatchChoice
 from cityseg.checkpoint import remove_stale_temps
-from cityseg.config import Config
+from cityseg.config import AUTO, Config
 from cityseg.distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from cityseg.errors import InterruptedNow, UserError
 from cityseg.model import describe
 from cityseg.outputs import cache_dir, claim_run_folder, is_free, write_error_log
 from cityseg.palette import Palette, save_palette
+from cityseg.progress import startup_console
 from cityseg.report import RunFolder, device_name, write_json
 from cityseg.resolve import ResolvedRun, resolved_from_config
 from cityseg.runtime import resolve_device, use_compile_cache
 from cityseg.telemetry import process_start
-from cityseg.training.batch_size import resolve_batch_size
+from cityseg.training.batch_size import finish_auto_batch
 from cityseg.training.hooks import default_hooks
 from cityseg.training.loop import EXIT_INTERRUPTED, HookBase, Interrupted, Parts, Trainer
 from cityseg.training.schedule import TrainClock
@@ -43,8 +45,12 @@ from cityseg.training.setup import (
     build_optimizer,
     build_scheduler,
     check_training_fits,
+    for_ranks,
     init_weights_from,
+    open_loaders,
     prepare_data,
+    schedule_note,
+    starting_encoder_weights,
     training_runtime,
 )
 from cityseg.training.step import TrainStep
@@ -85,7 +91,8 @@ def train(cfg: Config | ResolvedRun, console: Console | None = None, on_step: Ca
     if not dist_info.is_main:
         console = Console(quiet=True)
     try:
-        return _train(run, console, dist_info, on_step, hooks or [], zero)
+        with startup_console(console):  # the start-up stages (data, lookup table, checks, warm-up) say what they do
+            return _train(run, console, dist_info, on_step, hooks or [], zero)
     finally:
         cleanup(dist_info)
 
@@ -113,7 +120,8 @@ def _train(resolved: ResolvedRun, console: Console, dist_info: DistInfo, on_step
             run = RunFolder(root)
             try:
                 state = resume_state(run, resolved.state, console) if cfg.train.resume else None
-                return run_training(cfg, console, dist_info, run, state, resolved.init, on_step, extra_hooks, zero)
+                return run_training(cfg, resolved.derived, console, dist_info, run, state, resolved.init, on_step,
+                                    extra_hooks, zero)
             except UserError as e:
                 if dist_info.is_main and run.config.is_file():  # a run that started says why it ended
                     write_error_log(run.root, str(e))
@@ -152,34 +160,47 @@ def resume_state(run: RunFolder, state: dict[str, Any] | None, console: Console)
     return state
 
 
-def run_training(cfg: Config, console: Console, dist_info: DistInfo, run: RunFolder, state: dict[str, Any] | None,
-                 init: tuple[dict[str, Any], Any] | None, on_step: Callable[[], None] | None,
-                 extra_hooks: list[HookBase], zero: tuple[float, str]) -> dict[str, Any]:
+def run_training(cfg: Config, derived: dict[str, Any], console: Console, dist_info: DistInfo, run: RunFolder,
+                 state: dict[str, Any] | None, init: tuple[dict[str, Any], Any] | None,
+                 on_step: Callable[[], None] | None, extra_hooks: list[HookBase], zero: tuple[float, str]
+                 ) -> dict[str, Any]:
     rt = training_runtime(cfg.train, dist_info)
-    cfg = resolve_batch_size(cfg, rt, dist_info, console)  # `auto`: the GPU's largest fitting batch (or 16)
-    check_training_fits(cfg, rt, dist_info)
-    # Before anything compiles and before loader workers start (they inherit it); only where something
-    # compiles (torch.compile, or the Triton mask kernel on a GPU): a CPU eager run changes nothing.
+    if cfg.data.batch_size != AUTO:
+        check_training_fits(cfg, rt, dist_info)  # before any file is read
+    # Before anything compiles (auto's trial steps too) and before loader workers start (they inherit it);
+    # only where something compiles (torch.compile, or the Triton mask kernel on a GPU).
     compile_cache = use_compile_cache(root=cache_dir() / "compile") if rt.compile or rt.device.type == "cuda" else None
     for note in rt.notes:
         console.print(f"note: {note}", style="yellow", soft_wrap=True)
     init = None if state else init  # on resume, last.pt holds the weights
     torch.backends.cudnn.benchmark = True  # fixed-size batches: pick the fastest conv algorithms once
     torch.manual_seed(cfg.train.seed)
+    encoder_file = None
+    if state is None and init is None:  # a new run: pretrained encoder weights (resume, --init-from: theirs)
+        model_cfg, encoder_file = starting_encoder_weights(cfg.model)
+        cfg = replace(cfg, model=model_cfg)
     data = prepare_data(cfg, rt, dist_info, console, Palette.from_state(state["palette"]) if state else None)
     with closing(data):  # the loaders' workers end on every way out: done, error or signal
-        # The palette decides the class count (19 for Cityscapes, K for kmeans:K).
-        cfg = replace(cfg, model=replace(cfg.model, num_classes=data.palette.num_classes))
-        model, step_model = build_models(cfg.model, rt, dist_info, cfg.train.sync_bn)
+        if cfg.data.batch_size == AUTO:  # a GPU with no remembered answer: trial steps, now the files are known
+            cfg, derived = finish_auto_batch(cfg, rt, dist_info, len(data.train_files), console)
+            check_training_fits(cfg, rt, dist_info)
+        if "batch_size" in derived:
+            console.print(BatchChoice.from_record(derived["batch_size"]).summary(), soft_wrap=True)
+        open_loaders(data, cfg, rt, dist_info)
+        model, step_model = build_models(cfg.model, rt, dist_info, cfg.train.sync_bn, encoder_file)
         if init is not None:  # on resume, last.pt holds the weights
             init_weights_from(model, cfg.model, Path(cfg.train.init_from), init, console)
         optimizer = build_optimizer(model, cfg.train, rt.device)
         clock = TrainClock()
         scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.needs_grad_scaler)
         loss_fn = build_loss(cfg.train, data.train, data.palette.num_classes, rt.device)
+        step_model = for_ranks(step_model, loss_fn, rt, dist_info)
         step = TrainStep(step_model, model, loss_fn, optimizer, scaler, rt, cfg.train.grad_clip)
         parts = Parts(cfg, rt, dist_info, data, model, step, optimizer,
                       build_scheduler(optimizer, cfg.train, len(data.train), clock), scaler, clock)
+        note = schedule_note(cfg.train, len(data.train))
+        if note:
+            console.print(f"note: {note}", style="yellow", soft_wrap=True)
         hooks = default_hooks(cfg.train, on_step, dist_info.is_main) + extra_hooks
         trainer = Trainer(parts, run, console, hooks, started_at=zero[0])
         trainer.time_zero, trainer.compile_cache = zero[1], compile_cache
@@ -198,7 +219,8 @@ def run_training(cfg: Config, console: Console, dist_info: DistInfo, run: RunFol
             if dist_info.is_main:
                 run.create()
                 save_palette(data.palette, run.root / "palette.json")  # `--palette RUN/palette.json` reuses it
-                write_json(run.config, cfg.to_dict(), "run config")  # written once Ctrl-C is handled: tests wait on it
+                # Written once Ctrl-C is handled: tests wait on it. "resolved": how auto's values were found.
+                write_json(run.config, cfg.to_dict() | ({"resolved": derived} if derived else {}), "run config")
             summary = trainer.fit(interrupt)
         assert summary is not None  # the Reporter hook, one of the default hooks, made it
         return summary

@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
 from cityseg.config import MAX_EPOCHS, TrainConfig
@@ -39,6 +38,7 @@ from cityseg.report import (
     plot_curves,
     plot_gpu_timeline,
     plot_samples,
+    sample_grid,
     time_to_thresholds,
     write_json,
     write_jsonl,
@@ -98,30 +98,31 @@ class Progress(HookBase):
         if self.t0 is None:
             self.t0 = time.perf_counter()
         of = "" if t.cfg.train.epochs == MAX_EPOCHS else f"/{t.cfg.train.epochs}"  # a time budget decides
-        self.bar = StepProgress(t.console, f"epoch {t.epoch + 1}{of}", len(t.data.train), t.step_in_epoch).__enter__()
+        self.bar = StepProgress(t.console, f"epoch {t.epoch + 1}{of}", len(t.data.train), t.step_in_epoch,
+                               own_eta=False).__enter__()
 
     def after_step(self) -> None:
         t = self.trainer
         if t.log_step:  # the loop read the loss (a device sync) on this step
             self.loss_text = f"step loss {t.loss_value:.3f}  "  # this step's; the epoch line gives the mean
-        self.bar.step(t.step_in_epoch, f"{self.loss_text}{self.telemetry.live()}  run eta {format_eta(self.run_eta())}",
+        self.bar.step(t.step_in_epoch, f"{self.loss_text}{self.telemetry.live()}  eta {format_eta(self.run_eta())}",
                       log=t.log_step)
         if t.step_in_epoch == len(t.data.train) or t.out_of_steps() or t.out_of_time():
             self.close()  # the epoch's last step: its bar ends above the validation bar, not below it
 
     def run_eta(self) -> float | None:
-        """Seconds left in the whole run: the time budget's rest, or the remaining steps of all epochs
-        (and --max-steps) at this session's pace, validation not included."""
+        """Seconds left in the whole run (the one ETA shown): the remaining steps of all epochs (and
+        --max-steps) at this session's pace, validation not included, and never past the time budget."""
         t = self.trainer
-        if t.cfg.train.time_budget_s is not None:
-            return max(0.0, t.cfg.train.time_budget_s - t.clock.seconds)
         total = t.cfg.train.epochs * len(t.data.train)
         if t.cfg.train.max_steps:
             total = min(total, t.cfg.train.max_steps)
         done = t.global_step - self.first_step
-        if done <= 0:
-            return None
-        return (total - t.global_step) * (time.perf_counter() - self.t0) / done
+        by_steps = None if done <= 0 else (total - t.global_step) * (time.perf_counter() - self.t0) / done
+        if t.cfg.train.time_budget_s is None:
+            return by_steps
+        budget_left = max(0.0, t.cfg.train.time_budget_s - t.clock.seconds)
+        return budget_left if by_steps is None else min(by_steps, budget_left)
 
     def before_train(self) -> None:
         self.t0: float | None = None  # set at the first epoch: the warm-up is not the run's pace
@@ -185,7 +186,9 @@ class MetricsWriter(HookBase):
         t.console.print(iou_table(metrics, t.data.palette.names, title=f"val after epoch {record['epoch']}"))
         line = (f"epoch {record['epoch']}: mean loss {record['loss']:.4f}  val pixel acc {record['pixel_acc']:.4f}  "
                 f"mIoU {fmt(record['miou'], '.4f')}  {record['images_per_s']:.1f} img/s  "
-                f"data wait {record['data_wait_share']:.0%}")
+                f"data wait {record['data_wait_share']:.0%}"
+                + (f" + loader GPU {record['loader_gpu_share']:.0%}" if record.get("loader_gpu_share") is not None
+                   else ""))
         t.console.print(line, soft_wrap=True)
         log.info(line)
 
@@ -271,20 +274,26 @@ def first_val_batch(t: Any, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def draw_samples(t: Any, batch: tuple[torch.Tensor, torch.Tensor], path: Any) -> None:
-    """Photo / truth / prediction of `batch`, predicted in eval mode, scored size, to `path`."""
+def predict_samples(t: Any, batch: tuple[torch.Tensor, torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(photos uint8 (N, H, W, 3), truths, predictions) of `batch`, predicted in eval mode at the scored size."""
     was_training = t.model.training
     t.model.eval()
     try:
         image, target = batch
-        with autocast(t.rt):
+        with torch.no_grad(), autocast(t.rt):
             logits = t.model(image).float()
         if logits.shape[-2:] != target.shape[-2:]:  # labels scored at their native size
             logits = torch.nn.functional.interpolate(logits, size=target.shape[-2:], mode="bilinear")
             image = torch.nn.functional.interpolate(image.float(), size=target.shape[-2:], mode="bilinear")
-        plot_samples(denormalize(image), target.cpu(), logits.argmax(1).cpu(), t.data.palette, path)
+        return denormalize(image), target.cpu(), logits.argmax(1).cpu()
     finally:
         t.model.train(was_training)
+
+
+def draw_samples(t: Any, batch: tuple[torch.Tensor, torch.Tensor], path: Any) -> None:
+    """Photo / truth / prediction of `batch`, predicted in eval mode, scored size, to `path`."""
+    plot_samples(*predict_samples(t, batch), t.data.palette, path)
 
 
 class EMA(HookBase):
@@ -339,8 +348,8 @@ class TensorBoard(HookBase):
     no extra device sync), and per epoch val loss, pixel accuracy, mIoU, per-class IoU, images/s,
     data-wait share, GPU fields and the samples image. `tensorboard --logdir runs/`."""
 
-    SCALARS = ("val_loss", "pixel_acc", "miou", "images_per_s", "data_wait_share", "gpu_util", "gpu_mem_gib",
-               "gpu_power_w", "sm_activity")
+    SCALARS = ("val_loss", "pixel_acc", "miou", "images_per_s", "data_wait_share", "loader_gpu_share", "gpu_util",
+               "gpu_mem_gib", "gpu_power_w", "sm_activity")
 
     def events(self) -> Any:
         """Where the writer's errors surface (its thread writes; a full disk shows at the next call):
@@ -380,18 +389,11 @@ class TensorBoard(HookBase):
         self.writer.flush()
 
     def add_samples(self, step: int) -> None:
-        """The samples picture (photo / truth / prediction of a few val images) after each epoch."""
+        """Photo | truth | prediction of a few val images at each validation, as one image tensor."""
         t = self.trainer
         if getattr(self, "batch", None) is None:  # the same images every epoch: one extra val read per run
             self.batch = first_val_batch(t)
-        picture_file = t.run.root / ".samples-tensorboard.png"
-        draw_samples(t, self.batch, picture_file)
-        from PIL import Image
-
-        with Image.open(picture_file) as picture:
-            image = torch.from_numpy(np.array(picture.convert("RGB"))).permute(2, 0, 1)
-        picture_file.unlink()
-        self.writer.add_image("samples", image, step)
+        self.writer.add_image("samples", sample_grid(*predict_samples(t, self.batch), t.data.palette), step)
 
     def after_train(self) -> None:
         if getattr(self, "writer", None) is not None:  # None: creating it failed

@@ -33,13 +33,13 @@ from cityseg.checkpoint import CheckpointWriter, hook_state, weights_only_state
 from cityseg.config import Config
 from cityseg.distributed import DistInfo, any_rank, broadcast_buffers, max_over_ranks, sum_over_ranks, weights_agree
 from cityseg.metrics import LoaderFailed, SegMetrics, evaluate_model
-from cityseg.progress import StepProgress
+from cityseg.progress import StepProgress, stage
 from cityseg.report import RunFolder, versions
 from cityseg.runtime import Runtime
 from cityseg.telemetry import EpochMeter
 from cityseg.training.cadence import ValCadence
 from cityseg.training.schedule import ProgressLR, TrainClock, tick_function
-from cityseg.training.setup import RunData, TrainingError
+from cityseg.training.setup import RunData, TrainingError, cpu_advice
 from cityseg.training.step import TrainStep
 from cityseg.training.warmup import warm_up, warmup_calls
 
@@ -303,10 +303,15 @@ class Trainer:
         p, t = self.parts, time.perf_counter()
         val = self.data.val
         forwards = [self.val_forward()] if self.rt.compile else []
-        warm_up(p.step, warmup_calls(self.rt, p.step), self.model, p.optimizer, p.scaler, self.rt,
-                self.data.train.spec, self.data.palette, forwards, val.spec, self.val_batch_sizes())
+        expect = "torch.compile: a minute or more the first time, less from its cache" if self.rt.compile else "a step"
+        with stage("warm-up: the first step on a synthetic batch, before the clock starts", expect):
+            warm_up(p.step, calls := warmup_calls(self.rt, p.step), self.model, p.optimizer, p.scaler, self.rt,
+                    self.data.train.spec, self.data.palette, forwards, val.spec, self.val_batch_sizes())
         max_over_ranks(0.0, self.dist, self.rt.device)  # a barrier
         self.times["warmup_s"] += time.perf_counter() - t
+        advice = cpu_advice(self.cfg, self.rt, len(self.data.train), (time.perf_counter() - t) / max(1, calls))
+        if advice:
+            self.console.print(f"note: {advice}", style="yellow", soft_wrap=True)
 
     def val_forward(self) -> nn.Module:
         """What validation calls: the scored model (an EMA's average, perhaps), compiled with static
@@ -432,6 +437,8 @@ class Trainer:
             "lr": self.parts.optimizer.param_groups[0]["lr"],
             "images_per_s": ips,
             "data_wait_share": wait / ws,
+            # a device-side loader's own GPU time on the training stream (None on a CPU): rank 0's
+            "loader_gpu_share": stats["loader_gpu_share"],
             "seconds": stats["seconds"],
             "timed_images": stats["timed_images"],
             "timed_seconds": stats["timed_seconds"],
@@ -459,17 +466,15 @@ class Trainer:
         return metrics
 
     def next_batch(self, batches: Iterator, interrupt: dict[str, int | None]):
-        t = time.perf_counter()
-        try:
-            batch = next(batches, None)
-        except Exception:
-            if interrupt["signum"] is None:
-                raise
-            # A SIGTERM sent to the whole process group (Slurm, systemd) also ended the loader's
-            # workers: the step in flight still finishes and last.pt is saved.
-            batch = None
-        self.meter.waited(time.perf_counter() - t)
-        return batch
+        with self.meter.loading():  # the host's wait, and on a GPU the loader's work on this stream
+            try:
+                return next(batches, None)
+            except Exception:
+                if interrupt["signum"] is None:
+                    raise
+                # A SIGTERM sent to the whole process group (Slurm, systemd) also ended the loader's
+                # workers: the step in flight still finishes and last.pt is saved.
+                return None
 
     def stop_requested(self, interrupt: dict[str, int | None]) -> bool:
         """Ctrl-C/SIGTERM seen by any rank; every rank must call this at the same step."""

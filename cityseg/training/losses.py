@@ -2,12 +2,14 @@
 Dice, which weighs every class present by its overlap rather than its pixel count, so thin and rare
 classes (poles, signs, riders) are not drowned by road and sky.
 
-The Dice terms are O(pixels): no one-hot tensor. Per class c over the valid pixels,
-intersection_c = sum of p_c where the target is c (a gather of the target's probability, then a
-scatter-add by class), count_c = the pixels of class c (a scatter-add of ones), and
-sum_c = sum of p_c. A dense int64 one-hot costs 8 * C bytes a pixel (152 for 19 classes) and two
-extra passes over it; the scatter-adds write into a fixed (C,) tensor, so the shapes stay static
-and the loss compiles into the same graph as the model (bincount's output size is data-dependent).
+The Dice terms are per-class sums over the pixels, written as masked reductions: with
+`is_class = target[:, None] == arange(C)[None, :, None, None]`, intersection_c = sum of p * is_class,
+count_c = sum of is_class and sum_c = sum of p over valid pixels. Compiled, the comparison fuses into
+the one reduction kernel that reads the probabilities: no one-hot tensor is written, and there is no
+scatter. A scatter-add into C floats (the previous form) became contended atomics on CUDA (Inductor
+partitions scatters on ROCm only), twice per step, and made the loss nondeterministic; a reduction
+over a static (B, C, H, W) shape is deterministic and keeps the whole loss in the model's graph.
+The ignore id (255) is never a class id, so ignored pixels fall out of `is_class` by themselves.
 """
 
 from __future__ import annotations
@@ -17,12 +19,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from cityseg.palette import IGNORE_INDEX
-
-
-def class_sums(values: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(C,) sums of `values` (any shape) grouped by `target` (same shape, ids in [0, C))."""
-    sums = torch.zeros(num_classes, dtype=values.dtype, device=values.device)
-    return sums.scatter_add(0, target.reshape(-1), values.reshape(-1))
 
 
 class DiceCELoss(nn.Module):
@@ -39,13 +35,13 @@ class DiceCELoss(nn.Module):
         log_probs = logits.float().log_softmax(dim=1)  # (B, C, H, W)
         ce = F.nll_loss(log_probs, target, weight=self.weight, ignore_index=IGNORE_INDEX)
         probs = log_probs.exp()
-        valid = target != IGNORE_INDEX  # (B, H, W)
-        ids = torch.where(valid, target, 0)  # ignored pixels count for class 0 with weight 0
-        validf = valid.to(probs.dtype)
-        p_target = probs.gather(1, ids.unsqueeze(1)).squeeze(1) * validf  # (B, H, W)
-        inter = class_sums(p_target, ids, n_classes)  # (C,)
-        count = class_sums(validf, ids, n_classes)  # (C,) target pixels per class
-        prob_sum = (probs * validf.unsqueeze(1)).sum((0, 2, 3))  # (C,)
+        classes = torch.arange(n_classes, device=target.device).view(1, n_classes, 1, 1)
+        is_class = target.unsqueeze(1) == classes  # (B, C, H, W) bool; fused away when compiled
+        valid = (target != IGNORE_INDEX).unsqueeze(1)  # (B, 1, H, W)
+        dims = (0, 2, 3)
+        inter = (probs * is_class).sum(dims)  # (C,)
+        count = is_class.sum(dims, dtype=probs.dtype)  # (C,) target pixels per class
+        prob_sum = (probs * valid).sum(dims)  # (C,)
         dice = (2 * inter + self.smooth) / (prob_sum + count + self.smooth)
         present = count > 0  # classes absent from the batch would only reward predicting nothing
         dice_loss = 1 - (dice * present).sum() / present.sum().clamp(min=1)

@@ -22,6 +22,10 @@ from cityseg.config import SETTINGS
 SHAPES = SETTINGS["train.schedule"].choices
 ONECYCLE_RISE = 0.3  # share of the run spent rising to the peak (Smith's pct_start)
 ONECYCLE_START = 1 / 25  # one-cycle starts at peak / 25 (PyTorch's div_factor)
+# A budgeted run's warm-up ends after its steps or after this share of the budget, whichever comes
+# first: 100 steps are seconds on a GPU but can be a whole short budget on a CPU (a 60 s run of 8
+# steps never left warm-up, and learned nothing).
+WARMUP_BUDGET_SHARE = 0.05
 
 
 @dataclass
@@ -39,6 +43,21 @@ def cpu_seconds() -> float:
 
 def tick_function(kind: str) -> Callable[[], float]:
     return cpu_seconds if kind == "cpu" else time.perf_counter
+
+
+def planned_warmup(warmup_steps: int, total_steps: int) -> int:
+    """Warm-up steps of a plan of `total_steps`: at most a fifth of it."""
+    return min(warmup_steps, max(1, total_steps // 5))
+
+
+def warmup_note(warmup_steps: int, total_steps: int | None, max_steps: int) -> str | None:
+    """One line when the run's plan ends inside the LR warm-up (the lr would never reach its peak);
+    `total_steps` None: a time budget, whose warm-up also ends at WARMUP_BUDGET_SHARE of it."""
+    warmup = warmup_steps if total_steps is None else planned_warmup(warmup_steps, total_steps)
+    if max_steps and warmup and max_steps <= warmup:
+        return (f"--max-steps {max_steps} ends the run inside the {warmup}-step LR warm-up: the lr never reaches "
+                "its peak (lower --warmup-steps)")
+    return None
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -62,7 +81,8 @@ class ProgressLR:
     """Sets every param group's lr to base_lr * factor(progress) at each `step()` (and at start).
 
     By steps (`total_steps`) the cosine shape is exactly `warmup_cosine`; by time (`budget_s` with a
-    `clock`), the warm-up stays in steps and the decay follows clock.seconds / budget_s. Its
+    `clock`), the warm-up ends after its steps or WARMUP_BUDGET_SHARE of the budget, whichever comes
+    first, and the decay follows clock.seconds / budget_s. Its
     state_dict carries `last_epoch` (the step count) like torch's LambdaLR, whose checkpoints load."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, warmup: int, min_ratio: float, shape: str = "cosine",
@@ -88,7 +108,9 @@ class ProgressLR:
             return onecycle(self.progress(), self.min_ratio)
         if self.budget_s is None:
             return warmup_cosine(self.last_epoch, self.warmup, self.total_steps, self.min_ratio)
-        ramp = min(1.0, (self.last_epoch + 1) / self.warmup)
+        by_steps = (self.last_epoch + 1) / self.warmup
+        by_time = self.clock.seconds / (WARMUP_BUDGET_SHARE * self.budget_s)
+        ramp = min(1.0, max(by_steps, by_time))
         return ramp * (self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * self.progress())))
 
     def _apply(self) -> None:

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -30,12 +30,15 @@ from cityseg.data.loaders import (
 )
 from cityseg.data.pairs import MaskCheck, overlap_warning
 from cityseg.distributed import DistInfo
+from cityseg.encoders import OURS, resolve_weights
 from cityseg.errors import UserError
-from cityseg.model import build_model, parameter_count, training_bytes
+from cityseg.model import build_model, model_parameters, model_training_bytes, size_problem
 from cityseg.palette import IGNORE_INDEX, Palette, cityscapes_palette
+from cityseg.progress import stage
 from cityseg.runtime import Runtime, free_memory, resolve_device, resolve_runtime
 from cityseg.training.losses import build_loss_fn
-from cityseg.training.schedule import ProgressLR, TrainClock
+from cityseg.training.schedule import ProgressLR, TrainClock, planned_warmup, warmup_note
+from cityseg.training.step import ModelWithLoss
 
 
 class TrainingError(UserError):
@@ -51,20 +54,35 @@ def training_runtime(cfg: TrainConfig, dist_info: DistInfo) -> Runtime:
 
 
 def check_training_fits(cfg: Config, rt: Runtime, dist_info: DistInfo) -> None:
-    """Refuse, before allocating anything, a model and batch that cannot fit in the device's free
-    memory (a lower-bound estimate: `model.training_bytes`)."""
+    """Refuse, before allocating anything, an image size the model cannot take and a model and batch
+    that cannot fit in the device's free memory (a lower-bound estimate: `model.model_training_bytes`)."""
     m, d = cfg.model, cfg.data
-    need = training_bytes(m.width, m.depth, d.image_size, d.batch_size, rt.amp, m.upsample)
+    problem = size_problem(m, d.image_size)
+    if problem:
+        raise TrainingError(f"--image-size {d.image_size}: {problem}")
+    need = model_training_bytes(m, d.image_size, d.batch_size, rt.amp)
     if rt.device.type == "cpu":
         need *= dist_info.world_size  # CPU ranks share the machine's memory
     free = free_memory(rt.device)
     if need > free:
-        params = parameter_count(m.width, m.depth, m.upsample) / 1e6
+        params = model_parameters(m) / 1e6
         raise TrainingError(
             f"this run needs at least {need / 2**30:,.1f} GiB ({params:,.1f} M parameters, batch {d.batch_size} "
             f"at {d.image_size} px) but {free / 2**30:,.1f} GiB is free on {rt.device}: "
             "lower --batch-size, --image-size, --width or --depth"
         )
+
+
+def starting_encoder_weights(cfg: ModelConfig) -> tuple[ModelConfig, Path | None]:
+    """A new run's encoder weights: the checked file to start from (None: random, or our U-Net) and the
+    model config recording where they came from (source, sha256, licence) for config.json and every
+    checkpoint. `auto` is imagenet for a timm encoder."""
+    if cfg.encoder == OURS:
+        return cfg, None
+    weights = "imagenet" if cfg.encoder_weights == "auto" else cfg.encoder_weights
+    path, record = resolve_weights(cfg.encoder, weights)
+    return replace(cfg, encoder_weights=record.source, encoder_sha256=record.sha256,
+                   encoder_licence=record.licence), path
 
 
 @dataclass
@@ -88,8 +106,10 @@ class RunData:
 def list_files(cfg: Config, dataset: Dataset, split: str, check: MaskCheck | None, palette: Palette,
                console: Console) -> Source:
     d = cfg.data
-    files, skipped = split_files(dataset, split, validate=not d.skip_validate, workers=d.threads,
-                                 skip_bad=d.skip_bad, mask_check=check, palette=palette, id_map=d.id_map)
+    what = f"file checks: {split}/ (every sample opened and checked)" if not d.skip_validate else f"listing {split}/"
+    with stage(what):
+        files, skipped = split_files(dataset, split, validate=not d.skip_validate, workers=d.threads,
+                                     skip_bad=d.skip_bad, mask_check=check, palette=palette, id_map=d.id_map)
     if skipped:
         console.print(f"skipped {len(skipped)} bad {split} file(s), e.g. {skipped[0]}", style="yellow", soft_wrap=True)
     return files
@@ -97,8 +117,8 @@ def list_files(cfg: Config, dataset: Dataset, split: str, check: MaskCheck | Non
 
 def prepare_data(cfg: Config, rt: Runtime, dist_info: DistInfo, console: Console,
                  palette: Palette | None = None) -> RunData:
-    """Dataset folder (or the cached synthetic set), palette (`palette` on resume), validated files
-    and both loaders, sharded for this rank. On an error, loaders already started are closed."""
+    """Dataset folder in its layout (or the cached synthetic set), palette (`palette` on resume) and
+    validated samples; the loaders come after the batch is known (`open_loaders`)."""
     dataset = resolve_dataset(cfg.data)
     if dataset.note and dist_info.rank == 0:
         console.print(dataset.note, soft_wrap=True)
@@ -113,36 +133,52 @@ def prepare_data(cfg: Config, rt: Runtime, dist_info: DistInfo, console: Console
     warning = overlap_warning(train_files, val_files)
     if warning:
         console.print(warning, style="yellow", soft_wrap=True)
-    data = RunData(root, palette, train_files, val_files, resolve_loader_kind(cfg.data, rt.device))
-    make = functools.partial(build_loader, data.loader_kind, palette=palette, cfg=cfg.data, device=rt.device,
+    return RunData(root, palette, train_files, val_files, resolve_loader_kind(cfg.data, rt.device))
+
+
+def open_loaders(data: RunData, cfg: Config, rt: Runtime, dist_info: DistInfo) -> None:
+    """Both loaders of `data`, sharded for this rank. On an error, loaders already started are closed."""
+    if data.palette.num_classes != cfg.model.num_classes:  # resolve_run sets it from the palette
+        raise TrainingError(f"the palette has {data.palette.num_classes} classes, the model "
+                            f"{cfg.model.num_classes}: leave model.num_classes to the palette")
+    make = functools.partial(build_loader, data.loader_kind, palette=data.palette, cfg=cfg.data, device=rt.device,
                              dtype=rt.batch_dtype, seed=cfg.train.seed, shard_id=dist_info.rank,
                              num_shards=dist_info.world_size)
     try:
-        data.train = make(train_files, train=True)
-        data.val = make(val_files, train=False)
+        data.train = make(data.train_files, train=True)
+        data.val = make(data.val_files, train=False)
         if len(data.train) == 0:
-            raise TrainingError(f"{root}/train: {len(train_files)} samples make no full batch of "
+            raise TrainingError(f"{data.root}/train: {len(data.train_files)} samples make no full batch of "
                                 f"{cfg.data.batch_size} (on each of {dist_info.world_size} ranks): lower --batch-size")
     except BaseException:
         data.close()  # workers already started end before the error goes up
         raise
-    return data
 
 
-def build_models(cfg: ModelConfig, rt: Runtime, dist_info: DistInfo, sync_bn: bool) -> tuple[nn.Module, nn.Module]:
+def build_models(cfg: ModelConfig, rt: Runtime, dist_info: DistInfo, sync_bn: bool,
+                 encoder_weights: Path | None = None) -> tuple[nn.Module, nn.Module]:
     """(model, step_model): the plain module (checkpoints, validation) on the device in channels-last,
-    and what a training step calls: wrapped in DDP across ranks. The step compiles it together with
-    the loss (cityseg/training/step.py), so it is not compiled here."""
-    model = build_model(cfg).to(rt.device, memory_format=torch.channels_last)
+    and the module a training step runs (across ranks with SyncBatchNorm if asked; `for_ranks` then
+    wraps it in DDP together with the loss). The step compiles it with the loss, so not here.
+    `encoder_weights`: the checked file a timm encoder starts from (`starting_encoder_weights`)."""
+    model = build_model(cfg, encoder_weights).to(rt.device, memory_format=torch.channels_last)
     step_model: nn.Module = model
-    if dist_info.enabled:
-        if sync_bn:
-            if rt.device.type != "cuda":
-                raise TrainingError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel)")
-            step_model = nn.SyncBatchNorm.convert_sync_batchnorm(step_model)
-        ids = [rt.device.index] if rt.device.type == "cuda" else None
-        step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=ids)  # averages gradients
+    if dist_info.enabled and sync_bn:
+        if rt.device.type != "cuda":
+            raise TrainingError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel)")
+        step_model = nn.SyncBatchNorm.convert_sync_batchnorm(step_model)
     return model, step_model
+
+
+def for_ranks(step_model: nn.Module, loss_fn: nn.Module, rt: Runtime, dist_info: DistInfo) -> nn.Module:
+    """Across ranks, DDP around model *and* loss (`ModelWithLoss`): compiled, DDP's own forward stays
+    outside the graph while the model and loss inside it trace as one graph (split only at gradient
+    bucket boundaries by dynamo's DDP optimizer), as on one device; a function calling a DDP model
+    breaks the graph between model and loss. One process: `step_model` as it is."""
+    if not dist_info.enabled:
+        return step_model
+    ids = [rt.device.index] if rt.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(ModelWithLoss(step_model, loss_fn, rt), device_ids=ids)
 
 
 def init_weights_from(model: nn.Module, cfg: ModelConfig, path: Path, init: tuple[dict, ModelConfig],
@@ -184,8 +220,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
         return ProgressLR(optimizer, warmup=cfg.warmup_steps, min_ratio=cfg.min_lr_ratio, shape=cfg.schedule,
                           budget_s=cfg.time_budget_s, clock=clock)
     total = cfg.epochs * steps_per_epoch
-    return ProgressLR(optimizer, warmup=min(cfg.warmup_steps, max(1, total // 5)), min_ratio=cfg.min_lr_ratio,
+    return ProgressLR(optimizer, warmup=planned_warmup(cfg.warmup_steps, total), min_ratio=cfg.min_lr_ratio,
                       shape=cfg.schedule, total_steps=total)
+
+
+def schedule_note(cfg: TrainConfig, steps_per_epoch: int) -> str | None:
+    """One line when the plan cannot leave the LR warm-up (`schedule.warmup_note`)."""
+    total = None if cfg.time_budget_s is not None else cfg.epochs * steps_per_epoch
+    return warmup_note(cfg.warmup_steps, total, cfg.max_steps)
 
 
 def class_weights(kind: str, loader: PairLoader, num_classes: int, max_batches: int = 20) -> torch.Tensor | None:
@@ -206,3 +248,26 @@ def class_weights(kind: str, loader: PairLoader, num_classes: int, max_batches: 
 def build_loss(cfg: TrainConfig, train_loader: PairLoader, num_classes: int, device: torch.device) -> nn.Module:
     weights = class_weights(cfg.class_weights, train_loader, num_classes)
     return build_loss_fn(cfg.loss, None if weights is None else weights.to(device))
+
+
+# The CPU recipe measured on 2 cores with real data (README "Expected results"): 128 px, width 16, batch 8.
+CPU_RECIPE = {"image_size": 128, "width": 16, "batch_size": 8}
+
+
+def cpu_advice(cfg: Config, rt: Runtime, steps_per_epoch: int, step_s: float) -> str | None:
+    """What a CPU run on real data at the GPU sizes should be told before it trains: its expected time
+    (the warm-up step's pace) and the flags of the measured CPU recipe; None when it does not apply."""
+    d, m = cfg.data, cfg.model
+    if rt.device.type != "cpu" or d.data_dir is None or (d.image_size <= 128 and m.width <= 16):
+        return None
+    from cityseg.progress import format_eta
+
+    epochs = cfg.train.epochs
+    budget = cfg.train.time_budget_s
+    epoch_s = steps_per_epoch * step_s
+    whole = f"{format_eta(epoch_s * epochs)} for {epochs} epochs" if budget is None else \
+        f"the --time-budget of {format_eta(budget)}"
+    return (f"a CPU at {d.image_size} px, width {m.width}, batch {d.batch_size}: about {format_eta(epoch_s)} "
+            f"an epoch ({steps_per_epoch} steps at the warm-up's {step_s:.1f} s a step), {whole}. "
+            "On CPUs the measured recipe is --image-size 128 --width 16 --batch-size 8 (with --time-budget 20m: "
+            "0.87 val pixel accuracy, 0.37 mIoU on 2 cores; README \"Expected results\")")

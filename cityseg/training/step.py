@@ -22,10 +22,7 @@ import torch
 from torch import nn
 
 from cityseg.runtime import Runtime, autocast
-
-# Modes in which torch.compile records CUDA graphs (cudagraph trees): their outputs are overwritten
-# by the next replay, so the step hands back a copy of the loss.
-CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+from cityseg.settings import CUDAGRAPH_MODES  # their graphs' outputs are overwritten by the next replay
 
 
 def step_compile_mode(rt: Runtime, distributed: bool) -> str | None:
@@ -35,6 +32,19 @@ def step_compile_mode(rt: Runtime, distributed: bool) -> str | None:
     if rt.compile_mode is not None:
         return rt.compile_mode
     return "reduce-overhead" if rt.device.type == "cuda" and not distributed else None
+
+
+class ModelWithLoss(nn.Module):
+    """model then loss under the run's autocast, as one module: what DDP wraps (cityseg/training/setup.py
+    `for_ranks`), so that compiling DDP traces the model and the loss as one graph."""
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, rt: Runtime) -> None:
+        super().__init__()
+        self.model, self.loss_fn, self.rt = model, loss_fn, rt
+
+    def forward(self, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with autocast(self.rt):
+            return self.loss_fn(self.model(image), target)
 
 
 class TrainStep:
@@ -53,10 +63,14 @@ class TrainStep:
         self.mode = step_compile_mode(rt, distributed) if rt.compile and compile_backend == "inductor" else None
         self.cudagraphs = rt.compile and rt.device.type == "cuda" and self.mode in CUDAGRAPH_MODES
 
-        def compiled(fn):
-            return torch.compile(fn, mode=self.mode) if self.mode else torch.compile(fn, backend=compile_backend)
+        def compiled(fn):  # static shapes (the loaders drop the last partial batch): never a dynamic-shape graph
+            if self.mode:
+                return torch.compile(fn, mode=self.mode, dynamic=False)
+            return torch.compile(fn, backend=compile_backend, dynamic=False)
 
-        self.forward_loss = compiled(self._forward_loss) if rt.compile else self._forward_loss
+        # Across ranks, step_model is DDP around ModelWithLoss: it computes the loss itself.
+        forward_loss = step_model if distributed else self._forward_loss
+        self.forward_loss = compiled(forward_loss) if rt.compile else forward_loss
         self.lr_tensors: list[torch.Tensor] | None = None
         self.clip_and_step = self._clip_and_step
         if rt.compile and compile_optimizer:

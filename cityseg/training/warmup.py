@@ -52,6 +52,16 @@ def synthetic_batch(spec: LoaderSpec, num_classes: int, seed: int = 0) -> tuple[
     return image, target.to(spec.device)
 
 
+def mask_shapes(spec: LoaderSpec, val_spec: LoaderSpec | None = None, val_batch_sizes: Sequence[int] = ()
+                ) -> list[tuple[int, int]]:
+    """(batch, side) of each mask batch a device-side loader maps during the run: the training batch and
+    each validation batch. The Triton kernel autotunes once per size bucket (kernels/mask_to_class.py:
+    pixels' log2 // 2), so the warm-up maps these very sizes: a batch of 1 is another bucket than 16."""
+    shapes = [(spec.batch_size, spec.label_size)]
+    shapes += [(n, (val_spec or spec).label_size) for n in val_batch_sizes]
+    return list(dict.fromkeys(shapes))
+
+
 def _copy_into(live: dict[str, Any], saved: dict[str, Any]) -> None:
     for key, value in saved.items():
         if isinstance(value, torch.Tensor) and isinstance(live.get(key), torch.Tensor):
@@ -137,8 +147,10 @@ def warm_up(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], calls: i
             palette: Palette, val_forwards: Sequence[nn.Module] = (), val_spec: LoaderSpec | None = None,
             val_batch_sizes: Sequence[int] = ()) -> None:
     """Run the training step `calls` times on a synthetic batch, each compiled validation forward on
-    each validation batch size it will meet, and the mask mapping once; synchronise; then restore
-    every piece of state those runs touched. Gradients are left as they are: the step sets them first."""
+    each validation batch size it will meet, and the mask mapping; synchronise; then restore
+    every piece of state those runs touched. Gradients are left as they are: the step sets them first.
+    The mask mapping (Triton on a GPU: autotuned on first use per size bucket; the table elsewhere)
+    runs once at each of `mask_shapes`."""
     snapshot = TrainingState.capture(model, optimizer, scaler)
     was_training = model.training
     try:
@@ -152,8 +164,8 @@ def warm_up(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], calls: i
                 for n in val_batch_sizes:
                     with autocast(rt):
                         forward(synthetic_batch(replace(val_spec or spec, batch_size=n), palette.num_classes)[0])
-        # The mask kernel (Triton on a GPU: autotuned on first use; the table elsewhere) at its size.
-        map_colors(torch.zeros(1, spec.label_size, spec.label_size, 3, dtype=torch.uint8, device=rt.device), palette)
+        for n, size in mask_shapes(spec, val_spec, val_batch_sizes):
+            map_colors(torch.zeros(n, size, size, 3, dtype=torch.uint8, device=rt.device), palette)
         synchronize(rt.device)
     finally:
         snapshot.restore()

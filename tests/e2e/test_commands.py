@@ -15,18 +15,14 @@ import torch
 
 from cityseg.checkpoint import load_checkpoint
 from tests.cli_process import CliProcess, run_cli
-from tests.conftest import make_pair_dataset
+from tests.conftest import TINY, make_pair_dataset
 
 # Tiny model and images; the loader keeps its default of 2 worker processes.
-TINY = ["--device", "cpu", "--no-compile", "--image-size", "32", "--width", "4", "--depth", "2",
-        "--batch-size", "2"]
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "samples.png", "palette.json",
-             "checkpoints/best.pt", "checkpoints/last.pt")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_pair_dataset(tmp_path_factory.mktemp("e2e") / "data", n_train=8, n_val=4)
+def data(pair_data: Path) -> Path:
+    return pair_data  # tests/e2e/conftest.py: one set for the session
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +32,9 @@ def long_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run folder from a full short run (also the test of that run)."""
-    run = tmp_path_factory.mktemp("e2e") / "run"
-    done = run_cli(["train", "--data", data, "--out", run, "--epochs", "2", *TINY])
-    assert done.returncode == 0, done.output
-    assert "done: val pixel acc" in done.stdout
-    for name in RUN_FILES:
-        assert (run / name).is_file(), name
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
-    return run
+def trained(trained_run: Path) -> Path:
+    """The session's full short run (tests/e2e/conftest.py checks its files and its two epochs)."""
+    return trained_run
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:

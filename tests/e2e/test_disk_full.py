@@ -11,15 +11,14 @@ import pytest
 
 from cityseg.checkpoint import load_checkpoint
 from tests.cli_process import assert_one_line, run_cli
-from tests.conftest import ROOT, make_pair_dataset
+from tests.conftest import ROOT, TINY
 
-TINY = ["--device", "cpu", "--no-compile", "--image-size", "32", "--width", "4", "--depth", "2", "--batch-size", "2"]
 FAULTS = ROOT / "tests" / "faults"
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_pair_dataset(tmp_path_factory.mktemp("full") / "data", n_train=8, n_val=4)  # 4 steps
+def data(pair_data: Path) -> Path:
+    return pair_data  # tests/e2e/conftest.py (8 train pairs: 4 steps)
 
 
 # (file that fills the disk, what the line names, checkpoints on disk before it)

@@ -19,8 +19,10 @@ import yaml
 
 from cityseg.config import flatten
 from tests.cli_process import CliProcess, run_cli
+from tests.conftest import TINY as TINY_ALL
 
-TINY = ["--device", "cpu", "--no-compile", "--width", "4", "--depth", "2", "--batch-size", "2"]
+# The tiny flags without --image-size: these runs keep the size a newcomer gets.
+TINY = [flag for flag in TINY_ALL if flag not in ("--image-size", "32")]
 
 
 @pytest.fixture(scope="module")

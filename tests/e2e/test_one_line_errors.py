@@ -16,8 +16,8 @@ from cityseg.config import Config, DataConfig, ModelConfig
 from cityseg.model import build_model
 from cityseg.palette import cityscapes_palette
 from tests.cli_process import assert_one_line, run_cli
+from tests.conftest import TINY
 
-TINY = ["--device", "cpu", "--no-compile", "--image-size", "32", "--width", "4", "--depth", "2", "--batch-size", "2"]
 LONG = "x" * 300  # one component over NAME_MAX (255)
 DEEP = "/".join(["y" * 200] * 25)  # over PATH_MAX (4096)
 

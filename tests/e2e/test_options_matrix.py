@@ -73,6 +73,8 @@ TRAIN_A: list[tuple[list[str], str, object]] = [
     (["--depth", "2"], "model.depth", 2),
     (["--upsample", "transpose"], "model.upsample", "transpose"),
     (["--norm", "group"], "model.norm", "group"),
+    (["--encoder", "unet"], "model.encoder", "unet"),  # timm encoders: tests/test_encoders.py
+    (["--encoder-weights", "none"], "model.encoder_weights", "none"),
     (["--epochs", "2"], "train.epochs", 2),
     (["--lr", "0.02"], "train.lr", 0.02),
     (["--weight-decay", "0.001"], "train.weight_decay", 0.001),
@@ -154,6 +156,7 @@ def test_train_options_reach_the_run(run_a: tuple[Path, str]) -> None:
     assert not list(out.rglob("events.out.tfevents*"))  # --no-tensorboard
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)  # torch.compile with inductor on a loaded CPU
 def test_train_options_that_exclude_the_first_run(clean: Path, tmp_path: Path) -> None:
     out = tmp_path / "b"
@@ -240,6 +243,7 @@ def test_check_data_options(data: Path, names: tuple[str, str]) -> None:
     assert "within 60" in done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)  # three benchmark processes, one compiling
 def test_bench_train_e2e_kernel_quickest(tmp_path: Path) -> None:
     """bench train / e2e / kernel once each at their quickest sizes, each result file holding what was asked."""

@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli_process import assert_one_line, run_cli
-from tests.conftest import ROOT
-
-TINY = ["--device", "cpu", "--no-compile", "--image-size", "32", "--width", "4", "--depth", "2", "--batch-size", "2"]
+from tests.conftest import ROOT, TINY
 
 
 def digests(*folders: Path) -> dict[str, str]:

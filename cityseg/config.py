@@ -69,9 +69,9 @@ NO_AUGMENT = AugmentConfig(hflip=0.0)
 @dataclass(frozen=True)
 class DataConfig:
     data_dir: str | None = setting(
-        None, "Dataset folder: Kaggle pairs, images/ + masks/ folders or the official Cityscapes layout "
-        "(--format).", flag="--data", panel=DATA, path=True, shown="a cached synthetic city set")
-    format: str = setting("auto", "Dataset layout (auto: detected, and said).", flag="--format", panel=DATA,
+        None, "Dataset folder: Kaggle pairs, image/mask folders or the official Cityscapes layout.",
+        flag="--data", panel=DATA, path=True, shown="a cached synthetic city set")
+    format: str = setting("auto", "Dataset layout; auto: detected.", flag="--format", panel=DATA,
                           choices=("auto", "pairs", "folders", "cityscapes"))
     # Config file / --set only (`[data] id_map = "cityscapes"`): the layout's own choice is nearly always right.
     id_map: str = setting(
@@ -79,11 +79,11 @@ class DataConfig:
         "19 trainIds); auto: cityscapes for the official layout, else train.",
         choices=("auto", "train", "cityscapes"))
     image_size: int = setting(
-        256, "Square train/val size in pixels, a multiple of 2**depth (the checkpoint's with --init-from).",
+        256, "Square train/val size in pixels (the checkpoint's with --init-from).",
         flag="--image-size", panel=DATA, rule=count(16, 8192))
     batch_size: int | str = setting(
-        AUTO, "Images per step, or auto: on a CUDA GPU the largest batch 16-256 fitting 80 % "
-        "of its memory (lr and warm-up scaled from 16); 16 on a CPU.", flag="--batch-size", panel=DATA,
+        AUTO, "Images per step, or auto: a GPU's smallest batch near its best images/s (lr, warm-up "
+        "scaled from 16); 16 on a CPU.", flag="--batch-size", panel=DATA,
         rule=NumberOrAuto(1, 65_536, whole=True), parse=parse_batch_size)
     loader: str = setting(
         "auto", "auto: DALI on a GPU, else torch (the plain loader); cache: decode once into device memory.",
@@ -128,10 +128,10 @@ class ModelConfig:
                             panel=MODEL, choices=("transpose", "bilinear"))
     norm: str = setting("batch", "BatchNorm, or GroupNorm with 8 groups.",
                         flag="--norm", panel=MODEL, choices=("batch", "group"))
-    encoder: str = setting("unet", "unet (ours), or a timm backbone under a U-Net decoder of --width: "
-                           "tf_efficientnet_lite0, resnet18, convnext_nano, ...", flag="--encoder", panel=MODEL)
-    encoder_weights: str = setting("auto", "A timm encoder's start: imagenet (timm's hub, cached), none, or a "
-                                   ".safetensors / state-dict file; auto: imagenet (none for unet).",
+    encoder: str = setting("unet", "unet (ours), or a timm backbone (tf_efficientnet_lite0, resnet18, ...).",
+                           flag="--encoder", panel=MODEL)
+    encoder_weights: str = setting("auto", "imagenet (timm's hub, cached), none or a weights file; auto: "
+                                   "imagenet (none for unet).",
                                    flag="--encoder-weights", panel=MODEL)
     # What the run's encoder weights were, recorded when it starts (not options).
     encoder_sha256: str | None = setting(None, "sha256 of the encoder weights file the run started from (recorded).")
@@ -157,14 +157,14 @@ class TrainConfig:
                                        flag="--target-acc", rule=Number(0, 1, above_lo=True), resume=True)
     loss: str = setting("ce", "Cross-entropy, or plus soft Dice.", flag="--loss",
                         choices=("ce", "ce+dice"))
-    ema: float = setting(0.0, "Validate and save an EMA of the weights, e.g. 0.999; 0 = off.",
+    ema: float = setting(0.0, "Validate and save an EMA of the weights (e.g. 0.999); 0: off.",
                          flag="--ema", rule=Number(0, 0.99999))
     grad_clip: float = setting(1.0, "Max gradient norm, 0 = off.", flag="--grad-clip", rule=Number(0))
     class_weights: str = setting("none", "Loss weight per class.",
                                  flag="--class-weights", choices=("none", "inverse-sqrt-freq"))
     device: str = setting("auto", "auto, cpu, cuda or cuda:N.", flag="--device", panel=SPEED, resume=True)
     precision: str = setting(
-        "auto", "auto: bf16 where the device computes it natively, fp16 + loss scaling on older GPUs, else fp32.",
+        "auto", "auto: bf16 where native, fp16 + loss scaling on older GPUs, else fp32.",
         flag="--precision", panel=SPEED, choices=("auto", "bf16-mixed", "16-mixed", "32"), resume=True)
     compile: bool | None = setting(None, "torch.compile.", flag="--compile/--no-compile", panel=SPEED, resume=True,
                                    shown="on for GPUs of compute capability 7.0+, off on CPUs")
@@ -176,7 +176,7 @@ class TrainConfig:
                             rule=count(0))
     val_every: str = setting(
         "auto", "Validate (and write best.pt/last.pt) every N epochs, Nsteps or a training time (30s, 2m); "
-        "auto: under 10 % of wall time. The run's end and a signal always validate.",
+        "auto: under 10 % of wall time; the run's end always validates.",
         flag="--val-every", resume=True)
     log_every: int = setting(20, "Steps between progress lines.",
                              flag="--log-every", panel=OUTPUT, rule=count(1), resume=True)
@@ -190,8 +190,8 @@ class TrainConfig:
         None, "Continue this run folder from its last.pt and saved config; only these apply: {resumable}.",
         flag="--resume", panel=OUTPUT, path=True)
     init_from: str | None = setting(
-        None, "Fine-tune: a new run from this checkpoint's weights, architecture (its flags are refused) and "
-        "image size; another class count re-initialises the head.", flag="--init-from", panel=OUTPUT,
+        None, "Fine-tune from this checkpoint's weights, architecture (its flags are refused) and image "
+        "size; another class count re-initialises the head.", flag="--init-from", panel=OUTPUT,
         path=True)
 
 

@@ -24,7 +24,7 @@ from rich.console import Console
 from cityseg.checkpoint import remove_stale_temps
 from cityseg.config import Config
 from cityseg.distributed import DistInfo, broadcast_object, cleanup, init_distributed
-from cityseg.errors import InterruptedNow, UserError
+from cityseg.errors import STOP_SIGNALS, InterruptedNow, UserError, quiet_if_terminal_gone
 from cityseg.model import describe
 from cityseg.outputs import cache_dir, claim_run_folder, is_free, write_error_log
 from cityseg.palette import Palette, save_palette
@@ -75,7 +75,8 @@ def train(cfg: Config | ResolvedRun, console: Console | None = None, on_step: Ca
     tables of `cityseg-fast train` (which passes its own `console`), and each epoch's one-line result
     goes to the "cityseg" logger (`logging.basicConfig(level=logging.INFO)` shows it).
     Raises a `UserError` (one-line message) for what the user can fix, and `Interrupted` after saving
-    last.pt on Ctrl-C/SIGTERM. `on_step` is called after every step (torch.profiler's `step`);
+    last.pt on Ctrl-C/SIGTERM/SIGHUP (within seconds: the
+    partial epoch is scored by `--resume`). `on_step` is called after every step (torch.profiler's `step`);
     `hooks` are added after the default ones."""
     zero = time_zero()
     run = cfg if isinstance(cfg, ResolvedRun) else resolved_from_config(cfg)
@@ -205,17 +206,20 @@ def run_training(cfg: Config, console: Console, dist_info: DistInfo, run: RunFol
 
 
 @contextmanager
-def graceful_interrupts() -> Iterator[dict[str, int | None]]:
-    """Turn SIGINT/SIGTERM into a flag the loop checks after each step, so the step in flight
-    finishes and last.pt is saved instead of dying mid-update."""
-    flag: dict[str, int | None] = {"signum": None}
+def graceful_interrupts() -> Iterator[dict[str, Any]]:
+    """Turn SIGINT/SIGTERM/SIGHUP into a flag the loop checks after each step and each validation
+    batch, so the step in flight finishes and last.pt is saved instead of dying mid-update. While
+    `flag["immediate"]` is set (the warm-up: nothing new to save, and a compile may take minutes)
+    a signal stops at once, as a second one always does."""
+    flag: dict[str, Any] = {"signum": None, "immediate": False}
 
     def handler(signum, frame):  # noqa: ARG001
-        if flag["signum"] is not None:  # a second Ctrl-C means now
+        quiet_if_terminal_gone(signum)
+        if flag["signum"] is not None or flag["immediate"]:  # a second Ctrl-C means now
             raise InterruptedNow(signum)
         flag["signum"] = signum
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
         yield flag
     finally:

@@ -84,10 +84,8 @@ def quiet_if_terminal_gone(signum: int) -> None:
     if signum != signal.SIGHUP:
         return
     for fd in (1, 2):
-        try:
+        with contextlib.suppress(OSError):
             if os.isatty(fd):
                 null = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(null, fd)
                 os.close(null)
-        except OSError:
-            pass

@@ -24,7 +24,7 @@ from cityseg.checkpoint import (
     read_config,
 )
 from cityseg.config import NO_AUGMENT, Config, DataConfig, ModelConfig, TrainConfig
-from cityseg.errors import InterruptedNow, OptionError
+from cityseg.errors import OptionError
 from cityseg.runtime import use_compile_cache
 from cityseg.settings import parse_val_every
 from cityseg.telemetry import GpuSampler, process_age_s

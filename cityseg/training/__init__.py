@@ -210,14 +210,19 @@ def graceful_interrupts() -> Iterator[dict[str, Any]]:
     """Turn SIGINT/SIGTERM/SIGHUP into a flag the loop checks after each step and each validation
     batch, so the step in flight finishes and last.pt is saved instead of dying mid-update. While
     `flag["immediate"]` is set (the warm-up: nothing new to save, and a compile may take minutes)
-    a signal stops at once, as a second one always does."""
-    flag: dict[str, Any] = {"signum": None, "immediate": False}
+    a signal stops at once, as a second one always does. While `flag["cut"]` holds an exception
+    class (a wait for the next batch, a validation: nothing there needs finishing) the signal
+    raises it at once: a loader whose workers the same signal ended would keep the loop waiting
+    seconds for them."""
+    flag: dict[str, Any] = {"signum": None, "immediate": False, "cut": None}
 
     def handler(signum, frame):  # noqa: ARG001
         quiet_if_terminal_gone(signum)
         if flag["signum"] is not None or flag["immediate"]:  # a second Ctrl-C means now
             raise InterruptedNow(signum)
         flag["signum"] = signum
+        if flag["cut"] is not None:
+            raise flag["cut"]()
 
     previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:

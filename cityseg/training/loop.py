@@ -24,6 +24,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,10 @@ class Interrupted(Exception):
 
 class ValidationStopped(Exception):
     """A signal arrived during validation: it is abandoned (`--resume` scores the record)."""
+
+
+class WaitCut(Exception):
+    """A signal arrived while the loop waited for the next training batch: the epoch ends there."""
 
 
 class HookBase:
@@ -136,7 +141,7 @@ class Trainer:
         self.log_step = False  # this step reads the loss and may print
         self.completed = False  # fit ran to its end (epochs, --max-steps or a hook's stop)
         self.summary: dict[str, Any] | None = None  # what `fit` returns: set by the Reporter hook
-        self.interrupt: dict[str, Any] = {"signum": None, "immediate": False}  # fit's: graceful_interrupts'
+        self.interrupt: dict[str, Any] = {"signum": None, "immediate": False, "cut": None}  # graceful_interrupts'
 
     def call(self, event: str, *args: Any) -> None:
         for hook in self.hooks:
@@ -471,7 +476,8 @@ class Trainer:
             if self.validation_stop_requested(done):
                 raise ValidationStopped
 
-        with StepProgress(self.console, f"val after epoch {record['epoch']}", len(self.data.val)) as bar:
+        with StepProgress(self.console, f"val after epoch {record['epoch']}", len(self.data.val)) as bar, \
+                self.cut_by_signal(ValidationStopped):
             metrics, val_loss = evaluate_model(self.val_forward(), self.data.val, self.rt,
                                                self.data.palette.num_classes, self.dist, on_batch=on_batch)
         self.times["val_s"] += time.perf_counter() - t
@@ -483,7 +489,10 @@ class Trainer:
     def next_batch(self, batches: Iterator, interrupt: dict[str, Any]):
         t = time.perf_counter()
         try:
-            batch = next(batches, None)
+            with self.cut_by_signal(WaitCut):
+                batch = next(batches, None)
+        except WaitCut:  # the signal came during the wait: the steps done are saved
+            batch = None
         except Exception:
             if interrupt["signum"] is None:
                 raise
@@ -492,6 +501,21 @@ class Trainer:
             batch = None
         self.meter.waited(time.perf_counter() - t)
         return batch
+
+    @contextmanager
+    def cut_by_signal(self, cut: type[Exception]) -> Iterator[None]:
+        """In the block a signal raises `cut` at once (graceful_interrupts), one process only: under DDP
+        every rank must stop at the same step, which a vote after the step decides."""
+        if self.dist.enabled:
+            yield
+            return
+        if self.interrupt["signum"] is not None:
+            raise cut
+        self.interrupt["cut"] = cut
+        try:
+            yield
+        finally:
+            self.interrupt["cut"] = None
 
     def validation_stop_requested(self, done: int) -> bool:
         """A signal seen during validation. One process: after every batch. DDP: every 8th batch up to

@@ -62,10 +62,15 @@ def exit_at_once(code: int) -> None:
     """End a command that a signal stopped without the interpreter's teardown: everything is on disk
     and the loader workers are gone by now, and tearing down torch's and DALI's modules takes
     seconds on a loaded machine, seconds that a scheduler's SIGKILL (30 s after its SIGTERM) does not
-    give. Exit handlers still run (multiprocessing's, logging's), and the output is flushed."""
-    import atexit
+    give (torch's exit handlers alone take seconds: they are skipped too). Child processes still
+    alive (a pool a command did not end) are ended and waited for, and the output is flushed."""
+    import multiprocessing
 
-    atexit._run_exitfuncs()
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(timeout=2)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a terminal gone after SIGHUP: nothing to tell it
             stream.flush()

@@ -221,12 +221,17 @@ def graceful_interrupts() -> Iterator[dict[str, Any]]:
         if flag["signum"] is not None or flag["immediate"]:  # a second Ctrl-C means now
             raise InterruptedNow(signum)
         flag["signum"] = signum
+        # From now on a loader worker ending (the same signal reached it) is expected, not a failure:
+        # torch's SIGCHLD check would raise it in the middle of saving last.pt.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         if flag["cut"] is not None:
             raise flag["cut"]()
 
     previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    previous[signal.SIGCHLD] = signal.getsignal(signal.SIGCHLD)  # torch's, when a loader started
     try:
         yield flag
     finally:
         for s, h in previous.items():
-            signal.signal(s, h)
+            if h is not None:  # None: installed outside Python, left alone
+                signal.signal(s, h)

@@ -248,7 +248,8 @@ class Reporter(HookBase):
             write_json(t.run.summary, self.summary, "run summary")
             try:
                 plot_curves(history, t.run.curves)
-                self.write_samples()
+                if not interrupted:  # it reads the val loader, whose workers the signal may have ended
+                    self.write_samples()
                 samples = self.telemetry.gpu.samples
                 if samples:
                     plot_gpu_timeline(samples, t.run.root / "gpu_timeline.png")

@@ -261,8 +261,10 @@ class Trainer:
                     self.cadence.epoch_done(*self.epoch_stats)
                 if self.stop_requested(interrupt):
                     # Mid-epoch or at its end: save the position and go, unscored (a resumed record is
-                    # still in last.pt): --resume validates it first. No validation on the way out.
-                    raise self.interrupted(record, interrupt["signum"], saved=resumed)
+                    # still in last.pt, and a record of no new step is the last validation's, saved
+                    # with it): --resume validates it first. No validation on the way out.
+                    nothing_new = bool(self.history) and self.history[-1]["step"] == record["step"]
+                    raise self.interrupted(record, interrupt["signum"], saved=resumed or nothing_new)
                 if resumed or self.run_over() or self.validation_due():
                     t = time.perf_counter()
                     try:

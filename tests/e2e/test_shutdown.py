@@ -24,6 +24,9 @@ ROOT = Path(__file__).resolve().parents[2]
 FAULTS = ROOT / "tests" / "faults"
 # What README's Reliability section promises at this size: the step in flight, last.pt, the exit.
 SHUTDOWN_BOUND_S = 10.0
+# The uninterrupted run and the resume end normally: their interpreter teardown (seconds of torch's module
+# GC on a loaded machine) is not this file's subject.
+NORMAL_EXIT_GRACE_S = 30.0
 TINY = ["--device", "cpu", "--no-compile", "--image-size", "32", "--width", "8", "--depth", "2",
         "--batch-size", "2", "--workers", "2", "--log-every", "1", "--no-tensorboard"]
 EPOCHS = ["--epochs", "2", "--val-every", "1"]
@@ -33,22 +36,23 @@ pytestmark = pytest.mark.slow  # each case: a run, a stop and a resume, ~30 s on
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """8 train pairs (4 steps an epoch) and 24 val pairs (12 val batches: a validation to land inside)."""
-    return make_pair_dataset(tmp_path_factory.mktemp("stop") / "data", n_train=8, n_val=24)
+    """16 train pairs (8 steps an epoch) and 24 val pairs (12 val batches): epochs and a validation to
+    land inside."""
+    return make_pair_dataset(tmp_path_factory.mktemp("stop") / "data", n_train=16, n_val=24)
 
 
 @pytest.fixture(scope="module")
 def straight(data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
     """The uninterrupted run's final weights."""
     run = tmp_path_factory.mktemp("stop") / "straight"
-    done = run_cli(["train", "--data", data, "--out", run, *EPOCHS, *TINY], timeout=300)
+    done = run_cli(["train", "--data", data, "--out", run, *EPOCHS, *TINY], timeout=300, grace=NORMAL_EXIT_GRACE_S)
     assert done.returncode == 0, done.output
     return load_checkpoint(run / "checkpoints" / "last.pt")["model"]
 
 
-# (moment, what the faults module counts): a train image read in a worker (the 5th: epoch 2's steps; each
-# worker reads epoch 1's 4 at once), a val image read in a worker during epoch 1's validation, the temp
-# file of last.pt's write (after epoch 1's validation).
+# (moment, what the faults module counts): a train image read in a worker (the 5th: its 3rd of 4 batches
+# of epoch 1, read once the main process took its 1st), a val image read in a worker (its 2nd of 6 batches
+# of epoch 1's validation), the temp file of last.pt's write (after epoch 1's validation).
 MOMENTS = {"training": "worker:/train/:5", "validation": "worker:/val/:4", "checkpoint": "main:.last.pt.:1"}
 CASES = [
     ("training", signal.SIGINT, "group", 130),
@@ -83,12 +87,14 @@ def test_a_signal_stops_within_the_bound_and_resume_ends_as_an_uninterrupted_run
         assert last["epoch"] == 1 and "unvalidated" not in last["partial"] and [r["epoch"] for r in scored] == [1]
     else:  # the trained steps saved unscored; nothing validated on the way out
         unscored = last["partial"]["unvalidated"]
-        assert unscored["step"] == last["global_step"] and all(r["step"] < unscored["step"] for r in scored)
-        if moment == "validation":
+        assert unscored["step"] == last["global_step"] and scored == []
+        if moment == "validation":  # epoch 1 trained to its end
             assert (last["epoch"], unscored["epoch"], unscored["partial"]) == (1, 1, False)
+        else:  # inside epoch 1
+            assert (last["epoch"], unscored["epoch"], unscored["partial"]) == (0, 1, True)
 
     t = time.monotonic()
-    resumed = run_cli(["train", "--resume", run], timeout=300)
+    resumed = run_cli(["train", "--resume", run], timeout=300, grace=NORMAL_EXIT_GRACE_S)
     assert resumed.returncode == 0, resumed.output
     records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["epoch"] == 2 and not records[-1]["partial"] and records[0]["pixel_acc"] is not None

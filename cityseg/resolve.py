@@ -56,20 +56,24 @@ def resolve_run(values: dict[str, Any] | None = None, *, config_file: Path | Non
     """The run that `values` ({config key: value}, e.g. {"train.lr": 1e-3}) and the other sources
     describe (see the module docstring); any problem is one UserError naming the option or file."""
     values = dict(values or {})
+    set_values = checked_set_values(set_values or {})
     resume = values.get("train.resume")
     if resume is not None:
         return resumed_run(Path(resume).absolute(), values, config_file, set_values)
     layers: list[tuple[str, dict[str, Any]]] = []
     init, notes = None, []
-    init_from = values.get("train.init_from")
-    if init_from is not None:  # the checkpoint's architecture and size, unless flags change them
-        init_state, saved = read_init_checkpoint(Path(init_from))
-        layers.append(("--init-from", architecture_values(saved)))
     if config_file is not None:
         layers.append((str(config_file), read_config_file(Path(config_file))))
     layers.append(("command line", values))
     if set_values:
         layers.append(("--set", set_values))
+    # --init-from from wherever it was given (a config file, a run's config.json, --set): the same effect
+    init_from = next((v["train.init_from"] for _, v in reversed(layers) if v.get("train.init_from") is not None), None)
+    if not isinstance(init_from, str):  # another type is refused with the others, by name
+        init_from = None
+    if init_from is not None:  # the checkpoint's architecture and size, unless flags change them
+        init_state, saved = read_init_checkpoint(Path(init_from))
+        layers.insert(0, ("--init-from", architecture_values(saved)))
     if init_from is not None and "data.image_size" not in {k for _, v in layers[1:] for k in v}:
         notes.append(f"--init-from: training at the checkpoint's image size, {layers[0][1]['data.image_size']} px "
                      "(--image-size changes it)")
@@ -83,6 +87,16 @@ def resolve_run(values: dict[str, Any] | None = None, *, config_file: Path | Non
         check_init_architecture(saved.model, Path(init_from), cfg.model)
         init = (init_state, saved.model)
     return ResolvedRun(cfg, init=init, notes=tuple(notes))
+
+
+def checked_set_values(set_values: dict[str, Any]) -> dict[str, Any]:
+    """`--set` values with the paths made absolute, as their flags make them; `train.resume` is
+    refused: a run is continued with `--resume RUN` (its settings come from its last.pt), not set."""
+    if "train.resume" in set_values:
+        raise OptionError(f"--set train.resume={set_values['train.resume']}: continue a run with --resume RUN "
+                          "(its settings come from its last.pt)")
+    return {key: str(Path(value).absolute()) if SETTINGS.get(key) is not None and SETTINGS[key].path
+            and isinstance(value, str) else value for key, value in set_values.items()}
 
 
 def read_init_checkpoint(path: Path) -> tuple[dict[str, Any], Config]:

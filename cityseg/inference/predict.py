@@ -162,43 +162,97 @@ def run_predict(
     # Pair folders are datasets: predictions dropped there would become (bad) pairs.
     inputs = [(Path(p), "the --pairs input folder") for p in inputs if pairs and Path(p).is_dir()]
     new_output_files(planned, "predictions", overwrite=overwrite, inputs=inputs)
+    written_before = read_written(out_dir)
+    if overwrite:
+        check_only_predictions_replaced(planned, written_before)
     ensure_dir(out_dir, "output folder")
+    written: list[Path] = []
     palette = predictor.palette
     cm = ConfusionMatrix(palette.num_classes, ignore_index=IGNORE_INDEX) if pairs else None
     skipped: list[PairError] = []
     done = 0
     bs = predictor.batch_size
-    with ThreadPoolExecutor(max(1, workers)) as pool, _progress(console) as bar:
-        task = bar.add_task("predict", total=len(jobs))
+    try:  # what was written is recorded, a run stopped half-way included
+        with ThreadPoolExecutor(max(1, workers)) as pool, _progress(console) as bar:
+            task = bar.add_task("predict", total=len(jobs))
 
-        def submit(start: int) -> list[Future]:
-            return [pool.submit(_load_or_error, p, n, pairs, skip_bad) for p, n in jobs[start : start + bs]]
+            def submit(start: int) -> list[Future]:
+                return [pool.submit(_load_or_error, p, n, pairs, skip_bad) for p, n in jobs[start : start + bs]]
 
-        pending, writes = submit(0), []
-        for start in range(0, len(jobs), bs):
-            loaded = [f.result() for f in pending]
-            pending = submit(start + bs)  # decode ahead while this batch runs
-            good = [x for x in loaded if isinstance(x, InputImage)]
-            skipped += [x for x in loaded if isinstance(x, PairError)]
-            ids = predictor.predict_batch([x.photo for x in good]) if good else []
-            for f in writes:  # the previous batch's PNGs: bounded memory, errors surface here
-                f.result()
-            writes = [pool.submit(write_outputs, out_dir, x.name, x.photo, y, palette)
-                      for x, y in zip(good, ids, strict=True)]
-            if cm is not None:
-                for x, y in zip(good, ids, strict=True):
-                    cm.update(torch.from_numpy(y)[None], mask_ids(x.mask, palette)[None])
-            done += len(good)
-            bar.update(task, advance=len(loaded))
-        for f in writes:
-            f.result()
+            pending, writes = submit(0), []
+            for start in range(0, len(jobs), bs):
+                loaded = [f.result() for f in pending]
+                pending = submit(start + bs)  # decode ahead while this batch runs
+                good = [x for x in loaded if isinstance(x, InputImage)]
+                skipped += [x for x in loaded if isinstance(x, PairError)]
+                ids = predictor.predict_batch([x.photo for x in good]) if good else []
+                for f in writes:  # the previous batch's PNGs: bounded memory, errors surface here
+                    written += f.result().values()
+                writes = [pool.submit(write_outputs, out_dir, x.name, x.photo, y, palette)
+                          for x, y in zip(good, ids, strict=True)]
+                if cm is not None:
+                    for x, y in zip(good, ids, strict=True):
+                        cm.update(torch.from_numpy(y)[None], mask_ids(x.mask, palette)[None])
+                done += len(good)
+                bar.update(task, advance=len(loaded))
+            for f in writes:
+                written += f.result().values()
+    finally:
+        record_written(out_dir, written_before, written)
     for e in skipped:
         console.print(f"skipped {e}", highlight=False, markup=False)
     result: dict[str, Any] = {"images": done, "skipped": [str(e) for e in skipped], "out": str(out_dir)}
     if cm is not None and done:
         metrics = cm.compute()
-        result["metrics"] = write_pair_metrics(metrics, predictor, out_dir, done, console)
+        try:
+            result["metrics"] = write_pair_metrics(metrics, predictor, out_dir, done, console)
+        finally:
+            record_written(out_dir, read_written(out_dir), [p for p in planned[-2:] if p.is_file()])
     return result
+
+
+# -- what predict wrote: --overwrite replaces these, never another file -------------------------------
+
+WRITTEN = ".cityseg-predict-written.json"  # in the output folder: {file name: [size, mtime_ns]}
+
+
+def read_written(out_dir: Path) -> dict[str, list[int]]:
+    """The files earlier predictions wrote in `out_dir`, with their size and time then."""
+    import json
+
+    try:
+        data = json.loads((out_dir / WRITTEN).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def check_only_predictions_replaced(planned: list[Path], written_before: dict[str, list[int]]) -> None:
+    """`--overwrite` replaces earlier outputs only: a file at an output's name that predict did not
+    write (a photo of yours named NAME_color.png, skipped as an input for its name), or that changed
+    since, is refused by name."""
+    for path in planned:
+        if not path.exists():
+            continue
+        stat = path.stat()
+        if written_before.get(path.name) != [stat.st_size, stat.st_mtime_ns]:
+            raise OutputError(f"{path}: exists and was not written by an earlier predict (or changed since): "
+                              "--overwrite replaces only earlier predictions; choose another --out")
+
+
+def record_written(out_dir: Path, written_before: dict[str, list[int]], written: list[Path]) -> None:
+    """Add this run's files to the record, even when the run stops half-way."""
+    from cityseg.outputs import atomic_write
+
+    if not written:
+        return
+    import json
+
+    record = dict(written_before)
+    for path in written:
+        stat = path.stat()
+        record[path.name] = [stat.st_size, stat.st_mtime_ns]
+    atomic_write(out_dir / WRITTEN, json.dumps(record) + "\n", "record of predictions written")
 
 
 def mask_ids(mask: np.ndarray, palette: Palette) -> torch.Tensor:

@@ -70,7 +70,8 @@ NO_AUGMENT = AugmentConfig(hflip=0.0)
 class DataConfig:
     data_dir: str | None = setting(
         None, "Folder with train/ and val/ Kaggle pairs (512x256 JPEG: photo | colour mask), or the unpacked "
-        "archive above it.", flag="--data", panel=DATA, path=True, shown="a cached synthetic city set")
+        "archive above it; with --resume, where the run's files are now (they must be the same files).", flag="--data",
+        panel=DATA, path=True, shown="a cached synthetic city set", resume=True)
     image_size: int = setting(
         256, "Square train/val size in pixels, a multiple of 2**depth (the checkpoint's with --init-from).",
         flag="--image-size", panel=DATA, rule=count(16, 8192))

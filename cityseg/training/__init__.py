@@ -23,6 +23,7 @@ from rich.console import Console
 
 from cityseg.checkpoint import remove_stale_temps
 from cityseg.config import Config
+from cityseg.data.fingerprint import data_fingerprint, fingerprint_change
 from cityseg.distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from cityseg.errors import STOP_SIGNALS, InterruptedNow, UserError, quiet_if_terminal_gone
 from cityseg.model import describe
@@ -169,6 +170,9 @@ def run_training(cfg: Config, console: Console, dist_info: DistInfo, run: RunFol
     torch.manual_seed(cfg.train.seed)
     data = prepare_data(cfg, rt, dist_info, console, Palette.from_state(state["palette"]) if state else None)
     with closing(data):  # the loaders' workers end on every way out: done, error or signal
+        fingerprint = data_fingerprint({"train": data.train_files, "val": data.val_files})
+        if state is not None:
+            check_same_data(state, fingerprint, run.root, data.root)
         # The palette decides the class count (19 for Cityscapes, K for kmeans:K).
         cfg = replace(cfg, model=replace(cfg.model, num_classes=data.palette.num_classes))
         model, step_model = build_models(cfg.model, rt, dist_info, cfg.train.sync_bn)
@@ -184,6 +188,7 @@ def run_training(cfg: Config, console: Console, dist_info: DistInfo, run: RunFol
         hooks = default_hooks(cfg.train, on_step, dist_info.is_main) + extra_hooks
         trainer = Trainer(parts, run, console, hooks, started_at=zero[0])
         trainer.time_zero, trainer.compile_cache = zero[1], compile_cache
+        trainer.data_fingerprint = fingerprint
         if state is not None:
             trainer.load_state_dict(state)
         console.print(describe(model))
@@ -203,6 +208,19 @@ def run_training(cfg: Config, console: Console, dist_info: DistInfo, run: RunFol
             summary = trainer.fit(interrupt)
         assert summary is not None  # the Reporter hook, one of the default hooks, made it
         return summary
+
+
+def check_same_data(state: dict[str, Any], now: dict[str, Any], run_dir: Path, data_dir: Path) -> None:
+    """--resume continues on the files the run trained on (they may have moved: names and sizes count,
+    not the path); a folder changed since is refused, naming what changed. A last.pt written before
+    fingerprints were saved is taken as it is."""
+    saved = state.get("data_fingerprint")
+    change = fingerprint_change(saved, now) if isinstance(saved, dict) else None
+    if change:
+        raise UserError(f"--resume {run_dir}: the data in {data_dir} changed since the run started ({change}): its "
+                        "epochs, position and schedule count the files it had. Put those files back (--data may "
+                        f"point to where they are now), or start a new run from its weights: --init-from "
+                        f"{run_dir / 'checkpoints' / 'last.pt'}")
 
 
 @contextmanager

@@ -141,6 +141,7 @@ class Trainer:
         self.log_step = False  # this step reads the loss and may print
         self.completed = False  # fit ran to its end (epochs, --max-steps or a hook's stop)
         self.summary: dict[str, Any] | None = None  # what `fit` returns: set by the Reporter hook
+        self.data_fingerprint: dict[str, Any] | None = None  # the files trained on (cityseg/data/fingerprint.py)
         self.interrupt: dict[str, Any] = {"signum": None, "immediate": False, "cut": None}  # graceful_interrupts'
 
     def call(self, event: str, *args: Any) -> None:
@@ -167,6 +168,7 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state()},
             "config": self.cfg.to_dict(),
             "palette": self.data.palette.to_state(),
+            "data_fingerprint": self.data_fingerprint,  # what --resume checks the data folder against
             "versions": self.versions,
         }
         hooks = {type(hook).__name__: hook.state_dict() for hook in self.hooks}

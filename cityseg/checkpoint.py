@@ -169,7 +169,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"code ({reason[:160]})"
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:160]})") from None
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or damaged: {first[:300]})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path}: not a cityseg-fast checkpoint (missing model weights or config)")
     weights = state["model"]

@@ -294,7 +294,11 @@ def with_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> Confi
         if key == "train.amp" and value in AMP_TO_PRECISION:  # config files written before --precision
             key, value = "train.precision", AMP_TO_PRECISION[value]
         if key not in types_by_key:
-            raise ConfigError(f"{source}: unknown config key {capped(repr(key), 100)}")
+            import difflib
+
+            close = difflib.get_close_matches(str(key), list(types_by_key), n=3, cutoff=0.6)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise ConfigError(f"{source}: unknown config key {capped(repr(key), 100)}{hint}")
         ok, value = _accepts(types_by_key[key], value)
         if not ok:
             raise ConfigError(f"{source}: {key} = {capped(repr(value), 100)}: expected {_type_name(types_by_key[key])}")

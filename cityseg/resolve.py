@@ -124,21 +124,41 @@ def resumed_run(run: Path, values: dict[str, Any], config_file: Path | None,
         raise OptionError(f"--resume {run}: {', '.join(refused)} would change the run it continues (its settings "
                           f"are in its last.pt); with --resume only {allowed} apply. To start a new run from "
                           f"its weights: --init-from {run / 'checkpoints' / 'last.pt'}")
-    from cityseg.checkpoint import read_config, read_training_checkpoint
+    from cityseg.checkpoint import read_config
     from cityseg.outputs import check_not_in_use
 
     check_not_in_use(run)
     last = run / "checkpoints" / "last.pt"
-    state = read_training_checkpoint(last)
+    state = read_resumable(run, last)
     cfg = read_config(state, last)
     overrides = {k: v for k, v in values.items() if k in RESUME_KEYS}
     overrides.setdefault("train.max_steps", 0)  # the stop of the session that saved it is not this one's
     overrides["train.resume"] = str(run)
     cfg = one_spelling(budget_decides_epochs(with_overrides(cfg, overrides, "--resume"), values))
     check_config(cfg)
+    if state["epoch"] >= cfg.train.epochs and "unvalidated" not in state.get("partial", {}):
+        raise OptionError(f"--resume {run}: the run has trained {state['epoch']} epochs, --epochs {cfg.train.epochs} "
+                          f"leaves nothing to train: give --epochs above {state['epoch']}")
     applied = sorted({flag_of(k) for k in values if k in RESUME_KEYS})
     notes = (f"resume: applying {', '.join(applied)}; everything else as saved in {last}",) if applied else ()
     return ResolvedRun(cfg, state=state, notes=notes)
+
+
+def read_resumable(run: Path, last: Path) -> dict[str, Any]:
+    """last.pt's content; where it is missing or unreadable, the error says what can be done instead."""
+    from cityseg.checkpoint import CheckpointError, read_training_checkpoint
+
+    if not last.exists() and (run / "config.json").is_file():
+        raise CheckpointError(f"--resume {run}: the run stopped before its first checkpoint, so there is nothing to "
+                              f"resume: delete {run} and start it again, or start a new run with another --out")
+    try:
+        return read_training_checkpoint(last)
+    except CheckpointError as e:
+        best = run / "checkpoints" / "best.pt"
+        if not best.is_file():
+            raise
+        raise CheckpointError(f"{e}; it cannot be resumed, but a new run can start from its best weights: "
+                              f"--init-from {best}") from None
 
 
 def resolved_from_config(cfg: Config) -> ResolvedRun:

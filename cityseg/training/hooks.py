@@ -156,7 +156,7 @@ class BestModel(HookBase):
         else:
             self.epochs_since_best += 1
         if self.patience and self.epochs_since_best >= self.patience:
-            t.stop_reason = f"early stop: no better val mIoU for {self.patience} epochs"
+            t.stop_reason = f"early stop: no better val mIoU in the last {self.patience} validations (--patience)"
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_miou": self.best_miou, "epochs_since_best": self.epochs_since_best}

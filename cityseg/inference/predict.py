@@ -103,13 +103,44 @@ class Predictor:
         return out
 
 
-def upsampled_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(1, C, h, w) logits -> (H, W) uint8 ids of the logits resized to `size` (no resize if equal)."""
+# Bytes of full-size float logits above which they are made a strip of rows at a time: an 8000x8000
+# photo's 19 classes would be 4.9 GB at once (101 s and 6.2 GB of memory measured), in strips 64 MB.
+FULL_LOGITS_MAX_BYTES = 256 << 20
+STRIP_BYTES = 64 << 20
+
+
+def upsampled_argmax(logits: torch.Tensor, size: tuple[int, int],
+                     max_bytes: int = FULL_LOGITS_MAX_BYTES) -> torch.Tensor:
+    """(1, C, h, w) logits -> (H, W) uint8 ids of the logits resized to `size` (no resize if equal).
+    Large outputs are upsampled a strip of rows at a time (`strip_upsampled_argmax`): memory stays
+    bounded whatever the photo's size."""
+    (_, c, h, w), (height, width) = logits.shape, size
+    if height >= h and width >= w and c * height * width * 4 > max_bytes:
+        return strip_upsampled_argmax(logits, size)
     if tuple(logits.shape[-2:]) != tuple(size):
         # antialias matters only when shrinking (photos smaller than the training size).
         logits = nn.functional.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False,
                                            antialias=True)
     return logits[0].argmax(0).to(torch.uint8)
+
+
+def strip_upsampled_argmax(logits: torch.Tensor, size: tuple[int, int], strip_bytes: int = STRIP_BYTES) -> torch.Tensor:
+    """The argmax of bilinearly upsampled logits (align_corners=False, as `interpolate` computes it;
+    equal up to float rounding at exact ties), without the (C, H, W) map: widths first at the
+    logits' height, then each strip of output rows blended from its two source rows."""
+    (_, c, h, _), (height, width) = logits.shape, size
+    wide = nn.functional.interpolate(logits, size=(h, width), mode="bilinear", align_corners=False)[0]  # (C, h, W)
+    ids = torch.empty((height, width), dtype=torch.uint8, device=logits.device)
+    rows = max(1, strip_bytes // (c * width * 4))
+    for r0 in range(0, height, rows):
+        r = torch.arange(r0, min(height, r0 + rows), device=logits.device, dtype=torch.float64)
+        src = ((r + 0.5) * (h / height) - 0.5).clamp(min=0)  # torch's source index for align_corners=False
+        y0 = src.floor().long()
+        y1 = (y0 + 1).clamp(max=h - 1)
+        lam = (src - y0).to(wide.dtype)[None, :, None]
+        strip = wide[:, y0] * (1 - lam) + wide[:, y1] * lam  # (C, rows, W)
+        ids[r0 : r0 + len(r)] = strip.argmax(0).to(torch.uint8)
+    return ids
 
 
 # -- the command -----------------------------------------------------------------------------------

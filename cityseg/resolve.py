@@ -136,12 +136,24 @@ def resumed_run(run: Path, values: dict[str, Any], config_file: Path | None,
     overrides["train.resume"] = str(run)
     cfg = one_spelling(budget_decides_epochs(with_overrides(cfg, overrides, "--resume"), values))
     check_config(cfg)
-    if state["epoch"] >= cfg.train.epochs and "unvalidated" not in state.get("partial", {}):
-        raise OptionError(f"--resume {run}: the run has trained {state['epoch']} epochs, --epochs {cfg.train.epochs} "
-                          f"leaves nothing to train: give --epochs above {state['epoch']}")
     applied = sorted({flag_of(k) for k in values if k in RESUME_KEYS})
     notes = (f"resume: applying {', '.join(applied)}; everything else as saved in {last}",) if applied else ()
+    if state["epoch"] >= cfg.train.epochs and "unvalidated" not in state.get("partial", {}):
+        nothing = f"the run has trained {state['epoch']} epochs: --epochs {cfg.train.epochs} leaves nothing to train"
+        if completed(run):
+            raise OptionError(f"--resume {run}: {nothing}; give --epochs above {state['epoch']} to train on")
+        notes += (f"resume: {nothing}; writing the summary a stop before the end left out",)
     return ResolvedRun(cfg, state=state, notes=notes)
+
+
+def completed(run: Path) -> bool:
+    """RUN/summary.json says the run ran to its end."""
+    import json
+
+    try:
+        return json.loads((run / "summary.json").read_text()).get("completed") is True
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def read_resumable(run: Path, last: Path) -> dict[str, Any]:

@@ -75,10 +75,16 @@ def test_a_truncated_last_pt_names_best_pt_and_init_from(finished: tuple[Path, P
     assert message.endswith(f"--init-from {run / 'checkpoints' / 'best.pt'}"), message
 
 
-def test_resume_with_no_epochs_left_says_so(finished: tuple[Path, Path]) -> None:
-    """Before: summary.json rewritten and "done" printed, nothing trained."""
-    with pytest.raises(UserError, match="trained 1 epochs, --epochs 1 leaves nothing to train: give --epochs above 1"):
+def test_resume_with_no_epochs_left_says_so(finished: tuple[Path, Path], tmp_path: Path) -> None:
+    """Before: summary.json rewritten and "done" printed, nothing trained. A run stopped after its last
+    checkpoint but before its summary still finishes (the summary), saying nothing is trained."""
+    with pytest.raises(UserError, match="trained 1 epochs: --epochs 1 leaves nothing to train; give --epochs above 1"):
         resolve_run({"train.resume": str(finished[1])})
+    cut = tmp_path / "cut"
+    shutil.copytree(finished[1], cut)
+    (cut / "summary.json").unlink()
+    assert any("leaves nothing to train; writing the summary" in note
+               for note in resolve_run({"train.resume": str(cut)}).notes)
 
 
 def test_out_inside_a_split_is_refused(finished: tuple[Path, Path]) -> None:

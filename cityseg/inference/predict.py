@@ -260,15 +260,12 @@ def read_written(out_dir: Path) -> dict[str, list[int]]:
 
 def check_only_predictions_replaced(planned: list[Path], written_before: dict[str, list[int]]) -> None:
     """`--overwrite` replaces earlier outputs only: a file at an output's name that predict did not
-    write (a photo of yours named NAME_color.png, skipped as an input for its name), or that changed
-    since, is refused by name."""
+    write there (a photo of yours named NAME_color.png, skipped as an input for its name) is refused
+    by name."""
     for path in planned:
-        if not path.exists():
-            continue
-        stat = path.stat()
-        if written_before.get(path.name) != [stat.st_size, stat.st_mtime_ns]:
-            raise OutputError(f"{path}: exists and was not written by an earlier predict (or changed since): "
-                              "--overwrite replaces only earlier predictions; choose another --out")
+        if (path.exists() or path.is_symlink()) and path.name not in written_before:
+            raise OutputError(f"{path}: exists and was not written by an earlier predict: --overwrite replaces "
+                              "only earlier predictions; choose another --out")
 
 
 def record_written(out_dir: Path, written_before: dict[str, list[int]], written: list[Path]) -> None:

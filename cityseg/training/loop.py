@@ -479,11 +479,15 @@ class Trainer:
             bar.step(done, "", log=done == len(self.data.val))
             if self.validation_stop_requested(done):
                 raise ValidationStopped
+            if not self.dist.enabled:  # from now on a signal ends validation at once (not while the loader's
+                self.interrupt["cut"] = ValidationStopped  # iterator is being built: half-built, it fails at exit)
 
-        with StepProgress(self.console, f"val after epoch {record['epoch']}", len(self.data.val)) as bar, \
-                self.cut_by_signal(ValidationStopped):
-            metrics, val_loss = evaluate_model(self.val_forward(), self.data.val, self.rt,
-                                               self.data.palette.num_classes, self.dist, on_batch=on_batch)
+        try:
+            with StepProgress(self.console, f"val after epoch {record['epoch']}", len(self.data.val)) as bar:
+                metrics, val_loss = evaluate_model(self.val_forward(), self.data.val, self.rt,
+                                                   self.data.palette.num_classes, self.dist, on_batch=on_batch)
+        finally:
+            self.interrupt["cut"] = None
         self.times["val_s"] += time.perf_counter() - t
         now = self.timing()  # wall_s: from the first step, start-up and warm-up of every session left out
         record.update(metrics.to_dict(with_confusion=False), val_loss=val_loss, elapsed_s=now["elapsed_s"],

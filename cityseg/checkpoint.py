@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from cityseg.config import Config, ConfigError, ModelConfig, flatten, with_overrides
-from cityseg.errors import OptionError, UserError
+from cityseg.errors import STOP_SIGNALS, OptionError, UserError
 from cityseg.model import build_model
 from cityseg.options import check_config, palette_problem
 from cityseg.outputs import atomic_file, temp_owner
@@ -107,7 +107,7 @@ def weights_only_state(state: dict[str, Any]) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """SIGINT/SIGTERM arriving in the block are held and handed to the previous handlers after it,
+    """SIGINT/SIGTERM/SIGHUP arriving in the block are held and handed to the previous handlers after it,
     so a second Ctrl-C or SIGTERM cannot cut a checkpoint write short (main thread only: Python runs
     signal handlers there, so a save in another thread is never interrupted by one)."""
     if threading.current_thread() is not threading.main_thread():
@@ -115,7 +115,7 @@ def signals_deferred() -> Iterator[None]:
         return
     held: list[int] = []
     # SIGCHLD too: torch's handler raises in the main thread when a loader worker dies.
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)}
+    previous = {s: signal.getsignal(s) for s in (*STOP_SIGNALS, signal.SIGCHLD)}
     previous = {s: h for s, h in previous.items() if h is not None}  # installed outside Python: leave alone
     for s in previous:
         signal.signal(s, lambda signum, frame: held.append(signum))
@@ -169,7 +169,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"code ({reason[:160]})"
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:160]})") from None
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or damaged: {first[:300]})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path}: not a cityseg-fast checkpoint (missing model weights or config)")
     weights = state["model"]

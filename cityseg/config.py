@@ -69,8 +69,9 @@ NO_AUGMENT = AugmentConfig(hflip=0.0)
 @dataclass(frozen=True)
 class DataConfig:
     data_dir: str | None = setting(
-        None, "Dataset folder: Kaggle pairs, image/mask folders or the official Cityscapes layout.",
-        flag="--data", panel=DATA, path=True, shown="a cached synthetic city set")
+        None, "Kaggle pairs, image/mask folders or the official Cityscapes tree (with --resume: the run's "
+        "files' new place).", flag="--data", panel=DATA, path=True,
+        shown="a cached synthetic city set", resume=True)
     format: str = setting("auto", "Dataset layout; auto: detected.", flag="--format", panel=DATA,
                           choices=("auto", "pairs", "folders", "cityscapes"))
     # Config file / --set only (`[data] id_map = "cityscapes"`): the layout's own choice is nearly always right.
@@ -98,7 +99,7 @@ class DataConfig:
                          choices=("none", "device"))
     hw_decoder_load: float = setting(0.65, "Share of JPEG decoding on the A100/H100 hardware decoder (DALI GPU).",
                                      rule=Number(0, 1))
-    palette: str = setting("cityscapes", "Mask colours -> classes: cityscapes, kmeans:K or a palette .json.",
+    palette: str = setting("cityscapes", "Mask colours -> classes: cityscapes, kmeans:K or a .json.",
                            flag="--palette", panel=DATA)
     max_color_dist: float | None = setting(
         None, "Ignore mask pixels farther than this (RGB) from every class colour.", flag="--max-color-dist",
@@ -110,7 +111,7 @@ class DataConfig:
     val_native: bool = setting(True, "Score validation at the masks' own size.")
     skip_validate: bool = setting(False, "Do not decode every file first; the loader reports a bad file when it "
                                   "meets it.", flag="--skip-validate", panel=DATA, resume=True)
-    skip_bad: bool = setting(False, "Leave bad files out (and say how many) instead of stopping at the first.",
+    skip_bad: bool = setting(False, "Skip bad files (and count them).",
                              flag="--skip-bad", panel=DATA)
     synth_train: int = setting(2000, "Train pairs of the synthetic set used without a data folder.",
                                rule=count(1, 1_000_000))
@@ -308,7 +309,11 @@ def with_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> Confi
         if key == "train.amp" and value in AMP_TO_PRECISION:  # config files written before --precision
             key, value = "train.precision", AMP_TO_PRECISION[value]
         if key not in types_by_key:
-            raise ConfigError(f"{source}: unknown config key {capped(repr(key), 100)}")
+            import difflib
+
+            close = difflib.get_close_matches(str(key), list(types_by_key), n=3, cutoff=0.6)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise ConfigError(f"{source}: unknown config key {capped(repr(key), 100)}{hint}")
         ok, value = _accepts(types_by_key[key], value)
         if not ok:
             raise ConfigError(f"{source}: {key} = {capped(repr(value), 100)}: expected {_type_name(types_by_key[key])}")

@@ -9,6 +9,7 @@ holds what a signal raises outside the training loop (`InterruptedNow`, `signals
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 from collections.abc import Iterator
 
@@ -36,10 +37,16 @@ def capped(text: str, limit: int = MAX_LINE) -> str:
     return f"{text[: limit * 3 // 4]} ... {text[-limit // 4:]} ({len(text)} characters)"
 
 
+# The signals that stop a command the way Ctrl-C does: a terminal's Ctrl-C, `kill`/Slurm/Kubernetes/
+# systemd, and a closed terminal or dropped SSH session.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class InterruptedNow(KeyboardInterrupt):
-    """SIGINT or SIGTERM that ends the command at once: at start-up, at the end of a run, in a
-    command without a loop to stop, or a second signal. Inside the training loop the first signal
-    is a flag instead (last.pt is saved); a checkpoint save defers both until its file is whole."""
+    """SIGINT, SIGTERM or SIGHUP that ends the command at once: at start-up, during the warm-up, at
+    the end of a run, in a command without a loop to stop, or a second signal. Inside the training
+    loop the first signal is a flag instead (last.pt is saved); a checkpoint save defers them until
+    its file is whole."""
 
     def __init__(self, signum: int) -> None:
         self.signum = int(signum)
@@ -47,21 +54,38 @@ class InterruptedNow(KeyboardInterrupt):
 
     @property
     def exit_code(self) -> int:
-        """130 for Ctrl-C (SIGINT), 128 + the number for the others (143 for SIGTERM), as a shell reports."""
+        """130 for Ctrl-C (SIGINT), 128 + the number for the others (143 for SIGTERM, 129 for SIGHUP),
+        as a shell reports."""
         return 128 + self.signum
 
 
 @contextlib.contextmanager
 def signals_raise() -> Iterator[None]:
-    """SIGINT and SIGTERM raise `InterruptedNow` in the main thread while the block runs (SIGTERM
-    would otherwise kill the process without a word); the previous handlers come back after."""
+    """SIGINT, SIGTERM and SIGHUP raise `InterruptedNow` in the main thread while the block runs
+    (SIGTERM and SIGHUP would otherwise kill the process without a word); the previous handlers come
+    back after."""
 
     def handler(signum, frame):  # noqa: ARG001
+        quiet_if_terminal_gone(signum)
         raise InterruptedNow(signum)
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
         yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def quiet_if_terminal_gone(signum: int) -> None:
+    """After SIGHUP (the terminal closed, the SSH session dropped) a write to that terminal fails
+    (EIO) and would turn an orderly stop into a traceback: stdout and stderr that were the terminal
+    now go to /dev/null. Output redirected to a file or a pipe keeps going there."""
+    if signum != signal.SIGHUP:
+        return
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            if os.isatty(fd):
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, fd)
+                os.close(null)

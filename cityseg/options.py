@@ -11,8 +11,10 @@ deep inside torch that names no option.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -221,7 +223,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     """A TOML, YAML or JSON file (a run's config.json too) as {config key: value}; the suffix, kind and
     size are checked before reading, the text must be UTF-8, YAML is read safely with few aliases.
     The run folder (`train.out`) and `train.resume` are command-line choices and not taken from a file;
-    `data.data_dir` is relative to the file. Any problem is one OptionError naming the file."""
+    `data.data_dir` and `train.init_from` are relative to the file. Any problem is one OptionError naming the file."""
     from cityseg.config import flatten
 
     suffix = path.suffix.lower()
@@ -245,9 +247,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
     values = flatten(tree)
     for key in ("train.out", "train.resume"):
         values.pop(key, None)
-    data_dir = values.get("data.data_dir")
-    if isinstance(data_dir, str):  # relative to the file, like a path in it; another type is refused later
-        values["data.data_dir"] = str((path.parent / data_dir).absolute())
+    for key in ("data.data_dir", "train.init_from"):
+        if isinstance(values.get(key), str):  # relative to the file, like a path in it; another type is refused later
+            values[key] = str((path.parent / values[key]).absolute())
     return values
 
 
@@ -259,21 +261,49 @@ def _parse_config(text: str, suffix: str) -> Any:
             import tomli as tomllib
         return tomllib.loads(text)
     if suffix == ".json":
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    return load_yaml(text)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: a second `lr` would silently win."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise OptionError(f"duplicate key {capped(repr(key), 100)}: only one value can count")
+        out[key] = value
+    return out
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as `--config` and `--set` read it: safely (plain types), with few aliases, no duplicate
+    keys, and `1e-3` a number as in TOML, JSON and Python (YAML 1.1 wants `1.0e-3`)."""
     import yaml
 
-    loader = _alias_limited_loader(yaml)(text)
+    loader = _config_yaml_loader(yaml)(text)
     try:
         return loader.get_single_data()
     finally:
         loader.dispose()
 
 
-def _alias_limited_loader(yaml: Any) -> type:
-    """yaml.SafeLoader (plain types only, never `!!python` objects) that refuses a document with
-    more than MAX_YAML_ALIASES aliases: a few hundred bytes of nested aliases expand to gigabytes."""
+# YAML 1.1's float pattern, plus exponents without a dot (1e-3, 5E4): what every other reader takes.
+YAML_FLOAT = r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$"""
 
-    class AliasLimitedLoader(yaml.SafeLoader):
+
+@functools.cache
+def _config_yaml_loader(yaml: Any) -> type:
+    """yaml.SafeLoader (plain types only, never `!!python` objects) that refuses a document with
+    more than MAX_YAML_ALIASES aliases (a few hundred bytes of nested aliases expand to gigabytes)
+    and a mapping with a key twice (`train: {lr: 0.001, lr: 0.002}`, two `train:` blocks: YAML keeps
+    the last without a word), and reads `1e-3` as a number."""
+
+    class ConfigLoader(yaml.SafeLoader):
         aliases = 0
 
         def compose_node(self, parent: Any, index: Any) -> Any:
@@ -283,7 +313,25 @@ def _alias_limited_loader(yaml: Any) -> type:
                     raise OptionError(f"more than {MAX_YAML_ALIASES} YAML aliases (*name): refused")
             return super().compose_node(parent, index)
 
-    return AliasLimitedLoader
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then overrides: allowed
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        line = key_node.start_mark.line + 1
+                        raise OptionError(f"duplicate key {capped(repr(key), 100)} (line {line}): only one value "
+                                          "can count")
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the parser's own error says so
+                    break
+            return super().construct_mapping(node, deep=deep)
+
+    ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(YAML_FLOAT, re.X),
+                                       list("-+0123456789."))
+    return ConfigLoader
 
 
 def _depth(tree: Any) -> int:

@@ -184,9 +184,16 @@ def write_error_log(folder: Path, message: str) -> bool:
 
 def check_new_run_folder(folder: Path) -> None:
     """OutputError unless a new run may use `folder` (see `is_free`)."""
+    split = dataset_split_of(folder)
+    if split is not None:
+        raise OutputError(f"{folder}: is inside the dataset split {split}: the run's pictures would become (bad) "
+                          "pairs of the dataset; choose another --out")
     if not is_free(folder):
         if folder.exists() and not folder.is_dir():
             raise OutputError(f"{folder}: cannot create the run folder: a file is in the way")
+        if (folder / "config.json").is_file() and not (folder / "checkpoints" / "last.pt").exists():
+            raise OutputError(f"{folder}: holds a run that stopped before its first checkpoint (nothing to resume): "
+                              "choose a new --out, or delete that folder and start again")
         raise OutputError(f"{folder}: already holds files (another run's?): choose a new --out, "
                           f"or continue that run with --resume {folder}")
 

@@ -61,20 +61,24 @@ def resolve_run(values: dict[str, Any] | None = None, *, config_file: Path | Non
     """The run that `values` ({config key: value}, e.g. {"train.lr": 1e-3}) and the other sources
     describe (see the module docstring); any problem is one UserError naming the option or file."""
     values = dict(values or {})
+    set_values = checked_set_values(set_values or {})
     resume = values.get("train.resume")
     if resume is not None:
         return resumed_run(Path(resume).absolute(), values, config_file, set_values)
     layers: list[tuple[str, dict[str, Any]]] = []
     init, notes = None, []
-    init_from = values.get("train.init_from")
-    if init_from is not None:  # the checkpoint's architecture and size, unless flags change them
-        init_state, saved = read_init_checkpoint(Path(init_from))
-        layers.append(("--init-from", architecture_values(saved)))
     if config_file is not None:
         layers.append((str(config_file), read_config_file(Path(config_file))))
     layers.append(("command line", values))
     if set_values:
         layers.append(("--set", set_values))
+    # --init-from from wherever it was given (a config file, a run's config.json, --set): the same effect
+    init_from = next((v["train.init_from"] for _, v in reversed(layers) if v.get("train.init_from") is not None), None)
+    if not isinstance(init_from, str):  # another type is refused with the others, by name
+        init_from = None
+    if init_from is not None:  # the checkpoint's architecture and size, unless flags change them
+        init_state, saved = read_init_checkpoint(Path(init_from))
+        layers.insert(0, ("--init-from", architecture_values(saved)))
     if init_from is not None and "data.image_size" not in {k for _, v in layers[1:] for k in v}:
         notes.append(f"--init-from: training at the checkpoint's image size, {layers[0][1]['data.image_size']} px "
                      "(--image-size changes it)")
@@ -156,6 +160,16 @@ def batch_from_rule(cfg: Config, *, on_cpu: bool) -> tuple[Config, dict[str, Any
     return apply_choice(cfg, choice), {"batch_size": choice.to_record()}
 
 
+def checked_set_values(set_values: dict[str, Any]) -> dict[str, Any]:
+    """`--set` values with the paths made absolute, as their flags make them; `train.resume` is
+    refused: a run is continued with `--resume RUN` (its settings come from its last.pt), not set."""
+    if "train.resume" in set_values:
+        raise OptionError(f"--set train.resume={set_values['train.resume']}: continue a run with --resume RUN "
+                          "(its settings come from its last.pt)")
+    return {key: str(Path(value).absolute()) if SETTINGS.get(key) is not None and SETTINGS[key].path
+            and isinstance(value, str) else value for key, value in set_values.items()}
+
+
 def read_init_checkpoint(path: Path) -> tuple[dict[str, Any], Config]:
     """The `--init-from` checkpoint's content and its (checked) config."""
     from cityseg.checkpoint import load_checkpoint, read_config
@@ -181,12 +195,12 @@ def resumed_run(run: Path, values: dict[str, Any], config_file: Path | None,
         raise OptionError(f"--resume {run}: {', '.join(refused)} would change the run it continues (its settings "
                           f"are in its last.pt); with --resume only {allowed} apply. To start a new run from "
                           f"its weights: --init-from {run / 'checkpoints' / 'last.pt'}")
-    from cityseg.checkpoint import read_config, read_training_checkpoint
+    from cityseg.checkpoint import read_config
     from cityseg.outputs import check_not_in_use
 
     check_not_in_use(run)
     last = run / "checkpoints" / "last.pt"
-    state = read_training_checkpoint(last)
+    state = read_resumable(run, last)
     cfg = read_config(state, last)
     overrides = {k: v for k, v in values.items() if k in RESUME_KEYS}
     overrides.setdefault("train.max_steps", 0)  # the stop of the session that saved it is not this one's
@@ -195,7 +209,39 @@ def resumed_run(run: Path, values: dict[str, Any], config_file: Path | None,
     check_config(cfg)
     applied = sorted({flag_of(k) for k in values if k in RESUME_KEYS})
     notes = (f"resume: applying {', '.join(applied)}; everything else as saved in {last}",) if applied else ()
+    if state["epoch"] >= cfg.train.epochs and "unvalidated" not in state.get("partial", {}):
+        nothing = f"the run has trained {state['epoch']} epochs: --epochs {cfg.train.epochs} leaves nothing to train"
+        if completed(run):
+            raise OptionError(f"--resume {run}: {nothing}; give --epochs above {state['epoch']} to train on")
+        notes += (f"resume: {nothing}; writing the summary a stop before the end left out",)
     return ResolvedRun(cfg, state=state, notes=notes)
+
+
+def completed(run: Path) -> bool:
+    """RUN/summary.json says the run ran to its end."""
+    import json
+
+    try:
+        return json.loads((run / "summary.json").read_text()).get("completed") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def read_resumable(run: Path, last: Path) -> dict[str, Any]:
+    """last.pt's content; where it is missing or unreadable, the error says what can be done instead."""
+    from cityseg.checkpoint import CheckpointError, read_training_checkpoint
+
+    if not last.exists() and (run / "config.json").is_file():
+        raise CheckpointError(f"--resume {run}: the run stopped before its first checkpoint, so there is nothing to "
+                              f"resume: delete {run} and start it again, or start a new run with another --out")
+    try:
+        return read_training_checkpoint(last)
+    except CheckpointError as e:
+        best = run / "checkpoints" / "best.pt"
+        if not best.is_file():
+            raise
+        raise CheckpointError(f"{e}; it cannot be resumed, but a new run can start from its best weights: "
+                              f"--init-from {best}") from None
 
 
 def resolved_from_config(cfg: Config) -> ResolvedRun:

@@ -24,7 +24,7 @@ from cityseg.checkpoint import (
     read_config,
 )
 from cityseg.config import NO_AUGMENT, Config, DataConfig, ModelConfig, TrainConfig
-from cityseg.errors import InterruptedNow, OptionError
+from cityseg.errors import OptionError
 from cityseg.runtime import use_compile_cache
 from cityseg.settings import parse_val_every
 from cityseg.telemetry import GpuSampler, process_age_s
@@ -139,41 +139,88 @@ def signal_at_step(step: int) -> Callable[[], None]:
     return lambda: os.kill(os.getpid(), signal.SIGINT) if next(done) == step else None
 
 
-def test_a_signal_mid_epoch_validates_what_was_trained(data: Path, tmp_path: Path) -> None:
-    """Ctrl-C one step into epoch 2 (2 steps an epoch; the cadence never falls due): that partial epoch is
-    scored and best.pt written before the exit, and --resume finishes with the uninterrupted run's weights."""
+def test_a_signal_mid_epoch_saves_at_once_and_resume_scores_it(data: Path, tmp_path: Path) -> None:
+    """Ctrl-C one step into epoch 2 (2 steps an epoch; the cadence never falls due): last.pt holds the
+    position and the partial epoch's record, unscored, and nothing is validated on the way out (a
+    bounded stop); --resume scores that record first and finishes with the uninterrupted run's weights."""
     straight, run = tmp_path / "straight", tmp_path / "run"
     train(config(data, straight, val_every="100"))
-    with pytest.raises(Interrupted):
-        train(config(data, run, val_every="100"), on_step=signal_at_step(3))
-    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["epoch"], r["partial"], r["step"]) for r in records] == [(2, True, 3)]
-    assert records[0]["pixel_acc"] is not None
+    validations = []
+    validate = Trainer.validate
+
+    def counted(self: Trainer, record: dict) -> object:
+        validations.append(record["epoch"])
+        return validate(self, record)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "validate", counted)
+        with pytest.raises(Interrupted):
+            train(config(data, run, val_every="100"), on_step=signal_at_step(3))
+    assert validations == []  # the stop did not score anything
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints" / "best.pt").exists()
     last = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert (last["epoch"], last["step_in_epoch"]) == (1, 1) and "unvalidated" not in last["partial"]
-    assert load_checkpoint(run / "checkpoints" / "best.pt")["global_step"] == 3
+    assert (last["epoch"], last["step_in_epoch"], last["global_step"]) == (1, 1, 3)
+    unscored = last["partial"]["unvalidated"]
+    assert (unscored["epoch"], unscored["partial"], unscored["step"]) == (2, True, 3)
     train(config(data, run, val_every="100", resume=str(run)))
-    assert epochs_validated(run) == [2, 5]
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["partial"], r["step"]) for r in records] == [(2, True, 3), (5, False, 10)]
+    assert records[0]["pixel_acc"] is not None
     final = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
     reference = load_checkpoint(straight / "checkpoints" / "last.pt")["model"]
     assert all(torch.equal(final[k], reference[k]) for k in reference)
 
 
-def test_a_second_signal_during_that_validation_keeps_the_position(data: Path, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """The position is saved before the signal's validation starts: a second Ctrl-C inside it stops at
-    once and loses nothing; --resume scores the partial epoch first, then trains on from inside it."""
+def test_a_signal_during_validation_abandons_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal after the first val batch of a cadence validation: the rest of validation is not run,
+    last.pt holds the epoch unscored, and --resume scores it first and ends as the uninterrupted run."""
+    import cityseg.metrics as metrics
+
+    data = make_pair_dataset(tmp_path / "data", n_train=4, n_val=4)  # 2 val batches
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    train(config(data, straight, epochs=2, val_every="1"))
+    batches = []
+    real = metrics.ConfusionMatrix.update
+
+    def update_then_signal(self, *args) -> None:  # noqa: ANN001
+        batches.append(1)
+        real(self, *args)
+        if len(batches) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(metrics.ConfusionMatrix, "update", update_then_signal)
+    with pytest.raises(Interrupted) as stopped:
+        train(config(data, run, epochs=2, val_every="1"))
+    monkeypatch.undo()
+    assert stopped.value.signum == signal.SIGTERM and batches == [1]  # 2 val batches: one skipped
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert (last["epoch"], last["global_step"], last["partial"]["unvalidated"]["epoch"]) == (1, 2, 1)
+    train(config(data, run, epochs=2, val_every="1", resume=str(run)))
+    assert epochs_validated(run) == [1, 2]
+    final = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+    reference = load_checkpoint(straight / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def test_a_signal_while_resume_scores_the_record_keeps_it(data: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped again while --resume scores the record the first stop left: last.pt is untouched (the
+    record still unscored, the position the same), and the next --resume scores it and finishes."""
     run = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        train(config(data, run, val_every="100"), on_step=signal_at_step(3))
+    before = (run / "checkpoints" / "last.pt").read_bytes()
     validate = Trainer.validate
 
     def interrupted_validation(self: Trainer, record: dict) -> object:
-        os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C
+        os.kill(os.getpid(), signal.SIGINT)  # lands on the first val batch
         return validate(self, record)
 
     monkeypatch.setattr(Trainer, "validate", interrupted_validation)
-    with pytest.raises(InterruptedNow):
-        train(config(data, run, val_every="100"), on_step=signal_at_step(3))
+    with pytest.raises(Interrupted):
+        train(config(data, run, val_every="100", resume=str(run)))
     monkeypatch.undo()
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
     last = load_checkpoint(run / "checkpoints" / "last.pt")
     assert (last["epoch"], last["step_in_epoch"], last["global_step"]) == (1, 1, 3)
     assert last["partial"]["unvalidated"]["epoch"] == 2 and not (run / "checkpoints" / "best.pt").exists()

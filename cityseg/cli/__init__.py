@@ -48,12 +48,17 @@ def _options(
     """Fast U-Net training for Cityscapes-style street-scene segmentation (DALI + Triton + PyTorch)."""
 
 
+SIGNAL_EXITS = (129, 130, 143)  # 128 + SIGHUP, SIGINT, SIGTERM: what a command stopped by a signal returns
+
+
 def main() -> NoReturn:  # console entry point
     try:
         app(prog_name="cityseg-fast")
         code: object = 0
     except SystemExit as e:  # typer ends every command this way
         code = e.code
+    if code in SIGNAL_EXITS:
+        exit_at_once(code)
     exit_now(code)
 
 
@@ -69,10 +74,31 @@ def exit_now(code: object) -> NoReturn:
     if code is not None and not isinstance(code, int):  # SystemExit("message"): printed, status 1
         print(code, file=sys.stderr)
         code = 1
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more can be said
-            stream.flush()
+    flush_output()
     os._exit(code or 0)
+
+
+def exit_at_once(code: int) -> NoReturn:
+    """End a command that a signal stopped without waiting on threads or exit handlers: everything is on
+    disk and the loader workers are gone by now, and torch's exit handlers alone take seconds on a
+    loaded machine, seconds that a scheduler's SIGKILL (30 s after its SIGTERM) does not give. Child
+    processes still alive (a pool a command did not end) are ended and waited for, and the output is
+    flushed."""
+    import multiprocessing
+
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(timeout=2)
+    flush_output()
+    os._exit(code)
+
+
+def flush_output() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe, a terminal gone after SIGHUP
+            stream.flush()
 
 
 __all__ = ["app", "main"]

@@ -150,14 +150,16 @@ def parse_set_values(items: list[str]) -> dict[str, Any]:
     the same rules as a config file's."""
     import yaml
 
+    from cityseg.options import load_yaml
+
     values: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise OptionError(f"--set {item}: expected KEY=VALUE with a config key, e.g. train.min_lr_ratio=0.05")
         try:
-            values[key.strip()] = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
+            values[key.strip()] = load_yaml(text) if text.strip() else None
+        except (yaml.YAMLError, OptionError):
             raise OptionError(f"--set {item}: the value is not a number, true/false, null, text or [list]") from None
     return values
 

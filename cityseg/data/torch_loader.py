@@ -190,6 +190,7 @@ def init_worker(_: int) -> None:
     # gets SIGTERM (Slurm, systemd) DataLoader's SIGCHLD handler does not raise in the main process
     # mid-step: the main process finishes its step, saves last.pt and stops.
     signal.signal(signal.SIGTERM, _exit_now)
+    signal.signal(signal.SIGHUP, _exit_now)  # a closed terminal hangs up the whole group: the same
 
 
 def _exit_now(signum: int, frame: object) -> None:  # noqa: ARG001

@@ -104,13 +104,44 @@ class Predictor:
         return out
 
 
-def upsampled_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(1, C, h, w) logits -> (H, W) uint8 ids of the logits resized to `size` (no resize if equal)."""
+# Bytes of full-size float logits above which they are made a strip of rows at a time: an 8000x8000
+# photo's 19 classes would be 4.9 GB at once (101 s and 6.2 GB of memory measured), in strips 64 MB.
+FULL_LOGITS_MAX_BYTES = 256 << 20
+STRIP_BYTES = 64 << 20
+
+
+def upsampled_argmax(logits: torch.Tensor, size: tuple[int, int],
+                     max_bytes: int = FULL_LOGITS_MAX_BYTES) -> torch.Tensor:
+    """(1, C, h, w) logits -> (H, W) uint8 ids of the logits resized to `size` (no resize if equal).
+    Large outputs are upsampled a strip of rows at a time (`strip_upsampled_argmax`): memory stays
+    bounded whatever the photo's size."""
+    (_, c, h, w), (height, width) = logits.shape, size
+    if height >= h and width >= w and c * height * width * 4 > max_bytes:
+        return strip_upsampled_argmax(logits, size)
     if tuple(logits.shape[-2:]) != tuple(size):
         # antialias matters only when shrinking (photos smaller than the training size).
         logits = nn.functional.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False,
                                            antialias=True)
     return logits[0].argmax(0).to(torch.uint8)
+
+
+def strip_upsampled_argmax(logits: torch.Tensor, size: tuple[int, int], strip_bytes: int = STRIP_BYTES) -> torch.Tensor:
+    """The argmax of bilinearly upsampled logits (align_corners=False, as `interpolate` computes it;
+    equal up to float rounding at exact ties), without the (C, H, W) map: widths first at the
+    logits' height, then each strip of output rows blended from its two source rows."""
+    (_, c, h, _), (height, width) = logits.shape, size
+    wide = nn.functional.interpolate(logits, size=(h, width), mode="bilinear", align_corners=False)[0]  # (C, h, W)
+    ids = torch.empty((height, width), dtype=torch.uint8, device=logits.device)
+    rows = max(1, strip_bytes // (c * width * 4))
+    for r0 in range(0, height, rows):
+        r = torch.arange(r0, min(height, r0 + rows), device=logits.device, dtype=torch.float64)
+        src = ((r + 0.5) * (h / height) - 0.5).clamp(min=0)  # torch's source index for align_corners=False
+        y0 = src.floor().long()
+        y1 = (y0 + 1).clamp(max=h - 1)
+        lam = (src - y0).to(wide.dtype)[None, :, None]
+        strip = wide[:, y0] * (1 - lam) + wide[:, y1] * lam  # (C, rows, W)
+        ids[r0 : r0 + len(r)] = strip.argmax(0).to(torch.uint8)
+    return ids
 
 
 # -- the command -----------------------------------------------------------------------------------
@@ -173,42 +204,53 @@ def run_predict(
     # Pair folders are datasets: predictions dropped there would become (bad) pairs.
     inputs = [(Path(p), "the --pairs input folder") for p in inputs if pairs and Path(p).is_dir()]
     new_output_files(planned, "predictions", overwrite=overwrite, inputs=inputs)
+    written_before = read_written(out_dir)
+    if overwrite:
+        check_only_predictions_replaced(planned, written_before)
     ensure_dir(out_dir, "output folder")
+    written: list[Path] = []
     palette = predictor.palette
     cm = ConfusionMatrix(palette.num_classes, ignore_index=IGNORE_INDEX) if pairs else None
     skipped: list[PairError] = []
     done = 0
     bs = predictor.batch_size
-    with ThreadPoolExecutor(max(1, workers)) as pool, _progress(console) as bar:
-        task = bar.add_task("predict", total=len(jobs))
+    try:  # what was written is recorded, a run stopped half-way included
+        with ThreadPoolExecutor(max(1, workers)) as pool, _progress(console) as bar:
+            task = bar.add_task("predict", total=len(jobs))
 
-        def submit(start: int) -> list[Future]:
-            return [pool.submit(_load_or_error, p, n, pairs, skip_bad, src) for p, n, src in jobs[start : start + bs]]
+            def submit(start: int) -> list[Future]:
+                return [pool.submit(_load_or_error, p, n, pairs, skip_bad, src)
+                        for p, n, src in jobs[start : start + bs]]
 
-        pending, writes = submit(0), []
-        for start in range(0, len(jobs), bs):
-            loaded = [f.result() for f in pending]
-            pending = submit(start + bs)  # decode ahead while this batch runs
-            good = [x for x in loaded if isinstance(x, InputImage)]
-            skipped += [x for x in loaded if isinstance(x, PairError)]
-            ids = predictor.predict_batch([x.photo for x in good]) if good else []
-            for f in writes:  # the previous batch's PNGs: bounded memory, errors surface here
-                f.result()
-            writes = [pool.submit(write_outputs, out_dir, x.name, x.photo, y, palette)
-                      for x, y in zip(good, ids, strict=True)]
-            if cm is not None:
-                for x, y in zip(good, ids, strict=True):
-                    cm.update(torch.from_numpy(y)[None], mask_ids(x, palette)[None])
-            done += len(good)
-            bar.update(task, advance=len(loaded))
-        for f in writes:
-            f.result()
+            pending, writes = submit(0), []
+            for start in range(0, len(jobs), bs):
+                loaded = [f.result() for f in pending]
+                pending = submit(start + bs)  # decode ahead while this batch runs
+                good = [x for x in loaded if isinstance(x, InputImage)]
+                skipped += [x for x in loaded if isinstance(x, PairError)]
+                ids = predictor.predict_batch([x.photo for x in good]) if good else []
+                for f in writes:  # the previous batch's PNGs: bounded memory, errors surface here
+                    written += f.result().values()
+                writes = [pool.submit(write_outputs, out_dir, x.name, x.photo, y, palette)
+                          for x, y in zip(good, ids, strict=True)]
+                if cm is not None:
+                    for x, y in zip(good, ids, strict=True):
+                        cm.update(torch.from_numpy(y)[None], mask_ids(x, palette)[None])
+                done += len(good)
+                bar.update(task, advance=len(loaded))
+            for f in writes:
+                written += f.result().values()
+    finally:
+        record_written(out_dir, written_before, written)
     for e in skipped:
         console.print(f"skipped {e}", highlight=False, markup=False)
     result: dict[str, Any] = {"images": done, "skipped": [str(e) for e in skipped], "out": str(out_dir)}
     if cm is not None and done:
         metrics = cm.compute()
-        result["metrics"] = write_pair_metrics(metrics, predictor, out_dir, done, console)
+        try:
+            result["metrics"] = write_pair_metrics(metrics, predictor, out_dir, done, console)
+        finally:
+            record_written(out_dir, read_written(out_dir), [p for p in planned[-2:] if p.is_file()])
     return result
 
 
@@ -216,6 +258,47 @@ def mask_ids(x: InputImage, palette: Palette) -> torch.Tensor:
     """An input's label -> (H, W) uint8 class ids, the training mapping (colour masks: the LUT on CPU;
     class-id masks: their format's id table)."""
     return labels_to_ids(torch.from_numpy(np.array(x.mask)), x.source or PAIRS, palette, torch.uint8)
+
+
+# -- what predict wrote: --overwrite replaces these, never another file -------------------------------
+
+WRITTEN = ".cityseg-predict-written.json"  # in the output folder: {file name: [size, mtime_ns]}
+
+
+def read_written(out_dir: Path) -> dict[str, list[int]]:
+    """The files earlier predictions wrote in `out_dir`, with their size and time then."""
+    import json
+
+    try:
+        data = json.loads((out_dir / WRITTEN).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def check_only_predictions_replaced(planned: list[Path], written_before: dict[str, list[int]]) -> None:
+    """`--overwrite` replaces earlier outputs only: a file at an output's name that predict did not
+    write there (a photo of yours named NAME_color.png, skipped as an input for its name) is refused
+    by name."""
+    for path in planned:
+        if (path.exists() or path.is_symlink()) and path.name not in written_before:
+            raise OutputError(f"{path}: exists and was not written by an earlier predict: --overwrite replaces "
+                              "only earlier predictions; choose another --out")
+
+
+def record_written(out_dir: Path, written_before: dict[str, list[int]], written: list[Path]) -> None:
+    """Add this run's files to the record, even when the run stops half-way."""
+    from cityseg.outputs import atomic_write
+
+    if not written:
+        return
+    import json
+
+    record = dict(written_before)
+    for path in written:
+        stat = path.stat()
+        record[path.name] = [stat.st_size, stat.st_mtime_ns]
+    atomic_write(out_dir / WRITTEN, json.dumps(record) + "\n", "record of predictions written")
 
 
 def write_pair_metrics(metrics: SegMetrics, predictor: Predictor, out_dir: Path, images: int,

@@ -24,8 +24,9 @@ from rich.console import Console
 from cityseg.batch_rule import BatchChoice
 from cityseg.checkpoint import remove_stale_temps
 from cityseg.config import AUTO, Config
+from cityseg.data.fingerprint import data_fingerprint, fingerprint_change
 from cityseg.distributed import DistInfo, broadcast_object, cleanup, init_distributed
-from cityseg.errors import InterruptedNow, UserError
+from cityseg.errors import STOP_SIGNALS, InterruptedNow, UserError, quiet_if_terminal_gone
 from cityseg.model import describe
 from cityseg.outputs import cache_dir, claim_run_folder, is_free, write_error_log
 from cityseg.palette import Palette, save_palette
@@ -81,7 +82,8 @@ def train(cfg: Config | ResolvedRun, console: Console | None = None, on_step: Ca
     tables of `cityseg-fast train` (which passes its own `console`), and each epoch's one-line result
     goes to the "cityseg" logger (`logging.basicConfig(level=logging.INFO)` shows it).
     Raises a `UserError` (one-line message) for what the user can fix, and `Interrupted` after saving
-    last.pt on Ctrl-C/SIGTERM. `on_step` is called after every step (torch.profiler's `step`);
+    last.pt on Ctrl-C/SIGTERM/SIGHUP (within seconds: the
+    partial epoch is scored by `--resume`). `on_step` is called after every step (torch.profiler's `step`);
     `hooks` are added after the default ones."""
     zero = time_zero()
     run = cfg if isinstance(cfg, ResolvedRun) else resolved_from_config(cfg)
@@ -181,6 +183,9 @@ def run_training(cfg: Config, derived: dict[str, Any], console: Console, dist_in
         cfg = replace(cfg, model=model_cfg)
     data = prepare_data(cfg, rt, dist_info, console, Palette.from_state(state["palette"]) if state else None)
     with closing(data):  # the loaders' workers end on every way out: done, error or signal
+        fingerprint = data_fingerprint({"train": data.train_files, "val": data.val_files})
+        if state is not None:
+            check_same_data(state, fingerprint, run.root, data.root)
         if cfg.data.batch_size == AUTO:  # a GPU with no remembered answer: trial steps, now the files are known
             cfg, derived = finish_auto_batch(cfg, rt, dist_info, len(data.train_files), console)
             check_training_fits(cfg, rt, dist_info)
@@ -204,6 +209,7 @@ def run_training(cfg: Config, derived: dict[str, Any], console: Console, dist_in
         hooks = default_hooks(cfg.train, on_step, dist_info.is_main) + extra_hooks
         trainer = Trainer(parts, run, console, hooks, started_at=zero[0])
         trainer.time_zero, trainer.compile_cache = zero[1], compile_cache
+        trainer.data_fingerprint = fingerprint
         if state is not None:
             trainer.load_state_dict(state)
         console.print(describe(model))
@@ -226,20 +232,46 @@ def run_training(cfg: Config, derived: dict[str, Any], console: Console, dist_in
         return summary
 
 
+def check_same_data(state: dict[str, Any], now: dict[str, Any], run_dir: Path, data_dir: Path) -> None:
+    """--resume continues on the files the run trained on (they may have moved: names and sizes count,
+    not the path); a folder changed since is refused, naming what changed. A last.pt written before
+    fingerprints were saved is taken as it is."""
+    saved = state.get("data_fingerprint")
+    change = fingerprint_change(saved, now) if isinstance(saved, dict) else None
+    if change:
+        raise UserError(f"--resume {run_dir}: the data in {data_dir} changed since the run started ({change}): its "
+                        "epochs, position and schedule count the files it had. Put those files back (--data may "
+                        f"point to where they are now), or start a new run from its weights: --init-from "
+                        f"{run_dir / 'checkpoints' / 'last.pt'}")
+
+
 @contextmanager
-def graceful_interrupts() -> Iterator[dict[str, int | None]]:
-    """Turn SIGINT/SIGTERM into a flag the loop checks after each step, so the step in flight
-    finishes and last.pt is saved instead of dying mid-update."""
-    flag: dict[str, int | None] = {"signum": None}
+def graceful_interrupts() -> Iterator[dict[str, Any]]:
+    """Turn SIGINT/SIGTERM/SIGHUP into a flag the loop checks after each step and each validation
+    batch, so the step in flight finishes and last.pt is saved instead of dying mid-update. While
+    `flag["immediate"]` is set (the warm-up: nothing new to save, and a compile may take minutes)
+    a signal stops at once, as a second one always does. While `flag["cut"]` holds an exception
+    class (a wait for the next batch, a validation: nothing there needs finishing) the signal
+    raises it at once: a loader whose workers the same signal ended would keep the loop waiting
+    seconds for them."""
+    flag: dict[str, Any] = {"signum": None, "immediate": False, "cut": None}
 
     def handler(signum, frame):  # noqa: ARG001
-        if flag["signum"] is not None:  # a second Ctrl-C means now
+        quiet_if_terminal_gone(signum)
+        if flag["signum"] is not None or flag["immediate"]:  # a second Ctrl-C means now
             raise InterruptedNow(signum)
         flag["signum"] = signum
+        # From now on a loader worker ending (the same signal reached it) is expected, not a failure:
+        # torch's SIGCHLD check would raise it in the middle of saving last.pt.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        if flag["cut"] is not None:
+            raise flag["cut"]()
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    previous[signal.SIGCHLD] = signal.getsignal(signal.SIGCHLD)  # torch's, when a loader started
     try:
         yield flag
     finally:
         for s, h in previous.items():
-            signal.signal(s, h)
+            if h is not None:  # None: installed outside Python, left alone
+                signal.signal(s, h)

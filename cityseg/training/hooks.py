@@ -157,7 +157,7 @@ class BestModel(HookBase):
         else:
             self.epochs_since_best += 1
         if self.patience and self.epochs_since_best >= self.patience:
-            t.stop_reason = f"early stop: no better val mIoU for {self.patience} epochs"
+            t.stop_reason = f"early stop: no better val mIoU in the last {self.patience} validations (--patience)"
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_miou": self.best_miou, "epochs_since_best": self.epochs_since_best}
@@ -251,7 +251,8 @@ class Reporter(HookBase):
             write_json(t.run.summary, self.summary, "run summary")
             try:
                 plot_curves(history, t.run.curves)
-                self.write_samples()
+                if not interrupted:  # it reads the val loader, whose workers the signal may have ended
+                    self.write_samples()
                 samples = self.telemetry.gpu.samples
                 if samples:
                     plot_gpu_timeline(samples, t.run.root / "gpu_timeline.png")

@@ -11,9 +11,12 @@ it keeps its own state in the checkpoint through `state_dict` / `load_state_dict
 Before the first step `fit` warms up (cityseg/training/warmup.py: compile, capture, autotune, then
 every bit of state restored), so the clock that the budget, the schedule and --target-acc read counts
 training only. Validation, and with it best.pt / last.pt (`after_epoch`), comes at the `--val-every`
-cadence (cityseg/training/cadence.py) and always at the end of the run and on a signal; checkpoints
-are written by a background thread. Where the time went (start-up, warm-up, training, validation,
-checkpoints) is kept in `timing()`, from the process start.
+cadence (cityseg/training/cadence.py) and always at the end of the run; checkpoints are written by a
+background thread. A signal (SIGINT, SIGTERM, SIGHUP) stops within seconds: the step in flight
+finishes (a validation in flight is abandoned), last.pt is saved with the record not yet scored, and
+`--resume` scores it first: a scheduler's SIGKILL, 30 s after its SIGTERM, finds nothing left to lose.
+Where the time went (start-up, warm-up, training, validation, checkpoints) is kept in
+`timing()`, from the process start.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,7 @@ from torch import nn
 from cityseg.checkpoint import CheckpointWriter, hook_state, weights_only_state
 from cityseg.config import Config
 from cityseg.distributed import DistInfo, any_rank, broadcast_buffers, max_over_ranks, sum_over_ranks, weights_agree
+from cityseg.errors import InterruptedNow
 from cityseg.metrics import LoaderFailed, SegMetrics, evaluate_model
 from cityseg.progress import StepProgress, stage
 from cityseg.report import RunFolder, versions
@@ -50,11 +55,19 @@ EXIT_INTERRUPTED = 130
 
 
 class Interrupted(Exception):
-    """Ctrl-C / SIGTERM: the step finished, last.pt is saved."""
+    """Ctrl-C / SIGTERM / SIGHUP: the step finished, last.pt is saved."""
 
     def __init__(self, run_dir: Path, signum: int) -> None:
         self.run_dir, self.signum = run_dir, signum
         super().__init__(f"interrupted; resume with: cityseg-fast train --resume {run_dir}")
+
+
+class ValidationStopped(Exception):
+    """A signal arrived during validation: it is abandoned (`--resume` scores the record)."""
+
+
+class WaitCut(Exception):
+    """A signal arrived while the loop waited for the next training batch: the epoch ends there."""
 
 
 class HookBase:
@@ -128,6 +141,8 @@ class Trainer:
         self.log_step = False  # this step reads the loss and may print
         self.completed = False  # fit ran to its end (epochs, --max-steps or a hook's stop)
         self.summary: dict[str, Any] | None = None  # what `fit` returns: set by the Reporter hook
+        self.data_fingerprint: dict[str, Any] | None = None  # the files trained on (cityseg/data/fingerprint.py)
+        self.interrupt: dict[str, Any] = {"signum": None, "immediate": False, "cut": None}  # graceful_interrupts'
 
     def call(self, event: str, *args: Any) -> None:
         for hook in self.hooks:
@@ -153,6 +168,7 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state()},
             "config": self.cfg.to_dict(),
             "palette": self.data.palette.to_state(),
+            "data_fingerprint": self.data_fingerprint,  # what --resume checks the data folder against
             "versions": self.versions,
         }
         hooks = {type(hook).__name__: hook.state_dict() for hook in self.hooks}
@@ -223,11 +239,12 @@ class Trainer:
         return {**parts, "other_s": elapsed - sum(parts.values()), "elapsed_s": elapsed}
 
     # -- the loop -----------------------------------------------------------------------------------
-    def fit(self, interrupt: dict[str, int | None]) -> dict[str, Any] | None:
+    def fit(self, interrupt: dict[str, Any]) -> dict[str, Any] | None:
         """Warm up, then train to the end (all epochs, --max-steps, the budget, or a hook's stop),
         validating at the cadence and at the end; returns the run's summary (None without a Reporter
         hook; `history` holds one record per validation)."""
         self.call("before_train")
+        self.interrupt = interrupt
         unvalidated = self.partial.pop("unvalidated", None)  # a signal cut the last session's validation short
         try:
             try:
@@ -244,24 +261,25 @@ class Trainer:
                 resumed, unvalidated = unvalidated is not None, None
                 if not resumed:  # a record validated late (its epoch trained last session) has no timing here
                     self.cadence.epoch_done(*self.epoch_stats)
-                signalled = self.stop_requested(interrupt)
-                if signalled and not resumed:
-                    # Mid-epoch or at its end: the position is on disk before validation starts, so a
-                    # second signal or a SIGKILL during it loses nothing (--resume validates it first).
-                    self.save_unvalidated(record)
-                if resumed or signalled or self.run_over() or self.validation_due():
+                if self.stop_requested(interrupt):
+                    # Mid-epoch or at its end: save the position and go, unscored (a resumed record is
+                    # still in last.pt, and a record of no new step is the last validation's, saved
+                    # with it): --resume validates it first. No validation on the way out.
+                    nothing_new = bool(self.history) and self.history[-1]["step"] == record["step"]
+                    raise self.interrupted(record, interrupt["signum"], saved=resumed or nothing_new)
+                if resumed or self.run_over() or self.validation_due():
                     t = time.perf_counter()
                     try:
                         metrics = self.validate(record)
-                    except LoaderFailed:
+                    except (LoaderFailed, ValidationStopped):
                         if interrupt["signum"] is None:
                             raise
-                        raise self.interrupted_in_validation(record, interrupt["signum"], signalled) from None
+                        raise self.interrupted(record, interrupt["signum"], saved=resumed) from None
                     self.history.append(record)
                     self.cadence.validated(self.cadence.cost_s or 0.0)
-                    self.call("after_epoch", record, metrics)
+                    self.call("after_epoch", record, metrics)  # last.pt, best.pt, metrics.jsonl
                     self.cadence.cost_s = time.perf_counter() - t  # validation, checkpoints and reports
-                if signalled or self.stop_requested(interrupt):  # arrived during the last step or validation
+                if self.stop_requested(interrupt):  # arrived while the record was scored and saved
                     raise Interrupted(self.run.root, interrupt["signum"] or signal.SIGINT)
             self.finish_writes()  # the last write's time is in the summary, its error before it
             if not weights_agree(self.model, self.dist, self.rt.device):
@@ -304,9 +322,16 @@ class Trainer:
         val = self.data.val
         forwards = [self.val_forward()] if self.rt.compile else []
         expect = "torch.compile: a minute or more the first time, less from its cache" if self.rt.compile else "a step"
-        with stage("warm-up: the first step on a synthetic batch, before the clock starts", expect):
-            warm_up(p.step, calls := warmup_calls(self.rt, p.step), self.model, p.optimizer, p.scaler, self.rt,
-                    self.data.train.spec, self.data.palette, forwards, val.spec, self.val_batch_sizes())
+        # A signal here stops at once: nothing new to save, and one compile may take minutes.
+        if self.interrupt["signum"] is not None:
+            raise InterruptedNow(self.interrupt["signum"])
+        self.interrupt["immediate"] = True
+        try:
+            with stage("warm-up: the first step on a synthetic batch, before the clock starts", expect):
+                warm_up(p.step, calls := warmup_calls(self.rt, p.step), self.model, p.optimizer, p.scaler, self.rt,
+                        self.data.train.spec, self.data.palette, forwards, val.spec, self.val_batch_sizes())
+        finally:
+            self.interrupt["immediate"] = False
         max_over_ranks(0.0, self.dist, self.rt.device)  # a barrier
         self.times["warmup_s"] += time.perf_counter() - t
         advice = cpu_advice(self.cfg, self.rt, len(self.data.train), (time.perf_counter() - t) / max(1, calls))
@@ -340,14 +365,16 @@ class Trainer:
         self.save(self.run.last)
         del self.partial["unvalidated"]
 
-    def interrupted_in_validation(self, record: dict[str, Any], signum: int, saved: bool) -> Interrupted:
-        """A signal to the whole process group ended the val loader's workers: the training that
-        record covers is done, so last.pt keeps it (unless saved just before) and --resume validates it."""
+    def interrupted(self, record: dict[str, Any], signum: int, saved: bool) -> Interrupted:
+        """A signal after training steps or during validation: the training that `record` covers is
+        done, so last.pt keeps it unscored (unless it holds it already: a resumed record) and
+        --resume validates it first. The background write is waited for: on disk before the exit."""
         if not saved:
             self.save_unvalidated(record)
+        self.finish_writes()
         return Interrupted(self.run.root, signum)
 
-    def train_epoch(self, interrupt: dict[str, int | None]) -> dict[str, Any]:
+    def train_epoch(self, interrupt: dict[str, Any]) -> dict[str, Any]:
         """Steps to the end of the epoch (or --max-steps, the budget, or a signal); the record for
         metrics.jsonl, `partial` when the epoch was left mid-way (last.pt then resumes inside it)."""
         cfg = self.cfg.train
@@ -455,20 +482,32 @@ class Trainer:
         `train_s` on the training clock."""
         t = time.perf_counter()
         broadcast_buffers(self.eval_model, self.dist)
-        with StepProgress(self.console, f"val after epoch {record['epoch']}", len(self.data.val)) as bar:
-            metrics, val_loss = evaluate_model(self.val_forward(), self.data.val, self.rt,
-                                               self.data.palette.num_classes, self.dist,
-                                               on_batch=lambda done: bar.step(done, "", log=done == len(self.data.val)))
+        def on_batch(done: int) -> None:
+            bar.step(done, "", log=done == len(self.data.val))
+            if self.validation_stop_requested(done):
+                raise ValidationStopped
+            if not self.dist.enabled:  # from now on a signal ends validation at once (not while the loader's
+                self.interrupt["cut"] = ValidationStopped  # iterator is being built: half-built, it fails at exit)
+
+        try:
+            with StepProgress(self.console, f"val after epoch {record['epoch']}", len(self.data.val)) as bar:
+                metrics, val_loss = evaluate_model(self.val_forward(), self.data.val, self.rt,
+                                                   self.data.palette.num_classes, self.dist, on_batch=on_batch)
+        finally:
+            self.interrupt["cut"] = None
         self.times["val_s"] += time.perf_counter() - t
         now = self.timing()  # wall_s: from the first step, start-up and warm-up of every session left out
         record.update(metrics.to_dict(with_confusion=False), val_loss=val_loss, elapsed_s=now["elapsed_s"],
                       wall_s=now["elapsed_s"] - now["startup_s"] - now["warmup_s"])
         return metrics
 
-    def next_batch(self, batches: Iterator, interrupt: dict[str, int | None]):
+    def next_batch(self, batches: Iterator, interrupt: dict[str, Any]):
         with self.meter.loading():  # the host's wait, and on a GPU the loader's work on this stream
             try:
-                return next(batches, None)
+                with self.cut_by_signal(WaitCut):
+                    return next(batches, None)
+            except WaitCut:  # the signal came during the wait: the steps done are saved
+                return None
             except Exception:
                 if interrupt["signum"] is None:
                     raise
@@ -476,8 +515,34 @@ class Trainer:
                 # workers: the step in flight still finishes and last.pt is saved.
                 return None
 
-    def stop_requested(self, interrupt: dict[str, int | None]) -> bool:
-        """Ctrl-C/SIGTERM seen by any rank; every rank must call this at the same step."""
+    @contextmanager
+    def cut_by_signal(self, cut: type[Exception]) -> Iterator[None]:
+        """In the block a signal raises `cut` at once (graceful_interrupts), one process only: under DDP
+        every rank must stop at the same step, which a vote after the step decides."""
+        if self.dist.enabled:
+            yield
+            return
+        if self.interrupt["signum"] is not None:
+            raise cut
+        self.interrupt["cut"] = cut
+        try:
+            yield
+        finally:
+            self.interrupt["cut"] = None
+
+    def validation_stop_requested(self, done: int) -> bool:
+        """A signal seen during validation. One process: after every batch. DDP: every 8th batch up to
+        the shortest shard's length, so every rank takes part in each vote (a collective)."""
+        if not self.dist.enabled:
+            return self.interrupt["signum"] is not None
+        ws, bs = self.dist.world_size, self.data.val.spec.batch_size
+        fewest = -(-(len(self.data.val_files) // ws) // bs)  # the last rank's shard is the shortest
+        if done % 8 or done > fewest:
+            return False
+        return self.stop_requested(self.interrupt)
+
+    def stop_requested(self, interrupt: dict[str, Any]) -> bool:
+        """Ctrl-C/SIGTERM/SIGHUP seen by any rank; every rank must call this at the same step."""
         return any_rank(interrupt["signum"] is not None, self.dist, self.rt.device)
 
     def out_of_steps(self) -> bool:

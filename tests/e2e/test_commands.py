@@ -142,14 +142,17 @@ def test_ctrl_c_mid_epoch_saves_and_resume_equals_an_uninterrupted_run(
     assert "Traceback" not in stderr and f"--resume {run}" in stderr
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert state["epoch"] == 0 and 10 <= state["step_in_epoch"] < 150  # mid-epoch
-    # What was trained before the signal is scored (a partial epoch) before the exit.
-    [scored] = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    assert scored["partial"] and scored["step"] == state["global_step"] and scored["pixel_acc"] is not None
+    # What was trained before the signal is saved unscored (a bounded stop: no validation on the way
+    # out); --resume scores it first.
+    unscored = state["partial"]["unvalidated"]
+    assert unscored["partial"] and unscored["step"] == state["global_step"]
+    assert not (run / "metrics.jsonl").exists()
     done = run_cli(["train", "--resume", run])
     assert done.returncode == 0, done.output
     assert_same_weights(weights(uninterrupted), weights(run))
     records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["partial"]) for r in records] == [(1, True), (1, False)]
+    assert records[0]["step"] == state["global_step"] and records[0]["pixel_acc"] is not None
 
 
 @pytest.mark.parametrize("group", [False, True], ids=["kill-pid", "kill-group"])

@@ -1,6 +1,15 @@
-"""Fault injection for process tests: with this folder on PYTHONPATH, every file whose name contains
-$CITYSEG_TEST_FULL_DISK opens as usual but each write to it fails as a full disk does (ENOSPC, and
-no file name in the error: the OS does not give one), in this process and in any it starts."""
+"""Fault injection for process tests, with this folder on PYTHONPATH, in this process and any it starts:
+
+- $CITYSEG_TEST_FULL_DISK: every file whose name contains it opens as usual but each write to it
+  fails as a full disk does (ENOSPC, and no file name in the error: the OS does not give one).
+- $CITYSEG_TEST_SIGNAL=SIGNAL:TARGET:WHERE:PART:N sends SIGNAL (SIGTERM, SIGINT, SIGHUP) to TARGET
+  (`parent`: the command, the session leader; `group`: its whole process group, loader workers
+  included, as Slurm and a closed terminal do) when a process of kind WHERE (`main`, `worker`: a
+  loader worker) opens a file whose path contains PART for the Nth time: a signal placed at a moment
+  of the run (a train image read: training; a val image: validation; `.last.pt.`: a checkpoint
+  write), not after a guessed sleep. It fires once in all: $CITYSEG_TEST_SIGNAL_MARK is created
+  then, holding time.monotonic() (system-wide on Linux: the test measures the time to the exit).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,9 @@ import builtins
 import errno
 import io
 import os
+import signal
+import sys
+import time
 
 MARK = os.environ.get("CITYSEG_TEST_FULL_DISK", "")
 _open = io.open
@@ -48,3 +60,40 @@ def full_disk_open(file, mode="r", *args, **kwargs):  # noqa: ANN001, ANN201
 
 if MARK:
     builtins.open = io.open = full_disk_open
+
+
+SIGNAL_AT = os.environ.get("CITYSEG_TEST_SIGNAL", "")
+SIGNAL_MARK = os.environ.get("CITYSEG_TEST_SIGNAL_MARK", "")
+_opens = 0
+_inside = False
+
+
+def _signal_on_open(event: str, args: tuple) -> None:
+    global _opens, _inside
+    if event != "open" or _inside or not isinstance(args[0], (str, bytes, os.PathLike)):
+        return
+    name, target, where, part, nth = SIGNAL_AT.split(":")
+    is_main = os.getpid() == os.getsid(0)  # the command runs in a session of its own (tests/cli_process.py)
+    if (where == "main") != is_main or part not in os.fsdecode(args[0]):
+        return
+    _opens += 1
+    if _opens != int(nth):
+        return
+    _inside = True  # the mark's own open must not count
+    try:
+        fd = os.open(SIGNAL_MARK, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:  # another process fired first
+        return
+    finally:
+        _inside = False
+    os.write(fd, repr(time.monotonic()).encode())
+    os.close(fd)
+    signum = getattr(signal, name)
+    if target == "group":
+        os.killpg(os.getpgid(0), signum)
+    else:
+        os.kill(os.getsid(0), signum)
+
+
+if SIGNAL_AT and SIGNAL_MARK:
+    sys.addaudithook(_signal_on_open)

@@ -1,0 +1,48 @@
+"""What a run trained on, cheaply: per split the file count, total bytes and a digest of the file names
+and sizes (relative to the split: the same files under a new path match). Saved in last.pt; `--resume`
+refuses a data folder whose files were added, removed or replaced since (its epochs, the position in
+one and the LR schedule are counted in those files), naming what changed.
+
+    saved = data_fingerprint({"train": train_files, "val": val_files})
+    fingerprint_change(saved, data_fingerprint(...))   # None, or "train: 8 files then, 6 now"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def data_fingerprint(splits: Mapping[str, Sequence[Path]]) -> dict[str, dict[str, Any]]:
+    """{split: {"files": n, "bytes": total, "digest": sha256 of "name\\tsize" lines}}: one stat per file."""
+    out = {}
+    for split, files in splits.items():
+        lines, total = [], 0
+        for path in sorted(files, key=lambda p: p.name):
+            size = os.stat(path).st_size
+            total += size
+            lines.append(f"{path.name}\t{size}\n")
+        out[split] = {"files": len(files), "bytes": total,
+                      "digest": hashlib.sha256("".join(lines).encode()).hexdigest()}
+    return out
+
+
+def fingerprint_change(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str | None:
+    """What differs between two fingerprints, in words; None when the files are the same."""
+    changes = []
+    for split, was in saved.items():
+        is_ = now.get(split)
+        if not isinstance(was, dict) or is_ is None or was.get("digest") == is_["digest"]:
+            continue
+        if was.get("files") != is_["files"]:
+            changes.append(f"{split}: {was.get('files')} files then, {is_['files']} now")
+        elif was.get("bytes") != is_["bytes"]:
+            changes.append(f"{split}: the same number of files ({is_['files']}), {was.get('bytes'):,} bytes then, "
+                           f"{is_['bytes']:,} now (files replaced)")
+        else:
+            changes.append(f"{split}: the same number and size of files, other names or sizes (files renamed "
+                           "or replaced)")
+    return "; ".join(changes) or None

@@ -15,19 +15,29 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cityseg.data.formats import Sample
 
-def data_fingerprint(splits: Mapping[str, Sequence[Path]]) -> dict[str, dict[str, Any]]:
-    """{split: {"files": n, "bytes": total, "digest": sha256 of "name\\tsize" lines}}: one stat per file."""
+
+def data_fingerprint(splits: Mapping[str, Sequence[Path | Sample]]) -> dict[str, dict[str, Any]]:
+    """{split: {"files": n, "bytes": total, "digest": sha256 of "name\\tsize" lines}}: one stat per file;
+    a sample of a layout with separate labels counts as one, its photo and label files both digested."""
     out = {}
-    for split, files in splits.items():
+    for split, samples in splits.items():
+        paths = [path for sample in samples for path in files_of(sample)]
         lines, total = [], 0
-        for path in sorted(files, key=lambda p: p.name):
+        for path in sorted(paths, key=lambda p: p.name):
             size = os.stat(path).st_size
             total += size
             lines.append(f"{path.name}\t{size}\n")
-        out[split] = {"files": len(files), "bytes": total,
+        out[split] = {"files": len(samples), "bytes": total,
                       "digest": hashlib.sha256("".join(lines).encode()).hexdigest()}
     return out
+
+
+def files_of(sample: Path | Sample) -> list[Path]:
+    if isinstance(sample, Sample):
+        return [sample.photo] + ([sample.label] if sample.label is not None else [])
+    return [Path(sample)]
 
 
 def fingerprint_change(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str | None:

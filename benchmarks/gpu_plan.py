@@ -88,7 +88,8 @@ COSTS = {
     "torch_loader_img_s": 120,  # seen on CPU: plain loader, 0 workers, standard augmentation, 256 px
     "step_ms_per_image_w64": 1.0,  # assumed: width 64, 256 px, eager bf16 (width 32: half)
     "real_step_ms": 40,  # assumed: width 32, batch 16, 256 px, compiled, with the loader
-    "nccl_test": 30,  # assumed: torchrun + NCCL init + one small epoch, no compile
+    "nccl_test": 30,  # assumed: torchrun + NCCL init + one small epoch, compiled from the warm-up's cache
+    "nccl_test_cold": 90,  # assumed: the same with a cold compile of the DDP graph
     "dali_pipeline": 6,  # assumed: DALI pipeline build + a few batches (import seen at 1 s)
     "auto_trial": 45,  # assumed: `--batch-size auto`'s trial steps at a few batch sizes (graphs partly cached)
 }
@@ -102,6 +103,10 @@ ACT_MIB_PER_IMAGE_W32 = 110
 ENGINE_TEST = {"width": 8, "depth": 3, "image_size": 128, "batch_size": 8, "compile_mode": "reduce-overhead",
                "precision": "bf16-mixed", "upsample": "transpose", "norm": "batch", "epochs": 3}
 ENGINE_DATA = {"n_train": 64, "n_val": 16, "seed": 0, "size": 256}  # write_dataset's arguments
+# The one-rank NCCL test's `train` flags (compiled DDP: model and loss in one graph, torch's default mode):
+# the warm-up runs them too, on its synthetic pairs (the same shapes), so the test's compile is warm.
+DDP_TEST_FLAGS = ["--device", "cuda", "--image-size", "128", "--width", "8", "--depth", "3", "--batch-size", "8",
+                  "--compile", "--skip-validate", "--no-tensorboard"]
 
 
 def engine_config(data: Path, out: Path, **train_kw: Any) -> Any:
@@ -169,7 +174,7 @@ KERNEL_PARAM = (14, 4)  # one k/max_dist case of test_gpu_matches_reference: 9 T
 TEST_COSTS: dict[str, tuple[float, float]] = {
     "tests/test_gpu.py::test_engine_compiled_cuda_graphs_without_recompiles": (66, 16),
     "tests/test_gpu.py::test_real_nvml_sampler_reads_utilisation_and_memory": (3, 3),
-    "tests/test_gpu.py::test_one_rank_nccl_ddp_run": (COSTS["nccl_test"], 25),
+    "tests/test_gpu.py::test_one_rank_nccl_ddp_run_compiled": (COSTS["nccl_test_cold"], COSTS["nccl_test"]),
     "tests/test_gpu.py::test_fp16_with_a_gradient_scaler": (10, 8),
     "tests/test_gpu.py::test_dali_mixed_decode_with_augmentation_matches_the_cpu_pipeline": (8, 6),
     "tests/test_gpu.py::test_device_cache_on_cuda_matches_the_cpu_cache[plain]": (5, 4),
@@ -188,7 +193,7 @@ TEST_SHARDS: tuple[tuple[str, ...], ...] = (
     ("tests/test_gpu.py::test_engine_compiled_cuda_graphs_without_recompiles",
      "tests/test_gpu.py::test_real_nvml_sampler_reads_utilisation_and_memory",
      "tests/test_mask_kernel.py::test_gpu_matches_reference[None-1]"),
-    ("tests/test_gpu.py::test_one_rank_nccl_ddp_run",
+    ("tests/test_gpu.py::test_one_rank_nccl_ddp_run_compiled",
      "tests/test_gpu.py::test_fp16_with_a_gradient_scaler",
      "tests/test_gpu.py::test_device_cache_on_cuda_matches_the_cpu_cache[plain]",
      "tests/test_mask_kernel.py::test_gpu_matches_reference[None-20]"),
@@ -419,11 +424,15 @@ def step_sweep_args(s: dict[str, object]) -> list[str]:
 
 def warmup_commands(s: dict[str, object], dry: bool) -> list[list[str]]:
     """Run 1's compiles, at once: the engine test's graph (its own config), the real-data run's (its
-    flags, on run 1's real pairs: every val pair, so the same val batch sizes), each train-step config."""
+    flags, on run 1's real pairs: every val pair, so the same val batch sizes), the one-rank NCCL
+    test's compiled DDP graph (its flags), each train-step config."""
     warm = [["$PYTHON", "-m", "benchmarks.gpu_plan", "--warm-engine", "$WORK/warm/engine-test"],
             train_cmd("$REAL", "$WORK/warm/real", real_flags(s, dry), int(s["warmup.steps"]))]
     if dry:  # the dry run compiles nothing (inductor's C++ build takes minutes on 2 cores): plumbing only
         return warm[1:]
+    warm.append(["$PYTHON", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m", "cityseg",
+                 "train", "--data", "$DATA", "--out", "$WORK/warm/ddp", *DDP_TEST_FLAGS, "--epochs", "1",
+                 "--max-steps", "2"])
     for w in ints(s["step.widths"]):
         for b in ints(s["step.batches"]):
             for m in words(s["step.modes"]):

@@ -192,6 +192,7 @@ def check_new_run_folder(folder: Path) -> None:
         if folder.exists() and not folder.is_dir():
             raise OutputError(f"{folder}: cannot create the run folder: a file is in the way")
         if (folder / "config.json").is_file() and not (folder / "checkpoints" / "last.pt").exists():
+            check_not_in_use(folder)  # a run still starting there says "in use", not "stopped"
             raise OutputError(f"{folder}: holds a run that stopped before its first checkpoint (nothing to resume): "
                               "choose a new --out, or delete that folder and start again")
         raise OutputError(f"{folder}: already holds files (another run's?): choose a new --out, "

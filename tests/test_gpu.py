@@ -25,7 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.gpu_plan import ENGINE_DATA, engine_config, engine_run_config
+from benchmarks.gpu_plan import DDP_TEST_FLAGS, ENGINE_DATA, engine_config, engine_run_config
 from cityseg.checkpoint import load_checkpoint
 from cityseg.config import AugmentConfig
 from cityseg.data.contract import IMAGENET_STD
@@ -115,10 +115,8 @@ def test_fp16_with_a_gradient_scaler(data: Path, tmp_path: Path) -> None:
 def test_one_rank_nccl_ddp_run_compiled(data: Path, tmp_path: Path) -> None:
     """DDP over NCCL with --compile: DDP around model and loss, torch's default mode (no CUDA graphs)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m", "cityseg",
-           "train", "--data", str(data), "--out", str(tmp_path / "run"), "--device", "cuda", "--epochs", "1",
-           "--image-size", "128", "--width", "8", "--depth", "3", "--batch-size", "8", "--compile",
-           "--skip-validate", "--no-tensorboard"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)  # a cold compile: ~60 s
+           "train", "--data", str(data), "--out", str(tmp_path / "run"), *DDP_TEST_FLAGS, "--epochs", "1"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)  # the suite warms it
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["ddp"] is True and summary["world_size"] == 1 and summary["compile"] is True

@@ -26,12 +26,21 @@ def data_fingerprint(splits: Mapping[str, Sequence[Path | Sample]]) -> dict[str,
         paths = [path for sample in samples for path in files_of(sample)]
         lines, total = [], 0
         for path in sorted(paths, key=lambda p: p.name):
-            size = os.stat(path).st_size
+            size = file_size(path)
             total += size
             lines.append(f"{path.name}\t{size}\n")
         out[split] = {"files": len(samples), "bytes": total,
                       "digest": hashlib.sha256("".join(lines).encode()).hexdigest()}
     return out
+
+
+def file_size(path: Path) -> int:
+    """Its size, or -1 for a file that cannot be read (a broken link with --skip-validate: the loader
+    names it in one line when it meets it)."""
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
 
 
 def files_of(sample: Path | Sample) -> list[Path]:

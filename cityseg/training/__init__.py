@@ -245,6 +245,10 @@ def check_same_data(state: dict[str, Any], now: dict[str, Any], run_dir: Path, d
                         f"{run_dir / 'checkpoints' / 'last.pt'}")
 
 
+def children_ending(signum: int, frame: Any) -> None:  # noqa: ARG001
+    """SIGCHLD after a stop: loader workers ending are expected (their exit is reaped by their owner)."""
+
+
 @contextmanager
 def graceful_interrupts() -> Iterator[dict[str, Any]]:
     """Turn SIGINT/SIGTERM/SIGHUP into a flag the loop checks after each step and each validation
@@ -262,8 +266,10 @@ def graceful_interrupts() -> Iterator[dict[str, Any]]:
             raise InterruptedNow(signum)
         flag["signum"] = signum
         # From now on a loader worker ending (the same signal reached it) is expected, not a failure:
-        # torch's SIGCHLD check would raise it in the middle of saving last.pt.
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # torch's SIGCHLD check would raise it in the middle of saving last.pt. A Python no-op rather
+        # than SIG_DFL: a SIGCHLD already pending when the handler changes then finds a handler to run
+        # (with SIG_DFL, CPython prints "Signal 17 ignored due to race condition" with a traceback).
+        signal.signal(signal.SIGCHLD, children_ending)
         if flag["cut"] is not None:
             raise flag["cut"]()
 

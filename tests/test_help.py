@@ -88,3 +88,22 @@ def test_dash_h_on_the_installed_command() -> None:
     for args in (["-h"], ["eval", "-h"], ["bench", "loader", "-h"]):
         done = run_cli(args, env={"COLUMNS": str(WIDTH)})
         assert done.returncode == 0 and "usage: cityseg-fast" in done.stdout.lower(), done.output
+
+
+def test_the_command_exits_with_an_idle_thread_pool_left_open() -> None:
+    """An idle ThreadPoolExecutor left open (inductor's compile pool is one) must not keep the command from
+    exiting: the exit runs threading's shutdown hooks, which wake its workers, before joining threads."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import concurrent.futures, sys
+        pool = concurrent.futures.ThreadPoolExecutor(2)
+        pool.submit(lambda: 1).result()
+        sys.argv = ["cityseg-fast", "--help"]
+        from cityseg.cli import main
+        main()
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

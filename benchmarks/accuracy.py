@@ -223,7 +223,7 @@ def run(argv: Sequence[str] | None = None, prog: str | None = None) -> Path:
     ap.add_argument("--budget", default="20m", help="training time per recipe: seconds, or with s/m/h")
     ap.add_argument("--recipes", default="baseline,improved", help="comma list of recipe names (--list)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="what a training second is")
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device", default="auto", help="auto (the GPU if there is one) | cpu | cuda[:N]")
     ap.add_argument("--verbose", action="store_true", help="show each run's progress and tables")
     ap.add_argument("--runs", type=Path, default=None, help="keep each recipe's run folder as RUNS/<recipe>")
     ap.add_argument("--list", action="store_true", help="print the recipes and exit")

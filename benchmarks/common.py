@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import io
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -106,13 +108,58 @@ def command_line(name: str, argv: Sequence[str] | None) -> str:
     return shlex.join(["python", "-m", f"benchmarks.{name}", *args])
 
 
+class BenchParser(argparse.ArgumentParser):
+    """argparse whose --help looks like the rest of `cityseg-fast --help` (typer's rich panels): the usage
+    line, the summary, then one "Options" panel where every option shows its help and its default."""
+
+    def format_help(self) -> str:
+        from rich.console import Console
+        from rich.panel import Panel
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table.grid(padding=(0, 2))
+        table.add_column(style="bold cyan", no_wrap=True)
+        table.add_column(style="yellow", no_wrap=True)
+        table.add_column()
+        for action in (a for a in self._actions if a.help != argparse.SUPPRESS):
+            cells = (", ".join(action.option_strings) or action.dest, option_value(action), option_help(action))
+            table.add_row(*map(Text, cells))  # Text: "[default: 4]" is help, not rich markup
+        out = io.StringIO()
+        # Colour only on a terminal; the width of the terminal, or typer's 80 columns in a pipe.
+        console = Console(file=out, width=shutil.get_terminal_size((80, 24)).columns, force_terminal=False,
+                          color_system="auto" if sys.stdout.isatty() else None, highlight=False)
+        console.print(self.format_usage().rstrip(), markup=False)
+        console.print(self.description or "", markup=False)
+        console.print(Panel(table, title="Options", title_align="left", border_style="dim"))
+        return out.getvalue()
+
+
+def option_value(action: argparse.Action) -> str:
+    """What follows the flag: its choices or a metavar in capitals, nothing for a switch."""
+    if action.nargs == 0:
+        return ""
+    if action.choices:
+        return "{" + ",".join(map(str, action.choices)) + "}"
+    return action.metavar or action.dest.upper()
+
+
+def option_help(action: argparse.Action) -> str:
+    """The option's help text with its default appended when it has one worth showing."""
+    text = action.help or ""
+    if action.default is not None and action.default is not False and action.default != argparse.SUPPRESS \
+            and "default" not in text:
+        text += f" [default: {action.default}]"
+    return text
+
+
 def new_parser(name: str, doc: str, prog: str | None = None, *, result: bool = True) -> argparse.ArgumentParser:
     """The command line of benchmark `name`, described by its docstring `doc`: its usage names the
     command that ran it (`prog`: `cityseg-fast bench X` passes its own, else `python -m
     benchmarks.NAME`); with `result`, the options of its result file, the same for every benchmark
     (see `result_file`)."""
     summary = " ".join(doc.split("\n\n")[0].split())  # the docstring's first paragraph, not its first line
-    p = argparse.ArgumentParser(prog=prog or f"python -m benchmarks.{name}", description=summary)
+    p = BenchParser(prog=prog or f"python -m benchmarks.{name}", description=summary)
     if result:
         p.add_argument("--json", type=Path, default=None,
                        help=f"result file, relative to the current folder (default: {name}-<cpu|gpu>.json in "

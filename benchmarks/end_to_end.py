@@ -178,15 +178,15 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--warm-steps", type=int, default=5, help="first steps kept out of the steady figures")
     p.add_argument("--reps", type=int, default=1, help="training runs per loader")
     p.add_argument("--width", type=int, default=None, help="U-Net width (default 32 GPU, 16 CPU)")
-    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--depth", type=int, default=4, help="U-Net levels (image side must divide by 2**depth)")
     p.add_argument("--size", type=int, default=None, help="image side (default 256 GPU, 128 CPU)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 16 GPU, 8 CPU)")
     p.add_argument("--workers", type=int, default=None, help="loader workers / DALI threads (default min(8, cores))")
     p.add_argument("--precision", default="auto", help="auto | bf16-mixed | 16-mixed | 32 (engine default: auto)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile (engine default: on for GPU, off for CPU)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (the GPU if there is one) | cpu | cuda[:N]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order, augmentation and weights")
     return p
 
 

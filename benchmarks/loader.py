@@ -245,16 +245,17 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--max-workers", type=int, default=os.cpu_count() or 1, help="cap of the default worker list")
     p.add_argument("--threads", type=int, default=None,
                    help="DALI threads and cache decode workers (default: --max-workers)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch, every loader alike")
+    p.add_argument("--image-size", type=int, default=256, help="side of the square images the loaders deliver")
+    p.add_argument("--prefetch", type=int, default=2,
+                   help="batches each loader prepares ahead (DALI queue depth, DataLoader prefetch factor)")
     p.add_argument("--warmup", type=int, default=1, help="untimed epochs per loader")
     p.add_argument("--reps", type=int, default=5, help="timed epochs per loader (the median is reported)")
     p.add_argument("--device", default="auto", help="target device: auto | cpu | cuda")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="image dtype (auto: bf16 on GPU as training uses, fp32 on CPU)")
     p.add_argument("--synth-size", type=int, default=256, help="height of generated pairs without --data")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and the augmentation")
     return p
 
 

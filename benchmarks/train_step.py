@@ -196,6 +196,11 @@ def measure_cell(cell: Cell, compile_mode: str, losses: list[str], args: argpars
     return rows
 
 
+def precision_name(precision: str) -> str:
+    """The precision as a reader says it: "32" is fp32, "bf16-mixed" stays."""
+    return {"32": "fp32", "16-mixed": "fp16-mixed"}.get(precision, precision)
+
+
 def parse_list(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
@@ -203,7 +208,7 @@ def parse_list(text: str) -> list[str]:
 def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = new_parser("train_step", __doc__, prog)
     p.add_argument("--widths", default="32,64", help="comma list of U-Net base widths")
-    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--depth", type=int, default=4, help="U-Net levels (image side must divide by 2**depth)")
     p.add_argument("--batches", "--batch", default=None,
                    help="comma list of batch sizes (default 16,64,128 GPU; 16 CPU)")
     p.add_argument("--size", type=int, default=None, help="image side; default 256 on GPU, 128 on CPU")
@@ -215,8 +220,8 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="steps per repetition (default 20 GPU, 1 CPU)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions (the median is reported)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: a smoke test)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (the GPU if there is one) | cpu | cuda[:N]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random batches and weights")
     p.add_argument("--quick", action="store_true",
                    help="width 4, depth 2, 32px, batch 2, 1 rep, off and default with the eager backend, both losses")
     return p
@@ -279,7 +284,8 @@ def run(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str,
         ("median", "ms/step", ".2f"), ("images_per_s", "images/s", ".1f"), ("tflops", "TFLOP/s", ".3f"),
         ("pct_peak", "% peak", ".1f"), ("vs_ce", "x ce", ".3f"), ("speedup_vs_off", "x off", ".2f"),
         ("compile_s", "compile s", ".1f"), ("peak_mem_gib", "peak GiB", ".2f")],
-        title=f"{args.size}px, depth {args.depth}, {precision}, on {record['device']} "
+        title=f"{args.size}x{args.size} images, U-Net depth {args.depth}, precision {precision_name(precision)}, "
+              f"on {record['device']} "
               f"(median of {args.reps} x {args.steps} steps)")  # fmt: skip
     finish_record(record, out)
     return record

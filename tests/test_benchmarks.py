@@ -5,6 +5,7 @@ CPU, it unpacks what the two runs on the GPU machine carry, and a missing DALI f
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import io
@@ -165,13 +166,23 @@ def test_bench_help_is_the_modules_own(tmp_path: Path) -> None:
                             text=True, timeout=BENCH_DEADLINE_S, env={**os.environ, **env})
     assert direct.returncode == 0, direct.stderr
     assert direct.stdout.startswith("usage: python -m benchmarks.loader [-h]")
-    assert direct.stdout.split("\noptions:\n")[1] == done.stdout.split("\noptions:\n")[1]
+    assert "╭─ Options" in done.stdout  # drawn like every other `cityseg-fast --help`
+    assert direct.stdout.split("╭─ Options")[1] == done.stdout.split("╭─ Options")[1]
 
 
-def test_every_bench_subcommand_is_its_modules_command_line() -> None:
+def test_every_bench_subcommand_is_its_modules_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each `bench NAME --help` is the help of NAME's module (its argparse, given the arguments as
-    typed); bench.py declares no option of its own (a second definition of a benchmark's flag or
-    default would drift from the module's), and no benchmark edits sys.path."""
+    typed), with a help text for every option; bench.py declares no option of its own (a second
+    definition of a benchmark's flag or default would drift from the module's), and no benchmark
+    edits sys.path."""
+    helped: list[argparse.ArgumentParser] = []
+    draw = common.BenchParser.format_help
+
+    def recording(parser: common.BenchParser) -> str:
+        helped.append(parser)
+        return draw(parser)
+
+    monkeypatch.setattr(common.BenchParser, "format_help", recording)
     group = typer.main.get_command(bench_app)
     assert set(group.commands) == set(bench.BENCHMARKS)
     for name, (module, _) in bench.BENCHMARKS.items():
@@ -183,6 +194,8 @@ def test_every_bench_subcommand_is_its_modules_command_line() -> None:
         with contextlib.redirect_stdout(own), pytest.raises(SystemExit):
             importlib.import_module(f"benchmarks.{module}").main(["--help"], prog=f"cityseg-fast bench {name}")
         assert result.output == own.getvalue()
+        for action in helped[-1]._actions:  # the parser that drew this help: every option explained
+            assert action.help, f"bench {name}: {'/'.join(action.option_strings) or action.dest} has no help text"
     assert "typer.Option" not in Path(bench.__file__).read_text()
     assert not [p.name for p in (ROOT / "benchmarks").glob("*.py") if "sys.path" in p.read_text()]
 

@@ -40,6 +40,12 @@ for _var, _name in KEPT_CACHES.items():  # else ~/.cache/cityseg, /tmp/torchindu
 os.environ["XDG_CACHE_HOME"] = str(SESSION_CACHE / "xdg")  # pip, torch hub, fontconfig, ...
 os.environ["MPLCONFIGDIR"] = str(SESSION_CACHE / "matplotlib")  # else ~/.cache/matplotlib or ~/.matplotlib
 os.environ["TORCH_HOME"] = str(SESSION_CACHE / "torch")  # else ~/.cache/torch
+# Under pytest-xdist (addopts: one worker per core) every worker and every command it starts uses one
+# torch / OpenMP thread: two workers with two spinning threads each on two cores make CPU ops many
+# times slower, not faster. Set before anything imports torch; subprocesses inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = "1"
 
 from typing import TYPE_CHECKING  # noqa: E402
 
@@ -72,7 +78,10 @@ def pytest_sessionstart(session) -> None:
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
-    """A test that leaves a file at the repository root fails the session (tests write into tmp_path)."""
+    """A test that leaves a file at the repository root fails the session (tests write into tmp_path).
+    Checked once, by the process that started the session (not by each xdist worker)."""
+    if hasattr(session.config, "workerinput"):
+        return
     left = sorted({p.name for p in ROOT.iterdir()} - ROOT_AT_START - {".pytest_cache", ".hypothesis", ".ruff_cache"})
     if left:
         print(f"\nerror: the tests left these at the repository root: {left}", file=sys.stderr)

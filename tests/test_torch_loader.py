@@ -5,6 +5,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -178,3 +180,46 @@ def test_worker_signal_policy() -> None:
         assert proc.exitcode == 0
     finally:
         proc.kill()
+
+
+ORPHAN_PROBE = """
+import multiprocessing, os, sys, time
+from cityseg.data.torch_loader import init_worker
+orphan = sys.argv[1] == "orphan"
+ready_r, ready_w = os.pipe()
+if os.fork():  # the training process: it waits for its worker to be set up, then dies (or lives)
+    os.read(ready_r, 1)
+    if orphan:
+        os._exit(0)
+    os.waitpid(-1, 0)
+    sys.exit(0)
+init_worker(0)  # the worker, set up as DataLoader sets it up
+parent = os.getppid()
+os.write(ready_w, b"x")
+while orphan and os.getppid() == parent:  # until the kernel re-parents it
+    time.sleep(0.01)
+try:  # what multiprocessing's resource sharer does when the process fetching a tensor has died
+    raise ConnectionResetError(104, "Connection reset by peer")
+except ConnectionResetError:
+    sys.excepthook(*sys.exc_info())
+queue = multiprocessing.Queue()  # a result queue whose reader has gone: its feeder thread fails
+queue._reader.close()
+queue.put(b"batch")
+queue.close()
+queue.join_thread()
+print("went on")
+"""
+
+
+@pytest.mark.parametrize("parent", ["alive", "orphan"])
+def test_orphaned_worker_exits_without_tracebacks(parent: str) -> None:
+    """A loader worker (set up by init_worker) whose main process was killed exits silently on the
+    broken connection, in the resource sharer's thread and the queue feeder alike; while its main
+    process lives, the same errors are still printed."""
+    done = subprocess.run([sys.executable, "-c", ORPHAN_PROBE, parent], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    if parent == "alive":
+        assert done.stderr.count("Traceback") == 2 and "ConnectionResetError" in done.stderr, done.stderr
+        assert done.stderr.count("BrokenPipeError") == 1 and done.stdout == "went on\n"
+    else:
+        assert done.stderr == "" and done.stdout == "", done.stderr

@@ -11,8 +11,10 @@ the middle of an epoch, give the same batches.
 
 from __future__ import annotations
 
+import multiprocessing.queues
 import os
 import signal
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -191,6 +193,34 @@ def init_worker(_: int) -> None:
     # mid-step: the main process finishes its step, saves last.pt and stops.
     signal.signal(signal.SIGTERM, _exit_now)
     signal.signal(signal.SIGHUP, _exit_now)  # a closed terminal hangs up the whole group: the same
+    quiet_when_orphaned(os.getppid())
+
+
+def quiet_when_orphaned(parent: int) -> None:
+    """Once the main process is gone (kill -9, the OOM killer), a worker exits silently instead of
+    printing tracebacks on the user's terminal after the run has already died: the broken connection
+    to the dead parent raises ConnectionResetError / BrokenPipeError in the worker's helper threads
+    (multiprocessing's resource sharer, which hands tensors' file descriptors over, reports through
+    sys.excepthook; the queue feeder through Queue._on_queue_feeder_error). Errors while the parent
+    lives are printed as before."""
+    report = sys.excepthook
+    report_feeder_error = multiprocessing.queues.Queue._on_queue_feeder_error
+
+    def orphaned(error: BaseException) -> bool:
+        return isinstance(error, (ConnectionError, EOFError)) and os.getppid() != parent
+
+    def excepthook(kind: type[BaseException], error: BaseException, tb: object) -> None:
+        if orphaned(error):
+            os._exit(0)
+        report(kind, error, tb)
+
+    def feeder_error(error: BaseException, obj: object) -> None:
+        if orphaned(error):
+            os._exit(0)
+        report_feeder_error(error, obj)
+
+    sys.excepthook = excepthook
+    multiprocessing.queues.Queue._on_queue_feeder_error = staticmethod(feeder_error)
 
 
 def _exit_now(signum: int, frame: object) -> None:  # noqa: ARG001

@@ -10,13 +10,19 @@ that changes a run or a data set copies it into its tmp_path first.
                     config, metrics, summary, curves, samples, TensorBoard events, best.pt, last.pt)
     trained_output  that command's `Finished` (returncode, stdout, stderr) as tests/cli_process returns it
 
-A module that needs other data keeps its own fixture (a module fixture of the same name wins)."""
+A module that needs other data keeps its own fixture (a module fixture of the same name wins). Under
+pytest-xdist the workers share them too: the first worker to need one builds it under a file lock in
+the session's common temp folder, the others read what it built."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from tests.cli_process import Finished, run_cli
 from tests.conftest import TINY, make_pair_dataset
@@ -25,16 +31,35 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "samp
              "checkpoints/best.pt", "checkpoints/last.pt")
 
 
+def shared_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's folder for shared fixtures: under xdist, the one all workers' temp folders sit in."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def pair_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_pair_dataset(tmp_path_factory.mktemp("shared") / "data", n_train=8, n_val=4)
+    folder = shared_folder(tmp_path_factory)
+    with FileLock(folder / "data.lock"):
+        if not (folder / "data.done").exists():
+            make_pair_dataset(folder / "data", n_train=8, n_val=4)
+            (folder / "data.done").touch()
+    return folder / "data"
 
 
 @pytest.fixture(scope="session")
 def trained_output(pair_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Finished]:
-    """(run folder, the finished `train` process): a full short run, checked here once."""
-    run = tmp_path_factory.mktemp("shared") / "run"
-    done = run_cli(["train", "--data", pair_data, "--out", run, "--epochs", "2", "--log-every", "1", *TINY])
+    """(run folder, the finished `train` process): a full short run, checked here once per worker."""
+    folder = shared_folder(tmp_path_factory)
+    run, record = folder / "run", folder / "run.json"
+    with FileLock(folder / "run.lock"):
+        if record.exists():
+            done = Finished(**json.loads(record.read_text()))
+        else:
+            done = run_cli(["train", "--data", pair_data, "--out", run, "--epochs", "2", "--log-every", "1", *TINY])
+            record.write_text(json.dumps(dataclasses.asdict(done)))
     assert done.returncode == 0, done.output
     assert "done: val pixel acc" in done.stdout
     for name in RUN_FILES:

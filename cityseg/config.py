@@ -175,6 +175,10 @@ class TrainConfig:
     seed: int = setting(0, "Seed for weights, order and augmentation.", flag="--seed", rule=count(0, SEED_MAX))
     patience: int = setting(0, "Stop after N validations without a better val mIoU; 0 = never.", flag="--patience",
                             rule=count(0))
+    save_top_k: int = setting(0, "Keep the K best checkpoints by --top-k-monitor in checkpoints/top-k/; 0 = off.",
+                              flag="--save-top-k", panel=OUTPUT, rule=count(0, 1000), resume=True)
+    top_k_monitor: str = setting("miou", "The val metric --save-top-k ranks by (val_loss: lower is better).",
+                                 flag="--top-k-monitor", panel=OUTPUT, choices=("miou", "pixel_acc", "val_loss"))
     val_every: str = setting(
         "auto", "Validate (and write best.pt/last.pt) every N epochs, Nsteps or a training time (30s, 2m); "
         "auto: under 10 % of wall time; the run's end always validates.",

@@ -3,7 +3,7 @@
     cityseg-fast train --epochs 10          # the CLI resolves the run (cityseg/resolve.py), then `train(run)`
     from cityseg import Config, train; summary = train(Config())      # a complete Config, taken as it is
 
-setup.py builds the parts (plain functions), loop.py is the loop, hooks.py the side concerns.
+setup.py builds the parts (plain functions), loop.py is the loop, hooks/ the side concerns (one a file).
 Under torchrun every rank calls `train`; rank 0 alone prints and writes.
 """
 

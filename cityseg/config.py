@@ -175,6 +175,11 @@ class TrainConfig:
     seed: int = setting(0, "Seed for weights, order and augmentation.", flag="--seed", rule=count(0, SEED_MAX))
     patience: int = setting(0, "Stop after N validations without a better val mIoU; 0 = never.", flag="--patience",
                             rule=count(0))
+    save_top_k: int = setting(0, "Keep K best checkpoints", flag="--save-top-k", rule=count(0, 1000))  # 0: off
+    # What --save-top-k ranks by (config file or --set train.top_k_monitor=val_loss): no flag of its
+    # own, the help stays one screen.
+    top_k_monitor: str = setting("miou", "The val metric --save-top-k ranks by (val_loss: lower is better).",
+                                 choices=("miou", "pixel_acc", "val_loss"))
     val_every: str = setting(
         "auto", "Validate (and write best.pt/last.pt) every N epochs, Nsteps or a training time (30s, 2m); "
         "auto: under 10 % of wall time; the run's end always validates.",

@@ -30,7 +30,8 @@ from cityseg.settings import parse_val_every
 from cityseg.telemetry import GpuSampler, process_age_s
 from cityseg.training import TrainingError, train
 from cityseg.training.cadence import AUTO_SHARE, ValCadence
-from cityseg.training.loop import Interrupted, Trainer
+from cityseg.training.loop import Interrupted
+from cityseg.training.validation import Validator
 from tests.cli_process import run_cli
 from tests.conftest import make_pair_dataset
 
@@ -146,14 +147,14 @@ def test_a_signal_mid_epoch_saves_at_once_and_resume_scores_it(data: Path, tmp_p
     straight, run = tmp_path / "straight", tmp_path / "run"
     train(config(data, straight, val_every="100"))
     validations = []
-    validate = Trainer.validate
+    validate = Validator.validate
 
-    def counted(self: Trainer, record: dict) -> object:
+    def counted(self: Validator, record: dict) -> object:
         validations.append(record["epoch"])
         return validate(self, record)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Trainer, "validate", counted)
+        mp.setattr(Validator, "validate", counted)
         with pytest.raises(Interrupted):
             train(config(data, run, val_every="100"), on_step=signal_at_step(3))
     assert validations == []  # the stop did not score anything
@@ -210,13 +211,13 @@ def test_a_signal_while_resume_scores_the_record_keeps_it(data: Path, tmp_path: 
     with pytest.raises(Interrupted):
         train(config(data, run, val_every="100"), on_step=signal_at_step(3))
     before = (run / "checkpoints" / "last.pt").read_bytes()
-    validate = Trainer.validate
+    validate = Validator.validate
 
-    def interrupted_validation(self: Trainer, record: dict) -> object:
+    def interrupted_validation(self: Validator, record: dict) -> object:
         os.kill(os.getpid(), signal.SIGINT)  # lands on the first val batch
         return validate(self, record)
 
-    monkeypatch.setattr(Trainer, "validate", interrupted_validation)
+    monkeypatch.setattr(Validator, "validate", interrupted_validation)
     with pytest.raises(Interrupted):
         train(config(data, run, val_every="100", resume=str(run)))
     monkeypatch.undo()

@@ -12,6 +12,7 @@ from cityseg.errors import UserError
 from cityseg.outputs import check_new_run_folder
 from cityseg.resolve import resolve_run
 from cityseg.training import train
+from cityseg.training.events import EventStore
 from cityseg.training.hooks import BestModel
 from tests.conftest import make_pair_dataset
 
@@ -40,17 +41,18 @@ def test_an_unknown_key_suggests_the_close_ones() -> None:
 def test_early_stop_counts_validations() -> None:
     hook = BestModel(patience=2)
 
-    class T:
-        stop_reason = None
-
+    class Saver:
         def save(self, *a, **k) -> None: ...
 
+    class T:
+        events = EventStore()
+        saver = Saver()
         run = type("R", (), {"best": None})
 
     hook.trainer = T()  # type: ignore[assignment]
     for miou in (0.5, 0.4, 0.3):
         hook.after_epoch({"miou": miou}, None)  # type: ignore[arg-type]
-    assert hook.trainer.stop_reason == "early stop: no better val mIoU in the last 2 validations (--patience)"
+    assert hook.trainer.events.stop_reason == "early stop: no better val mIoU in the last 2 validations (--patience)"
 
 
 def test_a_run_killed_before_its_first_checkpoint_is_no_dead_end(finished: tuple[Path, Path], tmp_path: Path) -> None:

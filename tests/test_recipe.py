@@ -237,14 +237,14 @@ def test_tensorboard_samples_are_drawn_without_a_figure_at_each_validation(tmp_p
     to the colours of what the model predicts; the matplotlib figure is drawn once, for samples.png at
     the end (a figure at every epoch boundary cost ~0.2 s of wall time on a CPU)."""
     from cityseg import report
-    from cityseg.training import hooks
+    from cityseg.training.hooks import samples, tensorboard
 
     figures: list[Path] = []
     real_plot = report.plot_samples
-    monkeypatch.setattr(hooks, "plot_samples", lambda *a: (figures.append(a[-1]), real_plot(*a)))
+    monkeypatch.setattr(samples, "plot_samples", lambda *a: (figures.append(a[-1]), real_plot(*a)))
     grids: list[torch.Tensor] = []
-    real_grid = hooks.sample_grid
-    monkeypatch.setattr(hooks, "sample_grid", lambda *a: grids.append(real_grid(*a)) or grids[-1])
+    real_grid = tensorboard.sample_grid
+    monkeypatch.setattr(tensorboard, "sample_grid", lambda *a: grids.append(real_grid(*a)) or grids[-1])
     data = make_pair_dataset(tmp_path / "data", n_train=4, n_val=2)
     summary = train(config(data, tmp_path / "run", epochs=3, val_every="1", tensorboard=True))
     assert summary["validations"] == 3 and len(grids) == 3

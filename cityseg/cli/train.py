@@ -106,8 +106,9 @@ def command_parameters() -> list[inspect.Parameter]:
     return [
         option("amp", bool | None, None, "--amp/--no-amp", panel=SPEED,
                help="Older spellings of --precision bf16-mixed / 32."),
-        option("nproc", int, 1, "--nproc", panel=SPEED, help=(
-            "Processes (GPUs) on this machine, launched with torchrun (DDP). Several machines: see README.")),
+        option("nproc", int, 1, "--nproc", panel=SPEED, show_default=False, help=(  # the default inline, as others
+            "Processes (GPUs) on this machine, launched with torchrun (DDP). Several machines: see README "
+            "(default 1).")),
         option("set_values", list[str] | None, None, "--set", panel=TRAIN, metavar="<key=value>", help=(
             "Any config key, e.g. --set train.min_lr_ratio=0.05 (repeatable; checked like a config file).")),
         option("config", Path | None, None, "--config", help=(

@@ -77,8 +77,7 @@ def evaluate_checkpoint(
     console.print(f"{ckpt} on {split} ({len(files)} images, scored at {size} px)", soft_wrap=True)
     console.print(iou_table(metrics, palette.names, title=f"{split}: per-class IoU"))
     result = {**metrics.to_dict(), "loss": loss, "checkpoint": str(ckpt), "split": split, "images": len(files),
-              "scored_at_px": scored_at,
-              "tta": tta, "class_names": list(palette.names)}
+              "scored_at_px": scored_at, "tta": tta, "class_names": list(palette.names)}
     if json_out is not None:
         write_json(Path(json_out), result, "metrics JSON")
         plot_confusion(metrics.confusion, palette.names, heat_map)

@@ -162,6 +162,28 @@ def _load_or_error(path: Path | Sample, name: str, pairs: bool, skip_bad: bool,
         raise
 
 
+def plan_outputs(predictor: Predictor, inputs: Sequence[str | os.PathLike], out_dir: Path, pairs: bool,
+                 data_format: str, id_map: str) -> tuple[list[tuple[Any, str, Any]], list[Path]]:
+    """(the jobs: (sample, output name, source), every file the run will write); an output that
+    would overwrite an input is refused."""
+    if pairs:
+        samples = list_pair_inputs(inputs, predictor.palette, out_dir, data_format, id_map)
+        files = [sample.photo for sample, _ in samples]
+    else:
+        files = list_inputs(inputs, out_dir)
+        samples = [(f, None) for f in files]
+    jobs = [(sample, name, source) for (sample, source), name in zip(samples, output_names(files), strict=True)]
+    inputs_by_path = {f.resolve() for f in files}
+    for _, name, _ in jobs:
+        for kind in OUTPUT_KINDS:
+            if (out_dir / f"{name}_{kind}.png").resolve() in inputs_by_path:
+                raise OutputError(f"{out_dir / f'{name}_{kind}.png'}: an input would be overwritten by an output; "
+                                  "choose another --out")
+    planned = [out_dir / f"{name}_{kind}.png" for _, name, _ in jobs for kind in OUTPUT_KINDS]
+    planned += [out_dir / "metrics.json", out_dir / "confusion.png"] if pairs else []
+    return jobs, planned
+
+
 def run_predict(
     predictor: Predictor,
     inputs: Sequence[str | os.PathLike],
@@ -186,21 +208,7 @@ def run_predict(
     """
     console = console or Console(markup=False, highlight=False)
     out_dir = Path(out_dir)
-    if pairs:
-        samples = list_pair_inputs(inputs, predictor.palette, out_dir, data_format, id_map)
-        files = [sample.photo for sample, _ in samples]
-    else:
-        files = list_inputs(inputs, out_dir)
-        samples = [(f, None) for f in files]
-    jobs = [(sample, name, source) for (sample, source), name in zip(samples, output_names(files), strict=True)]
-    inputs_by_path = {f.resolve() for f in files}
-    for _, name, _ in jobs:
-        for kind in OUTPUT_KINDS:
-            if (out_dir / f"{name}_{kind}.png").resolve() in inputs_by_path:
-                raise OutputError(f"{out_dir / f'{name}_{kind}.png'}: an input would be overwritten by an output; "
-                                  "choose another --out")
-    planned = [out_dir / f"{name}_{kind}.png" for _, name, _ in jobs for kind in OUTPUT_KINDS]
-    planned += [out_dir / "metrics.json", out_dir / "confusion.png"] if pairs else []
+    jobs, planned = plan_outputs(predictor, inputs, out_dir, pairs, data_format, id_map)
     # Pair folders are datasets: predictions dropped there would become (bad) pairs.
     inputs = [(Path(p), "the --pairs input folder") for p in inputs if pairs and Path(p).is_dir()]
     new_output_files(planned, "predictions", overwrite=overwrite, inputs=inputs)
@@ -211,35 +219,8 @@ def run_predict(
     written: list[Path] = []
     palette = predictor.palette
     cm = ConfusionMatrix(palette.num_classes, ignore_index=IGNORE_INDEX) if pairs else None
-    skipped: list[PairError] = []
-    done = 0
-    bs = predictor.batch_size
     try:  # what was written is recorded, a run stopped half-way included
-        with ThreadPoolExecutor(max(1, workers)) as pool, _progress(console) as bar:
-            task = bar.add_task("predict", total=len(jobs))
-
-            def submit(start: int) -> list[Future]:
-                return [pool.submit(_load_or_error, p, n, pairs, skip_bad, src)
-                        for p, n, src in jobs[start : start + bs]]
-
-            pending, writes = submit(0), []
-            for start in range(0, len(jobs), bs):
-                loaded = [f.result() for f in pending]
-                pending = submit(start + bs)  # decode ahead while this batch runs
-                good = [x for x in loaded if isinstance(x, InputImage)]
-                skipped += [x for x in loaded if isinstance(x, PairError)]
-                ids = predictor.predict_batch([x.photo for x in good]) if good else []
-                for f in writes:  # the previous batch's PNGs: bounded memory, errors surface here
-                    written += f.result().values()
-                writes = [pool.submit(write_outputs, out_dir, x.name, x.photo, y, palette)
-                          for x, y in zip(good, ids, strict=True)]
-                if cm is not None:
-                    for x, y in zip(good, ids, strict=True):
-                        cm.update(torch.from_numpy(y)[None], mask_ids(x, palette)[None])
-                done += len(good)
-                bar.update(task, advance=len(loaded))
-            for f in writes:
-                written += f.result().values()
+        done, skipped = predict_all(predictor, jobs, out_dir, pairs, skip_bad, workers, console, written, cm)
     finally:
         record_written(out_dir, written_before, written)
     for e in skipped:
@@ -252,6 +233,43 @@ def run_predict(
         finally:
             record_written(out_dir, read_written(out_dir), [p for p in planned[-2:] if p.is_file()])
     return result
+
+
+def predict_all(predictor: Predictor, jobs: list[tuple[Any, str, Any]], out_dir: Path, pairs: bool, skip_bad: bool,
+                workers: int, console: Console, written: list[Path], cm: ConfusionMatrix | None
+                ) -> tuple[int, list[PairError]]:
+    """Predict the jobs batch by batch, decoding the next batch and writing the last one's PNGs in
+    threads; `written` gets each file as it is on disk, `cm` the pairs' scores. Returns (images
+    predicted, inputs skipped)."""
+    palette, bs = predictor.palette, predictor.batch_size
+    skipped: list[PairError] = []
+    done = 0
+    with ThreadPoolExecutor(max(1, workers)) as pool, _progress(console) as bar:
+        task = bar.add_task("predict", total=len(jobs))
+
+        def submit(start: int) -> list[Future]:
+            return [pool.submit(_load_or_error, p, n, pairs, skip_bad, src)
+                    for p, n, src in jobs[start : start + bs]]
+
+        pending, writes = submit(0), []
+        for start in range(0, len(jobs), bs):
+            loaded = [f.result() for f in pending]
+            pending = submit(start + bs)  # decode ahead while this batch runs
+            good = [x for x in loaded if isinstance(x, InputImage)]
+            skipped += [x for x in loaded if isinstance(x, PairError)]
+            ids = predictor.predict_batch([x.photo for x in good]) if good else []
+            for f in writes:  # the previous batch's PNGs: bounded memory, errors surface here
+                written += f.result().values()
+            writes = [pool.submit(write_outputs, out_dir, x.name, x.photo, y, palette)
+                      for x, y in zip(good, ids, strict=True)]
+            if cm is not None:
+                for x, y in zip(good, ids, strict=True):
+                    cm.update(torch.from_numpy(y)[None], mask_ids(x, palette)[None])
+            done += len(good)
+            bar.update(task, advance=len(loaded))
+        for f in writes:
+            written += f.result().values()
+    return done, skipped
 
 
 def mask_ids(x: InputImage, palette: Palette) -> torch.Tensor:

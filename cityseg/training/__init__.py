@@ -3,16 +3,15 @@
     cityseg-fast train --epochs 10          # the CLI resolves the run (cityseg/resolve.py), then `train(run)`
     from cityseg import Config, train; summary = train(Config())      # a complete Config, taken as it is
 
-setup.py builds the parts (plain functions), loop.py is the loop, hooks.py the side concerns.
+setup.py builds the parts (plain functions), loop.py is the loop, hooks/ the side concerns (one a file).
 Under torchrun every rank calls `train`; rank 0 alone prints and writes.
 """
 
 from __future__ import annotations
 
-import signal
 import time
-from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import closing, nullcontext
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -26,20 +25,23 @@ from cityseg.checkpoint import remove_stale_temps
 from cityseg.config import AUTO, Config
 from cityseg.data.fingerprint import data_fingerprint, fingerprint_change
 from cityseg.distributed import DistInfo, broadcast_object, cleanup, init_distributed
-from cityseg.errors import STOP_SIGNALS, InterruptedNow, UserError, quiet_if_terminal_gone
+from cityseg.errors import UserError
 from cityseg.model import describe
 from cityseg.outputs import cache_dir, claim_run_folder, is_free, write_error_log
 from cityseg.palette import Palette, save_palette
 from cityseg.progress import startup_console
 from cityseg.report import RunFolder, device_name, write_json
 from cityseg.resolve import ResolvedRun, resolved_from_config
-from cityseg.runtime import resolve_device, use_compile_cache
+from cityseg.runtime import Runtime, resolve_device, use_compile_cache
 from cityseg.telemetry import process_start
 from cityseg.training.batch_size import finish_auto_batch
+from cityseg.training.hook import HookBase
 from cityseg.training.hooks import default_hooks
-from cityseg.training.loop import EXIT_INTERRUPTED, HookBase, Interrupted, Parts, Trainer
+from cityseg.training.interrupts import EXIT_INTERRUPTED, Interrupted, graceful_interrupts
+from cityseg.training.loop import Parts, Trainer
 from cityseg.training.schedule import TrainClock
 from cityseg.training.setup import (
+    RunData,
     TrainingError,
     build_loss,
     build_models,
@@ -195,32 +197,12 @@ def run_training(cfg: Config, derived: dict[str, Any], console: Console, dist_in
         model, step_model = build_models(cfg.model, rt, dist_info, cfg.train.sync_bn, encoder_file)
         if init is not None:  # on resume, last.pt holds the weights
             init_weights_from(model, cfg.model, Path(cfg.train.init_from), init, console)
-        optimizer = build_optimizer(model, cfg.train, rt.device)
-        clock = TrainClock()
-        scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.needs_grad_scaler)
-        loss_fn = build_loss(cfg.train, data.train, data.palette.num_classes, rt.device)
-        step_model = for_ranks(step_model, loss_fn, rt, dist_info)
-        step = TrainStep(step_model, model, loss_fn, optimizer, scaler, rt, cfg.train.grad_clip)
-        parts = Parts(cfg, rt, dist_info, data, model, step, optimizer,
-                      build_scheduler(optimizer, cfg.train, len(data.train), clock), scaler, clock)
-        note = schedule_note(cfg.train, len(data.train))
-        if note:
-            console.print(f"note: {note}", style="yellow", soft_wrap=True)
-        hooks = default_hooks(cfg.train, on_step, dist_info.is_main) + extra_hooks
-        trainer = Trainer(parts, run, console, hooks, started_at=zero[0])
-        trainer.time_zero, trainer.compile_cache = zero[1], compile_cache
-        trainer.data_fingerprint = fingerprint
+        trainer = make_trainer(cfg, rt, dist_info, data, model, step_model, run, console,
+                               default_hooks(cfg.train, on_step, dist_info.is_main) + extra_hooks, zero)
+        trainer.compile_cache, trainer.data_fingerprint = compile_cache, fingerprint
         if state is not None:
             trainer.load_state_dict(state)
-        console.print(describe(model))
-        console.print(
-            f"device {device_name(rt.device)}  precision {rt.precision}  compile {rt.compile}  "
-            f"loader {data.loader_kind}  ranks {dist_info.world_size}  "
-            f"data {data.root} ({len(data.train_files)} train / {len(data.val_files)} val)", soft_wrap=True,
-        )
-        if compile_cache is not None:
-            warmth = "warm" if compile_cache["warm"] else "cold: the first run of these shapes compiles longer"
-            console.print(f"compile cache {compile_cache['dir']} ({warmth})", soft_wrap=True)
+        describe_run(console, model, rt, data, dist_info, compile_cache)
         with graceful_interrupts() as interrupt:
             if dist_info.is_main:
                 run.create()
@@ -230,6 +212,37 @@ def run_training(cfg: Config, derived: dict[str, Any], console: Console, dist_in
             summary = trainer.fit(interrupt)
         assert summary is not None  # the Reporter hook, one of the default hooks, made it
         return summary
+
+
+def make_trainer(cfg: Config, rt: Runtime, dist_info: DistInfo, data: RunData, model: torch.nn.Module,
+                 step_model: torch.nn.Module, run: RunFolder, console: Console, hooks: list[HookBase],
+                 zero: tuple[float, str]) -> Trainer:
+    """The optimiser, the loss, the step and the schedule around the built models; the trainer."""
+    optimizer = build_optimizer(model, cfg.train, rt.device)
+    clock = TrainClock()
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.needs_grad_scaler)
+    loss_fn = build_loss(cfg.train, data.train, data.palette.num_classes, rt.device)
+    step_model = for_ranks(step_model, loss_fn, rt, dist_info)
+    step = TrainStep(step_model, model, loss_fn, optimizer, scaler, rt, cfg.train.grad_clip)
+    parts = Parts(cfg, rt, dist_info, data, model, step, optimizer,
+                  build_scheduler(optimizer, cfg.train, len(data.train), clock), scaler, clock)
+    note = schedule_note(cfg.train, len(data.train))
+    if note:
+        console.print(f"note: {note}", style="yellow", soft_wrap=True)
+    return Trainer(parts, run, console, hooks, started_at=zero[0], time_zero=zero[1])
+
+
+def describe_run(console: Console, model: torch.nn.Module, rt: Runtime, data: RunData, dist_info: DistInfo,
+                 compile_cache: dict[str, Any] | None) -> None:
+    console.print(describe(model))
+    console.print(
+        f"device {device_name(rt.device)}  precision {rt.precision}  compile {rt.compile}  "
+        f"loader {data.loader_kind}  ranks {dist_info.world_size}  "
+        f"data {data.root} ({len(data.train_files)} train / {len(data.val_files)} val)", soft_wrap=True,
+    )
+    if compile_cache is not None:
+        warmth = "warm" if compile_cache["warm"] else "cold: the first run of these shapes compiles longer"
+        console.print(f"compile cache {compile_cache['dir']} ({warmth})", soft_wrap=True)
 
 
 def check_same_data(state: dict[str, Any], now: dict[str, Any], run_dir: Path, data_dir: Path) -> None:
@@ -243,41 +256,3 @@ def check_same_data(state: dict[str, Any], now: dict[str, Any], run_dir: Path, d
                         "epochs, position and schedule count the files it had. Put those files back (--data may "
                         f"point to where they are now), or start a new run from its weights: --init-from "
                         f"{run_dir / 'checkpoints' / 'last.pt'}")
-
-
-def children_ending(signum: int, frame: Any) -> None:  # noqa: ARG001
-    """SIGCHLD after a stop: loader workers ending are expected (their exit is reaped by their owner)."""
-
-
-@contextmanager
-def graceful_interrupts() -> Iterator[dict[str, Any]]:
-    """Turn SIGINT/SIGTERM/SIGHUP into a flag the loop checks after each step and each validation
-    batch, so the step in flight finishes and last.pt is saved instead of dying mid-update. While
-    `flag["immediate"]` is set (the warm-up: nothing new to save, and a compile may take minutes)
-    a signal stops at once, as a second one always does. While `flag["cut"]` holds an exception
-    class (a wait for the next batch, a validation: nothing there needs finishing) the signal
-    raises it at once: a loader whose workers the same signal ended would keep the loop waiting
-    seconds for them."""
-    flag: dict[str, Any] = {"signum": None, "immediate": False, "cut": None}
-
-    def handler(signum, frame):  # noqa: ARG001
-        quiet_if_terminal_gone(signum)
-        if flag["signum"] is not None or flag["immediate"]:  # a second Ctrl-C means now
-            raise InterruptedNow(signum)
-        flag["signum"] = signum
-        # From now on a loader worker ending (the same signal reached it) is expected, not a failure:
-        # torch's SIGCHLD check would raise it in the middle of saving last.pt. A Python no-op rather
-        # than SIG_DFL: a SIGCHLD already pending when the handler changes then finds a handler to run
-        # (with SIG_DFL, CPython prints "Signal 17 ignored due to race condition" with a traceback).
-        signal.signal(signal.SIGCHLD, children_ending)
-        if flag["cut"] is not None:
-            raise flag["cut"]()
-
-    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
-    previous[signal.SIGCHLD] = signal.getsignal(signal.SIGCHLD)  # torch's, when a loader started
-    try:
-        yield flag
-    finally:
-        for s, h in previous.items():
-            if h is not None:  # None: installed outside Python, left alone
-                signal.signal(s, h)

@@ -85,6 +85,8 @@ TRAIN_A: list[tuple[list[str], str, object]] = [
     (["--loss", "ce+dice"], "train.loss", "ce+dice"),
     (["--ema", "0.9"], "train.ema", 0.9),
     (["--patience", "5"], "train.patience", 5),
+    (["--save-top-k", "2"], "train.save_top_k", 2),
+    (["--set", "train.top_k_monitor=val_loss"], "train.top_k_monitor", "val_loss"),  # a config key, no flag
     (["--seed", "3"], "train.seed", 3),
     (["--log-every", "2"], "train.log_every", 2),
     (["--target-acc", "0.999"], "train.target_acc", 0.999),
@@ -154,6 +156,11 @@ def test_train_options_reach_the_run(run_a: tuple[Path, str]) -> None:
     assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())  # --norm group
     assert any(isinstance(m, torch.nn.ConvTranspose2d) for m in model.modules())  # --upsample transpose
     assert not list(out.rglob("events.out.tfevents*"))  # --no-tensorboard
+    # --save-top-k 2, ranked by val_loss: the lowest val losses of metrics.jsonl, one file each
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    best = sorted(records, key=lambda r: r["val_loss"])[:2]
+    assert {p.name for p in (out / "checkpoints" / "top-k").iterdir()} == {
+        f"epoch={r['epoch']}-step={r['step']}-val_loss={r['val_loss']:.4f}.pt" for r in best}
 
 
 @pytest.mark.slow

@@ -117,10 +117,9 @@ def test_a_second_signal_inside_a_save_waits_for_the_file(tmp_path: Path) -> Non
 def test_a_full_disk_inside_torch_save_is_one_training_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """torch.save reports a full disk as RuntimeError ("unexpected pos"), not OSError: the run must end
     with its one line, the previous checkpoint kept and no temp file left."""
-    from types import SimpleNamespace
-
     from cityseg.training import TrainingError
-    from cityseg.training.loop import Trainer
+    from cityseg.training.saving import CheckpointSaver
+    from cityseg.training.timing import RunTimes
 
     path = tmp_path / "last.pt"
     save_checkpoint({"model": {"w": torch.ones(1)}, "n": 1}, path)
@@ -130,17 +129,10 @@ def test_a_full_disk_inside_torch_save_is_one_training_error(tmp_path: Path, mon
                            "data/0: file write failed\nunexpected pos 64 vs 128")
 
     monkeypatch.setattr(torch, "save", full)
-    trainer = SimpleNamespace(dist=SimpleNamespace(is_main=True), state_dict=lambda: {"model": {}, "n": 2},
-                              times={"checkpoint_s": 0.0})
+    saver = CheckpointSaver(lambda: {"model": {}, "n": 2}, is_main=True, times=RunTimes())
     with pytest.raises(TrainingError, match="could not write checkpoint.*previous checkpoint is kept"):
-        if hasattr(Trainer, "write_error"):  # a background writer: its failure surfaces when waited for
-            from cityseg.checkpoint import CheckpointWriter
-
-            trainer.writer = CheckpointWriter(Trainer.write_error)
-            Trainer.save(trainer, path)
-            trainer.writer.join()
-        else:
-            Trainer.save(trainer, path)
+        saver.save(path)  # a background writer: its failure surfaces when waited for
+        saver.finish()
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["n"] == 1
     assert not list(tmp_path.glob(".*.tmp"))

@@ -25,7 +25,7 @@ import torch
 from cityseg.config import AugmentConfig
 from cityseg.data.contract import PairLoader, denormalize
 from cityseg.data.pairs import list_split
-from cityseg.palette import cityscapes_palette, map_colors_reference
+from cityseg.palette import IGNORE_INDEX, cityscapes_palette, map_colors_reference
 from tests.conftest import block_mask, spec, write_pair
 from tests.test_torch_loader import interior
 
@@ -153,6 +153,8 @@ def test_photo_and_mask_stay_aligned(kind: str, aug_name: str, pair_files: list[
         if not aug.color:
             agree, valid = class_agreement(photo, target)
             assert agree >= least and valid > 0.2, (i, agree, valid)
+        # Masks are resampled nearest: every id is one of the mask's own (or the fill), never a blend's.
+        assert set(target.unique().tolist()) <= set(plain_target.unique().tolist()) | {IGNORE_INDEX}, i
         if not aug.geometric:
             assert torch.equal(target, plain_target)  # jitter is photo-only
         if not warps(aug) and aug.hflip > 0:

@@ -216,6 +216,18 @@ def _batches(loader) -> Iterator:
         yield batch
 
 
+def logits_at(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(B, C, h, w) logits resized to `size` (H, W), to be argmaxed there: bilinear (align_corners=False),
+    antialiased where it shrinks. The one resize of validation, `eval` and `predict`, so that the three
+    give the same ids for the same photo at any size (a photo smaller than the training size included)."""
+    h, w = (int(s) for s in size)
+    if tuple(logits.shape[-2:]) == (h, w):
+        return logits
+    shrinks = h < logits.shape[-2] or w < logits.shape[-1]
+    return torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False,
+                                           antialias=shrinks)
+
+
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, loader, runtime: Runtime, num_classes: int,
                    dist_info: DistInfo | None = None,
@@ -224,9 +236,9 @@ def evaluate_model(model: torch.nn.Module, loader, runtime: Runtime, num_classes
     and the mean cross-entropy: one confusion matrix on the device, read once. The loop of training's
     validation, `eval`, and the time-to-accuracy benchmark (torchvision references' `evaluate`).
 
-    Targets larger than the logits (scored at the labels' native size while the model runs smaller)
-    are met by upsampling the logits bilinearly before the argmax. `on_batch(batches done)` after each
-    batch (a progress bar). A failing loader raises `LoaderFailed`."""
+    Targets of another size than the logits (scored at the labels' native size while the model runs at
+    the training size) are met by resizing the logits (`logits_at`) before the argmax.
+    `on_batch(batches done)` after each batch (a progress bar). A failing loader raises `LoaderFailed`."""
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX, device=runtime.device)
@@ -237,9 +249,7 @@ def evaluate_model(model: torch.nn.Module, loader, runtime: Runtime, num_classes
             with autocast(runtime):
                 logits = model(image)
             logits = logits.float()
-            if logits.shape[-2:] != target.shape[-2:]:
-                logits = torch.nn.functional.interpolate(logits, size=target.shape[-2:], mode="bilinear",
-                                                         align_corners=False)
+            logits = logits_at(logits, target.shape[-2:])
             loss_sum += torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
             cm.update(logits.argmax(1), target)
             batches += 1

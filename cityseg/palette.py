@@ -114,6 +114,13 @@ _LUTS: dict[tuple[str, str], torch.Tensor] = {}  # (palette key, device) -> tabl
 LUT_FORMAT = b"cityseg-lut 1"  # the first line of a cached table; bump when the file layout changes
 LUT_SIZE = 1 << 24
 SPOT_CHECKS = 1 << 16  # random colours compared with the reference on every load (a few ms)
+# The SHA-256 of the table `build_lut` makes for the stock palettes, by palette key. A cached table of
+# these palettes must be exactly that table: a header is easy to rewrite, and a random spot check
+# misses a handful of wrong entries most of the time. tests/test_lut_cache.py builds the table and
+# checks the pin (a change to the builder's output fails there, not here at a user's).
+BUILT_TABLE_SHA256 = {
+    "e426b7f7e4f4fe9b": "5216ef1f76adc19b96fbbad0c381cb1e669ac859653b3b4926ed460534b4fc04",  # cityscapes
+}
 _SAID: set[str] = set()  # cache notes already printed by this process
 
 
@@ -147,7 +154,8 @@ def _lut_header(palette: Palette, table: np.ndarray) -> bytes:
 def _read_cached_lut(palette: Palette, path: Path) -> tuple[np.ndarray | None, str]:
     """(the verified table, "") or (None, why it is not usable). Verified: the header names this code
     and palette, the content matches its digest, and random colours map as the reference maps them
-    (a table written by someone else with a matching digest is still caught)."""
+    (a table written by someone else with a matching digest is still caught: every entry for the
+    stock palettes, whose whole table's digest is pinned, random ones for the others)."""
     try:
         with open(path, "rb") as f:
             header = f.readline(256)
@@ -160,6 +168,9 @@ def _read_cached_lut(palette: Palette, path: Path) -> tuple[np.ndarray | None, s
         return None, "not a lookup table of this version (corrupt or truncated)"
     if header != _lut_header(palette, table):
         return None, "built by another version or for another palette, or corrupt"
+    pinned = BUILT_TABLE_SHA256.get(palette.key())
+    if pinned is not None and hashlib.sha256(table.tobytes()).hexdigest() != pinned:
+        return None, "its content differs from the table the builder makes (tampered with)"
     if not _agrees_with_reference(table, palette):
         return None, "its classes differ from the reference mapping (tampered with)"
     return table, ""

@@ -6,8 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import random
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -205,11 +203,19 @@ def test_fuzz_image_shapes_validator_and_loader_agree(tmp_path: Path, h: int, w:
 # -- interrupted runs ------------------------------------------------------------------------------
 # Ctrl-C and SIGTERM mid-epoch: tests/e2e/test_commands.py.
 
+FAULTS = Path(__file__).resolve().parent / "faults"
+# Where each session is SIGKILLed (tests/faults/sitecustomize.py; the whole process group, workers too):
+# the first as its 3rd last.pt write opens (a checkpoint write in flight), the second at a loader worker's
+# 30th train image read (mid-epoch, an epoch or more into the resumed run), the third at a worker's 3rd
+# val image read (inside a later validation). Placed moments, not sleeps: the same kills every run.
+KILLS = ["main:.last.pt.:3", "worker:/train/:30", "worker:/val/:3"]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # a 12-epoch run, then the same run killed three times
-def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
-    """SIGKILL to the whole process (workers too), each time after the run made progress, also while
-    checkpoints are written (every epoch here): the run always resumes from a loadable checkpoint,
+def test_sigkill_at_placed_moments_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    """SIGKILL to the whole process (workers too) while a checkpoint is written, mid-epoch and during a
+    validation, each after the run made progress: the run always resumes from a loadable checkpoint,
     best.pt is never corrupt, metrics.jsonl holds each epoch once, and the final weights are those of
     a run never interrupted."""
     dataset = make_pair_dataset(tmp_path / "data", n_train=40, n_val=4)  # 20 steps an epoch
@@ -218,19 +224,19 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     assert straight.returncode == 0, straight.output
     out = tmp_path / "run"
     last = out / "checkpoints" / "last.pt"
-    rng = random.Random(0)
-    proc = CliProcess([*args, "--out", out])
     steps = [0]
-    for _ in range(3):
-        # progress since the last kill first, then a kill at a random moment (a checkpoint write included)
-        wait_until(lambda: last.exists() and load_checkpoint(last)["global_step"] > steps[-1], proc)
-        time.sleep(rng.uniform(0.0, 1.0))
-        proc.kill_all()
+    command = [*args, "--out", out]
+    for i, moment in enumerate(KILLS):
+        mark = tmp_path / f"killed-{i}"
+        env = {"PYTHONPATH": str(FAULTS), "CITYSEG_TEST_SIGNAL": f"SIGKILL:group:{moment}",
+               "CITYSEG_TEST_SIGNAL_MARK": str(mark)}
+        done = CliProcess(command, env=env).finish(timeout=300)
+        assert mark.is_file() and done.returncode == -9, f"not killed at {moment}:\n{done.output}"
         steps.append(load_checkpoint(last)["global_step"])
         if (out / "checkpoints" / "best.pt").exists():
             load_checkpoint(out / "checkpoints" / "best.pt")
-        proc = CliProcess(["train", "--resume", out])
-    done = proc.finish(timeout=300)
+        command = ["train", "--resume", out]
+    done = CliProcess(command).finish(timeout=300)
     assert done.returncode == 0, done.output
     assert steps == sorted(steps) and len(set(steps)) == len(steps), steps  # every session made progress
     epochs = [json.loads(ln)["epoch"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
@@ -239,14 +245,6 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     for key in a:
         assert torch.equal(a[key], b[key]), key
     load_checkpoint(out / "checkpoints" / "best.pt")
-
-
-def wait_until(condition: Callable[[], bool], proc: CliProcess, timeout: float = 120) -> None:
-    t0 = time.monotonic()
-    while not condition():
-        assert proc.proc.poll() is None, proc.tail()
-        assert time.monotonic() - t0 < timeout, "no progress"
-        time.sleep(0.05)
 
 
 def test_same_seed_same_metrics(dataset: Path, tmp_path: Path) -> None:

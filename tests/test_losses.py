@@ -68,9 +68,16 @@ def test_every_pixel_ignored_and_one_class_only() -> None:
 
 
 def test_ce_kind_is_plain_cross_entropy() -> None:
+    """`--loss ce`: the mean negative log-likelihood over the pixels that are not void (255), computed
+    here by hand, unweighted and class-weighted (weighted mean: each pixel counts its class's weight)."""
     logits, target = random_batch(4)
-    assert isinstance(build_loss_fn("ce", None), nn.CrossEntropyLoss)
     assert isinstance(build_loss_fn("ce+dice", None), DiceCELoss)
+    valid = target != IGNORE_INDEX
+    nll = -logits.log_softmax(1).gather(1, target.clamp(max=logits.shape[1] - 1)[:, None])[:, 0]  # (B, H, W)
+    weight = torch.linspace(0.5, 2.0, logits.shape[1])
+    pixel_weight = weight[target.clamp(max=logits.shape[1] - 1)] * valid
+    for w, want in ((None, nll[valid].mean()), (weight, (nll * pixel_weight).sum() / pixel_weight.sum())):
+        torch.testing.assert_close(build_loss_fn("ce", w)(logits, target), want, rtol=1e-5, atol=1e-6)
 
 
 def test_compiles_as_one_graph_without_recompiles() -> None:

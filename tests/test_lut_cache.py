@@ -4,6 +4,7 @@ reference's; an empty CITYSEG_CACHE means the default folder, never the current 
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -101,7 +102,16 @@ def stale(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         table_path(cache).write_bytes(P._lut_header(TWO, np.frombuffer(data, dtype=np.uint8)) + data)
 
 
+def one_entry(cache: Path) -> None:
+    """One entry of 2^24 changed, the header left as it was: bit rot, or a writer cut short."""
+    header, data = table_path(cache).read_bytes().split(b"\n", 1)
+    table = np.frombuffer(data, dtype=np.uint8).copy()
+    table[0x123456] = 1 - table[0x123456]
+    table_path(cache).write_bytes(header + b"\n" + table.tobytes())
+
+
 DAMAGE = {
+    "one-entry": lambda cache, mp: one_entry(cache),
     "truncated": lambda cache, mp: table_path(cache).write_bytes(table_path(cache).read_bytes()[:5000]),
     "empty": lambda cache, mp: table_path(cache).write_bytes(b""),
     "old-npy-layout": lambda cache, mp: np.save(table_path(cache).open("wb"), np.zeros(1 << 24, np.uint8)),
@@ -158,3 +168,30 @@ def test_eval_with_a_poisoned_shared_cache_scores_as_with_a_clean_one(tmp_path: 
     score = re.compile(r"pixel acc \S+  mIoU \S+")
     assert score.search(again.stdout).group() == score.search(clean.stdout).group()
     assert again.stderr.count("rebuilt") == 1, again.stderr
+
+
+def test_the_pinned_digests_are_the_builders_tables() -> None:
+    """Each pinned digest is that of the table the builder makes (the session's table: built by the real
+    `build_lut`, or read from the session cache, which a wrong pin would reject and rebuild)."""
+    for key, digest in P.BUILT_TABLE_SHA256.items():
+        palette = P.cityscapes_palette()
+        assert palette.key() == key  # the pins are the stock palettes'
+        assert hashlib.sha256(P.lookup_table(palette).numpy().tobytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("header", ["rewritten", "kept"])
+def test_a_single_wrong_entry_is_rejected_whatever_the_header(header: str, tmp_path: Path) -> None:
+    """The stock palette's table with one entry changed, among 2^24: with its header rewritten to
+    match (what a random spot check misses most of the time) or left as it was, the cache refuses
+    it, every time; the table as built is accepted."""
+    palette = P.cityscapes_palette()
+    table = P.lookup_table(palette).numpy()
+    path = tmp_path / f"lut-{palette.key()}.bin"
+    path.write_bytes(P._lut_header(palette, table) + table.tobytes())
+    assert P._read_cached_lut(palette, path)[0] is not None
+    for code in (0x000000, 0x80407F, 0xFFFFFF):  # a corner, the middle, the other corner
+        bad = table.copy()
+        bad[code] = (int(bad[code]) + 1) % palette.num_classes
+        path.write_bytes(P._lut_header(palette, bad if header == "rewritten" else table) + bad.tobytes())
+        loaded, problem = P._read_cached_lut(palette, path)
+        assert loaded is None and problem, (hex(code), problem)

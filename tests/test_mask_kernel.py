@@ -220,6 +220,21 @@ def test_ties_go_to_the_lowest_centre():
         assert swapped.tolist() == [[5, 4, 5, 7]], backend
 
 
+def test_ties_go_to_the_lowest_centre_with_fractional_centres_too():
+    """The same rule on the kernel's direct loop (centres that are not whole numbers): (10, 10, 10) is
+    exactly 1.5^2 from (8.5, 10, 10) and (11.5, 10, 10), and a repeated centre goes to its first class."""
+    from kernels.mask_to_class import _kernel_table
+
+    centers = torch.tensor([[8.5, 10, 10], [11.5, 10, 10], [8.5, 10, 10]])
+    classes = torch.tensor([4, 5, 6])
+    assert not _kernel_table(centers, classes, torch.device("cpu"))[2]  # the direct loop
+    mask = torch.tensor([[[10, 10, 10], [8, 10, 10], [12, 10, 10]]], dtype=torch.uint8)
+    for backend in ("triton", "reference"):
+        assert mask_to_class(mask, centers, classes, backend=backend).tolist() == [[4, 4, 5]], backend
+        swapped = mask_to_class(mask, centers[[1, 0, 2]], classes[[1, 0, 2]], backend=backend)
+        assert swapped.tolist() == [[5, 4, 5]], backend
+
+
 def test_cityscapes_shared_colour_goes_to_the_train_class():
     from cityseg.palette import cityscapes_palette
 

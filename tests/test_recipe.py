@@ -116,11 +116,17 @@ def test_target_accuracy_stops_at_the_first_epoch_that_reaches_it(tmp_path: Path
     out = tmp_path / "run"
     done = run_cli(["train", "--data", easy, "--out", out, "--epochs", "30", "--lr", "0.03", "--warmup-steps", "5",
                     "--target-acc", "0.5", "--device", "cpu", "--no-compile", "--image-size", "32", "--width", "8",
-                    "--depth", "2", "--batch-size", "4"])
+                    "--depth", "2", "--batch-size", "4", "--val-every", "1"])
     assert done.returncode == 0, done.output
-    accs = [json.loads(ln)["pixel_acc"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    assert accs[-1] >= 0.5 and all(a < 0.5 for a in accs[:-1]) and len(accs) < 30
+    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    # Every epoch validated: the run stopped at the first epoch whose accuracy reached the target, and
+    # well before its 30 epochs (without --target-acc it would have run them all).
+    stop = records[-1]["epoch"]
+    assert [r["epoch"] for r in records] == list(range(1, stop + 1)) and stop < 30
+    assert records[-1]["pixel_acc"] >= 0.5 and all(r["pixel_acc"] < 0.5 for r in records[:-1])
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == stop and summary["steps"] == stop * 16 // 4
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == stop
     assert summary["target_reached_train_s"] == summary["final"]["train_s"]
     assert "target pixel accuracy 0.5 reached" in done.stdout
 

@@ -40,7 +40,7 @@ from cityseg.errors import OutputError
 from cityseg.inference.inputs import PAIRS, InputImage, list_inputs, list_pair_inputs, load_input, output_names
 from cityseg.inference.overlay import OUTPUT_KINDS, write_outputs
 from cityseg.inference.tta import FlipTTA, resolve_tta
-from cityseg.metrics import ConfusionMatrix, SegMetrics, iou_table
+from cityseg.metrics import ConfusionMatrix, SegMetrics, iou_table, logits_at
 from cityseg.outputs import ensure_dir, new_output_files
 from cityseg.palette import IGNORE_INDEX, Palette
 from cityseg.report import plot_confusion, write_json
@@ -118,11 +118,7 @@ def upsampled_argmax(logits: torch.Tensor, size: tuple[int, int],
     (_, c, h, w), (height, width) = logits.shape, size
     if height >= h and width >= w and c * height * width * 4 > max_bytes:
         return strip_upsampled_argmax(logits, size)
-    if tuple(logits.shape[-2:]) != tuple(size):
-        # antialias matters only when shrinking (photos smaller than the training size).
-        logits = nn.functional.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False,
-                                           antialias=True)
-    return logits[0].argmax(0).to(torch.uint8)
+    return logits_at(logits, size)[0].argmax(0).to(torch.uint8)  # validation's resize: the same ids
 
 
 def strip_upsampled_argmax(logits: torch.Tensor, size: tuple[int, int], strip_bytes: int = STRIP_BYTES) -> torch.Tensor:

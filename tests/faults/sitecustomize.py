@@ -9,6 +9,9 @@
   of the run (a train image read: training; a val image: validation; `.last.pt.`: a checkpoint
   write), not after a guessed sleep. It fires once in all: $CITYSEG_TEST_SIGNAL_MARK is created
   then, holding time.monotonic() (system-wide on Linux: the test measures the time to the exit).
+  Several moments joined by `+` (SIGNAL:TARGET:WHERE:PART:N+WHERE:PART:N) send one signal each, in
+  the order the run reaches them (a second Ctrl-C while the first is honoured); the k-th (k > 0)
+  marks $CITYSEG_TEST_SIGNAL_MARK.k.
 """
 
 from __future__ import annotations
@@ -64,35 +67,45 @@ if MARK:
 
 SIGNAL_AT = os.environ.get("CITYSEG_TEST_SIGNAL", "")
 SIGNAL_MARK = os.environ.get("CITYSEG_TEST_SIGNAL_MARK", "")
-_opens = 0
+_opens: dict[int, int] = {}  # trigger -> opens counted in this process
 _inside = False
 
 
+def _triggers() -> tuple[str, str, list[tuple[str, str, int]]]:
+    name, target, rest = SIGNAL_AT.split(":", 2)
+    moments = []
+    for moment in rest.split("+"):
+        where, part, nth = moment.split(":")
+        moments.append((where, part, int(nth)))
+    return name, target, moments
+
+
 def _signal_on_open(event: str, args: tuple) -> None:
-    global _opens, _inside
+    global _inside
     if event != "open" or _inside or not isinstance(args[0], (str, bytes, os.PathLike)):
         return
-    name, target, where, part, nth = SIGNAL_AT.split(":")
+    name, target, moments = _triggers()
     is_main = os.getpid() == os.getsid(0)  # the command runs in a session of its own (tests/cli_process.py)
-    if (where == "main") != is_main or part not in os.fsdecode(args[0]):
-        return
-    _opens += 1
-    if _opens != int(nth):
-        return
-    _inside = True  # the mark's own open must not count
-    try:
-        fd = os.open(SIGNAL_MARK, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:  # another process fired first
-        return
-    finally:
-        _inside = False
-    os.write(fd, repr(time.monotonic()).encode())
-    os.close(fd)
-    signum = getattr(signal, name)
-    if target == "group":
-        os.killpg(os.getpgid(0), signum)
-    else:
-        os.kill(os.getsid(0), signum)
+    for k, (where, part, nth) in enumerate(moments):
+        if (where == "main") != is_main or part not in os.fsdecode(args[0]):
+            continue
+        _opens[k] = _opens.get(k, 0) + 1
+        if _opens[k] != nth:
+            continue
+        _inside = True  # the mark's own open must not count
+        try:
+            fd = os.open(SIGNAL_MARK + (f".{k}" if k else ""), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:  # another process fired first
+            continue
+        finally:
+            _inside = False
+        os.write(fd, repr(time.monotonic()).encode())
+        os.close(fd)
+        signum = getattr(signal, name)
+        if target == "group":
+            os.killpg(os.getpgid(0), signum)
+        else:
+            os.kill(os.getsid(0), signum)
 
 
 if SIGNAL_AT and SIGNAL_MARK:

@@ -65,11 +65,12 @@ MUTATIONS: list[Mutation] = [
       "return photo, torch.where(flip[:, None, None], target.flip(-1), target)", "return photo, target",
       "tests/test_alignment.py", "-k", "cache"),
     m("clock", "loop: training clock", "validation and checkpoint time counted as training (the clock keeps "
-      "running between epochs)", "cityseg/training/loop.py",
-      "        last = self.tick()\n        batches = iter(loader)",
-      "        last = self.last_tick if hasattr(self, 'last_tick') else self.tick()\n        batches = iter(loader)",
-      "tests/test_clock.py",
-      more=(("            last = now\n", "            last = self.last_tick = now\n"),)),
+      "running between epochs)", "cityseg/training/synced_clock.py",
+      "        \"\"\"Training (re)starts now: what passed since the last step is not training.\"\"\"\n"
+      "        self.last = self.tick()",
+      "        \"\"\"Training (re)starts now: what passed since the last step is not training.\"\"\"\n"
+      "        self.last = self.last or self.tick()",
+      "tests/test_clock.py"),
     m("lut-pin", "palette: lookup-table cache", "a cached table with a few wrong entries and a rewritten header "
       "is accepted (only the random spot check)", "cityseg/palette.py",
       "if pinned is not None and hashlib.sha256", "if False and hashlib.sha256",
@@ -173,7 +174,7 @@ MUTATIONS: list[Mutation] = [
       "        p.optimizer.load_state_dict(state[\"optimizer\"])\n", "",
       "tests/test_engine.py", "-k", "resume_continues"),
     m("target-acc", "loop: --target-acc", "the target is compared with mIoU, not pixel accuracy",
-      "cityseg/training/hooks.py",
+      "cityseg/training/hooks/target_accuracy.py",
       "if (record.get(\"pixel_acc\") or 0.0) >= self.target:", "if (record.get(\"miou\") or 0.0) >= self.target:",
       "tests/test_recipe.py", "-k", "target_accuracy"),
     m("tta-unflipped", "inference: flip TTA", "the flipped pass's logits are not flipped back",
@@ -213,7 +214,8 @@ def run_tests(copy: Path, tests: tuple[str, ...], timeout: float, cache: Path) -
     """(verdict, seconds, last output lines) of the tests in `copy`."""
     env = {**os.environ, "PYTHONPATH": str(copy), "CITYSEG_CACHE": str(cache), "OMP_NUM_THREADS": "1",
            "PYTHONDONTWRITEBYTECODE": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow and not gpu", *tests]
+    # -n 0: one process (no xdist workers), so -x stops at the first failure with exit status 1.
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-m", "not slow and not gpu", *tests]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)

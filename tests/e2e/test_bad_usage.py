@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -79,10 +80,16 @@ def test_two_runs_cannot_share_a_folder(tmp_path: Path) -> None:
     out = tmp_path / "run"
     first = CliProcess(["train", "--data", long_data, "--out", out, "--epochs", "2", "--log-every", "5", *TINY])
     first.wait_for_output("step 5/")
-    second = run_cli(["train", "--data", long_data, "--out", out, "--epochs", "1", *TINY])
+    # The first run (and its loader workers) is held stopped while the others try: it cannot finish
+    # (and free the folder) before they ask, however slow their start-up on a loaded machine.
+    os.killpg(first.proc.pid, signal.SIGSTOP)
+    try:
+        second = run_cli(["train", "--data", long_data, "--out", out, "--epochs", "1", *TINY])
+        resume = run_cli(["train", "--resume", out])
+    finally:
+        os.killpg(first.proc.pid, signal.SIGCONT)
     assert_one_line(second, str(out))
     assert "in use by another cityseg-fast run" in second.stderr or "already holds files" in second.stderr
-    resume = run_cli(["train", "--resume", out])
     assert_one_line(resume, str(out), "in use by another cityseg-fast run")
     done = first.finish(timeout=300)
     assert done.returncode == 0, done.output

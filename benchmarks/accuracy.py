@@ -79,6 +79,17 @@ RECIPES: dict[str, dict[str, Any]] = {
     "lite0-random": {"model.encoder": "tf_efficientnet_lite0", "model.encoder_weights": "none"},
     "lite1-imagenet": {"model.encoder": "tf_efficientnet_lite1", "model.encoder_weights": "WEIGHTS/lite1.safetensors"},
 }
+# The fine-tuning screen (issue 33): lite0-imagenet with one change each, selected on val 1-40 + held-out
+# train images (benchmarks/results/accuracy-finetune-screen-cpu.md), never on the independent check.
+LITE0 = RECIPES["lite0-imagenet"]
+RECIPES.update({
+    "lite0-enclr0.1": {**LITE0, "train.encoder_lr": 0.1},
+    "lite0-enclr0.3": {**LITE0, "train.encoder_lr": 0.3},
+    "lite0-freeze60": {**LITE0, "train.freeze_encoder": 60},
+    "lite0-bnfrozen": {**LITE0, "train.encoder_bn": "frozen"},
+    "lite0-ema0.99": {**LITE0, "train.ema": 0.99},
+    "lite0-dice": {**LITE0, "train.loss": "ce+dice"},
+})
 WEIGHTS = "WEIGHTS/"
 
 

@@ -94,7 +94,7 @@ WEIGHTS = "WEIGHTS/"
 
 
 def recipe_config(name: str, data: Path, budget_s: float, clock: str, out: Path, device: str, seed: int = 0,
-                  weights: Path | None = None) -> ResolvedRun:
+                  weights: Path | None = None, val_every: str | None = None) -> ResolvedRun:
     overrides = {**BASE, **RECIPES[name]}
     for key, value in overrides.items():
         if isinstance(value, str) and value.startswith(WEIGHTS):
@@ -103,6 +103,8 @@ def recipe_config(name: str, data: Path, budget_s: float, clock: str, out: Path,
             overrides[key] = str(weights / value.removeprefix(WEIGHTS))
     run = {"data.data_dir": str(data), "train.time_budget_s": budget_s, "train.clock": clock, "train.out": str(out),
            "train.device": device, "data.skip_validate": True, "train.seed": seed}
+    if val_every is not None:
+        run["train.val_every"] = val_every
     if clock == "cpu":
         run["data.workers"] = 0  # the loading happens in this process, on its CPU clock
     return resolve_run({**overrides, **run})  # presets, checks: as `cityseg-fast train` resolves these values
@@ -115,7 +117,8 @@ def run_recipe(name: str, args: argparse.Namespace, budget_s: float, device: tor
 
     with tempfile.TemporaryDirectory(prefix=f"acc-{name}-") as tmp:
         out = args.runs / name if args.runs else Path(tmp) / "run"  # --runs keeps them (eval, predict later)
-        cfg = recipe_config(name, args.data, budget_s, args.clock, out, device.type, args.seed, args.weights)
+        cfg = recipe_config(name, args.data, budget_s, args.clock, out, device.type, args.seed, args.weights,
+                            args.val_every)
         summary = train(cfg, Console(quiet=not args.verbose, markup=False))
         model_cfg = json.loads((out / "config.json").read_text())["model"]
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -245,6 +248,9 @@ def run(argv: Sequence[str] | None = None, prog: str | None = None) -> Path:
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads of each run (torch.set_num_threads)")
     ap.add_argument("--weights", type=Path, default=None,
                     help="folder of encoder weights files the WEIGHTS/ recipes name (lite0/lite1.safetensors)")
+    ap.add_argument("--val-every", default=None,
+                    help="each run's --val-every (e.g. 5m of training clock: a curve whose points a run cut "
+                         "short still keeps with --runs); default: the run's auto")
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # one arm of --parallel
     args = ap.parse_args(argv)
     if args.threads:

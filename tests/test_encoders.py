@@ -263,7 +263,7 @@ def test_frozen_encoder_steps_at_lr_zero_then_follows_the_schedule() -> None:
 
 
 def test_frozen_encoder_and_its_batchnorm_through_training_resume_and_ema(lite0_file: Path, tmp_path: Path) -> None:
-    """--freeze-encoder 3 --encoder-bn frozen --ema 0.9, trained 3 steps then resumed to 6: the encoder
+    """freeze_encoder 3, encoder_bn frozen, --ema 0.9: trained 3 steps then resumed to 6: the encoder
     (weights and BatchNorm statistics) is the pretrained one after 3 steps, in the raw weights and in the
     EMA alike, while the decoder learned; after 6 its weights moved, its statistics did not."""
     data = make_pair_dataset(tmp_path / "data", n_train=8, n_val=2, size=32)

@@ -117,7 +117,7 @@ class ProgressLR:
     def _apply(self) -> None:
         f = self.factor()
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-            # A frozen group (the encoder under --freeze-encoder) steps at lr 0: AdamW's decoupled
+            # A frozen group (the encoder under train.freeze_encoder) steps at lr 0: AdamW's decoupled
             # weight decay is scaled by the lr too, so its weights stay exactly as they were.
             group["lr"] = 0.0 if self.last_epoch < group.get("frozen_steps", 0) else base * f
 

@@ -458,6 +458,12 @@ def test_accuracy_benchmark_writes_curves_table_and_plot(tiny_data: Path, tmp_pa
     assert (improved.config.model.upsample, improved.config.train.loss) == ("bilinear", "ce+dice")
 
 
+def test_accuracy_recipes_take_their_own_seeds() -> None:
+    from benchmarks import accuracy
+
+    assert accuracy.recipe_seeds("a, b@0,c@1+2", [0, 1]) == {"a": [0, 1], "b": [0], "c": [1, 2]}
+
+
 def test_readme_expected_results_are_the_committed_measurement() -> None:
     """README's CPU table is benchmarks/results/accuracy-cpu.json figure for figure, the recipe it
     measured as `improved` is the `real-data` preset users get with --data, and that measurement

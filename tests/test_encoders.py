@@ -288,6 +288,23 @@ def test_frozen_encoder_and_its_batchnorm_through_training_resume_and_ema(lite0_
     assert not torch.equal(raw["encoder.conv_stem.weight"], pretrained["encoder.conv_stem.weight"])
 
 
+def test_fine_tuning_settings_by_set_and_their_bad_values_in_one_line(tmp_path: Path) -> None:
+    from cityseg.cli.train import parse_set_values
+    from cityseg.errors import OptionError
+    from cityseg.resolve import resolve_run
+
+    base = {"data.data_dir": str(make_pair_dataset(tmp_path / "data", n_train=2, n_val=1, size=32)),
+            "model.encoder": LITE0, "model.encoder_weights": "none", "data.skip_validate": True}
+    given = parse_set_values(["train.encoder_lr=0.1", "train.freeze_encoder=200", "train.encoder_bn=frozen"])
+    t = resolve_run({**base, **given}).config.train
+    assert (t.encoder_lr, t.freeze_encoder, t.encoder_bn) == (0.1, 200, "frozen")
+    for bad, says in (("train.encoder_bn=off", "train.encoder_bn"), ("train.encoder_lr=-1", "train.encoder_lr"),
+                      ("train.freeze_encoder=1.5", "train.freeze_encoder")):
+        with pytest.raises(OptionError) as e:
+            resolve_run({**base, **parse_set_values([bad])})
+        assert says in one_line(e)
+
+
 def test_frozen_encoder_batchnorm_stays_in_eval_mode() -> None:
     model = build_model(ModelConfig(encoder=LITE0, width=4, num_classes=3))
     model.freeze_encoder_bn()

@@ -79,11 +79,29 @@ RECIPES: dict[str, dict[str, Any]] = {
     "lite0-random": {"model.encoder": "tf_efficientnet_lite0", "model.encoder_weights": "none"},
     "lite1-imagenet": {"model.encoder": "tf_efficientnet_lite1", "model.encoder_weights": "WEIGHTS/lite1.safetensors"},
 }
+# The fine-tuning screen (issue 33): lite0-imagenet with one change each, selected on val 1-40 + held-out
+# train images (benchmarks/results/accuracy-finetune-screen-cpu.md), never on the independent check.
+LITE0 = RECIPES["lite0-imagenet"]
+RECIPES.update({
+    "lite0-enclr0.1": {**LITE0, "train.encoder_lr": 0.1},
+    "lite0-enclr0.3": {**LITE0, "train.encoder_lr": 0.3},
+    "lite0-freeze60": {**LITE0, "train.freeze_encoder": 60},
+    "lite0-bnfrozen": {**LITE0, "train.encoder_bn": "frozen"},
+    "lite0-ema0.99": {**LITE0, "train.ema": 0.99},
+    "lite0-dice": {**LITE0, "train.loss": "ce+dice"},
+})
+# The side-by-side at the real-data preset (our U-Net: `improved`): each encoder on top of it, fine-tuned
+# plainly, as the screen chose (no encoder-LR share, freeze, frozen BatchNorm or EMA won beyond its noise).
+RECIPES.update({
+    "improved+lite0": {**PRESETS["real-data"], **LITE0},
+    "improved+lite0-random": {**PRESETS["real-data"], **RECIPES["lite0-random"]},
+    "improved+lite1": {**PRESETS["real-data"], **RECIPES["lite1-imagenet"]},
+})
 WEIGHTS = "WEIGHTS/"
 
 
 def recipe_config(name: str, data: Path, budget_s: float, clock: str, out: Path, device: str, seed: int = 0,
-                  weights: Path | None = None) -> ResolvedRun:
+                  weights: Path | None = None, val_every: str | None = None) -> ResolvedRun:
     overrides = {**BASE, **RECIPES[name]}
     for key, value in overrides.items():
         if isinstance(value, str) and value.startswith(WEIGHTS):
@@ -92,6 +110,8 @@ def recipe_config(name: str, data: Path, budget_s: float, clock: str, out: Path,
             overrides[key] = str(weights / value.removeprefix(WEIGHTS))
     run = {"data.data_dir": str(data), "train.time_budget_s": budget_s, "train.clock": clock, "train.out": str(out),
            "train.device": device, "data.skip_validate": True, "train.seed": seed}
+    if val_every is not None:
+        run["train.val_every"] = val_every
     if clock == "cpu":
         run["data.workers"] = 0  # the loading happens in this process, on its CPU clock
     return resolve_run({**overrides, **run})  # presets, checks: as `cityseg-fast train` resolves these values
@@ -104,7 +124,8 @@ def run_recipe(name: str, args: argparse.Namespace, budget_s: float, device: tor
 
     with tempfile.TemporaryDirectory(prefix=f"acc-{name}-") as tmp:
         out = args.runs / name if args.runs else Path(tmp) / "run"  # --runs keeps them (eval, predict later)
-        cfg = recipe_config(name, args.data, budget_s, args.clock, out, device.type, args.seed, args.weights)
+        cfg = recipe_config(name, args.data, budget_s, args.clock, out, device.type, args.seed, args.weights,
+                            args.val_every)
         summary = train(cfg, Console(quiet=not args.verbose, markup=False))
         model_cfg = json.loads((out / "config.json").read_text())["model"]
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -131,8 +152,8 @@ def run_recipe(name: str, args: argparse.Namespace, budget_s: float, device: tor
     }
 
 
-def run_parallel(names: list[str], seeds: list[int], args: argparse.Namespace, argv: Sequence[str] | None,
-                 out: Path) -> list[dict[str, Any]]:
+def run_parallel(names: list[str], seeds: dict[str, list[int]], args: argparse.Namespace,
+                 argv: Sequence[str] | None, out: Path) -> list[dict[str, Any]]:
     """Every recipe x seed started together, one process each (this module, one recipe, one seed,
     --threads threads), so that all arms share the machine alike; their results in order."""
     import subprocess
@@ -142,7 +163,7 @@ def run_parallel(names: list[str], seeds: list[int], args: argparse.Namespace, a
     base = drop_option(drop_option(drop_option(drop_option(base, "--recipes"), "--seeds"), "--json"), "--runs")
     procs = []
     for name in names:
-        for seed in seeds:
+        for seed in seeds[name]:
             part = out.with_name(f"{out.stem}.{name}.seed{seed}.json")
             cmd = [sys.executable, "-m", "benchmarks.accuracy", *base, "--recipes", name, "--seed", str(seed),
                    "--seeds", str(seed), "--json", str(part), "--overwrite", "--threads", str(args.threads or 1)]
@@ -157,11 +178,21 @@ def run_parallel(names: list[str], seeds: list[int], args: argparse.Namespace, a
             print(f"{name} seed {seed}: failed (exit {proc.returncode})", flush=True)
             continue
         for row in json.loads(part.read_text())["results"]:
-            rows.append({**row, "label": f"{name} s{seed}" if len(seeds) > 1 else name})
+            rows.append({**row, "label": f"{name} s{seed}" if len(args.seed_list) > 1 else name})
         part.unlink()
         for suffix in (".png", ".md"):
             part.with_suffix(suffix).unlink(missing_ok=True)
     return rows
+
+
+def recipe_seeds(recipes: str, seeds: list[int]) -> dict[str, list[int]]:
+    """`--recipes` as {name: its seeds}: `a,b@0,c@1+2` gives a every seed of --seeds, b seed 0, c 1 and 2
+    (a side-by-side run repeats only the arms whose seed-to-seed spread it states)."""
+    out = {}
+    for item in (n.strip() for n in recipes.split(",") if n.strip()):
+        name, _, own = item.partition("@")
+        out[name] = [int(s) for s in own.split("+")] if own else list(seeds)
+    return out
 
 
 def drop_option(argv: list[str], option: str) -> list[str]:
@@ -221,7 +252,8 @@ def run(argv: Sequence[str] | None = None, prog: str | None = None) -> Path:
     ap = new_parser("accuracy", __doc__, prog)
     ap.add_argument("--data", type=Path, help="Kaggle pair folder (train/ and val/)")
     ap.add_argument("--budget", default="20m", help="training time per recipe: seconds, or with s/m/h")
-    ap.add_argument("--recipes", default="baseline,improved", help="comma list of recipe names (--list)")
+    ap.add_argument("--recipes", default="baseline,improved",
+                    help="comma list of recipe names (--list); NAME@0+1 runs that recipe with those seeds only")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="what a training second is")
     ap.add_argument("--device", default="auto", help="auto (the GPU if there is one) | cpu | cuda[:N]")
     ap.add_argument("--verbose", action="store_true", help="show each run's progress and tables")
@@ -234,6 +266,9 @@ def run(argv: Sequence[str] | None = None, prog: str | None = None) -> Path:
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads of each run (torch.set_num_threads)")
     ap.add_argument("--weights", type=Path, default=None,
                     help="folder of encoder weights files the WEIGHTS/ recipes name (lite0/lite1.safetensors)")
+    ap.add_argument("--val-every", default=None,
+                    help="each run's --val-every (e.g. 5m of training clock: a curve whose points a run cut "
+                         "short still keeps with --runs); default: the run's auto")
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # one arm of --parallel
     args = ap.parse_args(argv)
     if args.threads:
@@ -244,7 +279,10 @@ def run(argv: Sequence[str] | None = None, prog: str | None = None) -> Path:
         return Path()
     if args.data is None:
         ap.error("--data is required")
-    names = [n.strip() for n in args.recipes.split(",") if n.strip()]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.seed_list = seeds
+    seeds_of = recipe_seeds(args.recipes, seeds)
+    names = list(seeds_of)
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
         ap.error(f"unknown recipes {unknown}: --list shows them")
@@ -254,12 +292,11 @@ def run(argv: Sequence[str] | None = None, prog: str | None = None) -> Path:
     config = {"data": str(args.data), "budget_s": budget_s, "clock": args.clock, "recipes": names, "base": BASE}
     record = new_record("accuracy", device, command_line("accuracy", argv), config)
     print_header(record)
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    config.update(seeds=seeds, threads=args.threads or torch.get_num_threads(), parallel=args.parallel)
+    config.update(seeds=seeds_of, threads=args.threads or torch.get_num_threads(), parallel=args.parallel)
     if args.parallel:
-        record["results"] = run_parallel(names, seeds, args, argv, out)
+        record["results"] = run_parallel(names, seeds_of, args, argv, out)
     for name in names if not args.parallel else []:
-        for seed in seeds:
+        for seed in seeds_of[name]:
             args.seed = seed
             print(f"{name} seed {seed}: {json.dumps(RECIPES[name])} for {budget_s:.0f} training s ({args.clock} clock)",
                   flush=True)

@@ -160,6 +160,13 @@ class TrainConfig:
                         choices=("ce", "ce+dice"))
     ema: float = setting(0.0, "Validate and save an EMA of the weights (e.g. 0.999); 0: off.",
                          flag="--ema", rule=Number(0, 0.99999))
+    # Fine-tuning a pretrained timm encoder (--encoder); no effect on our U-Net, which has no encoder.
+    # Config file / --set only (`--set train.encoder_lr=0.1`): train --help stays within its lines.
+    encoder_lr: float = setting(1.0, "Encoder learning rate as a share of lr (timm encoders).", rule=Number(0, 10))
+    freeze_encoder: int = setting(0, "First steps with the encoder's learning rate at 0 (timm encoders).",
+                                  rule=count(0))
+    encoder_bn: str = setting("train", "Encoder BatchNorm: train, or frozen (its pretrained statistics, for small "
+                              "batches).", choices=("train", "frozen"))
     grad_clip: float = setting(1.0, "Max gradient norm, 0 = off.", flag="--grad-clip", rule=Number(0))
     class_weights: str = setting("none", "Loss weight per class.",
                                  flag="--class-weights", choices=("none", "inverse-sqrt-freq"))

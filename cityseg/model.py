@@ -230,6 +230,21 @@ class EncoderUNet(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
+    def freeze_encoder_bn(self) -> None:
+        """Keep the encoder's BatchNorms in eval mode from now on, whatever `train()` says: they
+        normalise with the pretrained running statistics, which a batch of 8 crops would only make
+        noisier, and never update them (their affine weights still learn)."""
+        self.encoder_bn_frozen = True
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> EncoderUNet:
+        super().train(mode)
+        if getattr(self, "encoder_bn_frozen", False):
+            for m in self.encoder.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_size(x.shape[-2], x.shape[-1], self.output_stride.bit_length() - 1, self.name)
         features = self.encoder(self.input_norm(x))  # (B, C_i, H / r_i, W / r_i), shallow to deep

@@ -471,6 +471,12 @@ def test_accuracy_benchmark_writes_curves_table_and_plot(tiny_data: Path, tmp_pa
     assert (improved.config.model.upsample, improved.config.train.loss) == ("bilinear", "ce+dice")
 
 
+def test_accuracy_recipes_take_their_own_seeds() -> None:
+    from benchmarks import accuracy
+
+    assert accuracy.recipe_seeds("a, b@0,c@1+2", [0, 1]) == {"a": [0, 1], "b": [0], "c": [1, 2]}
+
+
 def test_readme_expected_results_are_the_committed_measurement() -> None:
     """README's CPU table is benchmarks/results/accuracy-cpu.json figure for figure, the recipe it
     measured as `improved` is the `real-data` preset users get with --data, and that measurement
@@ -491,14 +497,23 @@ def test_readme_expected_results_are_the_committed_measurement() -> None:
 
 
 def test_readme_encoder_table_is_the_committed_measurement() -> None:
-    """README's pretrained-encoder table is benchmarks/results/accuracy-encoders-cpu.json, seed for seed."""
-    doc = json.loads((ROOT / "benchmarks/results/accuracy-encoders-cpu.json").read_text())
+    """README's pretrained-encoder table is benchmarks/results/accuracy-encoders-side-by-side-cpu.json,
+    seed for seed, scored on val 41-500 at native size; the preset is what it says won."""
+    from benchmarks import accuracy
+    from cityseg.config import PRESETS
+
+    doc = json.loads((ROOT / "benchmarks/results/accuracy-encoders-side-by-side-cpu.json").read_text())
     section = (ROOT / "README.md").read_text().split("\n## Expected results\n")[1].split("\n## ")[0]
-    rows = {"baseline": "our U-Net (`--encoder unet`", "lite0-imagenet": "`--encoder tf_efficientnet_lite0`, ImageNet",
-            "lite0-random": "`--encoder-weights none`", "lite1-imagenet": "`--encoder tf_efficientnet_lite1`, ImageNet"}
-    for recipe, marker in rows.items():
+    rows = {"improved": ("our U-Net (`--encoder unet`", 2),
+            "improved+lite0": ("`--encoder tf_efficientnet_lite0`, ImageNet", 2),
+            "improved+lite0-random": ("`--encoder-weights none`", 1),
+            "improved+lite1": ("`--encoder tf_efficientnet_lite1`", 1)}
+    assert doc["complete"] and doc["config"]["clock"] == "cpu" and doc["config"]["threads"] == 1
+    for recipe, (marker, n) in rows.items():
         line = next(ln for ln in section.splitlines() if ln.startswith("|") and marker in ln)
         seeds = [r for r in doc["results"] if r["label"] in (f"{recipe} s0", f"{recipe} s1")]
-        assert len(seeds) == 2 and all(r["val_scored_at_px"] == 256 for r in seeds)
+        assert len(seeds) == n and all(r["val_scored_at_px"] == 256 for r in seeds)
+        assert all(r["overrides"] == accuracy.RECIPES[recipe] for r in seeds)
         for key in ("pixel_acc", "miou"):
             assert " / ".join(f"{r[key]:.3f}" for r in seeds) in line, (recipe, key, line)
+    assert "model.encoder" not in PRESETS["real-data"]  # README: the preset stays our U-Net (see its text)

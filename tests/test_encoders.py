@@ -223,6 +223,99 @@ def test_a_checkpoint_from_before_encoders_still_resumes_exactly(tmp_path: Path)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+def test_param_groups_give_the_encoder_its_own_lr_and_old_runs_keep_two_groups() -> None:
+    from cityseg.config import TrainConfig
+    from cityseg.training.setup import build_optimizer
+
+    model = build_model(ModelConfig(encoder=LITE0, width=4, num_classes=3))
+    cpu = torch.device("cpu")
+    groups = build_optimizer(model, TrainConfig(lr=1e-3, encoder_lr=0.1, weight_decay=0.05), cpu).param_groups
+    encoder = {id(p) for p in model.encoder.parameters()}
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())  # each parameter in exactly one group
+    for g in groups:
+        in_encoder = {id(p) in encoder for p in g["params"]}
+        assert in_encoder == {g["part"] == "encoder"}
+        assert g["lr"] == pytest.approx(1e-4 if g["part"] == "encoder" else 1e-3)
+        assert g["weight_decay"] == (0.05 if all(p.ndim > 1 for p in g["params"]) else 0.0)
+        assert all(p.ndim > 1 for p in g["params"]) or all(p.ndim <= 1 for p in g["params"])
+    # Defaults (and our U-Net whatever the settings): the two groups runs before these settings saved.
+    for m, cfg in ((model, TrainConfig()), (build_model(ModelConfig(width=4, depth=2)), TrainConfig(encoder_lr=0.1))):
+        plain = build_optimizer(m, cfg, cpu).param_groups
+        assert [g["weight_decay"] for g in plain] == [cfg.weight_decay, 0.0] and "part" not in plain[0]
+
+
+def test_frozen_encoder_steps_at_lr_zero_then_follows_the_schedule() -> None:
+    from cityseg.config import TrainConfig
+    from cityseg.training.schedule import TrainClock, warmup_cosine
+    from cityseg.training.setup import build_optimizer, build_scheduler
+
+    model = build_model(ModelConfig(encoder=LITE0, width=4, num_classes=3))
+    cfg = TrainConfig(lr=1e-2, encoder_lr=0.5, freeze_encoder=3, warmup_steps=2, epochs=2)
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    sched = build_scheduler(opt, cfg, 10, TrainClock())
+    for step in range(8):
+        want = warmup_cosine(step, 2, 20, cfg.min_lr_ratio)
+        for g in opt.param_groups:
+            frozen = g["part"] == "encoder" and step < 3
+            assert g["lr"] == pytest.approx(0.0 if frozen else want * (5e-3 if g["part"] == "encoder" else 1e-2))
+        sched.step()
+
+
+def test_frozen_encoder_and_its_batchnorm_through_training_resume_and_ema(lite0_file: Path, tmp_path: Path) -> None:
+    """freeze_encoder 3, encoder_bn frozen, --ema 0.9: trained 3 steps then resumed to 6: the encoder
+    (weights and BatchNorm statistics) is the pretrained one after 3 steps, in the raw weights and in the
+    EMA alike, while the decoder learned; after 6 its weights moved, its statistics did not."""
+    data = make_pair_dataset(tmp_path / "data", n_train=8, n_val=2, size=32)
+    run = tmp_path / "run"
+    model_cfg = ModelConfig(encoder=LITE0, encoder_weights=str(lite0_file), width=4)
+
+    def cfg(**kw):
+        c = config(data, run, size=32, epochs=2, freeze_encoder=3, encoder_bn="frozen", ema=0.9, **kw)
+        return dataclasses.replace(c, model=model_cfg)
+
+    pretrained = build_model(dataclasses.replace(model_cfg, num_classes=19), lite0_file).state_dict()
+    train(cfg(max_steps=3))
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    raw, ema = state["hooks"]["EMA"]["train_model"], state["model"]
+    for weights in (raw, ema):
+        assert all(torch.equal(weights[k], v) for k, v in pretrained.items() if k.startswith("encoder."))
+        assert not torch.equal(weights["head.weight"], pretrained["head.weight"])
+    train(cfg(resume=str(run), max_steps=6))
+    raw = load_checkpoint(run / "checkpoints" / "last.pt")["hooks"]["EMA"]["train_model"]
+    stats = [k for k in pretrained if k.startswith("encoder.") and "running_" in k]
+    assert stats and all(torch.equal(raw[k], pretrained[k]) for k in stats)
+    assert not torch.equal(raw["encoder.conv_stem.weight"], pretrained["encoder.conv_stem.weight"])
+
+
+def test_fine_tuning_settings_by_set_and_their_bad_values_in_one_line(tmp_path: Path) -> None:
+    from cityseg.cli.train import parse_set_values
+    from cityseg.errors import OptionError
+    from cityseg.resolve import resolve_run
+
+    base = {"data.data_dir": str(make_pair_dataset(tmp_path / "data", n_train=2, n_val=1, size=32)),
+            "model.encoder": LITE0, "model.encoder_weights": "none", "data.skip_validate": True}
+    given = parse_set_values(["train.encoder_lr=0.1", "train.freeze_encoder=200", "train.encoder_bn=frozen"])
+    t = resolve_run({**base, **given}).config.train
+    assert (t.encoder_lr, t.freeze_encoder, t.encoder_bn) == (0.1, 200, "frozen")
+    for bad, says in (("train.encoder_bn=off", "train.encoder_bn"), ("train.encoder_lr=-1", "train.encoder_lr"),
+                      ("train.freeze_encoder=1.5", "train.freeze_encoder")):
+        with pytest.raises(OptionError) as e:
+            resolve_run({**base, **parse_set_values([bad])})
+        assert says in one_line(e)
+
+
+def test_frozen_encoder_batchnorm_stays_in_eval_mode() -> None:
+    model = build_model(ModelConfig(encoder=LITE0, width=4, num_classes=3))
+    model.freeze_encoder_bn()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for mode in (True, False, True):
+        model.train(mode)
+        assert all(m.training == (mode and not name.startswith("encoder."))
+                   for name, m in model.named_modules() if m in norms)
+    assert any(m.training for m in norms)  # the decoder's still train
+
+
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://192.0.2.1:81", "OMP_NUM_THREADS": "1"}
 
 

@@ -194,7 +194,8 @@ def run_training(cfg: Config, derived: dict[str, Any], console: Console, dist_in
         if "batch_size" in derived:
             console.print(BatchChoice.from_record(derived["batch_size"]).summary(), soft_wrap=True)
         open_loaders(data, cfg, rt, dist_info)
-        model, step_model = build_models(cfg.model, rt, dist_info, cfg.train.sync_bn, encoder_file)
+        model, step_model = build_models(cfg.model, rt, dist_info, cfg.train.sync_bn, encoder_file,
+                                         cfg.train.encoder_bn)
         if init is not None:  # on resume, last.pt holds the weights
             init_weights_from(model, cfg.model, Path(cfg.train.init_from), init, console)
         trainer = make_trainer(cfg, rt, dist_info, data, model, step_model, run, console,

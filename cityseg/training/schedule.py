@@ -78,7 +78,8 @@ def onecycle(progress: float, min_ratio: float) -> float:
 
 
 class ProgressLR:
-    """Sets every param group's lr to base_lr * factor(progress) at each `step()` (and at start).
+    """Sets every param group's lr to base_lr * factor(progress) at each `step()` (and at start), 0
+    for a group marked `frozen_steps` until that many steps are done (`setup.parameter_groups`).
 
     By steps (`total_steps`) the cosine shape is exactly `warmup_cosine`; by time (`budget_s` with a
     `clock`), the warm-up ends after its steps or WARMUP_BUDGET_SHARE of the budget, whichever comes
@@ -116,7 +117,9 @@ class ProgressLR:
     def _apply(self) -> None:
         f = self.factor()
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-            group["lr"] = base * f
+            # A frozen group (the encoder under train.freeze_encoder) steps at lr 0: AdamW's decoupled
+            # weight decay is scaled by the lr too, so its weights stay exactly as they were.
+            group["lr"] = 0.0 if self.last_epoch < group.get("frozen_steps", 0) else base * f
 
     def step(self) -> None:
         self.last_epoch += 1

@@ -32,7 +32,7 @@ from cityseg.data.pairs import MaskCheck, overlap_warning
 from cityseg.distributed import DistInfo
 from cityseg.encoders import OURS, resolve_weights
 from cityseg.errors import UserError
-from cityseg.model import build_model, model_parameters, model_training_bytes, size_problem
+from cityseg.model import EncoderUNet, build_model, model_parameters, model_training_bytes, size_problem
 from cityseg.palette import IGNORE_INDEX, Palette, cityscapes_palette
 from cityseg.progress import stage
 from cityseg.runtime import Runtime, free_memory, resolve_device, resolve_runtime
@@ -156,12 +156,15 @@ def open_loaders(data: RunData, cfg: Config, rt: Runtime, dist_info: DistInfo) -
 
 
 def build_models(cfg: ModelConfig, rt: Runtime, dist_info: DistInfo, sync_bn: bool,
-                 encoder_weights: Path | None = None) -> tuple[nn.Module, nn.Module]:
+                 encoder_weights: Path | None = None, encoder_bn: str = "train") -> tuple[nn.Module, nn.Module]:
     """(model, step_model): the plain module (checkpoints, validation) on the device in channels-last,
     and the module a training step runs (across ranks with SyncBatchNorm if asked; `for_ranks` then
     wraps it in DDP together with the loss). The step compiles it with the loss, so not here.
-    `encoder_weights`: the checked file a timm encoder starts from (`starting_encoder_weights`)."""
+    `encoder_weights`: the checked file a timm encoder starts from (`starting_encoder_weights`);
+    `encoder_bn` frozen: its BatchNorms keep their pretrained statistics (`EncoderUNet.freeze_encoder_bn`)."""
     model = build_model(cfg, encoder_weights).to(rt.device, memory_format=torch.channels_last)
+    if encoder_bn == "frozen" and isinstance(model, EncoderUNet):
+        model.freeze_encoder_bn()
     step_model: nn.Module = model
     if dist_info.enabled and sync_bn:
         if rt.device.type != "cuda":
@@ -197,15 +200,36 @@ def init_weights_from(model: nn.Module, cfg: ModelConfig, path: Path, init: tupl
                               f"unexpected {unexpected[:3]})")
 
 
+def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """AdamW's param groups: weight decay on conv/linear weights only (decaying BatchNorm and biases
+    only hurts); for a timm encoder with its own learning rate (`encoder_lr`, a share of `lr`) or a
+    freeze (`freeze_encoder` steps at lr 0, which ProgressLR applies), the encoder's and the decoder's
+    parameters in groups of their own, marked `part` and `frozen_steps`. Otherwise the two groups
+    of old, so that runs from before these settings resume."""
+    split = isinstance(model, EncoderUNet) and (cfg.encoder_lr != 1 or cfg.freeze_encoder > 0)
+    if split:
+        decoder = [p for name, p in model.named_parameters() if not name.startswith("encoder.")]
+        parts = [("encoder", list(model.encoder.parameters()), cfg.lr * cfg.encoder_lr, cfg.freeze_encoder),
+                 ("decoder", decoder, cfg.lr, 0)]
+    else:
+        parts = [("all", list(model.parameters()), cfg.lr, 0)]
+    groups = []
+    for part, params, lr, frozen_steps in parts:
+        for decay in (True, False):
+            group = {"params": [p for p in params if (p.ndim > 1) == decay], "lr": lr,
+                     "weight_decay": cfg.weight_decay if decay else 0.0}
+            if split:
+                group.update(part=part, frozen_steps=frozen_steps)
+            groups.append(group)
+    return groups
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device, compiled: bool = False
                     ) -> torch.optim.Optimizer:
-    """AdamW: on CUDA the fused kernel (one launch for all parameters), or, for a step that compiles
-    the optimiser too (`compiled`), the foreach form inductor compiles, capturable so that its step
-    count lives on the device and CUDA graphs can hold it."""
-    # No weight decay on BatchNorm and biases (1-d params): decaying them only hurts.
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW over `parameter_groups`: on CUDA the fused kernel (one launch for all parameters), or, for
+    a step that compiles the optimiser too (`compiled`), the foreach form inductor compiles,
+    capturable so that its step count lives on the device and CUDA graphs can hold it."""
+    groups = parameter_groups(model, cfg)
     cuda = device.type == "cuda"
     if compiled:
         return torch.optim.AdamW(groups, lr=cfg.lr, foreach=cuda, capturable=cuda)

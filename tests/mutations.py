@@ -77,9 +77,9 @@ MUTATIONS: list[Mutation] = [
       "tests/test_lut_cache.py", "-k", "single or pinned"),
     m("decay-norms", "optimizer: parameter groups", "weight decay on norms and biases",
       "cityseg/training/setup.py",
-      "decay = [p for p in model.parameters() if p.ndim > 1]", "decay = [p for p in model.parameters() if p.ndim >= 1]",
-      "tests/test_optimizer.py", more=(("no_decay = [p for p in model.parameters() if p.ndim <= 1]",
-                                        "no_decay = [p for p in model.parameters() if p.ndim < 1]"),)),
+      "\"params\": [p for p in params if (p.ndim > 1) == decay]",
+      "\"params\": [p for p in params if (p.ndim >= 1) == decay]",
+      "tests/test_optimizer.py"),
     m("predict-resize", "predict: photo resize", "predict shrinks photos without antialiasing, unlike the "
       "validation loader", "cityseg/inference/predict.py",
       "x = F.resize(x, [size, size], antialias=True)", "x = F.resize(x, [size, size], antialias=False)",

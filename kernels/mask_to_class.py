@@ -383,6 +383,15 @@ def _rgb_codes(x: torch.Tensor) -> torch.Tensor:
             np.right_shift(u, 8, out=codes[:-1])
             codes[-1:] = _rgb_codes_torch(x.reshape(-1, 1, 1, 3)[-1:]).numpy().reshape(-1)
             return torch.from_numpy(codes.view(np.int32).reshape(n, h, w))
+        if w >= 2:  # a storage that ends at the last pixel, e.g. torch.from_numpy of the mask half of a
+            # decoded pair (a numpy view): the 4-byte read for all but each row's last pixel, those apart
+            u = np.ndarray((n, h, w - 1), dtype=">u4", buffer=storage, offset=base, strides=(sn, sh, sw))
+            codes = np.empty((n, h, w), dtype=np.uint32)
+            np.right_shift(u, 8, out=codes[..., :-1])
+            last = np.ndarray((n, h, 3), dtype=np.uint8, buffer=storage, offset=base + (w - 1) * sw,
+                              strides=(sn, sh, sc)).astype(np.uint32)
+            codes[..., -1] = (last[..., 0] << 16) | (last[..., 1] << 8) | last[..., 2]
+            return torch.from_numpy(codes.view(np.int32))
     return _rgb_codes_torch(x)
 
 

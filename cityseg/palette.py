@@ -145,10 +145,18 @@ def _builder_digest() -> str:
     return hashlib.sha256(LUT_FORMAT + Path(builder.__file__).read_bytes()).hexdigest()
 
 
+def _content_digest(table: np.ndarray) -> str:
+    return hashlib.sha256(table.tobytes()).hexdigest()
+
+
 def _lut_header(palette: Palette, table: np.ndarray) -> bytes:
+    return _header_line(palette, _content_digest(table))
+
+
+def _header_line(palette: Palette, content_digest: str) -> bytes:
     """The first line of a cached table: what built it (code and palette) and its content's digest."""
     made_by = hashlib.sha256(f"{_builder_digest()} {palette.key()}".encode()).hexdigest()
-    return LUT_FORMAT + f" {made_by} {hashlib.sha256(table.tobytes()).hexdigest()}\n".encode()
+    return LUT_FORMAT + f" {made_by} {content_digest}\n".encode()
 
 
 def _read_cached_lut(palette: Palette, path: Path) -> tuple[np.ndarray | None, str]:
@@ -166,10 +174,11 @@ def _read_cached_lut(palette: Palette, path: Path) -> tuple[np.ndarray | None, s
         return None, f"unreadable ({e.strerror or e})"
     if not header.startswith(LUT_FORMAT) or table.size != LUT_SIZE:
         return None, "not a lookup table of this version (corrupt or truncated)"
-    if header != _lut_header(palette, table):
+    digest = _content_digest(table)  # 16 MB: hashed once, for the header and the pin
+    if header != _header_line(palette, digest):
         return None, "built by another version or for another palette, or corrupt"
     pinned = BUILT_TABLE_SHA256.get(palette.key())
-    if pinned is not None and hashlib.sha256(table.tobytes()).hexdigest() != pinned:
+    if pinned is not None and digest != pinned:
         return None, "its content differs from the table the builder makes (tampered with)"
     if not _agrees_with_reference(table, palette):
         return None, "its classes differ from the reference mapping (tampered with)"

@@ -363,7 +363,7 @@ def _rgb_codes(x: torch.Tensor) -> torch.Tensor:
     When channels are adjacent bytes, each pixel's code is one unaligned big-endian 4-byte read
     (numpy, zero-copy over the tensor's storage) and a shift: ~5x faster than widening three channel
     planes to int32 and shifting them. The read takes one byte past the pixel; when that byte lies
-    outside the storage, read from one byte before (and mask) or do the last pixel apart.
+    outside the storage, read from one byte before (and mask) or do each row's last pixel apart.
     """
     n, h, w, _ = x.shape
     sn, sh, sw, sc = x.stride()
@@ -377,21 +377,15 @@ def _rgb_codes(x: torch.Tensor) -> torch.Tensor:
         if base >= 1:  # bytes prev, r, g, b: e.g. the mask half of decoded pairs
             u = np.ndarray((n, h, w), dtype=">u4", buffer=storage, offset=base - 1, strides=(sn, sh, sw))
             return torch.from_numpy(np.bitwise_and(u, 0xFFFFFF).view(np.int32))
-        if x.is_contiguous() and n * h * w > 1:  # a standalone batch: its last pixel ends the storage
-            codes = np.empty(n * h * w, dtype=np.uint32)
-            u = np.ndarray((n * h * w - 1,), dtype=">u4", buffer=storage, offset=base, strides=(3,))
-            np.right_shift(u, 8, out=codes[:-1])
-            codes[-1:] = _rgb_codes_torch(x.reshape(-1, 1, 1, 3)[-1:]).numpy().reshape(-1)
-            return torch.from_numpy(codes.view(np.int32).reshape(n, h, w))
-        if w >= 2:  # a storage that ends at the last pixel, e.g. torch.from_numpy of the mask half of a
-            # decoded pair (a numpy view): the 4-byte read for all but each row's last pixel, those apart
-            u = np.ndarray((n, h, w - 1), dtype=">u4", buffer=storage, offset=base, strides=(sn, sh, sw))
-            codes = np.empty((n, h, w), dtype=np.uint32)
-            np.right_shift(u, 8, out=codes[..., :-1])
-            last = np.ndarray((n, h, 3), dtype=np.uint8, buffer=storage, offset=base + (w - 1) * sw,
-                              strides=(sn, sh, sc)).astype(np.uint32)
-            codes[..., -1] = (last[..., 0] << 16) | (last[..., 1] << 8) | last[..., 2]
-            return torch.from_numpy(codes.view(np.int32))
+        # The storage ends at the last pixel (a standalone batch; torch.from_numpy of the mask half of a
+        # decoded pair, a numpy view): the 4-byte read for all but each row's last pixel, those apart.
+        u = np.ndarray((n, h, w - 1), dtype=">u4", buffer=storage, offset=base, strides=(sn, sh, sw))
+        codes = np.empty((n, h, w), dtype=np.uint32)
+        np.right_shift(u, 8, out=codes[..., :-1])
+        ends = np.ndarray((n, h, 3), dtype=np.uint8, buffer=storage, offset=base + (w - 1) * sw,
+                          strides=(sn, sh, sc)).astype(np.uint32)
+        codes[..., -1] = (ends[..., 0] << 16) | (ends[..., 1] << 8) | ends[..., 2]
+        return torch.from_numpy(codes.view(np.int32))
     return _rgb_codes_torch(x)
 
 

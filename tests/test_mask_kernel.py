@@ -198,6 +198,7 @@ def test_lut_colour_codes_on_every_storage_layout():
         pairs[:, :, 7:],  # ends on the last byte, starts inside
         pairs[:, :, :7],  # room after the last pixel
         pairs[:1, :1, :1].clone(),  # one pixel: nothing to read around it
+        pairs[:, :, :1].clone(),  # one pixel a row, the storage ending at the last
         pairs[:, ::2, 1::3],
         pairs.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1),  # channels-first storage
     ]

@@ -187,6 +187,10 @@ MUTATIONS: list[Mutation] = [
       "                                           antialias=shrinks)",
       "return torch.nn.functional.interpolate(logits, size=(h, w), mode=\"bilinear\", align_corners=False)",
       "tests/test_sizes_agree.py"),
+    m("dw-fp32", "model: encoder depthwise convs on CPU", "depthwise convs left in bf16 under CPU autocast (the "
+      "slow oneDNN path)", "cityseg/model.py",
+      "        depthwise_in_fp32_on_cpu(encoder)\n", "",
+      "tests/test_encoders.py", "-k", "depthwise"),
 ]
 
 

@@ -17,6 +17,7 @@ import torch
 from cityseg.checkpoint import load_checkpoint, load_from_checkpoint
 from cityseg.config import NO_AUGMENT, Config, DataConfig, ModelConfig, TrainConfig
 from cityseg.training import HookBase, Interrupted, train
+from cityseg.training.events import EventStore
 from cityseg.training.hooks import TopKCheckpoints
 from tests.conftest import make_pair_dataset
 
@@ -70,6 +71,11 @@ def test_the_k_best_by_the_monitored_metric_are_kept(data: Path, tmp_path: Path,
     assert check.checked == 5 and top_k_files(run) == set(want)
     kept = load_checkpoint(run / "checkpoints" / "last.pt")["hooks"]["TopKCheckpoints"]["kept"]
     assert [name for _, name in kept] == want
+    listed = json.loads((run / "summary.json").read_text())["top_k"]
+    assert listed["monitor"] == monitor
+    assert [Path(c["path"]).name for c in listed["checkpoints"]] == want
+    assert all(Path(c["path"]).is_file() for c in listed["checkpoints"])
+    assert [c[monitor] for c in listed["checkpoints"]] == [score for score, _ in kept]
     model, cfg, _, _ = load_from_checkpoint(run / "checkpoints" / "top-k" / want[0])  # what eval/predict read
     assert cfg.model.width == 4 and "optimizer" not in load_checkpoint(run / "checkpoints" / "top-k" / want[0])
     if monitor == "miou":  # the best of the K is best.pt's weights (its own hook's choice)
@@ -111,7 +117,7 @@ def test_a_dropped_file_goes_only_after_the_next_last_pt(tmp_path: Path) -> None
     hook = TopKCheckpoints(k=2, monitor="miou")
     saver = FakeSaver()
     hook.trainer = SimpleNamespace(saver=saver, run=SimpleNamespace(checkpoints=tmp_path),  # type: ignore[assignment]
-                                   dist=SimpleNamespace(is_main=True), completed=False)
+                                   dist=SimpleNamespace(is_main=True), completed=False, events=EventStore())
     scores = [0.2, 0.5, 0.5, 0.1, 0.7, None, 0.6]
     for step, miou in enumerate(scores, 1):
         hook.after_epoch({"epoch": step, "step": step, "miou": miou}, None)  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ class EventStore:
         self.stop_reason: str | None = None  # the run ends after this validation (early stop, target reached)
         self.summary: dict[str, Any] | None = None  # summary.json's content (Reporter): what `fit` returns
         self.scored_model: nn.Module | None = None  # what validation scores and checkpoints save (EMA's average)
+        self.summary_fields: dict[str, Any] = {}  # what hooks add to summary.json (the top-k list)
 
     def stop(self, reason: str) -> None:
         """End the run after the current validation (the last hook to ask gives the reason shown)."""
@@ -21,6 +22,10 @@ class EventStore:
 
     def report_summary(self, summary: dict[str, Any]) -> None:
         self.summary = summary
+
+    def add_to_summary(self, key: str, value: Any) -> None:
+        """A field of summary.json a hook owns; hooks before the Reporter add theirs by `after_train`."""
+        self.summary_fields[key] = value
 
     def score_with(self, model: nn.Module) -> None:
         """Validate and checkpoint `model` instead of the trained one (an average of its weights)."""

@@ -85,6 +85,7 @@ class Reporter(HookBase):
             "data": str(t.data.root),
             "run_dir": str(t.run.root),
             "versions": t.versions,
+            **t.events.summary_fields,
         }
 
     def write_samples(self) -> None:

@@ -3,6 +3,8 @@ val_loss, lower better), as Lightning's `ModelCheckpoint(save_top_k=K, monitor=.
 
     checkpoints/top-k/epoch=3-step=120-miou=0.4123.pt      # weights, config, palette: like best.pt
 
+summary.json's `top_k` lists them, best first, with their scores.
+
 Each file is written like every checkpoint (in the background, to a temp file renamed into place).
 A file that falls out of the K best is deleted only once last.pt no longer lists it (at the next
 validation, or at the run's end): a kill at any moment leaves the K files last.pt names, and
@@ -59,6 +61,9 @@ class TopKCheckpoints(HookBase):
     def after_train(self) -> None:
         if self.trainer.completed:  # the loop waited for every write: last.pt lists the K kept
             self.remove_dropped()
+        self.trainer.events.add_to_summary("top_k", {  # summary.json: the K kept, best first
+            "monitor": self.monitor, "checkpoints": [{"path": str(p), self.monitor: s} for (s, _), p in
+                                                     zip(self.kept, self.paths, strict=True)]})
 
     def remove_dropped(self) -> None:
         if self.trainer.dist.is_main:

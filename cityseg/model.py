@@ -201,14 +201,15 @@ def _fp32_under_cpu_autocast(cls: type) -> type:
     return type(cls.__name__, (_Fp32UnderCpuAutocast, cls), {"__module__": cls.__module__})
 
 
-def depthwise_in_fp32_on_cpu(module: nn.Module) -> int:
-    """Give every depthwise conv in `module` the fp32-under-CPU-autocast forward; the modules keep
-    their names, parameters and state-dict keys (only the class changes). Returns how many."""
+def depthwise_in_fp32_on_cpu(module: nn.Module, enabled: bool = True) -> int:
+    """Give every depthwise conv in `module` the fp32-under-CPU-autocast forward (`enabled=False`:
+    their own class's again, for benchmarks/train_step.py's side by side); the modules keep their
+    names, parameters and state-dict keys (only the class changes). Returns how many."""
     convs = [m for m in module.modules()
              if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels]
     for conv in convs:
-        if not isinstance(conv, _Fp32UnderCpuAutocast):
-            conv.__class__ = _fp32_under_cpu_autocast(type(conv))
+        own = type(conv).__bases__[1] if isinstance(conv, _Fp32UnderCpuAutocast) else type(conv)
+        conv.__class__ = _fp32_under_cpu_autocast(own) if enabled else own
     return len(convs)
 
 

@@ -109,6 +109,27 @@ def test_train_step_json(results: Path) -> None:
     assert doc["config"]["precision"] == ("bf16-mixed" if common.cpu_bf16_native() else "32")
 
 
+def test_train_step_times_an_encoder_with_its_depthwise_convs_both_ways(tmp_path: Path) -> None:
+    """--encoders adds a timm backbone beside our U-Net; --depthwise fp32,bf16 really builds both steps
+    (the depthwise convs in fp32 under CPU autocast, as training runs them, and left as timm has them)."""
+    doc = train_step.run(["--encoders", "unet,tf_efficientnet_lite0", "--widths", "4", "--batches", "2", "--size", "32",
+                          "--depth", "2", "--losses", "ce", "--depthwise", "fp32,bf16", "--compile-modes", "off",
+                          "--reps", "1", "--warmup", "1", "--threads", "1", "--json", str(tmp_path / "ts.json")])
+    rows = [(r["encoder"], r["depthwise"], r["variant"]) for r in doc["results"]]
+    assert rows == [("unet", None, "off ce"), ("tf_efficientnet_lite0", "fp32", "off ce dw-fp32"),
+                    ("tf_efficientnet_lite0", "bf16", "off ce dw-bf16")]
+    assert doc["results"][1]["vs_depthwise_fp32"] == 1.0 and doc["results"][2]["vs_depthwise_fp32"] > 0
+    assert doc["config"]["threads"] == 1 and doc["config"]["encoders"] == ["unet", "tf_efficientnet_lite0"]
+    cell = train_step.Cell(4, 2, 2, 32, "tf_efficientnet_lite0")
+    for depthwise in ("fp32", "bf16"):
+        step, _ = train_step.build_step(train_step.product_config(cell, "ce"), torch.device("cpu"), "off", "inductor",
+                                        depthwise)
+        convs = [m for m in step.model.encoder.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            dtypes = {conv(torch.randn(1, conv.in_channels, 8, 8, dtype=torch.bfloat16)).dtype for conv in convs}
+        assert len(convs) == 16 and dtypes == {torch.float32 if depthwise == "fp32" else torch.bfloat16}
+
+
 def test_end_to_end_json(results: Path) -> None:
     doc = check_layout(results / "end_to_end-cpu.json", "end_to_end", reps=1)
     loaders = [r["loader"] for r in doc["results"]]

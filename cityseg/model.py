@@ -245,6 +245,7 @@ class EncoderUNet(nn.Module):
         self.encoder = encoder
         depthwise_in_fp32_on_cpu(encoder)
         channels, strides = encoder.feature_info.channels(), encoder.feature_info.reduction()
+        self.feature_strides: list[int] = list(strides)  # the sizes' rule makes these exact
         self.output_stride = max(strides)
         skip_at = dict(zip(strides, channels, strict=True))
         self.skip_strides: list[int] = []
@@ -280,7 +281,9 @@ class EncoderUNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_size(x.shape[-2], x.shape[-1], self.output_stride.bit_length() - 1, self.name)
         features = self.encoder(self.input_norm(x))  # (B, C_i, H / r_i, W / r_i), shallow to deep
-        by_stride = {x.shape[-1] // f.shape[-1]: f for f in features}
+        # Keyed by the encoder's declared strides, not by sizes: under torch.jit.trace a size is a
+        # tensor, and a dict keyed by tensors finds no skip at all (a TorchScript export lost them).
+        by_stride = dict(zip(self.feature_strides, features, strict=True))
         y = features[-1]
         for stride, block in zip(self.skip_strides, self.decoder, strict=True):
             y = block(y, by_stride.get(stride))  # (B, width * stride, H / stride, W / stride)

@@ -191,6 +191,11 @@ MUTATIONS: list[Mutation] = [
       "slow oneDNN path)", "cityseg/model.py",
       "        depthwise_in_fp32_on_cpu(encoder)\n", "",
       "tests/test_encoders.py", "-k", "depthwise"),
+    m("encoder-skips", "export: TorchScript of an encoder model", "the decoder finds its skips by feature size "
+      "(a traced size is a tensor: no skip found, the export fails)", "cityseg/model.py",
+      "by_stride = dict(zip(self.feature_strides, features, strict=True))",
+      "by_stride = {x.shape[-1] // f.shape[-1]: f for f in features}",
+      "tests/test_encoders.py", "-k", "export_parity"),
 ]
 
 

@@ -223,16 +223,17 @@ def test_checkpoint_records_the_encoder_and_its_weights(encoder_run: tuple[Path,
     assert model["encoder_licence"].startswith("apache-2.0")
 
 
-def test_onnx_export_parity_of_an_encoder_model(encoder_run: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_parity_of_an_encoder_model(encoder_run: tuple[Path, Path], tmp_path: Path, fmt: str) -> None:
     _, ckpt = encoder_run
-    path = export_model(ckpt, "onnx", tmp_path / "lite0.onnx")
+    path = export_model(ckpt, fmt, tmp_path / f"lite0.{'onnx' if fmt == 'onnx' else 'pt'}")
     model, _, _ = load_export_model(ckpt)
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # batch 3: not the traced 2
-    assert check_parity(model, path, "onnx", x) == 1.0
+    assert check_parity(model, path, fmt, x) == 1.0
     from cityseg.inference.export import run_exported
 
-    torch.testing.assert_close(run_exported(path, "onnx", x), model(x).detach(), atol=1e-3, rtol=1e-3)
-    assert read_metadata(path, "onnx")["model"]["encoder"] == LITE0
+    torch.testing.assert_close(run_exported(path, fmt, x), model(x).detach(), atol=1e-3, rtol=1e-3)
+    assert read_metadata(path, fmt)["model"]["encoder"] == LITE0
 
 
 def test_a_checkpoint_from_before_encoders_still_resumes_exactly(tmp_path: Path) -> None:

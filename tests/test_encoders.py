@@ -8,6 +8,7 @@ no model hub, no ~/.cache."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,9 @@ from benchmarks.convert_efficientnet_lite import convert
 from cityseg.checkpoint import load_checkpoint, save_checkpoint
 from cityseg.config import ModelConfig
 from cityseg.encoders import EncoderError, expected_shapes, resolve_weights
+from cityseg.inference.evaluate import evaluate_checkpoint
 from cityseg.inference.export import check_parity, export_model, load_export_model, read_metadata
+from cityseg.inference.predict import Predictor, run_predict
 from cityseg.model import EncoderUNet, build_model, size_problem
 from cityseg.training import train
 from tests.cli_process import run_cli
@@ -234,6 +237,20 @@ def test_export_parity_of_an_encoder_model(encoder_run: tuple[Path, Path], tmp_p
 
     torch.testing.assert_close(run_exported(path, fmt, x), model(x).detach(), atol=1e-3, rtol=1e-3)
     assert read_metadata(path, fmt)["model"]["encoder"] == LITE0
+
+
+def test_predict_and_eval_of_an_encoder_checkpoint_equal_its_own_validation(encoder_run: tuple[Path, Path],
+                                                                             tmp_path: Path) -> None:
+    """The encoder's normalisation travels in the checkpoint: predict (pairs) and eval score the val
+    pairs exactly as the run's own last validation did."""
+    data, ckpt = encoder_run
+    result = run_predict(Predictor(ckpt, device="cpu", batch_size=4), [data / "val"], tmp_path / "pred", pairs=True,
+                         workers=0)
+    evaluated = evaluate_checkpoint(ckpt, data, split="val", workers=0)
+    logged = json.loads((ckpt.parents[1] / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("pixel_acc", "miou", "per_class_iou"):
+        assert result["metrics"][key] == evaluated[key] == logged[key], key
+    assert len(list((tmp_path / "pred").glob("*_ids.png"))) == 2
 
 
 def test_a_checkpoint_from_before_encoders_still_resumes_exactly(tmp_path: Path) -> None:

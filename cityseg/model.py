@@ -185,9 +185,9 @@ class InputNorm(nn.Module):
 class _Fp32UnderCpuAutocast:
     """Mixed into a depthwise conv's class: under CPU autocast it runs in fp32. oneDNN's bf16
     depthwise backward is several times slower than its fp32 one (batch 8 at 128 px, one thread,
-    AMX CPU: 15.5 vs 4.7 ms for Lite0's 1152-channel 5x5, 48 vs 10 ms for its 144-channel one), which
-    made a bf16 Lite0 step no faster than an fp32 one (0.49 vs 0.54 CPU-s); with this, 0.36. GPUs,
-    fp32 runs and exports (no autocast) take the class's own forward unchanged."""
+    AMX CPU: 15.5 vs 4.7 ms for Lite0's 1152-channel 5x5, 48 vs 10 ms for its 144-channel one); a
+    whole Lite0 step takes 427 ms this way against 542 ms left in bf16 (benchmarks/train_step.py
+    --depthwise fp32,bf16). GPUs, fp32 runs and exports (no autocast) take the class's own forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):

@@ -23,6 +23,7 @@ from cityseg.checkpoint import load_checkpoint, load_from_checkpoint
 from cityseg.config import Config
 from cityseg.data.check import check_dataset
 from cityseg.inference.evaluate import evaluate_checkpoint
+from cityseg.inference.export import run_exported
 from cityseg.inference.predict import Predictor
 from tests.cli_process import run_cli
 from tests.conftest import make_pair_dataset
@@ -230,8 +231,7 @@ def test_export_options(run_a: tuple[Path, str], tmp_path: Path) -> None:
                     "--image-size", "64", "--no-check"], timeout=180)
     assert done.returncode == 0, done.output
     assert "agreement" not in done.output
-    model = torch.jit.load(str(path))
-    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 19, 64, 64)
+    assert run_exported(path, "torchscript", torch.zeros(1, 3, 64, 64)).shape == (1, 19, 64, 64)
 
 
 @pytest.mark.parametrize("names", [("--far-dist", "--threads"), ("--max-color-dist", "--workers")],

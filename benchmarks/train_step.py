@@ -179,7 +179,7 @@ def measure_cell(cell: Cell, compile_mode: str, losses: list[str], args: argpars
 
         first, _ = repeat(steps(1), device, warmup=args.warmup, reps=0)
         runs[loss, dw] = {"step": step, "run": steps(args.steps), "first": first, "reps": [],
-                      "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if gpu else None}
+                          "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if gpu else None}
     for _ in range(args.reps):
         for r in runs.values():
             _, seconds = repeat(r["run"], device, warmup=0, reps=1)
@@ -307,6 +307,7 @@ def run(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str,
             finish_record(record, out, done=False)
             print("  ".join(f"{r['variant'].removeprefix(mode + ' ')} {r['median']:.2f} ms "
                             f"{r['images_per_s']:.1f} img/s" for r in rows))
+
     def same_but_mode(r: dict[str, Any]) -> tuple[Any, ...]:
         return r["encoder"], r["width"], r["batch"], r["loss"], r["depthwise"]
 

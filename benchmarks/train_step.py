@@ -107,7 +107,8 @@ def build_step(cfg: Config, device: torch.device, compile_mode: str, backend: st
     rt = resolve_runtime(device, cfg.train.precision, compile=how is not None, compile_mode=how and how[0])
     compile_optimizer = bool(how and how[1])
     model, step_model = build_models(cfg.model, rt, DistInfo(), sync_bn=False)
-    depthwise_in_fp32_on_cpu(model, enabled=depthwise == "fp32")  # before any compile traces it
+    if depthwise == "bf16":  # undo what the model does on a CPU (fp32), before any compile traces it
+        depthwise_in_fp32_on_cpu(model, enabled=False)
     optimizer = build_optimizer(model, cfg.train, device, compiled=compile_optimizer)
     scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch=1000, clock=TrainClock())
     scaler = torch.amp.GradScaler(device.type, enabled=rt.needs_grad_scaler)

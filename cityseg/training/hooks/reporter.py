@@ -17,7 +17,6 @@ from cityseg.training.interrupts import Interrupted
 class Reporter(HookBase):
     def __init__(self, telemetry: Telemetry) -> None:
         self.telemetry = telemetry
-        self.summary: dict[str, Any] | None = None
 
     def after_train(self) -> None:
         t = self.trainer
@@ -26,10 +25,10 @@ class Reporter(HookBase):
         interrupted = isinstance(sys.exc_info()[1], Interrupted)
         if not t.history or not (t.completed or interrupted):
             return
-        self.summary = self.make_summary()
-        t.events.report_summary(self.summary)  # what `fit` returns
+        summary = self.make_summary()
+        t.events.report_summary(summary)  # what `fit` returns
         if t.dist.is_main:
-            write_json(t.run.summary, self.summary, "run summary")
+            write_json(t.run.summary, summary, "run summary")
             try:
                 self.draw(interrupted)
             except Exception as e:  # noqa: BLE001 - interrupted: the resume hint must still come

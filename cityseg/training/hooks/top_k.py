@@ -61,9 +61,8 @@ class TopKCheckpoints(HookBase):
     def after_train(self) -> None:
         if self.trainer.completed:  # the loop waited for every write: last.pt lists the K kept
             self.remove_dropped()
-        self.trainer.events.add_to_summary("top_k", {  # summary.json: the K kept, best first
-            "monitor": self.monitor, "checkpoints": [{"path": str(p), self.monitor: s} for (s, _), p in
-                                                     zip(self.kept, self.paths, strict=True)]})
+        kept = [{"path": str(self.folder / name), self.monitor: score} for score, name in self.kept]
+        self.trainer.events.add_to_summary("top_k", {"monitor": self.monitor, "checkpoints": kept})  # best first
 
     def remove_dropped(self) -> None:
         if self.trainer.dist.is_main:

@@ -178,7 +178,7 @@ def run_parallel(names: list[str], seeds: dict[str, list[int]], args: argparse.N
             print(f"{name} seed {seed}: failed (exit {proc.returncode})", flush=True)
             continue
         for row in json.loads(part.read_text())["results"]:
-            rows.append({**row, "label": f"{name} s{seed}" if len(args.seed_list) > 1 else name})
+            rows.append({**row, "label": arm_label(name, seed, seeds)})
         part.unlink()
         for suffix in (".png", ".md"):
             part.with_suffix(suffix).unlink(missing_ok=True)
@@ -193,6 +193,11 @@ def recipe_seeds(recipes: str, seeds: list[int]) -> dict[str, list[int]]:
         name, _, own = item.partition("@")
         out[name] = [int(s) for s in own.split("+")] if own else list(seeds)
     return out
+
+
+def arm_label(name: str, seed: int, seeds: dict[str, list[int]]) -> str:
+    """A result's label: the recipe, and its seed when some recipe runs more than one (`a s0`, `a s1`)."""
+    return f"{name} s{seed}" if any(len(s) > 1 for s in seeds.values()) else name
 
 
 def drop_option(argv: list[str], option: str) -> list[str]:
@@ -279,9 +284,7 @@ def run(argv: Sequence[str] | None = None, prog: str | None = None) -> Path:
         return Path()
     if args.data is None:
         ap.error("--data is required")
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    args.seed_list = seeds
-    seeds_of = recipe_seeds(args.recipes, seeds)
+    seeds_of = recipe_seeds(args.recipes, [int(s) for s in args.seeds.split(",") if s.strip()])
     names = list(seeds_of)
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
@@ -300,7 +303,8 @@ def run(argv: Sequence[str] | None = None, prog: str | None = None) -> Path:
             args.seed = seed
             print(f"{name} seed {seed}: {json.dumps(RECIPES[name])} for {budget_s:.0f} training s ({args.clock} clock)",
                   flush=True)
-            record["results"].append(run_recipe(name, args, budget_s, device))
+            record["results"].append({**run_recipe(name, args, budget_s, device),
+                                      "label": arm_label(name, seed, seeds_of)})
             finish_record(record, out, done=False)  # a run cut short keeps the recipes it finished
     print_table(record["results"], [("label", "recipe", ""), ("pixel_acc", "pixel acc", ".4f"), ("miou", "mIoU", ".4f"),
                                      ("best_miou", "best mIoU", ".4f"), ("steps", "steps", ""),

@@ -496,6 +496,12 @@ def test_accuracy_recipes_take_their_own_seeds() -> None:
     from benchmarks import accuracy
 
     assert accuracy.recipe_seeds("a, b@0,c@1+2", [0, 1]) == {"a": [0, 1], "b": [0], "c": [1, 2]}
+    # labels carry the seed as soon as one recipe has several: every arm's row is told apart
+    several, one_each = accuracy.recipe_seeds("a,b@0", [0, 1]), accuracy.recipe_seeds("a@2,b@2", [0])
+    labels = [accuracy.arm_label(n, s, several) for n, seeds in several.items() for s in seeds]
+    assert labels == ["a s0", "a s1", "b s0"]
+    assert [accuracy.arm_label(n, 2, one_each) for n in one_each] == ["a", "b"]
+    assert accuracy.arm_label("a", 1, accuracy.recipe_seeds("a@0+1", [0])) == "a s1"  # was "a" twice
 
 
 def test_readme_expected_results_are_the_committed_measurement() -> None:
